@@ -1,0 +1,37 @@
+"""The project's tokenizer: ChatGLM2-6B's SentencePiece model, or one made by train_tokenizer.py.
+
+    from chatglm_tokenizer import load_tokenizer
+    tok = load_tokenizer()                       # chatglm_tokenizer/tokenizer.model
+    tok = load_tokenizer("out/tokenizer")        # a folder (or a .model file) of your own
+"""
+
+from pathlib import Path
+
+from .tokenization_chatglm import SPECIAL_TOKENS, ChatGLMTokenizer
+
+DEFAULT_DIR = Path(__file__).resolve().parent
+
+MISSING_MODEL = """no tokenizer model at {path}
+Two ways to get one:
+  1. ChatGLM2-6B's tokenizer (what this project uses): it lives in the THUDM/chatglm2-6b model
+     repository. `python -m chatglm_tokenizer.download` puts it at chatglm_tokenizer/tokenizer.model
+     (set HF_ENDPOINT=https://hf-mirror.com where huggingface.co is unreachable), or copy
+     tokenizer.model from any checkout of that repository there.
+  2. Train your own on your corpus: `python train_tokenizer.py --source text=PATH --out out/tokenizer`
+     and pass --tokenizer out/tokenizer (the quickstart does this when 1. is missing)."""
+
+
+def tokenizer_model_path(path=DEFAULT_DIR):
+    """The .model file a tokenizer path names: the file itself, or tokenizer.model inside a folder."""
+    path = Path(path)
+    return path if path.suffix == ".model" else path / "tokenizer.model"
+
+
+def load_tokenizer(path=DEFAULT_DIR):
+    model_file = tokenizer_model_path(path)
+    if not model_file.is_file():
+        raise FileNotFoundError(MISSING_MODEL.format(path=model_file))
+    return ChatGLMTokenizer(vocab_file=str(model_file))
+
+
+__all__ = ["ChatGLMTokenizer", "SPECIAL_TOKENS", "DEFAULT_DIR", "load_tokenizer", "tokenizer_model_path"]

@@ -1,0 +1,63 @@
+"""nanoGPT's configurator, as a function: a script's module-level constants are its config, and
+config files and --key=value arguments override them.
+
+    python pretrain.py config/pretrain_tiny.py --batch_size=16 --dtype=float32
+
+A config file is Python run with the constants in scope (so it may compute from them); a
+--key=value value is a Python literal, or a bare string. Unknown keys and type changes are errors:
+a typo must not train for a day with the default.
+"""
+
+import ast
+from pathlib import Path
+
+CONFIG_TYPES = (int, float, bool, str, list, dict, tuple, type(None))
+
+
+def config_keys(namespace):
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not k.isupper()}
+
+
+def _check(key, value, defaults, origin):
+    if key not in defaults:
+        close = [k for k in defaults if k.split("_")[0] == key.split("_")[0]]
+        raise SystemExit(f"{origin}: unknown config key {key!r}" + (f" (did you mean {close}?)" if close else ""))
+    default = defaults[key]
+    if default is None or value is None or isinstance(value, type(default)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise SystemExit(f"{origin}: {key} must be {type(default).__name__} like its default {default!r}, got {value!r}")
+
+
+def configure(namespace, argv):
+    """The config dict: the plain-valued public constants of `namespace` with argv's overrides."""
+    defaults = config_keys(namespace)
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise SystemExit(f"{arg}: write --{key}=VALUE")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string such as --out_dir=out/run2
+            config[key] = _check(key, value, defaults, arg)
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise SystemExit(f"config file not found: {arg}")
+            scope = dict(config)
+            exec(compile(path.read_text(encoding="utf-8"), str(path), "exec"), scope)
+            for key, value in config_keys(scope).items():
+                if key not in config or value is not config[key]:
+                    config[key] = _check(key, value, defaults, str(path))
+    return config
+
+
+def overrides(config, namespace):
+    """The keys whose values differ from the script's constants (for the start-up log)."""
+    defaults = config_keys(namespace)
+    return {k: v for k, v in config.items() if defaults.get(k) != v}

@@ -1,0 +1,308 @@
+"""Llama-2 in one file: RoPE, RMSNorm, SwiGLU, grouped-query attention, tied embeddings, SDPA,
+a chunked loss that never materialises (B*T, vocab) fp32 logits, and KV-cache generation.
+
+Weight names and the RoPE layout (rotate-half, as in Hugging Face's Llama) are chosen so that
+export_hf.py copies tensors one to one into LlamaForCausalLM.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets with this value count neither in the loss sum nor in its denominator
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # < n_heads: grouped-query attention; None: = n_heads
+    vocab_size: int = 64794  # ChatGLM2: 64789 pieces + 5 specials
+    hidden_dim: int | None = None  # SwiGLU width; None: 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 64
+    norm_eps: float = 1e-5
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self):
+        if self.hidden_dim:
+            return self.hidden_dim
+        return self.multiple_of * math.ceil(int(8 * self.dim / 3) / self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even under autocast: bf16 sums of squares lose too much.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim, max_len, theta):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, hd); cos/sin: (T, hd) or (B, 1, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        assert args.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # (k_cache, v_cache): (B, n_kv_heads, max_len, hd), filled up to pos
+            cache[0][:, :, pos:pos + T] = k
+            cache[1][:, :, pos:pos + T] = v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk` rows at a time.
+
+    Only a (chunk, vocab) block of logits exists at once. The gradients are formed in the same pass
+    (softmax - onehot, times hidden / weight) and scaled by the upstream scalar in backward, so the
+    logits are never recomputed either. Matmuls run in `dtype` (bf16 under autocast); the softmax
+    and the weight-gradient accumulator stay fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype):
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            t = targets[start:start + chunk]
+            valid = (t != IGNORE_INDEX)
+            t = t.clamp_min(0)
+            logits = (h @ w.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            g = probs.mul_(valid[:, None]).to(dtype)
+            grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
+            grad_weight += g.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum"):
+    """Cross-entropy of the LM head over (N, dim) hidden states without (N, vocab) fp32 logits.
+    reduction: "sum" (differentiable) or "none" (per-row losses, 0 at ignored rows; no grad)."""
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    with torch.autocast(hidden.device.type, enabled=False):
+        if reduction == "sum" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
+        losses = []
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).t()).float()
+            losses.append(F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE_INDEX, reduction="none"))
+        losses = torch.cat(losses)
+        return losses.sum() if reduction == "sum" else losses
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied input/output embeddings
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_chunk = 1024  # rows of the chunked loss; not architecture, so not in ModelArgs
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden_states(self, tokens, mask=None, caches=None, pos=0, positions=None):
+        T = tokens.shape[1]
+        if positions is None:
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        else:  # per-row positions (left-padded generation batches)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if caches is None else caches[i], pos)
+        return self.norm(h)
+
+    def forward(self, tokens, targets=None, reduction="mean"):
+        """No targets: logits (B, T, vocab). With targets (B, T): the loss over targets != -100,
+        reduced by "mean", "sum" (the trainer divides by the global token count) or "none" (B, T)."""
+        h = self.hidden_states(tokens)
+        if targets is None:
+            return self.output(h)
+        if reduction == "none":
+            return chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "none").view_as(targets)
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum")
+        if reduction == "sum":
+            return loss
+        return loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+    # ---- size and speed ----
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.tok_embeddings.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per weight (forward + backward) incl. the LM head matmul,
+        plus attention scores (PaLM appendix B)."""
+        a = self.args
+        return 6 * self.num_params() + 12 * a.n_layers * a.dim * seq_len
+
+    # ---- generation ----
+    @torch.no_grad()
+    def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               repetition_penalty=1.0, eos_id=None, use_cache=True, generator=None):
+        """Yields a (B,) tensor of new token ids per step for a batch of prompts (lists of ids) of
+        any lengths. Prompts are left-padded; a sequence that produced eos_id yields eos_id after.
+        temperature 0 is greedy. use_cache=False recomputes the whole sequence every step."""
+        device, B = self.rope_cos.device, len(prompts)
+        width = max(len(p) for p in prompts)
+        if width + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {self.args.max_seq_len}")
+        S = width + max_new_tokens
+        pad = torch.tensor([width - len(p) for p in prompts], device=device)
+        tokens = torch.zeros(B, S, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, pad[i]:width] = torch.tensor(p, dtype=torch.long, device=device)
+        positions = (torch.arange(S, device=device)[None] - pad[:, None]).clamp_min(0)
+        key_ok = torch.arange(S, device=device)[None] >= pad[:, None]  # (B, S): not left padding
+        # causal, minus the left padding; a padding row sees itself so that no softmax row is empty
+        # (an all-masked row gives NaN, which would reach real rows through the cached values).
+        allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None] & key_ok[:, None, :]
+        allowed |= torch.eye(S, dtype=torch.bool, device=device)[None]
+        caches = None
+        if use_cache:
+            shape = (B, self.args.kv_heads, S, self.args.head_dim)
+            dtype = self.tok_embeddings.weight.dtype
+            caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        start, end = 0, width
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                start = 0
+            mask = allowed[:, None, start:end, :end]  # (B, 1, T, S)
+            h = self.hidden_states(tokens[:, start:end], mask, caches, start, positions[:, start:end])
+            logits = self.output(h[:, -1]).float()
+            next_token = sample(logits, tokens[:, :end], key_ok[:, :end], temperature, top_k, top_p, repetition_penalty, generator)
+            if eos_id is not None:
+                next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
+                done |= next_token == eos_id
+            tokens[:, end] = next_token
+            yield next_token
+            if eos_id is not None and bool(done.all()):
+                return
+            start, end = end, end + 1
+
+    def generate(self, prompts, max_new_tokens, eos_id=None, **sampling):
+        """Lists of new ids per prompt, cut before eos_id."""
+        steps = [t.tolist() for t in self.stream(prompts, max_new_tokens, eos_id=eos_id, **sampling)]
+        outputs = [list(seq) for seq in zip(*steps)] if steps else [[] for _ in prompts]
+        return [seq[:seq.index(eos_id)] if eos_id in seq else seq for seq in outputs]
+
+
+def sample(logits, history, history_ok, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if repetition_penalty != 1.0:  # CTRL: seen tokens' logits pushed towards "less likely"
+        seen = torch.zeros_like(logits).scatter_add_(1, history, history_ok.to(logits.dtype)) > 0
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

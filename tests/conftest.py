@@ -1,0 +1,53 @@
+"""Shared fixtures: the real ChatGLM2 tokenizer (skipped when absent) and a tiny one trained here."""
+
+from pathlib import Path
+
+import pytest
+
+from chatglm_tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+# CI clones the repository with ../shared beside it; a user who downloaded the file has it in-tree.
+REAL_TOKENIZER_CANDIDATES = [ROOT / "chatglm_tokenizer" / "tokenizer.model",
+                             ROOT.parent / "shared" / "chatglm_tokenizer" / "tokenizer.model"]
+
+# A few lines every tiny tokenizer sees, so round trips cover more than the sample's characters.
+EXTRA_TEXT = ("Mixed text: English, digits 0123456789, 3.14%, emoji 😀👍🏽, tabs\tand  spaces.\n"
+              "高血压患者应定期监测血压，遵医嘱服药。糖尿病需要控制饮食、规律运动。\n")
+
+
+def real_tokenizer_path():
+    return next((p for p in REAL_TOKENIZER_CANDIDATES if p.is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def chatglm_tokenizer():
+    path = real_tokenizer_path()
+    if path is None:
+        pytest.skip("ChatGLM2 tokenizer.model not available (../shared/chatglm_tokenizer/)")
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A 1000-piece tokenizer trained on the sample's plain-text files (a second or two)."""
+    import train_tokenizer
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.rglob("*.txt"))] + [EXTRA_TEXT] * 20
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tokenizer.train(texts, out, vocab_size=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(request):
+    """The real tokenizer when present, else the tiny one: tests that only need *a* tokenizer."""
+    if real_tokenizer_path() is not None:
+        return load_tokenizer(real_tokenizer_path())
+    return request.getfixturevalue("tiny_tokenizer")

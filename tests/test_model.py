@@ -1,0 +1,138 @@
+"""model.py: shapes, GQA, the chunked loss, generation with and without the KV cache."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import IGNORE_INDEX, ModelArgs, Transformer, chunked_cross_entropy, sample
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64)
+    args.update(kw)
+    return Transformer(ModelArgs(**args))
+
+
+def test_gqa_shapes_and_tied_embeddings():
+    m = tiny()
+    att = m.layers[0].attention
+    assert att.wq.weight.shape == (64, 64)
+    assert att.wk.weight.shape == (2 * 16, 64) and att.wv.weight.shape == (2 * 16, 64)  # 2 kv heads of 16
+    assert m.output.weight is m.tok_embeddings.weight
+    full = tiny(n_kv_heads=None)
+    assert full.layers[0].attention.wk.weight.shape == (64, 64)
+    assert m.num_params() < full.num_params()
+    assert m(torch.randint(0, 300, (3, 10))).shape == (3, 10, 300)
+    assert m.args.ffn_dim % m.args.multiple_of == 0
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    """Grouped-query attention is full attention whose kv heads are shared: copy each kv head to
+    its group and a full-head model gives the same logits."""
+    gqa, full = tiny(), tiny(n_kv_heads=None)
+    state = gqa.state_dict()
+    for i in range(2):
+        for name in ("wk", "wv"):
+            w = state[f"layers.{i}.attention.{name}.weight"].view(2, 16, 64)
+            state[f"layers.{i}.attention.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(64, 64)
+    full.load_state_dict(state)
+    x = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(gqa(x), full(x), rtol=1e-5, atol=1e-5)
+
+
+def test_causality():
+    m = tiny()
+    x = torch.randint(0, 300, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 300
+    torch.testing.assert_close(m(x)[:, :10], m(y)[:, :10])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_chunked_loss_equals_full_loss_and_grads(chunk):
+    m = tiny()
+    m.loss_chunk = chunk
+    x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
+    y[0, :5] = IGNORE_INDEX
+    loss = m(x, y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = F.cross_entropy(m(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    per_token = m(x, y, reduction="none")
+    assert per_token.shape == (3, 20) and (per_token[0, :5] == 0).all()
+    torch.testing.assert_close(per_token.sum() / (y != IGNORE_INDEX).sum(), ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_loss_under_bf16_autocast_is_close():
+    h = torch.randn(50, 32, requires_grad=True)
+    w = torch.randn(500, 32, requires_grad=True)
+    t = torch.randint(0, 500, (50,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, t, chunk=16)
+    loss.backward()
+    ref = F.cross_entropy(h.detach() @ w.detach().t(), t, reduction="sum")
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) / ref.item() < 2e-2
+
+
+def test_loss_sum_counts_only_targets():
+    m = tiny()
+    x, y = torch.randint(0, 300, (2, 8)), torch.full((2, 8), IGNORE_INDEX)
+    assert m(x, y, reduction="sum").item() == 0.0
+    assert m(x, y).item() == 0.0  # mean over zero targets is 0, not NaN
+
+
+def test_kv_cache_greedy_equals_no_cache_and_batching():
+    m = tiny().eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [40, 41, 42, 43]]
+    cached = m.generate(prompts, 12, temperature=0)
+    uncached = m.generate(prompts, 12, temperature=0, use_cache=False)
+    one_by_one = [m.generate([p], 12, temperature=0)[0] for p in prompts]
+    assert cached == uncached == one_by_one
+    # greedy continuation == argmax of the full forward pass, step by step
+    seq = list(prompts[0])
+    for token in cached[0][:5]:
+        assert token == int(m(torch.tensor([seq]))[0, -1].argmax())
+        seq.append(token)
+
+
+def test_generation_stops_at_eos_per_sequence():
+    m = tiny().eval()
+    prompts = [[5, 6, 7], [9]]
+    free = m.generate(prompts, 10, temperature=0)
+    eos = free[0][3]  # pretend the 4th token of sequence 0 is eos
+    out = m.generate(prompts, 10, temperature=0, eos_id=eos)
+    assert out[0] == free[0][:free[0].index(eos)]
+    assert out[1] == (free[1][:free[1].index(eos)] if eos in free[1] else free[1])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    history, ok = torch.tensor([[0]]), torch.tensor([[True]])
+    g = torch.Generator().manual_seed(0)
+    top1 = {int(sample(logits, history, ok, 1.0, top_k=1, generator=g)) for _ in range(20)}
+    assert top1 == {0}
+    nucleus = {int(sample(logits, history, ok, 1.0, top_p=0.5, generator=g)) for _ in range(50)}
+    assert nucleus == {0}  # p(token 0) = 0.64 >= 0.5 on its own
+    assert int(sample(logits, history, ok, 0)) == 0
+    # repetition penalty: token 0 was seen, dividing its logit by 3 makes token 1 the greedy pick
+    assert int(sample(logits, history, ok, 0, repetition_penalty=3.0)) == 1
+
+
+def test_repetition_penalty_reduces_repeats():
+    m = tiny().eval()
+    prompt = [[5, 6, 7, 5, 6, 7]]
+    plain = m.generate(prompt, 30, temperature=0)[0]
+    penalised = m.generate(prompt, 30, temperature=0, repetition_penalty=50.0)[0]
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_prompt_too_long_is_an_error():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        tiny().generate([[1] * 60], 10)

@@ -1,0 +1,263 @@
+"""dataset.py, trainer.py, pretrain.py: mixtures, schedules, accumulation, resume, DDP and FSDP2."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from configurator import configure
+from dataset import PretrainData, TokenSource
+from model import ModelArgs, Transformer
+from trainer import Dist, NonFiniteLoss, Trainer, wsd_lr
+
+from conftest import ROOT
+
+SOURCES = ["general", "medical", "guide"]
+
+
+def write_source(root, name, sizes, seed=0):
+    """Shards of a learnable synthetic stream: counting sequences with an occasional eos (2)."""
+    rng = np.random.default_rng(seed)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(sizes):
+        tokens = (np.arange(n) % 97 + 3 + 100 * SOURCES.index(name) % 150).astype(np.uint16)
+        tokens[rng.random(n) < 0.02] = 2
+        tokens.tofile(root / name / f"{name}_{i:04d}.bin")
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    write_source(root, "general", [6000, 3000, 20])  # the 20-token shard is too small for a window
+    write_source(root, "medical", [5000])
+    write_source(root, "guide", [4000, 4000])
+    return root
+
+
+PHASES = [{"name": "one", "iters": 6, "mixture": {"general": 1}},
+          {"name": "two", "iters": 6, "decay": True, "mixture": {"general": 1, "medical": 1, "guide": 1}}]
+
+
+def cli(tmp_path, token_dir, tokenizer_dir, *extra, nproc=1, check=True):
+    args = ["config/pretrain_tiny.py", f"--data_dir={token_dir}", f"--out_dir={tmp_path}", f"--tokenizer={tokenizer_dir}",
+            "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--max_seq_len=32", "--batch_size=4",
+            "--warmup_iters=2", f"--phases={PHASES!r}", "--eval_interval=6", "--eval_windows=4", "--log_interval=1",
+            "--progress=False", "--dtype=float32", "--tensorboard=False", *extra]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={nproc}"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(launcher + ["pretrain.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, **env})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_losses(out_dir):
+    lines = (out_dir / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+# ---------------------------------------------------------------------------- dataset
+def test_every_shard_is_used_and_val_is_held_out(token_dir):
+    src = TokenSource(token_dir / "general", seq_len=31, val_fraction=0.1)
+    assert len(src.shards) == 2 and src.too_small == ["general_0002.bin"]
+    shard_of = [int(np.searchsorted(src.cumulative, i, side="right")) for i in range(src.n_train_windows)]
+    assert set(shard_of) == {0, 1}
+    # train windows end before the shard's held-out tail
+    for shard, lo, hi in src.val_slices:
+        last = src.cumulative[shard] - 1
+        start = last - (src.cumulative[shard - 1] if shard else 0)
+        assert start + src.window <= lo
+        assert hi - lo >= src.window
+
+
+def test_mixture_proportions(token_dir):
+    data = PretrainData(token_dir, {"general": 0.3, "medical": 0.3, "guide": 0.4}, seq_len=16, seed=1)
+    counts = np.zeros(3)
+    for step in range(200):
+        source, _ = data.plan(step, 64)
+        counts += np.bincount(source, minlength=3)
+    shares = counts / counts.sum()
+    assert np.allclose(shares, [0.3, 0.3, 0.4], atol=0.02), shares
+
+
+def test_batches_are_deterministic_and_rank_slices_compose(token_dir):
+    data = PretrainData(token_dir, {"general": 1, "medical": 1}, seq_len=16, seed=3)
+    whole = data.train_batches(step=5, micro_steps=1, batch_size=8)[0][0]
+    ranks = [data.train_batches(5, 1, 4, rank=r, world=2)[0][0] for r in range(2)]
+    accum = [x for x, _ in data.train_batches(5, 2, 4)]
+    assert torch.equal(whole, torch.cat(ranks)) and torch.equal(whole, torch.cat(accum))
+    x, y = data.train_batches(5, 1, 8)[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert not torch.equal(whole, data.train_batches(6, 1, 8)[0][0])
+
+
+def test_sequential_sampling_reads_in_order_and_resumes(token_dir):
+    data = PretrainData(token_dir, {"medical": 1}, seq_len=16, seed=0, sampling="sequential")
+    first = torch.cat([data.train_batches(s, 1, 4)[0][0] for s in range(3)])
+    starts = [int(x[0]) for x in first]
+    src = data.sources[0]
+    assert [int(src.train_window(i)[0]) for i in range(12)] == starts
+    state = data.state_dict()
+    again = PretrainData(token_dir, {"medical": 1}, seq_len=16, seed=0, sampling="sequential")
+    again.load_state_dict(state)
+    assert torch.equal(again.train_batches(3, 1, 4)[0][0], data.train_batches(3, 1, 4)[0][0])
+
+
+def test_missing_source_is_a_clear_error(token_dir):
+    with pytest.raises(FileNotFoundError, match="data_process.py"):
+        PretrainData(token_dir, {"nope": 1}, seq_len=16)
+
+
+# ---------------------------------------------------------------------------- schedule, config
+def test_wsd_values_for_every_shape():
+    kw = dict(lr=1.0, warmup=10, decay_start=100, total=200, min_ratio=0.0)
+    assert wsd_lr(0, **kw) == pytest.approx(0.1) and wsd_lr(9, **kw) == 1.0
+    assert wsd_lr(50, **kw) == 1.0 and wsd_lr(99, **kw) == 1.0
+    assert wsd_lr(150, shape="linear", **kw) == pytest.approx(0.5)
+    assert wsd_lr(125, shape="1-sqrt", **kw) == pytest.approx(0.5)  # 1 - sqrt(0.25)
+    assert wsd_lr(150, shape="cosine", **kw) == pytest.approx(0.5)
+    assert wsd_lr(200, shape="linear", **kw) == 0.0 and wsd_lr(250, shape="1-sqrt", **kw) == 0.0
+    exp = dict(kw, min_ratio=0.01)
+    assert wsd_lr(100, shape="exp", half_life=20, **exp) == 1.0
+    assert wsd_lr(120, shape="exp", half_life=20, **exp) == pytest.approx(0.5)
+    assert wsd_lr(200, shape="exp", **exp) == pytest.approx(0.01)  # default half-life reaches min_ratio
+    assert wsd_lr(150, shape="linear", **dict(kw, min_ratio=0.1)) == pytest.approx(0.55)
+    with pytest.raises(ValueError):
+        wsd_lr(150, shape="step", **kw)
+
+
+def test_configurator_overrides_and_rejects(tmp_path):
+    scope = {"batch_size": 8, "lr": 1e-3, "name": "a", "phases": [1], "_private": 1}
+    (tmp_path / "c.py").write_text("batch_size = 2 * batch_size\nname = 'b'\n")
+    cfg = configure(scope, [str(tmp_path / "c.py"), "--lr=3", "--name=out/x"])
+    assert cfg == {"batch_size": 16, "lr": 3.0, "name": "out/x", "phases": [1]}
+    with pytest.raises(SystemExit, match="unknown config key"):
+        configure(scope, ["--batch=3"])
+    with pytest.raises(SystemExit, match="must be int"):
+        configure(scope, ["--batch_size=abc"])
+
+
+# ---------------------------------------------------------------------------- trainer
+def make_trainer(dropout=0.1, **cfg_over):
+    cfg = dict(dtype="float32", batch_size=4, grad_accum=1, learning_rate=1e-2, weight_decay=0.1, beta1=0.9,
+               beta2=0.95, grad_clip=1.0, eval_interval=0, eval_windows=2, log_interval=1, save_interval=0,
+               progress=False, tensorboard=False)
+    cfg.update(cfg_over)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=400, max_seq_len=32, dropout=dropout))
+    return Trainer(model, cfg, Dist("cpu"))
+
+
+def test_grad_accumulation_equals_large_batch(token_dir, tmp_path):
+    data = PretrainData(token_dir, {"general": 1, "medical": 1}, seq_len=32, seed=0)
+    runs = []
+    for bs, accum in [(8, 1), (4, 2), (2, 4)]:
+        t = make_trainer(dropout=0.0, batch_size=bs, grad_accum=accum)  # same math, only the split differs
+        t.run(data, 0, 4, lambda s: 1e-3, tmp_path / f"log{bs}.jsonl", tmp_path / f"c{bs}.pt")
+        runs.append(([r["loss"] for r in t.log_records if "loss" in r], t.raw_model.state_dict()))
+    for losses, state in runs[1:]:
+        np.testing.assert_allclose(losses, runs[0][0], rtol=1e-5)
+        for k in state:
+            torch.testing.assert_close(state[k], runs[0][1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_nan_guard_stops_without_overwriting_checkpoint(token_dir, tmp_path):
+    data = PretrainData(token_dir, {"general": 1}, seq_len=32, seed=0)
+    t = make_trainer()
+    t.run(data, 0, 2, lambda s: 1e-3, tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with torch.no_grad():
+        t.raw_model.tok_embeddings.weight[5:400] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="step 2"):
+        t.run(data, 2, 4, lambda s: 1e-3, tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    skipping = make_trainer(nan_policy="skip", max_nan_skips=5)
+    with torch.no_grad():
+        skipping.raw_model.tok_embeddings.weight[5:400] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="non-finite weights"):  # skipped steps, but never saves NaNs
+        skipping.run(data, 0, 3, lambda s: 1e-3, tmp_path / "log2.jsonl", tmp_path / "ckpt2.pt")
+    assert sum("skipped" in r for r in skipping.log_records) == 3
+
+
+def test_checkpoint_is_fp32_and_complete(token_dir, tmp_path):
+    data = PretrainData(token_dir, {"general": 1}, seq_len=32, seed=0)
+    t = make_trainer(dtype="bfloat16")
+    t.run(data, 0, 2, lambda s: 1e-3, tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+    assert {"optimizer", "scaler", "step", "phase", "data_state", "rng", "config", "model_args"} <= set(ckpt)
+    assert ckpt["step"] == 2 and ckpt["dtype_trained"] == "bfloat16"
+
+
+# ---------------------------------------------------------------------------- pretrain.py end to end
+def test_pretrain_runs_phases_and_loss_falls(tmp_path, token_dir, tiny_tokenizer_dir):
+    cli(tmp_path, token_dir, tiny_tokenizer_dir, "--learning_rate=2e-2")
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert len(losses) == 12
+    assert losses[5] < losses[0] - 1.0 and losses[-1] < losses[6], losses  # phase two brings new sources
+    assert (tmp_path / "one" / "ckpt.pt").is_file() and (tmp_path / "two" / "ckpt.pt").is_file()
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"val/general", "val/medical", "val/guide", "val/val"} <= set(records[-1]) | set(records[-2])
+    lrs = [r["lr"] for r in records if "lr" in r]
+    assert lrs[:3] == pytest.approx([1e-2, 2e-2, 2e-2]) and lrs[-1] < lrs[6] == 2e-2  # warmup 2, decay in phase two
+
+
+def test_resume_is_bit_identical(tmp_path, token_dir, tiny_tokenizer_dir):
+    """N steps + resume + M steps == N + M steps, float for float (dropout on: RNG state restored)."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    cli(full, token_dir, tiny_tokenizer_dir, "--dropout=0.1")
+    cli(part, token_dir, tiny_tokenizer_dir, "--dropout=0.1", "--stop_at=9")  # a job killed by its time limit
+    assert torch.load(part / "two" / "ckpt.pt", weights_only=False)["step"] == 9
+    cli(part, token_dir, tiny_tokenizer_dir, "--dropout=0.1", "--init_from=resume")
+    assert train_losses(part) == train_losses(full)  # exactly equal floats, all 12 steps
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path, token_dir, tiny_tokenizer_dir):
+    """2 gloo ranks x batch 4 == 1 process x batch 8 (same global rows, same token-mean loss).
+    Tolerance 1e-5 relative: only the order of float additions differs."""
+    cli(tmp_path / "one", token_dir, tiny_tokenizer_dir, "--batch_size=8")
+    cli(tmp_path / "ddp", token_dir, tiny_tokenizer_dir, "--batch_size=4", "--grad_accum=1", nproc=2)
+    cli(tmp_path / "ddp_accum", token_dir, tiny_tokenizer_dir, "--batch_size=2", "--grad_accum=2", nproc=2)
+    one = train_losses(tmp_path / "one")
+    for run in ("ddp", "ddp_accum"):
+        other = train_losses(tmp_path / run)
+        assert [s for s, _ in other] == [s for s, _ in one]
+        np.testing.assert_allclose([l for _, l in other], [l for _, l in one], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_and_resumes(tmp_path, token_dir, tiny_tokenizer_dir):
+    from checkpoint import load_model
+
+    cli(tmp_path / "one", token_dir, tiny_tokenizer_dir, "--batch_size=8")
+    fsdp = tmp_path / "fsdp"
+    cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", nproc=2)
+    np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in train_losses(tmp_path / "one")], rtol=1e-4)
+    assert (fsdp / "two" / "ckpt.pt.dcp").is_dir()
+    model, _ = load_model(fsdp / "two" / "ckpt.pt")  # full weights gathered for inference
+    assert model.num_params() > 0
+    # resume the sharded checkpoint of phase one into phase two: same losses as the uninterrupted run
+    expected = train_losses(fsdp)
+    (fsdp / "log.jsonl").unlink()
+    import shutil
+    shutil.rmtree(fsdp / "two")
+    cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", "--init_from=resume", nproc=2)
+    np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in expected[6:]], rtol=1e-6)
+
+
+def test_start_phase_from_checkpoint(tmp_path, token_dir, tiny_tokenizer_dir):
+    cli(tmp_path / "a", token_dir, tiny_tokenizer_dir)
+    result = cli(tmp_path / "b", token_dir, tiny_tokenizer_dir, "--start_phase=two",
+                 f"--init_from={tmp_path / 'a' / 'one' / 'ckpt.pt'}")
+    assert "starting phase two at step 6" in result.stdout
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")[6:]
+    bad = cli(tmp_path / "c", token_dir, tiny_tokenizer_dir, "--start_phase=three", check=False)
+    assert bad.returncode != 0 and "not a phase" in bad.stderr
