@@ -7,6 +7,7 @@ DDP, gradient accumulation and resume all see exactly the rows a single process 
 DistributedSampler and no iterator state to save (sequential mode saves its cursors).
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,8 @@ class TokenSource:
     def __init__(self, directory, seq_len, val_fraction=0.01):
         self.name = Path(directory).name
         self.window = seq_len + 1
+        manifest = Path(directory) / "manifest.json"  # data_process.py's record of how the tokens were made
+        self.tokenizer_sha256 = json.loads(manifest.read_text())["tokenizer"]["sha256"] if manifest.is_file() else None
         self.shards, train_windows, self.val_slices, self.too_small = [], [], [], []
         for path in sorted(Path(directory).glob("*.bin")):
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
@@ -80,7 +83,8 @@ class PretrainData:
     which needs the cursors in the checkpoint (state_dict).
     """
 
-    def __init__(self, data_dir, mixture, seq_len, seed=1337, phase=0, val_fraction=0.01, sampling="random"):
+    def __init__(self, data_dir, mixture, seq_len, seed=1337, phase=0, val_fraction=0.01, sampling="random",
+                 tokenizer_fingerprint=None):
         if not mixture:
             raise ValueError("empty data mixture")
         missing = [n for n in mixture if not (Path(data_dir) / n).is_dir()]
@@ -94,6 +98,10 @@ class PretrainData:
             raise ValueError(f"mixture weights must be >= 0 with a positive sum: {mixture}")
         self.weights = weights / weights.sum()
         self.sources = [TokenSource(Path(data_dir) / n, seq_len, val_fraction) for n in self.names]
+        for src in self.sources:
+            if tokenizer_fingerprint and src.tokenizer_sha256 not in (None, tokenizer_fingerprint):
+                raise ValueError(f"{Path(data_dir) / src.name}: tokens made by tokenizer sha256 {src.tokenizer_sha256[:12]}…, "
+                                 f"but training uses {tokenizer_fingerprint[:12]}…: re-run data_process.py with this --tokenizer")
         self.seed, self.phase, self.sampling = seed, phase, sampling
         self.cursors = np.zeros(len(self.sources), dtype=np.int64)  # sequential mode only
         self.next_step = None

@@ -125,6 +125,30 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def xent_grad(logits, targets, valid):
+    """Summed cross-entropy of the rows of `logits` (rows with valid=False count nothing) and its
+    gradient with respect to the logits, in the logits' dtype. Softmax in fp32, one fused kernel;
+    the loss is -log p(target), exact to fp32 rounding unless p underflows (a loss above 69)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    rows = torch.arange(len(targets), device=targets.device)
+    loss = -(torch.log(probs[rows, targets].clamp_min(1e-30)) * valid).sum()
+    probs[rows, targets] -= 1.0  # d(-log softmax_t)/d logits = softmax - onehot(t)
+    if not valid.all():
+        probs[~valid] = 0.0
+    return probs.to(logits.dtype), loss
+
+
+def xent_grad_fusable(logits, targets, valid):
+    """xent_grad written as reductions and pointwise ops only, so that torch.compile fuses it into
+    one kernel that reads the logits twice instead of writing fp32 copies (3x faster on CPU)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    grad = ((torch.exp(x - lse) - onehot.float()) * valid[:, None]).to(logits.dtype)
+    loss = ((lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
+    return grad, loss
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk` rows at a time.
 
@@ -135,7 +159,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype):
+    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel):
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -143,14 +167,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk].to(dtype)
             t = targets[start:start + chunk]
-            valid = (t != IGNORE_INDEX)
-            t = t.clamp_min(0)
-            logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * valid).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            g = probs.mul_(valid[:, None]).to(dtype)
+            valid = t != IGNORE_INDEX
+            g, loss = kernel(h @ w.t(), t.clamp_min(0), valid)
+            total += loss
             grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
             grad_weight += g.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -160,16 +179,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None, None
 
 
-def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum"):
+def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum", kernel=xent_grad):
     """Cross-entropy of the LM head over (N, dim) hidden states without (N, vocab) fp32 logits.
     reduction: "sum" (differentiable) or "none" (per-row losses, 0 at ignored rows; no grad)."""
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
         if reduction == "sum" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
+            return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, kernel)
         losses = []
         for start in range(0, hidden.shape[0], chunk):
             logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).t()).float()
@@ -192,6 +211,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_chunk = 1024  # rows of the chunked loss; not architecture, so not in ModelArgs
+        self.xent_kernel = xent_grad
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("wo.weight", "w2.weight")):
@@ -221,10 +241,16 @@ class Transformer(nn.Module):
             return self.output(h)
         if reduction == "none":
             return chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "none").view_as(targets)
-        loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum")
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum", self.xent_kernel)
         if reduction == "sum":
             return loss
         return loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+    def compile_for_training(self):
+        """torch.compile the blocks (one graph, reused by every layer) and the loss kernel."""
+        for layer in self.layers:
+            layer.compile()
+        self.xent_kernel = torch.compile(xent_grad_fusable, dynamic=False)
 
     # ---- size and speed ----
     def num_params(self, non_embedding=False):

@@ -175,7 +175,8 @@ def main(argv):
             if trainer.step >= cfg["stop_at"]:
                 break
             end = min(end, cfg["stop_at"])
-        data = PretrainData(cfg["data_dir"], phase["mixture"], args.max_seq_len, cfg["seed"], i, cfg["val_fraction"], cfg["sampling"])
+        data = PretrainData(cfg["data_dir"], phase["mixture"], args.max_seq_len, cfg["seed"], i, cfg["val_fraction"],
+                            cfg["sampling"], tok.fingerprint)
         data.load_state_dict(data_state)
         data_state = None
         if d.is_master:

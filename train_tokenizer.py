@@ -56,15 +56,19 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     if not lines:
         raise ValueError("no text to train a tokenizer on")
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model,
-        model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-        character_coverage=character_coverage, max_sentence_length=4 * MAX_LINE_CHARS,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=os.cpu_count() or 1, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model,
+            model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
+            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+            character_coverage=character_coverage, max_sentence_length=4 * MAX_LINE_CHARS,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=os.cpu_count() or 1, minloglevel=2,
+        )
+    except RuntimeError as err:  # SentencePiece's message, e.g. too many distinct characters
+        raise ValueError(f"SentencePiece could not train with vocab_size={vocab_size}, "
+                         f"character_coverage={character_coverage}: {err}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tokenizer.model.tmp"

@@ -177,8 +177,7 @@ class Trainer:
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.fsdp = cfg.get("parallel", "ddp") == "fsdp" and dist_ctx.enabled
         if cfg.get("compile"):
-            for layer in model.layers:  # regional compilation: one block's graph, reused by all
-                layer.compile()
+            model.compile_for_training()
         if self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -311,11 +310,17 @@ class Trainer:
             os.replace(tmp, shards)
             atomic_save({**state, "rng": rngs, "model": full, "sharded": shards.name}, path)
 
+    def check_shape(self, ckpt, path):
+        """The checkpoint's model must have this model's shape (dropout may differ)."""
+        mine, theirs = asdict(self.model_args), dict(ckpt["model_args"])
+        mine.pop("dropout"), theirs.pop("dropout", None)
+        if mine != theirs:
+            raise ValueError(f"{path}: model arguments differ from the config:\n  checkpoint {theirs}\n  config     {mine}")
+
     def load(self, path):
         """Restore weights, optimizer, scaler, step and RNG; returns the checkpoint dict."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        if ckpt["model_args"] != asdict(self.model_args):
-            raise ValueError(f"{path}: model arguments differ from the config:\n  checkpoint {ckpt['model_args']}\n  config     {asdict(self.model_args)}")
+        self.check_shape(ckpt, path)
         if self.fsdp:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -338,8 +343,7 @@ class Trainer:
     def load_weights(self, path):
         """Start from another run's weights (a previous phase, or pretraining for SFT): fresh optimizer."""
         ckpt = load_checkpoint(path, map_location="cpu")
-        if ckpt["model_args"] != asdict(self.model_args):
-            raise ValueError(f"{path}: model arguments differ from the config:\n  checkpoint {ckpt['model_args']}\n  config     {asdict(self.model_args)}")
+        self.check_shape(ckpt, path)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -31,12 +31,12 @@ def chatglm_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
-    """A 1000-piece tokenizer trained on the sample's plain-text files (a second or two)."""
+    """A 2000-piece tokenizer trained on the sample's plain-text files (a second or two)."""
     import train_tokenizer
 
     texts = [p.read_text(encoding="utf-8") for p in sorted(SAMPLE.rglob("*.txt"))] + [EXTRA_TEXT] * 20
     out = tmp_path_factory.mktemp("tiny_tokenizer")
-    train_tokenizer.train(texts, out, vocab_size=1000)
+    train_tokenizer.train(texts, out, vocab_size=2000)
     return out
 
 

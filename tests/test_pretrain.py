@@ -1,9 +1,10 @@
 """dataset.py, trainer.py, pretrain.py: mixtures, schedules, accumulation, resume, DDP and FSDP2."""
 
 import json
-import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,16 +43,20 @@ PHASES = [{"name": "one", "iters": 6, "mixture": {"general": 1}},
           {"name": "two", "iters": 6, "decay": True, "mixture": {"general": 1, "medical": 1, "guide": 1}}]
 
 
-def cli(tmp_path, token_dir, tokenizer_dir, *extra, nproc=1, check=True):
-    args = ["config/pretrain_tiny.py", f"--data_dir={token_dir}", f"--out_dir={tmp_path}", f"--tokenizer={tokenizer_dir}",
+def tiny_args(out_dir, token_dir, tokenizer_dir, *extra):
+    """pretrain.py arguments for a 2-layer d32 model over PHASES, fp32, logging every step."""
+    return ["config/pretrain_tiny.py", f"--data_dir={token_dir}", f"--out_dir={out_dir}", f"--tokenizer={tokenizer_dir}",
             "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--max_seq_len=32", "--batch_size=4",
             "--warmup_iters=2", f"--phases={PHASES!r}", "--eval_interval=6", "--eval_windows=4", "--log_interval=1",
             "--progress=False", "--dtype=float32", "--tensorboard=False", *extra]
+
+
+def cli(tmp_path, token_dir, tokenizer_dir, *extra, nproc=1, check=True):
+    args = tiny_args(tmp_path, token_dir, tokenizer_dir, *extra)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc_per_node={nproc}"]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(launcher + ["pretrain.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, **env})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -109,9 +114,14 @@ def test_sequential_sampling_reads_in_order_and_resumes(token_dir):
     assert torch.equal(again.train_batches(3, 1, 4)[0][0], data.train_batches(3, 1, 4)[0][0])
 
 
-def test_missing_source_is_a_clear_error(token_dir):
+def test_missing_source_or_other_tokenizer_is_a_clear_error(token_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="data_process.py"):
         PretrainData(token_dir, {"nope": 1}, seq_len=16)
+    write_source(tmp_path, "medical", [500])
+    (tmp_path / "medical" / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "a" * 64}}))
+    PretrainData(tmp_path, {"medical": 1}, seq_len=16, tokenizer_fingerprint="a" * 64)
+    with pytest.raises(ValueError, match="re-run data_process.py"):
+        PretrainData(tmp_path, {"medical": 1}, seq_len=16, tokenizer_fingerprint="b" * 64)
 
 
 # ---------------------------------------------------------------------------- schedule, config
@@ -251,6 +261,28 @@ def test_fsdp2_matches_and_resumes(tmp_path, token_dir, tiny_tokenizer_dir):
     shutil.rmtree(fsdp / "two")
     cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", "--init_from=resume", nproc=2)
     np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in expected[6:]], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_through_the_launcher(tmp_path, token_dir, tiny_tokenizer_dir):
+    """script/launch.sh with NNODES=2: two torchrun agents meeting at a c10d rendezvous, as on two
+    machines; the result equals one process with the global batch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli(tmp_path / "one", token_dir, tiny_tokenizer_dir, "--batch_size=8")
+    common = tiny_args(tmp_path / "nodes", token_dir, tiny_tokenizer_dir)
+    env = {**os.environ, "SKIP_SETUP": "1", "NNODES": "2", "NPROC": "1", "MASTER": f"127.0.0.1:{port}",
+           "RDZV_ID": f"test{port}", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    nodes = [subprocess.Popen(["bash", "script/launch.sh", "pretrain.py"] + common, cwd=ROOT, env={**env, "NODE_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    assert "world 2" in "".join(outputs)
+    np.testing.assert_allclose([l for _, l in train_losses(tmp_path / "nodes")],
+                               [l for _, l in train_losses(tmp_path / "one")], rtol=1e-5)
 
 
 def test_start_phase_from_checkpoint(tmp_path, token_dir, tiny_tokenizer_dir):

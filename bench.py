@@ -1,0 +1,159 @@
+"""Benchmarks that print ratios measured side by side in one run (tests never time anything).
+
+    python bench.py train      # training tokens/s + MFU: our path vs a naive baseline, dataloader share
+    python bench.py generate   # generation tokens/s with vs without the KV cache, time to first token
+    python bench.py peak       # this machine's matmul FLOP/s (the MFU denominator on CPU)
+
+The host may be noisy: variants run interleaved, several rounds, and the median is reported.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dataset import PretrainData
+from model import ModelArgs, Transformer
+from trainer import autocast, make_optimizer
+
+REFERENCE = dict(dim=256, n_layers=4, n_heads=4, vocab_size=64793, max_seq_len=256)  # the issue's reference config
+
+
+def measure_peak(device, dtype, n=2048, repeats=5):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times)
+
+
+class Variant:
+    """One way of training the same model: its own weights, optimizer and step function."""
+
+    def __init__(self, name, device, dtype, fused_loss, fused_adamw, compile_blocks, seed=0):
+        torch.manual_seed(seed)
+        self.name, self.device, self.dtype, self.fused_loss = name, device, dtype, fused_loss
+        self.model = Transformer(ModelArgs(**REFERENCE)).to(device)
+        if compile_blocks:
+            self.model.compile_for_training()
+        self.optimizer = make_optimizer(self.model, 3e-4, 0.1, (0.9, 0.95), device, fused=fused_adamw)
+        if not fused_adamw:  # the naive baseline: the per-parameter for-loop implementation
+            for group in self.optimizer.param_groups:
+                group["foreach"] = False
+
+    def step(self, x, y):
+        with autocast(self.device, self.dtype):
+            if self.fused_loss:
+                loss = self.model(x, y)
+            else:  # full (B*T, vocab) fp32 logits, then cross-entropy: nanoGPT / baby-llama2
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def bench_train(args):
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "bench"
+        shard.mkdir()
+        np.random.default_rng(0).integers(0, REFERENCE["vocab_size"], 2_000_000, dtype=np.uint16).tofile(shard / "bench_0000.bin")
+        data = PretrainData(tmp, {"bench": 1}, REFERENCE["max_seq_len"], seed=0)
+        peak = {"bfloat16": measure_peak(device, torch.bfloat16), "float32": measure_peak(device, torch.float32)}
+        best_dtype = "bfloat16"
+        variants = [Variant("ours (bf16 autocast, chunked loss, fused AdamW" + (", compiled blocks)" if args.compile else ")"),
+                            device, best_dtype, True, True, args.compile),
+                    Variant("naive (fp32, full-logit CE, for-loop AdamW)", device, "float32", False, False, False)]
+        tokens_per_step = args.batch_size * REFERENCE["max_seq_len"]
+        times = {v.name: [] for v in variants}
+        data_times = []
+        step = 0
+        for round_ in range(args.warmup + args.rounds):
+            for v in variants:
+                t = time.perf_counter()
+                (x, y), = data.train_batches(step, 1, args.batch_size)
+                data_times.append(time.perf_counter() - t)
+                x, y = x.to(device), y.to(device)
+                t = time.perf_counter()
+                v.step(x, y)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if round_ >= args.warmup:
+                    times[v.name].append(time.perf_counter() - t)
+                step += 1
+        flops_per_token = variants[0].model.flops_per_token(REFERENCE["max_seq_len"])
+        print(f"reference model: {REFERENCE}, batch {args.batch_size}, {variants[0].model.num_params() / 1e6:.1f}M params, "
+              f"{torch.get_num_threads()} threads on {device}")
+        print(f"measured matmul peak: bf16 {peak['bfloat16'] / 1e12:.2f} TFLOP/s, fp32 {peak['float32'] / 1e12:.2f} TFLOP/s")
+        speeds = {}
+        for v in variants:
+            median = statistics.median(times[v.name])
+            speeds[v.name] = tokens_per_step / median
+            mfu = speeds[v.name] * flops_per_token / peak["bfloat16"]
+            print(f"  {v.name:60s} {median * 1000:8.1f} ms/step {speeds[v.name]:9.0f} tok/s  MFU {mfu:6.1%} of bf16 peak")
+        ours, naive = (speeds[v.name] for v in variants)
+        step_time = statistics.median(times[variants[0].name])
+        print(f"speed-up ours / naive: {ours / naive:.2f}x (target >= 4x)")
+        print(f"dataloader: {statistics.median(data_times) * 1000:.2f} ms per batch = "
+              f"{statistics.median(data_times) / step_time:.2%} of our step time (target < 5%)")
+
+
+def bench_generate(args):
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**dict(REFERENCE, max_seq_len=1024))).to(device).eval()
+    prompt = [list(range(100, 164))]
+    for new in (128, 512):
+        rows = {}
+        for use_cache in (True, False):
+            times, ttft = [], []
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                stream = model.stream(prompt, new, temperature=0, use_cache=use_cache)
+                next(stream)
+                ttft.append(time.perf_counter() - t)
+                n = 1 + sum(1 for _ in stream)
+                times.append(time.perf_counter() - t)
+            rows[use_cache] = (n / statistics.median(times), statistics.median(ttft))
+        print(f"{new} new tokens (prompt 64): KV cache {rows[True][0]:7.1f} tok/s (first token {rows[True][1] * 1000:.0f} ms) | "
+              f"no cache {rows[False][0]:7.1f} tok/s (first token {rows[False][1] * 1000:.0f} ms) | "
+              f"speed-up {rows[True][0] / rows[False][0]:.1f}x" + (" (target >= 5x)" if new == 512 else ""))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["train", "generate", "peak"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also compile our variant's blocks (slow cold start)")
+    args = parser.parse_args()
+    if args.what == "train":
+        bench_train(args)
+    elif args.what == "generate":
+        bench_generate(args)
+    else:
+        device = torch.device(args.device)
+        for dtype in (torch.bfloat16, torch.float32):
+            print(f"{dtype}: {measure_peak(device, dtype) / 1e12:.2f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

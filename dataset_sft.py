@@ -1,0 +1,204 @@
+"""SFT data: the chat template (the only copy: chat.py uses it too) and prompt-masked labels.
+
+Template, for every turn of a conversation (earlier turns first, from the CSV's `history`):
+
+    prompt <bos> answer <eos>
+
+Labels, shown on one turn with prompt "头痛" = [p1, p2] and answer "多休息" = [a1, a2]:
+
+    ids     p1    p2    <bos>  a1    a2    <eos>
+    X       p1    p2    <bos>  a1    a2             inputs:  ids[:-1]
+    Y       p2    <bos> a1     a2    <eos>          targets: ids[1:]
+    labels  -100  -100  a1     a2    <eos>          Y where the TARGET is an answer token or its <eos>
+
+so the loss has exactly len(answer) + 1 terms: predicting every answer token (the first from <bos>)
+and the closing <eos>. Prompt tokens, the <bos> itself and padding are -100: they are neither in the
+sum nor in the denominator (the trainer divides by the number of non-ignored targets).
+baby-llama2-chinese's mask was one position off and counted a padding term.
+
+Every turn's answer is trained on, the earlier ones included (they are real answers to real
+prompts). A conversation longer than max_seq_len + 1 tokens loses its earliest turns first, then
+the start of the last prompt; answers are never cut, and a last answer that cannot fit whole
+(with its <eos> and at least one prompt token) drops the sample, counted.
+"""
+
+import csv
+import json
+import sys
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataset import global_rows
+
+IGNORE_INDEX = -100
+CSV_FIELDS = ["prompt", "answer", "history", "source"]
+
+
+def render(turns, bos_id, eos_id):
+    """The chat template. turns: [(prompt_ids, answer_ids)], the last answer may be None (chat:
+    the model continues after <bos>). Returns (ids, is_answer) as lists."""
+    ids, is_answer = [], []
+    for prompt, answer in turns:
+        ids += list(prompt) + [bos_id]
+        is_answer += [False] * (len(prompt) + 1)
+        if answer is not None:
+            ids += list(answer) + [eos_id]
+            is_answer += [True] * (len(answer) + 1)
+    return ids, is_answer
+
+
+def fit_turns(turns, budget):
+    """Drop the earliest turns, then the start of the last prompt, until the rendered conversation
+    has at most `budget` ids. None when the last answer can't fit whole with one prompt token."""
+    def size(ts):
+        return sum(len(p) + 1 + (len(a) + 1 if a is not None else 0) for p, a in ts)
+
+    turns = list(turns)
+    while len(turns) > 1 and size(turns) > budget:
+        turns.pop(0)
+    excess = size(turns) - budget
+    if excess > 0:
+        prompt, answer = turns[-1]
+        if len(prompt) - excess < 1:
+            return None
+        turns[-1] = (prompt[excess:], answer)
+    return turns
+
+
+def labels_for(ids, is_answer):
+    """(X, Y) lists for one row: Y keeps the targets that are answer tokens, -100 elsewhere."""
+    x = ids[:-1]
+    y = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], is_answer[1:])]
+    return x, y
+
+
+def read_sft_csv(path):
+    """Rows of sft_data_process.py's CSV as (source, turns as text pairs)."""
+    csv.field_size_limit(sys.maxsize)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(CSV_FIELDS[:2]) - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)} (header: {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            try:
+                history = json.loads(row.get("history") or "[]")
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line}: history is not JSON: {err}") from None
+            yield row.get("source") or "sft", [tuple(t) for t in history] + [(row["prompt"], row["answer"])]
+
+
+class SFTData:
+    """Tokenized conversations held as one uint16 array (+ answer mask and offsets), split into
+    train and validation, served as deterministic batches: step s of any (world, grad_accum) split
+    gets the same global rows. pack=True fills each row with several whole conversations (their
+    attention is not separated: earlier ones are extra context; the loss still covers only answers)."""
+
+    def __init__(self, csv_path, tokenizer, seq_len, seed=1337, val_fraction=0.02, pack=False, encode_batch=2048):
+        self.seq_len, self.seed, self.pack = seq_len, seed, pack
+        self.pad_id = tokenizer.pad_id
+        self.dropped = Counter()
+        tokens, masks, lengths, sources = [], [], [], []
+        rows = list(read_sft_csv(csv_path))
+        for start in tqdm(range(0, len(rows), encode_batch), desc="tokenize SFT", disable=len(rows) < 20 * encode_batch):
+            chunk = rows[start:start + encode_batch]
+            texts = [text for _, turns in chunk for turn in turns for text in turn]
+            encoded = iter(tokenizer.encode_batch(texts))
+            for source, turns in chunk:
+                ids_turns = [(next(encoded), next(encoded)) for _ in turns]
+                fitted = fit_turns(ids_turns, seq_len + 1)
+                if fitted is None:
+                    self.dropped["answer longer than max_seq_len"] += 1
+                    continue
+                ids, is_answer = render(fitted, tokenizer.bos_id, tokenizer.eos_id)
+                tokens.append(np.asarray(ids, dtype=np.uint16))
+                masks.append(np.asarray(is_answer, dtype=bool))
+                lengths.append(len(ids))
+                sources.append(source)
+        if not tokens:
+            raise ValueError(f"{csv_path}: no conversation fits max_seq_len={seq_len} ({dict(self.dropped)})")
+        self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.sources = np.array(sources)
+        order = np.random.default_rng(seed).permutation(len(lengths))
+        n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
+        self.val_ids, self.train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
+        self.epoch_rows = []  # row plans (lists of sample ids per row) of the epochs built so far
+
+    def __len__(self):
+        return len(self.train_ids)
+
+    def describe(self):
+        drops = f", dropped {dict(self.dropped)}" if self.dropped else ""
+        return (f"{len(self.train_ids)} train / {len(self.val_ids)} val conversations, "
+                f"{len(self.tokens):,} tokens{', packed' if self.pack else ''}{drops}")
+
+    def sample(self, i):
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[lo:hi], self.masks[lo:hi]
+
+    def rows_of_epoch(self, epoch):
+        order = self.train_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_ids))]
+        if not self.pack:
+            return [[int(i)] for i in order]
+        rows, current, used = [], [], 0
+        for i in order:
+            n = int(self.offsets[i + 1] - self.offsets[i])
+            if current and used + n > self.seq_len + 1:
+                rows.append(current)
+                current, used = [], 0
+            current.append(int(i))
+            used += n
+        return rows + [current]
+
+    def row(self, g):
+        """Sample ids of global row g, counting rows across epochs."""
+        while sum(map(len, self.epoch_rows)) <= g:
+            self.epoch_rows.append(self.rows_of_epoch(len(self.epoch_rows)))
+        for rows in self.epoch_rows:
+            if g < len(rows):
+                return rows[g]
+            g -= len(rows)
+
+    def to_batch(self, rows):
+        """Rows of sample ids -> (X, Y), padded to the longest row (rounded up to 32)."""
+        pairs = []
+        for samples in rows:
+            ids = np.concatenate([self.sample(i)[0] for i in samples]).astype(np.int64)
+            mask = np.concatenate([self.sample(i)[1] for i in samples])
+            pairs.append(labels_for(ids.tolist(), mask.tolist()))
+        width = min(self.seq_len, -(-max(len(x) for x, _ in pairs) // 32) * 32)
+        X = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
+        Y = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+        for r, (x, y) in enumerate(pairs):
+            X[r, :len(x)] = torch.tensor(x)
+            Y[r, :len(y)] = torch.tensor(y)
+        return X, Y
+
+    def train_batches(self, step, micro_steps, batch_size, rank=0, world=1):
+        base = step * micro_steps * world * batch_size
+        batches = []
+        for m in range(micro_steps):
+            rows = global_rows(m, rank, world, batch_size)
+            batches.append(self.to_batch([self.row(base + g) for g in range(rows.start, rows.stop)]))
+        return batches
+
+    def val_batches(self, batch_size, max_windows=64, rank=0, world=1):
+        """{source: [(X, Y), ...]}: held-out conversations per source, one per row, each rank every world-th."""
+        by_source = defaultdict(list)
+        for i in self.val_ids:
+            by_source[str(self.sources[i])].append(int(i))
+        out = {}
+        for source, ids in sorted(by_source.items()):
+            ids = ids[:max_windows][rank::world]
+            out[source] = [self.to_batch([[i] for i in ids[k:k + batch_size]]) for k in range(0, len(ids), batch_size)]
+        return out
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

@@ -1,0 +1,112 @@
+"""Every SFT set -> one CSV of conversations (prompt, answer, history, source).
+
+    python sft_data_process.py --source huatuo=data/raw/HuatuoGPT_sft_data_v1.jsonl \
+        --source alpaca_zh=data/raw/alpaca_gpt4_data_zh.json --out data/sft/sft_data.csv
+
+NAME picks the reader (corpora.py, formats in docs/datasets.md) unless --format is given.
+`history` is a JSON list of the earlier [prompt, answer] turns ([] for single-turn data); `prompt`
+and `answer` are the last turn. Conversations with a turn over the length limits, exact duplicates
+(across all sources of the run) and unreadable records are skipped and counted; a summary per source
+is printed and written beside the CSV (<name>.summary.json). The CSV is written to a temp name and
+renamed, so an interrupted run never leaves a half-written file behind.
+"""
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+import corpora
+
+CSV_FIELDS = ["prompt", "answer", "history", "source"]
+
+
+def conversations(source, problems, max_prompt_chars, max_answer_chars, seen, counts):
+    """The source's conversations that pass the filters, as CSV rows; counts what was dropped."""
+    for turns in corpora.iter_dialogues(source, problems):
+        counts["read"] += 1
+        turns = [(p.strip(), a.strip()) for p, a in turns]
+        if max_prompt_chars and any(len(p) > max_prompt_chars for p, _ in turns):
+            counts["prompt too long"] += 1
+            continue
+        if max_answer_chars and any(len(a) > max_answer_chars for _, a in turns):
+            counts["answer too long"] += 1
+            continue
+        if not all(p and a for p, a in turns):
+            counts["empty after stripping"] += 1
+            continue
+        key = hashlib.sha1(json.dumps(turns, ensure_ascii=False).encode()).digest()
+        if key in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(key)
+        counts["kept"] += 1
+        prompt, answer = turns[-1]
+        yield {"prompt": prompt, "answer": answer, "source": source.name,
+               "history": json.dumps([list(t) for t in turns[:-1]], ensure_ascii=False)}
+
+
+def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
+    """Write the CSV; returns {source name: {counts..., "problems": {...}, "examples": [...]}}."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    summary, seen = {}, set()
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for source in sources:
+            problems, counts = corpora.Problems(), Counter()
+            if not source.files:
+                problems.add("no input files", source.location or source.name)
+            rows = conversations(source, problems, max_prompt_chars, max_answer_chars, seen, counts)
+            for row in tqdm(rows, desc=source.name, unit=" conv", leave=False):
+                writer.writerow(row)
+            summary[source.name] = {"format": source.format, "files": [str(p) for p in source.files],
+                                    "read": counts.pop("read", 0), "kept": counts.pop("kept", 0),
+                                    "dropped": dict(counts), "skipped_records": dict(problems.counts),
+                                    "examples": problems.examples}
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    summary_path = out_path.with_suffix(".summary.json")
+    summary_tmp = summary_path.with_name(summary_path.name + ".tmp")
+    summary_tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(summary_tmp, summary_path)
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
+                        help=f"an SFT set (repeatable); formats: {', '.join(sorted(corpora.SFT_FORMATS))}")
+    parser.add_argument("--format", default=None, help="reader for every --source (default: inferred from NAME)")
+    parser.add_argument("--out", default="data/sft/sft_data.csv")
+    parser.add_argument("--max-prompt-chars", type=int, default=2048, help="0: no limit")
+    parser.add_argument("--max-answer-chars", type=int, default=4096, help="0: no limit")
+    args = parser.parse_args(argv)
+    try:
+        sources = [corpora.parse_source(spec, args.format) for spec in args.source]
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        sys.exit(f"sft_data_process: {err}")
+    not_sft = [s.name for s in sources if s.format not in corpora.SFT_FORMATS]
+    if not_sft:
+        sys.exit(f"sft_data_process: {not_sft} are not SFT formats; known: {', '.join(sorted(corpora.SFT_FORMATS))}")
+    summary = process(sources, args.out, args.max_prompt_chars, args.max_answer_chars)
+    total = sum(s["kept"] for s in summary.values())
+    for name, s in summary.items():
+        dropped = ", ".join(f"{k} {v}" for k, v in {**s["dropped"], **s["skipped_records"]}.items()) or "none"
+        print(f"{name:>18}: read {s['read']:>8,}  kept {s['kept']:>8,}  dropped: {dropped}")
+        for example in s["examples"]:
+            print(f"{'':>20}{example}")
+    print(f"wrote {total:,} conversations to {args.out} (summary: {Path(args.out).with_suffix('.summary.json')})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""sft_data_process.py, dataset_sft.py, sft.py: the CSV, the template, the answer-only loss."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import corpora
+import sft_data_process
+from dataset_sft import IGNORE_INDEX, SFTData, fit_turns, labels_for, render
+from model import ModelArgs, Transformer
+
+from conftest import ROOT, SAMPLE
+
+BOS, EOS = 1, 2
+SFT_SOURCES = ["medical_finetune", "huatuo", "disc_med", "chatmed_consult", "chatmed_tcm", "medical_dialogue",
+               "alpaca_zh", "belle", "belle_multiturn", "sharegpt"]
+
+
+def test_labels_hand_computed():
+    # prompt [10, 11], answer [20, 21]: ids = 10 11 <bos> 20 21 <eos>
+    ids, is_answer = render([([10, 11], [20, 21])], BOS, EOS)
+    assert ids == [10, 11, BOS, 20, 21, EOS]
+    x, y = labels_for(ids, is_answer)
+    assert x == [10, 11, BOS, 20, 21]
+    assert y == [IGNORE_INDEX, IGNORE_INDEX, 20, 21, EOS]  # targets: every answer token and the <eos>
+
+
+def test_multi_turn_history_placement():
+    turns = [([10], [20]), ([11, 12], [21, 22])]  # earlier turn first
+    ids, is_answer = render(turns, BOS, EOS)
+    assert ids == [10, BOS, 20, EOS, 11, 12, BOS, 21, 22, EOS]
+    x, y = labels_for(ids, is_answer)
+    assert y == [IGNORE_INDEX, 20, EOS, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 21, 22, EOS]
+    chat, _ = render(turns[:1] + [([11, 12], None)], BOS, EOS)  # what chat.py feeds the model
+    assert chat == [10, BOS, 20, EOS, 11, 12, BOS]
+
+
+def test_truncation_keeps_answers_whole():
+    turns = [([1] * 5, [2] * 5), ([3] * 10, [4] * 6)]
+    assert fit_turns(turns, 100) == turns
+    assert fit_turns(turns, 19) == [([3] * 10, [4] * 6)]  # earliest turn dropped first
+    assert fit_turns(turns, 12) == [([3] * 4, [4] * 6)]  # then the start of the last prompt
+    assert fit_turns(turns, 8) is None  # the answer (6 + <eos>) and one prompt token + <bos> don't fit
+
+
+def tiny_model(vocab):
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=vocab, max_seq_len=64))
+
+
+def test_prompt_targets_do_not_change_the_loss():
+    model = tiny_model(100)
+    ids, is_answer = render([([10, 11, 12, 13], [20, 21, 22])], BOS, EOS)
+    x, y = map(torch.tensor, labels_for(ids, is_answer))
+    other_ids, other_mask = render([([50, 51, 52, 53], [20, 21, 22])], BOS, EOS)  # other prompt tokens
+    _, y_other = map(torch.tensor, labels_for(other_ids, other_mask))
+    assert torch.equal(model(x[None], y[None]), model(x[None], y_other[None]))
+    unmasked = torch.tensor(ids[1:])  # the same row with prompt targets counted: a different loss
+    assert not torch.isclose(model(x[None], y[None]), model(x[None], unmasked[None]))
+    per_token = model(x[None], y[None], reduction="none")[0]
+    assert (per_token[:4] == 0).all() and (per_token[4:] > 0).all()  # 4 prompt targets (incl. <bos>), 4 answer targets
+    assert torch.isclose(model(x[None], y[None]), per_token.sum() / 4)
+
+
+def test_padding_rows_contribute_nothing():
+    model = tiny_model(100)
+    x = torch.randint(3, 100, (1, 12))
+    y = torch.randint(3, 100, (1, 12))
+    y[0, :4] = IGNORE_INDEX
+    pad_x, pad_y = torch.zeros(1, 12, dtype=torch.long), torch.full((1, 12), IGNORE_INDEX)
+    alone = model(x, y, reduction="sum")
+    with_pad = model(torch.cat([x, pad_x]), torch.cat([y, pad_y]), reduction="sum")
+    assert torch.equal(alone, with_pad)
+    assert torch.isclose(model(torch.cat([x, pad_x]), torch.cat([y, pad_y])), alone / 8)
+
+
+@pytest.fixture(scope="module")
+def sft_csv(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "sft_data.csv"
+    sources = [corpora.parse_source(f"{name}={SAMPLE / name}") for name in SFT_SOURCES]
+    summary = sft_data_process.process(sources, out)
+    return out, summary
+
+
+def test_every_sft_sample_set_is_read(sft_csv):
+    _, summary = sft_csv
+    assert set(summary) == set(SFT_SOURCES)
+    for name, s in summary.items():
+        assert s["kept"] > 0 and s["read"] >= s["kept"], (name, s)
+    with open(sft_csv[0], encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    multi = [r for r in rows if json.loads(r["history"])]
+    assert {r["source"] for r in multi} >= {"huatuo", "disc_med", "belle_multiturn", "sharegpt"}
+    assert sum(s["kept"] for s in summary.values()) == len(rows)
+
+
+def test_csv_round_trips_commas_quotes_newlines(tmp_path):
+    tricky = tmp_path / "tricky.jsonl"
+    records = [{"query": '他说："头痛, 发热"，怎么办？', "response": "第一，多喝水；\n第二，休息。\n\"注意\"体温, 必要时就医。"},
+               {"query": "重复", "response": "重复的回答"}, {"query": "重复", "response": "重复的回答"},
+               {"query": "", "response": "没有问题"}, {"oops": 1}]
+    tricky.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n{not json\n", encoding="utf-8")
+    out = tmp_path / "out.csv"
+    summary = sft_data_process.process([corpora.parse_source(f"chatmed_consult={tricky}")], out)
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["prompt"], r["answer"]) for r in rows] == [(records[0]["query"], records[0]["response"]), ("重复", "重复的回答")]
+    s = summary["chatmed_consult"]
+    assert s["kept"] == 2 and s["dropped"] == {"duplicate": 1}
+    assert sum(s["skipped_records"].values()) == 3  # empty prompt, wrong fields, broken JSON line
+    assert any(":7" in e or ":6" in e for e in s["examples"])  # file:line of a bad record
+    assert json.loads((tmp_path / "out.summary.json").read_text())["chatmed_consult"]["kept"] == 2
+
+
+def test_length_filters(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"query": "问" * 50, "response": "答"}, ensure_ascii=False) + "\n" +
+                   json.dumps({"query": "问", "response": "答" * 50}, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary = sft_data_process.process([corpora.parse_source(f"chatmed_consult={src}")], tmp_path / "o.csv", 20, 20)
+    assert summary["chatmed_consult"]["dropped"] == {"prompt too long": 1, "answer too long": 1}
+
+
+def test_sft_data_batches_mask_answers(sft_csv, tokenizer):
+    data = SFTData(sft_csv[0], tokenizer, seq_len=256, seed=0, val_fraction=0.1)
+    (x, y), = data.train_batches(0, 1, 4)
+    assert x.shape == y.shape and x.shape[1] % 32 == 0 or x.shape[1] == 256
+    for row_x, row_y in zip(x, y):
+        kept = row_y != IGNORE_INDEX
+        # every kept target is followed in X by itself (the shift) and is an answer token or <eos>
+        positions = kept.nonzero().flatten()
+        assert len(positions) > 0
+        for p in positions[:-1]:
+            assert row_x[p + 1] == row_y[p]
+        assert row_y[positions[-1]] == tokenizer.eos_id
+        assert tokenizer.bos_id in row_x.tolist()
+    whole = data.train_batches(3, 1, 8)[0]
+    split = [data.train_batches(3, 2, 4)[0], data.train_batches(3, 2, 4)[1]]
+    assert torch.equal(whole[1][:4, :split[0][1].shape[1]], split[0][1][:, :whole[1].shape[1]])
+    packed = SFTData(sft_csv[0], tokenizer, seq_len=256, seed=0, val_fraction=0.1, pack=True)
+    assert len(packed.rows_of_epoch(0)) < len(data.rows_of_epoch(0))
+    assert sorted(i for row in packed.rows_of_epoch(0) for i in row) == sorted(data.train_ids.tolist())
+    assert set(data.val_batches(4)) <= set(SFT_SOURCES)
+
+
+@pytest.mark.slow
+def test_sft_lowers_answer_loss(tmp_path, sft_csv, tiny_tokenizer_dir):
+    """A tiny pretrained-from-scratch model fine-tuned on the sample SFT sets: val answer loss falls."""
+    from checkpoint import atomic_save, model_checkpoint
+
+    from chatglm_tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=512)
+    torch.manual_seed(0)
+    atomic_save(model_checkpoint(Transformer(args), args, step=0, phase="init", tokenizer_fingerprint=tok.fingerprint),
+                tmp_path / "init.pt")
+    out = tmp_path / "sft"
+    result = subprocess.run([sys.executable, "sft.py", "config/sft_tiny.py", f"--sft_csv={sft_csv[0]}",
+                             f"--init_from={tmp_path / 'init.pt'}", f"--tokenizer={tiny_tokenizer_dir}", f"--out_dir={out}",
+                             "--max_iters=60", "--eval_interval=30", "--learning_rate=3e-3", "--progress=False",
+                             "--tensorboard=False", "--val_fraction=0.1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = [r["val/val"] for r in records if "val/val" in r]
+    train = [r["loss"] for r in records if "loss" in r]
+    assert len(val) == 2 and train[-1] < train[0] - 1.0, (train, val)
+    assert (out / "ckpt.pt").is_file() and (out / "loss.png").is_file()
