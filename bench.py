@@ -8,6 +8,7 @@ The host may be noisy: variants run interleaved, several rounds, and the median 
 """
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -73,7 +74,10 @@ def bench_train(args):
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "bench"
         shard.mkdir()
-        np.random.default_rng(0).integers(0, REFERENCE["vocab_size"], 2_000_000, dtype=np.uint16).tofile(shard / "bench_0000.bin")
+        n = 2_000_000
+        np.random.default_rng(0).integers(0, REFERENCE["vocab_size"], n, dtype=np.uint16).tofile(shard / "bench_0000.bin")
+        manifest = {"tokenizer": {"sha256": "random tokens"}, "shards": [{"file": "bench_0000.bin", "tokens": n}]}
+        (shard / "manifest.json").write_text(json.dumps(manifest))
         data = PretrainData(tmp, {"bench": 1}, REFERENCE["max_seq_len"], seed=0)
         peak = {"bfloat16": measure_peak(device, torch.bfloat16), "float32": measure_peak(device, torch.float32)}
         best_dtype = "bfloat16"

@@ -1,7 +1,7 @@
 """Pretraining windows over uint16 token shards, mixed across sources with per-phase weights.
 
-A source is a folder written by data_process.py: every `*.bin` in it is memory-mapped (all of them;
-never just the first). Each shard keeps its tail as that source's validation slice. A batch is a pure
+A source is a folder written by data_process.py: every shard its manifest.json lists is
+memory-mapped (all of them; never just the first). Each shard keeps its tail as that source's validation slice. A batch is a pure
 function of (seed, phase, step): every rank draws the same global batch and takes its own rows, so
 DDP, gradient accumulation and resume all see exactly the rows a single process would, with no
 DistributedSampler and no iterator state to save (sequential mode saves its cursors).
@@ -27,12 +27,20 @@ class TokenSource:
     cross a shard boundary; the last `val_fraction` of each shard (at least one window) is held out."""
 
     def __init__(self, directory, seq_len, val_fraction=0.01):
-        self.name = Path(directory).name
+        directory = Path(directory)
+        self.name = directory.name
         self.window = seq_len + 1
-        manifest = Path(directory) / "manifest.json"  # data_process.py's record of how the tokens were made
-        self.tokenizer_sha256 = json.loads(manifest.read_text())["tokenizer"]["sha256"] if manifest.is_file() else None
+        # data_process.py writes the manifest last: without it the folder is incomplete (or not ours)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{directory}: no manifest.json, so no complete data_process.py output: run it (again) for this source")
+        manifest = json.loads(manifest_path.read_text())
+        self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
         self.shards, train_windows, self.val_slices, self.too_small = [], [], [], []
-        for path in sorted(Path(directory).glob("*.bin")):
+        for shard in manifest["shards"]:
+            path = directory / shard["file"]
+            if not path.is_file() or path.stat().st_size != 2 * shard["tokens"]:
+                raise ValueError(f"{path}: missing, or not the {shard['tokens']:,} tokens manifest.json records")
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
             n_val = max(self.window, int(len(tokens) * val_fraction))
             if len(tokens) < self.window + n_val:  # not enough for a train window and a val window
@@ -99,7 +107,7 @@ class PretrainData:
         self.weights = weights / weights.sum()
         self.sources = [TokenSource(Path(data_dir) / n, seq_len, val_fraction) for n in self.names]
         for src in self.sources:
-            if tokenizer_fingerprint and src.tokenizer_sha256 not in (None, tokenizer_fingerprint):
+            if tokenizer_fingerprint and src.tokenizer_sha256 != tokenizer_fingerprint:
                 raise ValueError(f"{Path(data_dir) / src.name}: tokens made by tokenizer sha256 {src.tokenizer_sha256[:12]}…, "
                                  f"but training uses {tokenizer_fingerprint[:12]}…: re-run data_process.py with this --tokenizer")
         self.seed, self.phase, self.sampling = seed, phase, sampling

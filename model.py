@@ -239,8 +239,12 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens)
         if targets is None:
             return self.output(h)
-        if reduction == "none":
-            return chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "none").view_as(targets)
+        if reduction == "none":  # the LM head runs only on rows that have a target
+            flat = targets.flatten()
+            keep = flat != IGNORE_INDEX
+            losses = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+            losses[keep] = chunked_cross_entropy(h.flatten(0, 1)[keep], self.output.weight, flat[keep], self.loss_chunk, "none")
+            return losses.view_as(targets)
         loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum", self.xent_kernel)
         if reduction == "sum":
             return loss

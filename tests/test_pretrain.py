@@ -20,22 +20,28 @@ from conftest import ROOT
 SOURCES = ["general", "medical", "guide"]
 
 
-def write_source(root, name, sizes, seed=0):
-    """Shards of a learnable synthetic stream: counting sequences with an occasional eos (2)."""
+def write_source(root, name, sizes, seed=0, tokenizer_sha256="any"):
+    """Shards of a learnable synthetic stream (counting sequences with an occasional eos, 2) and the
+    manifest.json data_process.py would write beside them."""
     rng = np.random.default_rng(seed)
     (root / name).mkdir(parents=True, exist_ok=True)
+    shards = []
     for i, n in enumerate(sizes):
         tokens = (np.arange(n) % 97 + 3 + 100 * SOURCES.index(name) % 150).astype(np.uint16)
         tokens[rng.random(n) < 0.02] = 2
         tokens.tofile(root / name / f"{name}_{i:04d}.bin")
+        shards.append({"file": f"{name}_{i:04d}.bin", "tokens": n})
+    manifest = {"name": name, "tokenizer": {"sha256": tokenizer_sha256}, "shards": shards}
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="module")
-def token_dir(tmp_path_factory):
+def token_dir(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("tokens")
-    write_source(root, "general", [6000, 3000, 20])  # the 20-token shard is too small for a window
-    write_source(root, "medical", [5000])
-    write_source(root, "guide", [4000, 4000])
+    sha = tiny_tokenizer.fingerprint  # the tokenizer the CLI runs below pass to pretrain.py
+    write_source(root, "general", [6000, 3000, 20], tokenizer_sha256=sha)  # the 20-token shard is too small for a window
+    write_source(root, "medical", [5000], tokenizer_sha256=sha)
+    write_source(root, "guide", [4000, 4000], tokenizer_sha256=sha)
     return root
 
 
@@ -117,11 +123,13 @@ def test_sequential_sampling_reads_in_order_and_resumes(token_dir):
 def test_missing_source_or_other_tokenizer_is_a_clear_error(token_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="data_process.py"):
         PretrainData(token_dir, {"nope": 1}, seq_len=16)
-    write_source(tmp_path, "medical", [500])
-    (tmp_path / "medical" / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "a" * 64}}))
+    write_source(tmp_path, "medical", [500], tokenizer_sha256="a" * 64)
     PretrainData(tmp_path, {"medical": 1}, seq_len=16, tokenizer_fingerprint="a" * 64)
     with pytest.raises(ValueError, match="re-run data_process.py"):
         PretrainData(tmp_path, {"medical": 1}, seq_len=16, tokenizer_fingerprint="b" * 64)
+    (tmp_path / "medical" / "manifest.json").unlink()  # what a killed data_process.py run can leave
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        PretrainData(tmp_path, {"medical": 1}, seq_len=16)
 
 
 # ---------------------------------------------------------------------------- schedule, config

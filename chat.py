@@ -1,0 +1,120 @@
+"""Talk to a checkpoint: an interactive multi-turn chat in the terminal, or one-shot answers.
+
+    python chat.py --ckpt out/sft/ckpt.pt                                    # interactive
+    python chat.py --ckpt out/sft/ckpt.pt --prompt "高血压患者饮食上要注意什么？" --prompt "感冒怎么办？"
+    python chat.py --ckpt out/sft/ckpt.pt --prompt-file data/sample/chat_questions.txt --temperature 0
+    python chat.py --ckpt out/pretrain/clinical/ckpt.pt --prompt "高血压是"  # continues the text
+
+Modes. An SFT checkpoint (phase "sft") answers through the chat template, dataset_sft.render: every
+earlier turn as `prompt <bos> answer <eos>`, then the new prompt and <bos>, after which the model
+writes the answer and ends it with <eos>. Any other checkpoint is a pretrained model: it continues
+the text (earlier turns, if any, are plain text in front of it). --mode chat|continue overrides.
+
+Interactive commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops an
+answer midway. The conversation is kept across turns; when it no longer fits in max_seq_len minus
+--max-new-tokens, its oldest turns are dropped (and the chat says so).
+
+Generation: KV cache, temperature (0 = greedy), top-k, top-p, repetition penalty, stop at <eos> per
+sequence; answers stream as they are generated (the growing id list is decoded and only the new
+text printed, holding back a character whose bytes have not all arrived yet).
+
+The loading, prompting and generation live in inference.py (eval.py uses them too).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from inference import (MODES, sampling_kwargs, add_sampling_args, answer, build_prompt, fit_max_new_tokens, load,
+                       sampling_from, stream_answer)
+
+def read_prompts(args):
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    return prompts
+
+
+
+def one_shot(model, tok, mode, prompts, args, sampling):
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start:start + args.batch_size]
+        replies = answer(model, tok, batch, None, mode, args.max_new_tokens, args.seed, **sampling)
+        for prompt, reply in zip(batch, replies):
+            print(f"用户> {prompt}\n助手> {reply}\n", flush=True)
+
+
+
+def interactive(model, tok, mode, args, sampling):
+    print(f"mode: {mode} | /reset clears the conversation, /quit leaves, Ctrl-C stops an answer")
+    sampling = sampling_kwargs(model, args.seed, sampling)  # one generator for the whole session
+    history = []
+    while True:
+        try:
+            line = input("用户> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/"):
+            print("commands: /reset, /quit")
+            continue
+        ids, dropped = build_prompt(tok, line, history, mode, model.args.max_seq_len - args.max_new_tokens)
+        if dropped:
+            history = history[dropped:]
+            print(f"(the conversation is longer than the model's {model.args.max_seq_len}-token context: "
+                  f"dropped the oldest {dropped} turn(s))")
+        print("助手> ", end="", flush=True)
+        pieces = []
+        try:
+            for piece in stream_answer(model, tok, ids, args.max_new_tokens, **sampling):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+        except KeyboardInterrupt:
+            print(" (stopped)", end="")
+        print()
+        history.append((line, "".join(pieces)))
+
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a checkpoint file (pretrain or SFT)")
+    parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="the tokenizer the model was trained with")
+    parser.add_argument("--mode", choices=MODES, help="default: chat for SFT checkpoints, continue otherwise")
+    parser.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
+    parser.add_argument("--prompt-file", help="answer every non-empty line of this file and exit")
+    parser.add_argument("--batch-size", type=int, default=8, help="one-shot prompts generated together")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on a GPU that supports it, else float32")
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
+    add_sampling_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"chat.py: {err}") from None
+    mode = args.mode or mode
+    args.max_new_tokens = fit_max_new_tokens(args.max_new_tokens, model)
+    sampling = dict(sampling_from(args), use_cache=not args.no_cache)
+    print(f"{args.ckpt}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
+          f"{model.num_params() / 1e6:.1f}M parameters on {model.rope_cos.device}, mode {mode}", file=sys.stderr)
+    prompts = read_prompts(args)
+    if prompts:
+        one_shot(model, tok, mode, prompts, args, sampling)
+    else:
+        interactive(model, tok, mode, args, sampling)
+
+
+
+if __name__ == "__main__":
+    main()

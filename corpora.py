@@ -1,0 +1,861 @@
+"""The registry of dataset formats: raw files -> documents, dialogues or multiple-choice questions.
+
+    source = parse_source("wiki=data/raw/wiki")             # format inferred from the name
+    problems = Problems()
+    for text in iter_texts(source, problems): ...          # pretraining documents (raw, not cleaned)
+    for turns in iter_dialogues(source, problems): ...     # SFT: [(prompt, answer), ...]
+    for q in iter_questions(source, problems): ...         # evaluation: {"question", "options", "answer", ...}
+    print(problems.summary())                              # what was skipped, why, where (file:line)
+
+Three layers, top to bottom:
+  1. containers: JSON lines, JSON arrays (streamed with ijson), CSV (real quoting), plain text;
+     transparent .gz; the encoding sniffed per file (UTF-8, UTF-8 with BOM, GB18030).
+  2. readers: one short generator per dataset, record -> text / turns / question. A reader raises
+     BadRecord for a record it cannot use and may `yield Skipped(...)` for a part it leaves out.
+  3. iter_texts / iter_dialogues / iter_questions: a source's files through its reader.
+Bad input never stops a long run: it is counted in Problems with its location, and reading goes on.
+Nothing here knows about tokens; record layouts are documented in docs/datasets.md.
+"""
+
+import codecs
+import csv
+import glob
+import gzip
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ijson
+
+SNIFF_BYTES = 1 << 16  # how much of a file decides its encoding
+MAX_EXAMPLES = 3  # examples kept per problem reason
+csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
+
+
+# ---------------------------------------------------------------- sources and problems
+
+@dataclass
+class Source:
+    """A named corpus: which reader (format) and which files. `location` is the PATH_OR_GLOB as given."""
+    name: str
+    format: str
+    files: list[Path]
+    location: str = ""
+
+
+class Problems:
+    """Counts of skipped records (or parts of records) by reason, plus the first few examples of each
+    as "file:line: reason (detail)". `line` is a line number, "#N" for the N-th item of a JSON array,
+    or None when the problem concerns a whole file."""
+
+    def __init__(self):
+        self.counts = Counter()
+        self._examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, file, line=None, detail: str = "", count: int = 1):
+        """count > 1 records a bulk drop (e.g. all duplicates of one work unit) under one example."""
+        self.counts[reason] += count
+        examples = self._examples.setdefault(reason, [])
+        example = (f"{file}:{line}" if line is not None else f"{file}") + f": {reason}" + (f" ({detail})" if detail else "")
+        if len(examples) < MAX_EXAMPLES and example not in examples:
+            examples.append(example)
+
+    @property
+    def examples(self) -> list[str]:
+        return [example for examples in self._examples.values() for example in examples]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: "Problems"):
+        self.counts.update(other.counts)
+        for reason, examples in other._examples.items():
+            mine = self._examples.setdefault(reason, [])
+            mine.extend([e for e in examples if e not in mine][:MAX_EXAMPLES - len(mine)])
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no records skipped"
+        lines = [f"skipped {self.total:,}:"]
+        lines += [f"  {count:>10,}  {reason}" for reason, count in self.counts.most_common()]
+        lines += ["first examples:"] + [f"  {example}" for example in self.examples]
+        return "\n".join(lines)
+
+
+class BadRecord(Exception):
+    """Raised by a reader for a record it cannot use; counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Yielded by a reader for a part of a record it leaves out (the rest of the record is kept)."""
+    reason: str
+    detail: str = ""
+
+
+# ---------------------------------------------------------------- containers
+
+def detect_encoding(prefix: bytes) -> str:
+    """UTF-8 (with or without BOM) or GB18030, from a file's first bytes. UTF-8 wins when it decodes
+    with no errors, or with a few stray bad bytes among many valid multi-byte characters: its structure
+    is strict, so GB text read as UTF-8 fails about every other character, whereas GB18030 happily
+    "decodes" most UTF-8 (as mojibake) and must only win on a clearly better score."""
+    if prefix.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    as_utf8 = _lenient(prefix, "utf-8")
+    errors = as_utf8.count("\ufffd")
+    valid_multibyte = sum(1 for char in as_utf8 if char > "\x7f") - errors
+    if errors == 0 or errors * 100 < valid_multibyte:
+        return "utf-8"
+    return "gb18030" if _lenient(prefix, "gb18030").count("\ufffd") < errors else "utf-8"
+
+
+def _lenient(data: bytes, encoding: str) -> str:
+    return codecs.getincrementaldecoder(encoding)("replace").decode(data, final=False)  # a cut last char is fine
+
+
+def open_binary(path):
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def file_encoding(path) -> str:
+    with open_binary(path) as f:
+        return detect_encoding(f.read(SNIFF_BYTES))
+
+
+def read_lines(path, problems: Problems, span=None) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its line ending). span=(start, end, first_line) reads only
+    that byte range, which must start at a line start (see split_source)."""
+    start, end, lineno = span or (0, None, 1)
+    position = start
+    try:
+        encoding = file_encoding(path)  # utf-8-sig drops a BOM wherever a line starts with one: harmless
+        with open_binary(path) as f:
+            f.seek(start)
+            for raw in f:
+                if end is not None and position >= end:
+                    break
+                position += len(raw)
+                # Line by line is safe for UTF-8 and GB18030: no multi-byte character contains b"\n".
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError as err:
+                    problems.add("undecodable bytes dropped", path, lineno, f"{err.reason}, byte {err.start} of the line")
+                    line = raw.decode(encoding, "ignore")
+                yield lineno, line
+                lineno += 1
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        problems.add("truncated or corrupt gzip file", path, lineno, str(err))
+
+
+def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, object]]:
+    for lineno, line in read_lines(path, problems, span):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            if line == "{" and lineno == 1:  # a pretty-printed single object, e.g. CMeKG's predicate.json
+                problems.add("not a record file (one JSON object)", path, None)
+                return
+            problems.add("malformed JSON line", path, lineno, str(err))
+
+
+class _Utf8Reader:
+    """A binary file re-encoded as UTF-8 for ijson, which reads UTF-8 only: GB18030 files and stray
+    undecodable bytes (dropped, counted) would otherwise stop the parser."""
+
+    def __init__(self, raw, encoding, path, problems):
+        self.raw, self.path, self.problems = raw, path, problems
+        self.decoder = codecs.getincrementaldecoder(encoding)()  # utf-8-sig drops the BOM
+        self.offset = 0
+
+    def read(self, size=-1):
+        if size == 0:  # ijson probes the stream's type with read(0)
+            return b""
+        while True:
+            data = self.raw.read(size if size > 0 else SNIFF_BYTES)
+            text = self.decode(data)
+            self.offset += len(data)
+            if text or not data:  # an empty result before the end would look like the end to ijson
+                return text.encode("utf-8")
+
+    def decode(self, data: bytes) -> str:
+        """The incremental decoder carries a character cut between two chunks over to the next."""
+        try:
+            return self.decoder.decode(data, not data)
+        except UnicodeDecodeError as err:
+            self.problems.add("undecodable bytes dropped", self.path, f"byte {self.offset + err.start}", err.reason)
+            self.decoder.errors = "ignore"  # the decoder kept its state: decode the same data again, leniently
+            try:
+                return self.decoder.decode(data, not data)
+            finally:
+                self.decoder.errors = "strict"
+
+
+def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
+    """Items of a top-level JSON array, streamed; a file cut mid-way yields what parsed, then counts it."""
+    count = 0
+    try:
+        encoding = file_encoding(path)
+        with open_binary(path) as raw:
+            for item in ijson.items(_Utf8Reader(raw, encoding, path, problems), "item", use_float=True):
+                yield f"#{count}", item
+                count += 1
+    except ijson.JSONError as err:
+        problems.add("JSON array cut short or malformed, rest of file skipped", path, f"#{count}", str(err)[:200])
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        problems.add("truncated or corrupt gzip file", path, f"#{count}", str(err))
+
+
+def iter_csv(path, problems: Problems) -> Iterator[tuple[int, dict]]:
+    """Rows as {header: value}; quoted fields may hold commas and newlines (the line is where a row starts)."""
+    lines = read_lines(path, problems)
+    reader = csv.reader(line for _, line in lines)
+    header, row_start = None, 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            problems.add("malformed CSV row", path, row_start, str(err))
+            row_start = reader.line_num + 1
+            continue
+        where, row_start = row_start, reader.line_num + 1
+        if not row:
+            continue
+        if header is None:
+            header = [name.strip() for name in row]
+        elif len(row) != len(header):
+            problems.add("CSV row with the wrong number of fields", path, where,
+                         f"{len(row)} fields, header has {len(header)}")
+        else:
+            yield where, dict(zip(header, row))
+
+
+def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int, str]]:
+    """Plain text: one document per block of lines separated by blank lines."""
+    block, first = [], None
+    for lineno, line in read_lines(path, problems, span):
+        if line.strip():
+            if not block:
+                first = lineno
+            block.append(line)
+        elif block:
+            yield first, "".join(block)
+            block = []
+    if block:
+        yield first, "".join(block)
+
+
+def container(path) -> str | None:
+    """'json' (lines or array), 'csv', 'text', or None: by extension (under .gz), else by the first byte."""
+    name = str(path).lower().removesuffix(".gz")
+    for kind, extensions in (("json", (".json", ".jsonl", ".ndjson")), ("csv", (".csv",)),
+                             ("text", (".txt", ".text", ".md"))):
+        if name.endswith(extensions):
+            return kind
+    return "json" if _first_byte(path) in (b"{", b"[") else None
+
+
+def _first_byte(path) -> bytes:
+    """The first non-whitespace byte after any BOM (b"" for an empty or unreadable file)."""
+    try:
+        with open_binary(path) as f:
+            prefix = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+    except (OSError, EOFError, zlib.error):
+        return b""
+    return prefix[:1]
+
+
+def iter_records(path, problems: Problems, span=None) -> Iterator[tuple[object, object]]:
+    """(location, record) for any container; span only for JSON lines and plain text."""
+    kind = container(path)
+    if kind == "csv":
+        yield from iter_csv(path, problems)
+    elif kind == "text":
+        yield from iter_text_blocks(path, problems, span)
+    elif kind == "json" and _first_byte(path) == b"[":
+        yield from iter_json_array(path, problems)
+    elif kind == "json":
+        yield from iter_jsonl(path, problems, span)
+
+
+# ---------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Format:
+    kind: str  # "text" | "dialogue" | "question": what the reader yields
+    read: Callable  # record -> outputs (questions: (record, path)); whole_source: (files, problems)
+    containers: tuple = ("json",)  # file kinds it reads; other files are skipped and counted
+    companions: tuple = ()  # file-name globs that ship with the dataset but hold no records: skipped quietly
+    whole_source: bool = False  # needs all its files at once (a join), so it cannot be split
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(name, kind="text", containers=("json",), companions=(), whole_source=False):
+    def add(read):
+        FORMATS[name] = Format(kind, read, containers, companions, whole_source)
+        return read
+    return add
+
+
+def _value(record, name: str, required: bool):
+    if not isinstance(record, dict):
+        raise BadRecord("record is not an object", type(record).__name__)
+    if name not in record and required:
+        raise BadRecord(f"missing field '{name}'", "fields: " + ", ".join(map(str, list(record)[:8])))
+    return record.get(name)
+
+
+def text_field(record, name: str, required: bool = True) -> str:
+    """record[name] as stripped text; null, NaN and a missing optional field give ""."""
+    value = _value(record, name, required)
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, (dict, list)):
+        raise BadRecord(f"field '{name}' is not text", type(value).__name__)
+    return str(value).strip()
+
+
+def list_field(record, name: str) -> list:
+    value = _value(record, name, True)
+    if not isinstance(value, list):
+        raise BadRecord(f"field '{name}' is not a list", type(value).__name__)
+    return value
+
+
+# ---- pretraining documents
+
+@register("wiki")
+def wiki(record):
+    """pleisto/wikipedia-cn-20230720-filtered: `completion` (JSON array)."""
+    yield text_field(record, "completion")
+
+
+@register("baike")
+def baike(record):
+    """BaiduBaike 563w: "title：summary", then "section title：content" per section (null parts left out)."""
+    title, summary = text_field(record, "title", False), text_field(record, "summary", False)
+    parts = [f"{title}：{summary}" if title and summary else title or summary]
+    sections = record.get("sections") or []
+    if not isinstance(sections, list):
+        raise BadRecord("field 'sections' is not a list", type(sections).__name__)
+    for section in sections:
+        heading, content = text_field(section, "title", False), text_field(section, "content", False)
+        if content:
+            parts.append(f"{heading}：{content}" if heading else content)
+    yield "\n".join(part for part in parts if part)
+
+
+@register("c4_zh")
+def c4_zh(record):
+    """C4_zh / mC4 zh: `text` (JSON lines, also .json.gz)."""
+    yield text_field(record, "text")
+
+
+@register("wudao")
+def wudao(record):
+    """WuDaoCorpora: `title` line + `content` (a JSON array per file)."""
+    yield "\n".join(part for part in (text_field(record, "title", False), text_field(record, "content")) if part)
+
+
+@register("medical_pretrain")
+def medical_pretrain(record):
+    """shibing624/medical pretrain: `text`."""
+    yield text_field(record, "text")
+
+
+@register("skypile")
+def skypile(record):
+    """SkyPile-150B: `text`."""
+    yield text_field(record, "text")
+
+
+@register("guidelines")
+def guidelines(record):
+    """epfl-llm/guidelines: `clean_text`, or `raw_text` where that is empty."""
+    yield text_field(record, "clean_text", False) or text_field(record, "raw_text")
+
+
+@register("cmekg", companions=("predicate.json",))
+def cmekg(record):
+    """CMeKG RE samples: `text`, then its spo_list triples as sentences, one per (subject, predicate):
+    "示例病的临床表现包括低热、乏力。" predicate.json (counts of predicates) is skipped."""
+    text = text_field(record, "text", False)
+    facts: dict[tuple[str, str], dict[str, None]] = {}  # objects in first-seen order, without repeats
+    for triple in record.get("spo_list") or []:
+        if not (isinstance(triple, list) and len(triple) == 3 and all(isinstance(x, str) for x in triple)):
+            raise BadRecord("malformed spo_list triple", repr(triple)[:80])
+        subject, predicate, obj = (x.strip() for x in triple)
+        facts.setdefault((subject, predicate), {})[obj] = None
+    sentences = "".join(f"{s}的{p}包括{'、'.join(objs)}。" for (s, p), objs in facts.items())
+    yield "\n".join(part for part in (text, sentences) if part)
+
+
+@register("cmedqa2", containers=("csv",), companions=("*candidates*",), whole_source=True)
+def cmedqa2(files, problems):
+    """cMedQA2: question.csv (question_id, content) joined with answer.csv (ans_id, question_id, content):
+    the question, then each answer, one document per question. Files are told apart by their header.
+    The join holds the dataset in memory (about 100 MB); answers to unknown questions are counted."""
+    questions: dict[str, tuple] = {}  # question_id -> (content, file, line)
+    answers: dict[str, list[tuple]] = {}  # question_id -> [(content, file, line), ...]
+    for path in files:
+        for where, row in iter_csv(path, problems):
+            try:
+                key, content = text_field(row, "question_id"), text_field(row, "content")
+            except BadRecord as err:
+                problems.add(err.reason, path, where, err.detail)
+                break  # a file without these columns is not part of cMedQA2: one report, not one per row
+            if "ans_id" in row:
+                answers.setdefault(key, []).append((content, path, where))
+            else:
+                questions.setdefault(key, (content, path, where))
+    for key, (question, path, where) in questions.items():
+        replies = [answer for answer, _, _ in answers.pop(key, []) if answer]
+        if question and replies:
+            yield "\n".join([question] + replies)
+        else:
+            problems.add("question without answers" if question else "empty question", path, where, key)
+    for key, replies in answers.items():
+        for _, path, where in replies:
+            problems.add("answer to an unknown question_id", path, where, key)
+
+
+@register("text", containers=("text",))
+def plain_text(block):
+    """Plain text files (.txt/.md): one document per block of lines separated by blank lines."""
+    yield block
+
+
+# ---- SFT dialogues
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
+         "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+
+
+def dialogue(messages):
+    """[(role, text), ...] -> yields Skipped notes, then the turns [(prompt, answer), ...].
+    System messages are prepended to the next prompt (one line each); consecutive messages of one role
+    are joined with a newline; an answer before any question and a last question without answer are
+    left out (and counted)."""
+    turns, system, prompt = [], [], None
+    for role, text in messages:
+        role = ROLES.get(str(role).strip().lower())
+        if role == "system":
+            system.append(text)
+        elif role == "user":
+            prompt = text if prompt is None else f"{prompt}\n{text}"
+        elif role == "assistant" and prompt is not None:
+            turns.append(("\n".join(system + [prompt]), text))
+            system, prompt = [], None
+        elif role == "assistant" and turns:
+            turns[-1] = (turns[-1][0], f"{turns[-1][1]}\n{text}")
+        elif role == "assistant":
+            yield Skipped("answer before any question")
+        else:
+            yield Skipped("message with an unknown role", repr(role))
+    if prompt is not None:
+        yield Skipped("last question without an answer")
+    elif system:
+        yield Skipped("system message after the last answer")
+    yield turns
+
+
+def instruction_turn(record, answer_field="output"):
+    prompt = "\n".join(part for part in (text_field(record, "instruction"), text_field(record, "input", False))
+                       if part)
+    return [(prompt, text_field(record, answer_field))]
+
+
+@register("medical_finetune", "dialogue")
+def medical_finetune(record):
+    """shibing624/medical finetune: instruction (+ input) -> output."""
+    yield instruction_turn(record)
+
+
+@register("alpaca_zh", "dialogue")
+def alpaca_zh(record):
+    """alpaca_gpt4_data_zh (JSON array): instruction (+ input) -> output."""
+    yield instruction_turn(record)
+
+
+@register("belle", "dialogue")
+def belle(record):
+    """BELLE 1M / 0.5M: instruction (+ input) -> output (`target` in one documented variant)."""
+    yield instruction_turn(record, "target" if "output" not in record and "target" in record else "output")
+
+
+BELLE_SPEAKER = re.compile(r"^(Human|Assistant)[:：]", re.MULTILINE)
+
+
+@register("belle_multiturn", "dialogue")
+def belle_multiturn(record):
+    """BELLE multiturn_chat_0.8M: `instruction` holds the history as "Human:…\\nAssistant:…" lines ending
+    in an empty "Assistant:"; `output` answers the last Human turn."""
+    parts = BELLE_SPEAKER.split(text_field(record, "instruction"))
+    messages = [("user", parts[0].strip())] if parts[0].strip() else []
+    messages += [(speaker, text.strip()) for speaker, text in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1] == ("Assistant", ""):
+        messages.pop()
+    extra = text_field(record, "input", False)
+    if extra and messages:
+        messages[-1] = (messages[-1][0], f"{messages[-1][1]}\n{extra}")
+    yield from dialogue(messages + [("assistant", text_field(record, "output"))])
+
+
+@register("huatuo", "dialogue")
+def huatuo(record):
+    """HuatuoGPT-sft-data-v1: `data` alternates "问：…" and "答：…"; prefixes stripped, a trailing
+    question without answer dropped (and counted)."""
+    utterances = list_field(record, "data")
+    if len(utterances) % 2:
+        yield Skipped("last question without an answer")
+    texts = [re.sub(r"^\s*[问答][:：]\s*", "", str(u)).strip() for u in utterances[:len(utterances) // 2 * 2]]
+    yield list(zip(texts[0::2], texts[1::2]))
+
+
+def messages_field(record, name, role_key, text_key):
+    return [(text_field(message, role_key), text_field(message, text_key)) for message in list_field(record, name)]
+
+
+@register("disc_med", "dialogue")
+def disc_med(record):
+    """DISC-Med-SFT: `conversation` [{role, content}]."""
+    yield from dialogue(messages_field(record, "conversation", "role", "content"))
+
+
+@register("sharegpt", "dialogue")
+def sharegpt(record):
+    """ShareGPT (JSON array or lines): `conversations` [{from: human|user|gpt|assistant|system, value}];
+    minimind's [{role, content}] variant too. System turns go in front of the next prompt."""
+    messages = list_field(record, "conversations")
+    first = messages[0] if messages and isinstance(messages[0], dict) else {}
+    keys = ("from", "value") if "from" in first or "value" in first else ("role", "content")
+    yield from dialogue(messages_field(record, "conversations", *keys))
+
+
+@register("chatmed_consult", "dialogue")
+def chatmed_consult(record):
+    """ChatMed_Consult: query -> response."""
+    yield [(text_field(record, "query"), text_field(record, "response"))]
+
+
+@register("chatmed_tcm", "dialogue")
+def chatmed_tcm(record):
+    """ChatMed_TCM (ShenNong): query -> response."""
+    yield [(text_field(record, "query"), text_field(record, "response"))]
+
+
+@register("medical_dialogue", "dialogue", containers=("csv",))
+def medical_dialogue(record):
+    """Toyhom Chinese-medical-dialogue-data (GB18030 CSV): ask -> answer, the title in front of the ask
+    when the ask does not already contain it."""
+    title, ask = text_field(record, "title", False), text_field(record, "ask")
+    prompt = "\n".join(part for part in (title if title not in ask else "", ask) if part)
+    yield [(prompt, text_field(record, "answer"))]
+
+
+# ---- multiple-choice questions
+
+def make_question(question, options, answer, subject, explanation):
+    options = {letter: text for letter, text in options.items() if text}
+    answer = "" if answer.lower() == "nan" else answer.upper().replace(" ", "").replace(",", "")
+    if not question:
+        raise BadRecord("empty question")
+    if len(options) < 2:
+        raise BadRecord("fewer than two options", ", ".join(options))
+    if not set(answer) <= set(options):
+        raise BadRecord("answer is not one of the options", f"{answer!r} not in {''.join(options)}")
+    return {"question": question, "options": options, "answer": answer, "subject": subject,
+            "explanation": explanation}
+
+
+def letter_options(record, letters="ABCD"):
+    return {letter: text_field(record, letter) for letter in letters}
+
+
+@register("ceval", "question", containers=("csv",))
+def ceval(record, path):
+    """C-Eval {subject}_{split}.csv: id, question, A-D, answer (empty in test), explanation."""
+    subject = re.sub(r"_(dev|val|test)$", "", Path(path).name.split(".")[0])
+    yield make_question(text_field(record, "question"), letter_options(record), text_field(record, "answer", False),
+                        subject, text_field(record, "explanation", False))
+
+
+@register("cmmlu", "question", containers=("csv",))
+def cmmlu(record, path):
+    """CMMLU {split}/{subject}.csv: an unnamed index column, Question, A-D, Answer."""
+    yield make_question(text_field(record, "Question"), letter_options(record), text_field(record, "Answer", False),
+                        Path(path).name.split(".")[0], "")
+
+
+@register("cmb", "question")
+def cmb(record, path):
+    """CMB-Exam (JSON array): question, option {letter: text} (empty letters dropped), answer ("ABC" for
+    multiple answers; absent in test), exam_subject, explanation."""
+    options = record.get("option") if isinstance(record, dict) else None
+    if not isinstance(options, dict):
+        raise BadRecord("field 'option' is not an object", type(options).__name__)
+    yield make_question(text_field(record, "question"), {k.strip(): text_field(options, k) for k in options},
+                        text_field(record, "answer", False), text_field(record, "exam_subject", False),
+                        text_field(record, "explanation", False))
+
+
+CMEXAM_OPTION = re.compile(r"([A-Z])(?:[\s.．、:：]+(.*))?")
+
+
+@register("cmexam", "question", containers=("csv",))
+def cmexam(record, path):
+    """CMExam: Question, Options ("A text" per line), Answer (NaN/empty -> "": callers skip those),
+    Explanation; subject = Clinical Department, else Medical Discipline, where present."""
+    options = {}
+    for line in filter(None, (line.strip() for line in text_field(record, "Options").splitlines())):
+        match = CMEXAM_OPTION.fullmatch(line)
+        if not match:
+            raise BadRecord("Options line is not '<LETTER> <text>'", line[:40])
+        options[match[1]] = (match[2] or "").strip()
+    subject = text_field(record, "Clinical Department", False) or text_field(record, "Medical Discipline", False)
+    yield make_question(text_field(record, "Question"), options, text_field(record, "Answer", False), subject,
+                        text_field(record, "Explanation", False))
+
+
+# Registry key sets. Every dialogue format also reads as pretraining text (its turns flattened).
+SFT_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "dialogue")
+MCQ_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "question")
+PRETRAIN_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "text") | SFT_FORMATS
+
+# Other names a source may carry (file names, dataset names); matched after lower-casing and '-' -> '_'.
+ALIASES = {
+    "wiki": ("wikipedia", "wikipedia_cn", "wiki_zh", "wikipedia_cn_20230720_filtered"),
+    "baike": ("baidubaike", "baidu_baike", "563w_baidubaike"),
+    "c4_zh": ("c4", "mc4", "c4_zh"),
+    "wudao": ("wudaocorpora", "wudaocorpus", "wudaocorpus2.0_base_200g"),
+    "medical_pretrain": ("medical_book_zh", "train_encyclopedia", "shibing624_medical_pretrain"),
+    "skypile": ("skypile_150b",),
+    "guidelines": ("open_guidelines", "clinical_guidelines"),
+    "cmedqa2": ("cmedqa",),
+    "chatmed_tcm": ("shennong_tcm", "chatmed_tcm_v0.2"),
+    "medical_dialogue": ("toyhom", "chinese_medical_dialogue", "chinese_medical_dialogue_data"),
+    "medical_finetune": ("train_zh_0", "shibing624_medical_finetune"),
+    "huatuo": ("huatuogpt", "huatuogpt_sft_data_v1"),
+    "disc_med": ("disc", "disc_med_sft", "disc_med_sft_released"),
+    "chatmed_consult": ("chatmed_consult_v0.3",),
+    "alpaca_zh": ("alpaca", "alpaca_gpt4_zh", "alpaca_gpt4_data_zh"),
+    "belle": ("belle_1m", "belle_open_source_1m", "belle_open_source_0.5m"),
+    "belle_multiturn": ("multiturn_chat_0.8m", "belle_multiturn_chat"),
+    "sharegpt": ("sharegpt_gpt4", "sharegpt_v3", "minimind"),
+    "ceval": ("c_eval", "ceval_exam"),
+    "text": ("txt", "plain", "plaintext", "heldout", "notes"),
+}
+
+
+def known_formats() -> str:
+    kinds = (("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS), ("SFT (also pretraining)", SFT_FORMATS),
+             ("MCQ", MCQ_FORMATS))
+    return "; ".join(f"{label}: {', '.join(sorted(names))}" for label, names in kinds)
+
+
+def infer_format(name: str) -> str:
+    """The format a source NAME stands for: a registry key or alias, exactly or as a prefix
+    ("wiki_2023" -> wiki, "belle_multiturn_part1" -> belle_multiturn; the longest match wins)."""
+    key = name.lower().replace("-", "_").replace(" ", "_")
+    names = {fmt: fmt for fmt in FORMATS} | {alias: fmt for fmt, aliases in ALIASES.items() for alias in aliases}
+    for candidate in sorted(names, key=len, reverse=True):
+        if key == candidate or key.startswith(candidate + "_"):
+            return names[candidate]
+    raise ValueError(f"cannot tell the format of source '{name}': name it after a format or pass --format. "
+                     f"Formats: {known_formats()}")
+
+
+def parse_source(spec: str, fmt: str | None = None) -> Source:
+    """"NAME=PATH_OR_GLOB" -> Source. PATH may be a file, a folder (every file below it, sorted; hidden
+    ones skipped) or a glob. A missing or unreadable path raises now, before any work; a glob that
+    matches nothing gives files=[] (callers report it and go on)."""
+    name, sep, location = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or not location:
+        raise ValueError(f"--source {spec!r}: expected NAME=PATH_OR_GLOB, e.g. wiki=data/raw/wiki/*.json")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"--source {spec!r}: NAME may hold letters, digits, '_', '-' and '.' only "
+                         "(it names the output folder)")
+    fmt = fmt or infer_format(name)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}' for source '{name}'. Formats: {known_formats()}")
+    if any(char in location for char in "*?["):
+        matches = sorted(glob.glob(location, recursive=True))
+        files = [f for match in matches for f in (_files_below(match) if os.path.isdir(match) else [Path(match)])]
+    elif not os.path.exists(location):
+        raise FileNotFoundError(f"source '{name}': {location} does not exist")
+    else:
+        files = _files_below(location) if os.path.isdir(location) else [Path(location)]
+    for path in files:
+        if not os.access(path, os.R_OK):
+            raise PermissionError(f"source '{name}': cannot read {path}")
+    return Source(name, fmt, files, location)
+
+
+def _files_below(folder) -> list[Path]:
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise PermissionError(f"cannot list folder {folder}")
+
+    def refuse(err):
+        raise PermissionError(f"cannot list folder {err.filename}: {err.strerror}")
+
+    files = []
+    for root, dirs, names in os.walk(folder, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(root, n) for n in names if not n.startswith(".")]
+    return sorted(files, key=str)
+
+
+# ---------------------------------------------------------------- reading a source
+
+def _format(source: Source, wanted: str) -> Format:
+    fmt = FORMATS.get(source.format)
+    if fmt is None:
+        raise ValueError(f"unknown format '{source.format}' for source '{source.name}'. Formats: {known_formats()}")
+    allowed = {"text": PRETRAIN_FORMATS, "dialogue": SFT_FORMATS, "question": MCQ_FORMATS}[wanted]
+    if source.format not in allowed:
+        raise ValueError(f"source '{source.name}': format '{source.format}' holds {fmt.kind}s, not {wanted}s; "
+                         f"{wanted} formats: {', '.join(sorted(allowed))}")
+    return fmt
+
+
+def _readable_files(source: Source, fmt: Format, problems: Problems) -> Iterator[Path]:
+    """The source's files its format reads: companions are passed over, other kinds counted."""
+    for path in source.files:
+        if any(Path(path).match(pattern) for pattern in fmt.companions):
+            continue
+        kind = container(path)
+        if kind in fmt.containers:
+            yield path
+        else:
+            problems.add("file of a kind this format does not read", path, None,
+                         f"{kind or 'unknown'} file; {source.format} reads {'/'.join(fmt.containers)}")
+
+
+def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[tuple[Path, object, object]]:
+    """(file, location, output) for every output of the source's reader; everything skipped is counted."""
+    for path in _readable_files(source, fmt, problems):
+        for where, record in iter_records(path, problems, span):
+            try:
+                for output in (fmt.read(record, path) if fmt.kind == "question" else fmt.read(record)):
+                    if isinstance(output, Skipped):
+                        problems.add(output.reason, path, where, output.detail)
+                    else:
+                        yield path, where, output
+            except BadRecord as err:
+                problems.add(err.reason, path, where, err.detail)
+
+
+def iter_texts(source: Source, problems: Problems, span=None) -> Iterator[str]:
+    """Pretraining documents, raw (before cleaning). Dialogue formats are flattened: "prompt\\nanswer"
+    per turn, one line each. span=(start, end, first_line) reads one byte range of a one-file source
+    (see split_source)."""
+    fmt = _format(source, "text")
+    if fmt.whole_source:
+        yield from fmt.read(list(_readable_files(source, fmt, problems)), problems)
+        return
+    for path, where, output in _outputs(source, fmt, problems, span):
+        if fmt.kind == "dialogue":
+            turns = _checked_turns(output, path, where, problems)
+            if not turns:
+                continue
+            output = "\n".join(f"{prompt}\n{answer}" for prompt, answer in turns)
+        if output and not output.isspace():
+            yield output
+        else:
+            problems.add("empty text", path, where)
+
+
+def _checked_turns(turns, path, where, problems):
+    if not turns:
+        problems.add("no complete question-answer turn", path, where)
+        return None
+    if not all(prompt and answer for prompt, answer in turns):
+        problems.add("empty question or answer", path, where)
+        return None
+    return turns
+
+
+def iter_dialogues(source: Source, problems: Problems) -> Iterator[list[tuple[str, str]]]:
+    """SFT conversations: the turns [(prompt, answer), ...] in order; none empty."""
+    fmt = _format(source, "dialogue")
+    for path, where, turns in _outputs(source, fmt, problems, None):
+        turns = _checked_turns(turns, path, where, problems)
+        if turns:
+            yield turns
+
+
+def iter_questions(source: Source, problems: Problems) -> Iterator[dict]:
+    """{"question", "options": {"A": text, ...} (non-empty ones), "answer": "A" / "ABC" / "" (unknown),
+    "subject", "explanation"}."""
+    fmt = _format(source, "question")
+    for _, _, question in _outputs(source, fmt, problems, None):
+        yield question
+
+
+# ---------------------------------------------------------------- splitting big files for parallel work
+
+def split_source(source: Source, target_bytes: int) -> list[tuple[Source, tuple | None]]:
+    """Independently readable pieces of a source, in reading order: (one-file Source, span or None).
+    Plain JSON-lines and text files larger than target_bytes are cut into byte ranges
+    span=(start, end, first_line) that begin at a record start (a line; for text, after a blank line),
+    so reading the pieces one after another gives exactly what reading the file gives. Everything else
+    (JSON arrays, CSV, .gz, formats that join files) is one piece per file or per source."""
+    if FORMATS[source.format].whole_source:
+        return [(source, None)]
+    target_bytes = max(target_bytes, 1)
+    pieces = []
+    for path in source.files:
+        single = Source(source.name, source.format, [path], source.location)
+        kind = container(path)
+        splittable = (kind == "text" or (kind == "json" and _first_byte(path) == b"{")) and not str(path).endswith(".gz")
+        if splittable and os.path.getsize(path) > target_bytes:
+            pieces += [(single, span) for span in _spans(path, target_bytes, blank_line=kind == "text")]
+        else:
+            pieces.append((single, None))
+    return pieces
+
+
+def _spans(path, target_bytes: int, blank_line: bool) -> list[tuple[int, int, int]]:
+    size = os.path.getsize(path)
+    spans, start, first_line = [], 0, 1
+    with open(path, "rb") as f:
+        while start < size:
+            end = size if start + target_bytes >= size else _boundary(f, start + target_bytes, blank_line, size)
+            f.seek(start)
+            lines, left = 0, end - start
+            while left:
+                block = f.read(min(left, 1 << 20))
+                lines, left = lines + block.count(b"\n"), left - len(block)
+            spans.append((start, end, first_line))
+            start, first_line = end, first_line + lines
+    return spans
+
+
+def _boundary(f, offset: int, blank_line: bool, size: int) -> int:
+    """The first line start at or after offset; for text, the first one right after a blank line."""
+    f.seek(offset - 1)
+    position = offset - 1 + len(f.readline())
+    while blank_line and position < size:
+        line = f.readline()
+        position += len(line)
+        if not line.strip():
+            break
+    return min(position, size)

@@ -1,0 +1,520 @@
+"""Pretraining corpora -> uint16 token shards + one manifest per source; streaming, parallel, restartable.
+
+    python data_process.py --source wiki=data/raw/wiki --source medical_pretrain='data/raw/medical/*.json' \\
+        --out data/processed --workers 8 [--minhash] [--tokenizer out/tokenizer]
+
+Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py, docs/datasets.md):
+    OUT/NAME/NAME_0000.bin, NAME_0001.bin ...  np.uint16 token ids; every document is followed by eos and
+                                               lies whole in one shard
+    OUT/NAME/manifest.json                      counts, skipped records by reason (+ first examples with
+                                               file:line), inputs, tokenizer hash, settings, shards
+    OUT/NAME/dedup_hashes.u64 (+ dedup_bands.u64 with --minhash)
+                                               hashes of the documents this source added to the run's
+                                               dedup sets, so a later run that skips this source still
+                                               deduplicates the others against it
+
+How it works:
+  1. corpora.split_source cuts every source into work units: whole files, and byte ranges (at record
+     boundaries) of JSON-lines / text files, about 4 per worker and at most --unit-mb each.
+  2. Workers, one unit at a time: read records, clean, drop short documents, hash, encode in batches and
+     append the tokens to a part file. Nothing holds a corpus in memory.
+  3. The parent takes the units' results in unit order, so the output is the same bytes for any
+     --workers. It drops documents whose text hash it has already seen in this run (every source of one
+     invocation; the first occurrence wins), and with --minhash near-duplicates (MinHash + LSH over
+     character shingles), then copies the rest into shards.
+  4. Shards are written as *.tmp, fsynced and renamed only when all of a source is done; stale shards of
+     an earlier run are removed just before; manifest.json comes last. A killed run leaves either the
+     earlier output or the new one, never a half-written shard under a final name.
+Re-running skips a source whose manifest still matches: inputs (sizes, mtimes), tokenizer hash, settings,
+and the sources it was deduplicated against. --force re-does it.
+"""
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import corpora
+from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
+
+DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
+MIN_CHARS = 10  # documents shorter than this after cleaning are dropped
+SHARD_TOKENS = 1 << 28  # a shard is closed after the document that brings it to this many tokens (512 MiB)
+UNIT_MB = 64  # JSON-lines / text files are split into work units of at most about this size ...
+MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at 4 units per worker: output is the same for any size
+BATCH_CHARS = 1 << 20  # characters per encode_batch call inside a worker
+COPY_TOKENS = 1 << 22  # tokens the parent moves from a part file to the shards at a time (8 MiB)
+MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
+CLEANING = ("control characters removed except \\n and \\t; line breaks -> \\n; runs of spaces -> one; lines "
+            "trimmed; at most one blank line; Chinese punctuation untouched")
+
+
+# ---------------------------------------------------------------- cleaning, hashing
+
+LINE_BREAKS = re.compile(r"\r\n|[\r\x0b\x0c\x85\u2028\u2029]")
+CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\ufeff\u200b]")  # C0/C1 but \t \n, BOM, ZWSP
+SPACES = re.compile(r"[ \u00a0\u2000-\u200a\u202f\u205f]+")  # not \t, not the ideographic space U+3000
+# Any character the two patterns above act on, as one character class: searching for it runs at
+# ~750 MB/s, while the substitutions themselves are 3x slower, so most documents skip them.
+UNUSUAL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u00a0\u2000-\u200b\u2028\u2029\u202f\u205f\ufeff]")
+BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """What CLEANING says; the text of a document as it is hashed, deduplicated and encoded."""
+    if UNUSUAL.search(text):
+        text = SPACES.sub(" ", CONTROLS.sub("", LINE_BREAKS.sub("\n", text)))
+    elif "  " in text:
+        text = SPACES.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    if "\n\n\n" in text:
+        text = BLANK_LINES.sub("\n\n", text)
+    return text.strip("\n")
+
+
+def text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+_rng = np.random.default_rng(20240601)  # fixed: band keys must agree across processes and runs
+MINHASH_A = _rng.integers(1, 1 << 63, MINHASH["permutations"], dtype=np.uint64) | np.uint64(1)
+MINHASH_B = _rng.integers(0, 1 << 63, MINHASH["permutations"], dtype=np.uint64)
+SHINGLE_BASE = np.uint64(1_000_003)
+
+
+def minhash_bands(text: str) -> np.ndarray:
+    """One uint64 key per LSH band of the text's MinHash signature over character shingles. Two texts
+    with Jaccard similarity s share at least one band key with probability 1 - (1 - s^rows)^bands
+    (16 x 8: 0.06 at s=0.5, 0.61 at 0.7, 0.9999 at 0.9). Plain numpy (no salted hash(), no Python loop
+    per shingle): the same keys in every process."""
+    k = MINHASH["shingle_chars"]
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    count = max(len(codes) - k + 1, 1)
+    shingles = np.zeros(count, np.uint64)
+    for j in range(min(k, len(codes))):  # polynomial hash of every k-character window, wrapping mod 2^64
+        shingles = shingles * SHINGLE_BASE + codes[j:j + count]
+    shingles = np.unique(shingles)
+    signature = np.full(MINHASH["permutations"], np.iinfo(np.uint64).max, np.uint64)
+    for start in range(0, len(shingles), 4096):  # (a*x + b) mod 2^64 per permutation, in bounded memory
+        block = shingles[start:start + 4096]
+        signature = np.minimum(signature, (MINHASH_A[:, None] * block + MINHASH_B[:, None]).min(axis=1))
+    bands = signature.reshape(MINHASH["bands"], -1)
+    return np.array([text_hash(f"{i}:{band.tobytes().hex()}") for i, band in enumerate(bands)], np.uint64)
+
+
+class SeenHashes:
+    """A growing set of uint64 hashes at 8 bytes each (a Python set costs 60+): sorted runs, merged as
+    they pile up, so lookups and inserts are vectorised and a run of 100M documents fits in 1 GB."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def add(self, values) -> np.ndarray:
+        """Insert values; True where one is new: not in the set and not earlier in `values`."""
+        values = np.asarray(values, np.uint64)
+        unique, first = np.unique(values, return_index=True)
+        fresh = np.ones(len(unique), bool)
+        for run in self.runs:
+            found = np.minimum(np.searchsorted(run, unique), len(run) - 1)
+            fresh &= run[found] != unique
+        new = np.zeros(len(values), bool)
+        new[first[fresh]] = True
+        if fresh.any():
+            self.runs.append(unique[fresh])
+        while len(self.runs) > 1 and 2 * len(self.runs[-1]) >= len(self.runs[-2]):
+            self.runs.append(np.sort(np.concatenate([self.runs.pop(), self.runs.pop()])))
+        return new
+
+
+@dataclass
+class Dedup:
+    """The run's memory of documents: exact text hashes, LSH band keys, and which sources filled them."""
+    exact: SeenHashes = field(default_factory=SeenHashes)
+    bands: SeenHashes = field(default_factory=SeenHashes)
+    sources: list = field(default_factory=list)  # [{"name", "dedup_sha256"}] in processing order
+
+
+# ---------------------------------------------------------------- workers: one work unit each
+
+@dataclass
+class UnitResult:
+    part: Path  # uint16 tokens of the unit's documents, each followed by eos
+    lengths: np.ndarray  # tokens per document (eos included)
+    hashes: np.ndarray  # uint64 hash of each document's cleaned text
+    bands: np.ndarray | None  # (documents, bands) LSH keys, with --minhash
+    documents_read: int
+    problems: corpora.Problems
+
+
+_tokenizer = None  # set in each worker by _init_worker
+
+
+def _init_worker(tokenizer_path):
+    global _tokenizer
+    _tokenizer = load_tokenizer(tokenizer_path)
+
+
+def encode_unit(task) -> UnitResult:
+    """Read, clean, filter, hash and encode one work unit into its part file."""
+    source, span, part, min_chars, minhash = task
+    label = source.files[0] if len(source.files) == 1 else source.location
+    problems = corpora.Problems()
+    eos = np.array([_tokenizer.eos_id], DTYPE)
+    lengths, hashes, bands, batch, batch_chars, read = [], [], [], [], 0, 0
+
+    def flush(out):
+        pieces = []
+        for ids in _tokenizer.encode_batch(batch, num_threads=1):  # the processes are the parallelism
+            pieces += [np.array(ids, DTYPE), eos]
+            lengths.append(len(ids) + 1)
+        if pieces:
+            np.concatenate(pieces).tofile(out)
+        batch.clear()
+
+    with open(part, "wb") as out:
+        for text in corpora.iter_texts(source, problems, span):
+            read += 1
+            text = clean_text(text)
+            if len(text) < min_chars:
+                problems.add("shorter than --min-chars after cleaning" if text else "empty after cleaning", label)
+                continue
+            hashes.append(text_hash(text))
+            if minhash:
+                bands.append(minhash_bands(text))
+            batch.append(text)
+            batch_chars += len(text)
+            if batch_chars >= BATCH_CHARS:
+                flush(out)
+                batch_chars = 0
+        flush(out)
+    band_keys = np.array(bands, np.uint64).reshape(-1, MINHASH["bands"]) if minhash else None
+    return UnitResult(part, np.array(lengths, np.int64), np.array(hashes, np.uint64), band_keys, read, problems)
+
+
+# ---------------------------------------------------------------- the parent: shards
+
+class ShardWriter:
+    """Appends whole documents to NAME_0000.bin.tmp, NAME_0001.bin.tmp, ...; a shard is closed (flushed,
+    fsynced) after the document that brings it to shard_tokens. Renaming is install_output's job."""
+
+    def __init__(self, folder: Path, name: str, shard_tokens: int):
+        self.folder, self.name, self.shard_tokens = folder, name, shard_tokens
+        self.shards: list[dict] = []  # {"file", "tokens", "documents"}
+        self.file = None
+
+    def write(self, tokens: np.ndarray, lengths: np.ndarray):
+        """tokens: the documents' ids back to back; lengths: ids per document."""
+        ends = np.cumsum(lengths)
+        done_docs = done_tokens = 0
+        while done_docs < len(lengths):
+            if self.file is None:
+                self.shards.append({"file": f"{self.name}_{len(self.shards):04d}.bin", "tokens": 0, "documents": 0})
+                self.file = open(self.folder / (self.shards[-1]["file"] + ".tmp"), "wb")
+            shard = self.shards[-1]
+            filling = int(np.searchsorted(ends, done_tokens + self.shard_tokens - shard["tokens"]))
+            stop = min(filling + 1, len(lengths))
+            tokens[done_tokens:ends[stop - 1]].tofile(self.file)
+            shard["tokens"] += int(ends[stop - 1]) - done_tokens
+            shard["documents"] += stop - done_docs
+            done_docs, done_tokens = stop, int(ends[stop - 1])
+            if shard["tokens"] >= self.shard_tokens:
+                self.close()
+
+    def close(self):
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+
+class HashLog:
+    """Appends uint64 hashes to a .tmp file and keeps their sha256 (the source's dedup fingerprint)."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.sha = path, open(path.with_name(path.name + ".tmp"), "wb"), hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, values: np.ndarray):
+        data = np.ascontiguousarray(values, "<u8").tobytes()
+        self.file.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+
+    def close(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def merge_unit(result: UnitResult, dedup: Dedup, writer: ShardWriter, logs: list, problems: corpora.Problems,
+               label) -> int:
+    """Dedup one unit's documents against everything before them and copy the rest into shards.
+    A near duplicate shares an LSH band key with any earlier document of the run, a dropped near
+    duplicate included: a chain of similar documents keeps only its first. Returns how many were kept."""
+    new = dedup.exact.add(result.hashes)
+    logs[0].write(result.hashes[new])
+    keep = new.copy()
+    if result.bands is not None:
+        keys = result.bands[new]
+        fresh = dedup.bands.add(keys.ravel())
+        logs[1].write(keys.ravel()[fresh])
+        keep[np.flatnonzero(new)[~fresh.reshape(keys.shape).all(axis=1)]] = False
+    duplicates, near = int((~new).sum()), int(new.sum() - keep.sum())
+    if duplicates:
+        problems.add("exact duplicate of an earlier document", label, count=duplicates)
+    if near:
+        problems.add("near duplicate (MinHash) of an earlier document", label, count=near)
+
+    ends = np.cumsum(result.lengths)
+    with open(result.part, "rb") as part:
+        first = 0
+        while first < len(ends):
+            base = int(ends[first - 1]) if first else 0
+            last = max(int(np.searchsorted(ends, base + COPY_TOKENS, side="right")), first + 1)
+            tokens = np.fromfile(part, DTYPE, int(ends[last - 1]) - base)
+            lengths, kept = result.lengths[first:last], keep[first:last]
+            if not kept.all():
+                tokens, lengths = tokens[np.repeat(kept, lengths)], lengths[kept]
+            writer.write(tokens, lengths)
+            first = last
+    result.part.unlink()
+    return int(keep.sum())
+
+
+# ---------------------------------------------------------------- one source
+
+@dataclass
+class Run:
+    """What every source of one invocation shares."""
+    tokenizer: dict  # {"path", "sha256", "vocab_size", "eos_id"}
+    settings: dict
+    workers: int
+    unit_bytes: int
+    force: bool
+    dedup: Dedup = field(default_factory=Dedup)
+
+
+def inputs_of(source: corpora.Source) -> list[dict]:
+    return [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in source.files]
+
+
+def up_to_date(manifest: dict | None, expected: dict, folder: Path) -> bool:
+    """The manifest describes these inputs and settings, and every file it lists is there at its size."""
+    try:
+        if any(manifest[key] != value for key, value in expected.items()):
+            return False
+        files = [(s["file"], 2 * s["tokens"]) for s in manifest["shards"]] + list(manifest["dedup_files"].items())
+    except (KeyError, TypeError):  # no manifest, or one written by another version
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def remember_skipped_source(folder: Path, manifest: dict, dedup: Dedup):
+    """An up-to-date source's documents still count as seen for the sources after it."""
+    dedup.exact.add(np.fromfile(folder / "dedup_hashes.u64", "<u8"))
+    if "dedup_bands.u64" in manifest["dedup_files"]:
+        dedup.bands.add(np.fromfile(folder / "dedup_bands.u64", "<u8"))
+
+
+def install_output(folder: Path, writer: ShardWriter, logs: list, manifest: dict):
+    """New shards are complete and fsynced as *.tmp: drop the old manifest (from here until the new one
+    lands the folder reads as unfinished), remove stale shards, rename the new ones, write the manifest."""
+    (folder / "manifest.json").unlink(missing_ok=True)
+    for stale in folder.glob("*.bin"):
+        stale.unlink()
+    for shard in writer.shards:
+        os.replace(folder / (shard["file"] + ".tmp"), folder / shard["file"])
+    for log in logs:
+        os.replace(log.file.name, log.path)
+    tmp = folder / "manifest.json.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, ensure_ascii=False, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / "manifest.json")
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the renames themselves survive a power cut
+    finally:
+        os.close(directory)
+
+
+def clear_leftovers(folder: Path):
+    """Temporary files of a killed run: never read, removed before the source is redone."""
+    shutil.rmtree(folder / "parts.tmp", ignore_errors=True)
+    for leftover in folder.glob("*.tmp"):
+        leftover.unlink()
+
+
+def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict:
+    folder = Path(out_dir) / source.name
+    expected = {"format": source.format, "inputs": inputs_of(source),
+                "tokenizer_sha256": run.tokenizer["sha256"], "settings": run.settings,
+                "dedup_against": list(run.dedup.sources)}
+    manifest = read_manifest(folder)
+    if not run.force and up_to_date(manifest, expected, folder):
+        print(f"{source.name}: up to date, skipped ({manifest['tokens']:,} tokens; --force redoes it)")
+        remember_skipped_source(folder, manifest, run.dedup)
+        run.dedup.sources.append({"name": source.name, "dedup_sha256": manifest["dedup_sha256"]})
+        return manifest
+
+    total = sum(path.stat().st_size for path in source.files)
+    units = corpora.split_source(source, min(run.unit_bytes, max(MIN_UNIT_BYTES, total // (4 * run.workers))))
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(folder)
+    parts = folder / "parts.tmp"
+    parts.mkdir()
+    sizes = [(span[1] - span[0]) if span else sum(p.stat().st_size for p in unit.files) for unit, span in units]
+    tasks = [(unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
+             for i, (unit, span) in enumerate(units)]
+    writer = ShardWriter(folder, source.name, run.settings["shard_tokens"])
+    logs = [HashLog(folder / "dedup_hashes.u64")]
+    if run.settings["minhash"]:
+        logs.append(HashLog(folder / "dedup_bands.u64"))
+    problems, read, kept = corpora.Problems(), 0, 0
+    try:
+        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=source.name) as bar:
+            for (unit, _), size, result in zip(units, sizes, encode(encode_unit, tasks)):
+                label = unit.files[0] if len(unit.files) == 1 else source.location
+                kept += merge_unit(result, run.dedup, writer, logs, result.problems, label)
+                problems.merge(result.problems)
+                read += result.documents_read
+                bar.update(size)
+        writer.close()
+        for log in logs:
+            log.close()
+    except BaseException:  # an error or Ctrl-C: leave the earlier output as it was, and no temporary files
+        writer.close()
+        for log in logs:
+            log.file.close()
+        clear_leftovers(folder)
+        raise
+    shutil.rmtree(parts)
+
+    dedup_sha = hashlib.sha256("".join(log.sha.hexdigest() for log in logs).encode()).hexdigest()
+    manifest = {
+        "name": source.name, **expected, "location": source.location,
+        "tokenizer": run.tokenizer, "dtype": np.dtype(DTYPE).name, "eos_id": run.tokenizer["eos_id"],
+        "vocab_size": run.tokenizer["vocab_size"],
+        "documents_read": read, "documents_kept": kept, "tokens": sum(s["tokens"] for s in writer.shards),
+        "skipped": dict(problems.counts.most_common()), "skipped_examples": problems.examples,
+        "shards": writer.shards,
+        "dedup_files": {log.path.name: log.bytes for log in logs},
+        "dedup_sha256": dedup_sha,
+    }
+    install_output(folder, writer, logs, manifest)
+    run.dedup.sources.append({"name": source.name, "dedup_sha256": dedup_sha})
+    print(f"{source.name}: {read:,} documents read, {kept:,} kept, {manifest['tokens']:,} tokens in "
+          f"{len(writer.shards)} shard(s) -> {folder}")
+    if problems.counts:
+        print(problems.summary())
+    return manifest
+
+
+# ---------------------------------------------------------------- the run
+
+def check_tokenizer(tokenizer, path):
+    if tokenizer.vocab_size > np.iinfo(DTYPE).max + 1:
+        raise ValueError(f"tokenizer {path} has vocab_size {tokenizer.vocab_size}: ids up to "
+                         f"{tokenizer.vocab_size - 1} do not fit uint16 token files (largest id must be <= 65535)")
+
+
+def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min_chars=MIN_CHARS, minhash=False,
+                    shard_tokens=SHARD_TOKENS, force=False, unit_bytes=UNIT_MB << 20) -> list[dict | None]:
+    """Every source into OUT/NAME/, deduplicated across all of them; a manifest per source (None for a
+    source whose path matched no files). Everything that can be checked is checked before any work."""
+    tokenizer = load_tokenizer(tokenizer_path)  # FileNotFoundError says how to get one
+    check_tokenizer(tokenizer, tokenizer_path)
+    workers = max(1, workers)
+    names = [source.name for source in sources]
+    for source in sources:
+        if source.format not in corpora.PRETRAIN_FORMATS:
+            raise ValueError(f"source '{source.name}': format '{source.format}' is not pretraining text; "
+                             f"use one of {', '.join(sorted(corpora.PRETRAIN_FORMATS))}")
+        if names.count(source.name) > 1:
+            raise ValueError(f"source name '{source.name}' given twice: each names its own output folder")
+    run = Run({"path": str(tokenizer_path), "sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+               "eos_id": tokenizer.eos_id},
+              {"min_chars": min_chars, "minhash": MINHASH if minhash else None, "shard_tokens": shard_tokens,
+               "cleaning": CLEANING}, workers, unit_bytes, force)
+    manifests = []
+    with worker_pool(workers, tokenizer_path) as encode:
+        for source in sources:
+            if not source.files:
+                print(f"{source.name}: nothing matches {source.location!r}, skipped")
+                manifests.append(None)
+            else:
+                manifests.append(process_one(source, Path(out_dir), run, encode))
+    empty = [source.name for source in sources if not source.files]
+    if empty:
+        print(f"{len(empty)} source(s) matched no files: {', '.join(empty)}")
+    return manifests
+
+
+def process_source(source, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, **settings) -> dict | None:
+    """One source on its own (deduplicated within itself only); settings as in process_sources."""
+    return process_sources([source], out_dir, tokenizer_path, workers, **settings)[0]
+
+
+class worker_pool:
+    """`encode(function, tasks)`: results in task order; workers=1 runs in this process."""
+
+    def __init__(self, workers, tokenizer_path):
+        self.workers, self.tokenizer_path, self.pool = workers, tokenizer_path, None
+
+    def __enter__(self):
+        if self.workers <= 1:
+            _init_worker(self.tokenizer_path)
+            return map
+        self.pool = multiprocessing.Pool(self.workers, _init_worker, (self.tokenizer_path,))
+        return lambda function, tasks: self.pool.imap(function, tasks, chunksize=1)
+
+    def __exit__(self, *error):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
+                        help="a corpus (repeatable); PATH a file, a folder or a quoted glob; the format comes "
+                             "from NAME unless --format. Formats: " + ", ".join(sorted(corpora.PRETRAIN_FORMATS)))
+    parser.add_argument("--out", required=True, help="output folder: OUT/NAME/ per source")
+    parser.add_argument("--format", default=None, help="reader for every --source (default: inferred from NAME)")
+    parser.add_argument("--tokenizer", default=str(DEFAULT_DIR), help="tokenizer folder or .model file")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop shorter documents (after cleaning)")
+    parser.add_argument("--minhash", action="store_true", help="also drop near-duplicates (MinHash + LSH)")
+    parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (about)")
+    parser.add_argument("--unit-mb", type=float, default=UNIT_MB, help="largest work unit in MiB that JSON-lines/"
+                        "text files are split into (any value gives the same output)")
+    parser.add_argument("--force", action="store_true", help="redo sources that are up to date")
+    args = parser.parse_args(argv)
+    try:
+        sources = [corpora.parse_source(spec, args.format) for spec in args.source]
+        process_sources(sources, args.out, args.tokenizer, args.workers, args.min_chars, args.minhash,
+                        args.shard_tokens, args.force, int(args.unit_mb * (1 << 20)))
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        sys.exit(f"data_process: {err}")
+
+
+if __name__ == "__main__":
+    main()

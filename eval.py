@@ -1,0 +1,460 @@
+"""Evaluate checkpoints: perplexity and bits per character, multiple-choice accuracy, answers to read.
+
+    python eval.py ppl --ckpt out/pretrain/clinical/ckpt.pt --source heldout=data/sample/heldout/medical_heldout.txt
+    python eval.py ppl --ckpt CKPT --source wiki=data/processed/wiki --max-docs 2000 --out ppl.json
+    python eval.py mcq --ckpt out/sft/ckpt.pt --source ceval=data/sample/eval/ceval --source cmmlu=data/sample/eval/cmmlu \
+        --source cmb=data/sample/eval/cmb --source cmexam=data/sample/eval/cmexam --shots 5 --out mcq.json
+    python eval.py generate --ckpt out/pretrain/clinical/ckpt.pt --ckpt out/sft/ckpt.pt \
+        --questions data/sample/chat_questions.txt --out answers.md
+
+ppl: perplexity on held-out text
+  --source NAME=PATH is any pretraining format of corpora.py (plain text: documents separated by blank
+  lines; JSON, JSONL, CSV ...: the format named by NAME), or a token folder / .bin file written by
+  data_process.py (documents split after each eos; its manifest must name the same tokenizer). Point
+  it at tokens of held-out text: a training shard is training data (the trainer's own validation is
+  the tail of each shard). --max-docs N scores the first N documents of each source.
+  Each document is scored as training saw it, `<eos> doc <eos>`: the leading eos stands for the end of
+  the previous document, so every token of the document and its closing eos is predicted exactly once.
+  Text is scored as read (data_process.py's cleaning is not applied).
+  A document longer than max_seq_len is cut into consecutive windows of max_seq_len predictions: no
+  overlap, nothing counted twice, and the first tokens of a later window see only that window.
+  --stride S (< max_seq_len) slides instead: after the first window, one every S tokens, each scoring
+  only its last S predictions (still each token once) with max_seq_len - S tokens of extra context;
+  slower, and a lower (truer) ppl for long documents.
+  Reported per source: documents, tokens (predictions, closing eos included), chars (characters of the
+  documents' text), loss/token in nats, ppl = exp(loss/token), bits/char = total nats / ln 2 / chars.
+  Why bits per character: perplexity is per token, and a tokenizer with longer tokens makes fewer but
+  harder predictions, so two tokenizers' perplexities measure different things. The total information
+  a model needs to encode a text (the summed loss) means the same thing for any tokenizer, and per
+  character of that same text it is comparable across models, tokenizers and vocabulary sizes.
+
+mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: docs/datasets.md §19)
+  Scoring: every option is scored by the log-likelihood of its answer text given the prompt (the sum
+  of the log-probs of its tokens; batched forward passes, padding and the prompt as IGNORE_INDEX).
+  --norm mean (default) divides the sum by the option's token count, so a long correct option is not
+  beaten by a short wrong one for its length alone; --norm sum uses the raw sum. Both accuracies are
+  computed and saved; --norm picks the one printed first. Ties go to the earlier option.
+  Prompt, pretrain checkpoint (a plain continuation):  问题：{question}\nA. {A}\nB. {B}...\n答案：{option text}
+  Prompt, SFT checkpoint: dataset_sft.render's chat template, the question and its lettered options as
+  the prompt, the option text as the answer after <bos> (encoded as SFT answers are).
+  Few-shot (--shots K): the first K questions of the dev split next to the file (C-Eval
+  ../dev/{subject}_dev.csv, CMMLU ../dev/{subject}.csv), shown with their correct option text; with no
+  dev split (CMB, CMExam, or a dev file itself) the first K other questions of the same file that have
+  an answer, never the question asked. Dev files in a source folder only supply shots. Shots that do
+  not fit max_seq_len are dropped, the last first; a question too long even alone loses its start
+  (counted as "truncated").
+  Multi-answer items (several gold letters: CMB 多项选择题, some CMExam): the candidates are every
+  non-empty combination of the options (their texts joined by "；" in letter order), and the item is
+  correct only when the best combination equals the gold set exactly. The model is told an item has
+  several answers (as exam takers are, by the question type), not how many. Reported overall and
+  separately ("multi"); their chance is 1 / (2^n - 1).
+  Questions with an unknown answer (C-Eval test, CMExam NaN) are skipped and counted.
+  Chance: 1 / number of candidates, averaged over the questions; printed beside every accuracy.
+
+generate: answers to a file of questions (one a line) from one or more checkpoints, side by side in a
+  Markdown file with the sampling settings and every checkpoint's phase and step (inference.answer()).
+
+Results files (--out) are written to a temporary name and renamed.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from inference import add_sampling_args, answer, fit_max_new_tokens, load, sampling_from
+from corpora import Problems, Source, iter_questions, iter_texts, parse_source
+from dataset_sft import render
+from model import IGNORE_INDEX
+
+NORMS = ("mean", "sum")
+
+
+def write_atomic(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def summed_losses(model, rows, pad_id, batch_size=16, desc="scoring"):
+    """For every row (inputs, targets) of at most max_seq_len ids, the summed cross-entropy in nats
+    over its targets != IGNORE_INDEX. Rows are sorted by length and right-padded per batch (padding
+    comes after every real position, so causal attention never sees it). The model runs its LM head
+    only on the scored positions: for options after a long prompt that is most of the work saved."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    device = model.rope_cos.device
+    out = [0.0] * len(rows)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
+        batch = order[start:start + batch_size]
+        width = len(rows[batch[0]][0])
+        x = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for r, i in enumerate(batch):
+            inputs, targets = rows[i]
+            x[r, :len(inputs)] = torch.tensor(inputs)
+            y[r, :len(targets)] = torch.tensor(targets)
+        per_row = model(x.to(device), y.to(device), reduction="none").sum(dim=1).tolist()
+        for r, i in enumerate(batch):
+            out[i] = per_row[r]
+    return out
+
+
+# ---------------------------------------------------------------- perplexity
+
+def is_token_source(path):
+    path = Path(path)
+    return path.suffix == ".bin" or (path.is_dir() and any(path.glob("*.bin")))
+
+
+def token_documents(path, tokenizer, max_docs=None):
+    """[(ids ending in eos, chars)] of a data_process.py token folder or .bin file; chars are those of
+    the decoded text. A tail without eos (a cut file) counts as a last document."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        sha = (json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer") or {}).get("sha256")
+        if sha not in (None, tokenizer.fingerprint):
+            raise ValueError(f"{folder} was tokenized with another tokenizer (sha256 {sha[:12]}…) than the one given")
+    docs = []
+    for file in ([path] if path.is_file() else sorted(path.glob("*.bin"))):
+        tokens = np.memmap(file, dtype=np.uint16, mode="r")
+        bounds = np.flatnonzero(tokens == tokenizer.eos_id) + 1
+        start = 0
+        for end in [*bounds.tolist(), len(tokens)]:
+            if end > start:
+                ids = tokens[start:end].tolist()
+                text = ids[:-1] if ids[-1] == tokenizer.eos_id else ids
+                docs.append((ids, len(tokenizer.decode(text))))
+                if max_docs and len(docs) >= max_docs:
+                    return docs
+            start = end
+    return docs
+
+
+def text_documents(spec, tokenizer, max_docs=None, problems=None):
+    """[(ids + [eos], chars)] of a corpora.py source."""
+    texts = list(itertools.islice(iter_texts(parse_source(spec), problems or Problems()), max_docs or None))
+    return [(ids + [tokenizer.eos_id], len(text)) for ids, text in zip(tokenizer.encode_batch(texts), texts)]
+
+
+def windows(ids, eos_id, max_len, stride=None):
+    """(inputs, targets) rows that predict every id of `ids` once, after a leading eos.
+    stride None or max_len: consecutive non-overlapping windows; smaller: after a first full window,
+    each window re-reads max_len - stride earlier tokens as context and scores its last `stride`."""
+    stride = stride or max_len
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride must be in 1..{max_len}, not {stride}")
+    seq = [eos_id] + list(ids)
+    rows, first = [], 1  # first: the seq index of the first target this window scores
+    while first < len(seq):
+        end = min(first + (max_len if first == 1 else stride), len(seq))  # targets seq[first:end]
+        begin = max(0, end - 1 - max_len)  # inputs seq[begin:end-1], at most max_len of them
+        rows.append((seq[begin:end - 1], [IGNORE_INDEX] * (first - 1 - begin) + seq[first:end]))
+        first = end
+    return rows
+
+
+def ppl_summary(nats, tokens, chars, documents):
+    return {"documents": documents, "tokens": tokens, "chars": chars, "loss_per_token": nats / tokens,
+            "ppl": math.exp(nats / tokens), "bits_per_char": nats / math.log(2) / chars, "nats": nats}
+
+
+def perplexity(model, tokenizer, documents, stride=None, batch_size=16, desc="ppl"):
+    """ppl_summary of a list of (ids ending in eos, chars)."""
+    if not documents:
+        raise ValueError("no documents to score")
+    rows = [row for ids, _ in documents for row in windows(ids, tokenizer.eos_id, model.args.max_seq_len, stride)]
+    nats = sum(summed_losses(model, rows, tokenizer.pad_id, batch_size, desc))
+    tokens = sum(len(ids) for ids, _ in documents)
+    return ppl_summary(nats, tokens, sum(chars for _, chars in documents), len(documents))
+
+
+def run_ppl(args):
+    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+    results = {}
+    print(f"{'source':<20} {'docs':>7} {'tokens':>10} {'chars':>10} {'loss/tok':>9} {'ppl':>10} {'bits/char':>9}")
+    for spec in args.source:
+        name, _, location = spec.partition("=")
+        problems = Problems()
+        if is_token_source(location):
+            docs = token_documents(location, tok, args.max_docs)
+        else:
+            docs = text_documents(spec, tok, args.max_docs, problems)
+        r = perplexity(model, tok, docs, args.stride, args.batch_size, desc=name)
+        r["skipped"] = dict(problems.counts)
+        results[name] = r
+        print(f"{name:<20} {r['documents']:>7,} {r['tokens']:>10,} {r['chars']:>10,} {r['loss_per_token']:>9.4f} "
+              f"{r['ppl']:>10.2f} {r['bits_per_char']:>9.4f}")
+        if problems.counts:
+            print(problems.summary())
+    return {"task": "ppl", **checkpoint_info(args.ckpt, ckpt), "stride": args.stride or model.args.max_seq_len,
+            "sources": results}
+
+
+# ---------------------------------------------------------------- multiple choice
+
+def candidates(q):
+    """[(letters, answer text)]: the options; for a multi-answer item every non-empty combination."""
+    letters = list(q["options"])
+    if len(q["answer"]) <= 1:
+        return [(letter, q["options"][letter]) for letter in letters]
+    combos = (c for n in range(1, len(letters) + 1) for c in itertools.combinations(letters, n))
+    return [("".join(c), "；".join(q["options"][letter] for letter in c)) for c in combos]
+
+
+def question_block(q):
+    return q["question"] + "\n" + "\n".join(f"{letter}. {text}" for letter, text in q["options"].items())
+
+
+def gold_text(q):
+    return "；".join(q["options"][letter] for letter in q["answer"])
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_question(q, shots, texts, tokenizer, mode):
+    """[(context ids, continuation ids)] for every candidate answer text."""
+    if mode == "chat":
+        encoded = tokenizer.encode_batch([t for s in shots for t in (question_block(s), gold_text(s))]
+                                         + [question_block(q)] + list(texts))
+        turns = [(encoded[2 * i], encoded[2 * i + 1]) for i in range(len(shots))] + [(encoded[2 * len(shots)], None)]
+        context = render(turns, tokenizer.bos_id, tokenizer.eos_id)[0]
+        return [(context, ids) for ids in encoded[2 * len(shots) + 1:]]
+    context = "".join(f"问题：{question_block(s)}\n答案：{gold_text(s)}\n\n" for s in shots)
+    context += f"问题：{question_block(q)}\n答案："
+    encoded = tokenizer.encode_batch([context] + [context + t for t in texts])
+    # The option is the part of the joint encoding after the context's ids; where a token spans the
+    # seam, that candidate's context ends before it.
+    requests = []
+    for whole in encoded[1:]:
+        cut = min(common_prefix(encoded[0], whole), len(whole) - 1)
+        requests.append((whole[:cut], whole[cut:]))
+    return requests
+
+
+def fit_question(q, shots, tokenizer, mode, max_len):
+    """(requests, shots used, truncated): as many shots as fit max_seq_len, else the context's end."""
+    texts = [text for _, text in candidates(q)]
+    for k in range(len(shots), -1, -1):
+        requests = encode_question(q, shots[:k], texts, tokenizer, mode)
+        if max(len(c) + len(a) for c, a in requests) <= max_len + 1:
+            return requests, k, False
+    longest = max(len(a) for _, a in requests)
+    if longest > max_len:  # not even one context token would fit
+        return None, 0, True
+    keep = max_len + 1 - longest
+    return [(c[-keep:], a) for c, a in requests], 0, True
+
+
+def dev_file(path):
+    """The dev split beside an eval file: ../dev/{subject}_dev.csv (C-Eval) or ../dev/{name} (CMMLU)."""
+    path = Path(path)
+    dev = path.parent.parent / "dev"
+    stem = path.name.rsplit("_", 1)[0] if path.stem.endswith(("_val", "_test")) else None
+    for candidate in ([dev / f"{stem}_dev{path.suffix}"] if stem else []) + [dev / path.name]:
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            return candidate
+    return None
+
+
+def read_questions(path, fmt, problems):
+    return list(iter_questions(Source(Path(path).stem, fmt, [Path(path)], str(path)), problems))
+
+
+def model_scorer(model, tokenizer, batch_size):
+    """requests [(context, continuation)] -> summed log-probs of the continuations."""
+    def score(requests):
+        rows = [((c + a)[:-1], [IGNORE_INDEX] * (len(c) - 1) + list(a)) for c, a in requests]
+        return [-nats for nats in summed_losses(model, rows, tokenizer.pad_id, batch_size, desc="mcq")]
+    return score
+
+
+def summarise(items):
+    n = len(items)
+    out = {"n": n, "chance": sum(i["chance"] for i in items) / n if n else None}
+    for norm in NORMS:
+        correct = sum(i["correct"][norm] for i in items)
+        out[f"correct_{norm}"] = correct
+        out[f"accuracy_{norm}"] = correct / n if n else None
+    return out
+
+
+def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
+    """Accuracy of one corpora Source of questions; `score` maps [(context ids, continuation ids)]
+    to summed log-probs (model_scorer, or any table in tests)."""
+    problems = Problems()
+    dev = [f for f in source.files if Path(f).parent.name == "dev"]
+    tested = [f for f in source.files if f not in dev] or dev
+    items, requests, files = [], [], {}
+    skipped, truncated, too_long = 0, 0, 0
+    for path in tested:
+        questions = read_questions(path, source.format, problems)
+        known = [q for q in questions if q["answer"]]
+        pool_file = dev_file(path) if shots else None
+        pool = [q for q in read_questions(pool_file, source.format, problems) if q["answer"]] if pool_file else None
+        shots_from = str(pool_file) if pool_file else "same file" if shots else None
+        files[str(path)] = {"questions": len(questions), "shots_from": shots_from}
+        skipped += len(questions) - len(known)
+        for index, q in enumerate(questions):
+            if not q["answer"]:
+                continue
+            examples = pool[:shots] if pool is not None else [s for s in known if s is not q][:shots]
+            reqs, used, cut = fit_question(q, examples, tokenizer, mode, max_len)
+            if reqs is None:
+                too_long += 1
+                continue
+            truncated += cut
+            items.append({"file": str(path), "index": index, "subject": q["subject"] or source.name,
+                          "answer": q["answer"], "shots": used, "candidates": [c for c, _ in candidates(q)],
+                          "first": len(requests)})
+            requests += reqs
+    scores = score(requests) if requests else []
+    for item in items:
+        first, n = item.pop("first"), len(item["candidates"])
+        sums = scores[first:first + n]
+        lengths = [len(a) for _, a in requests[first:first + n]]
+        by_norm = {"sum": sums, "mean": [s / max(1, k) for s, k in zip(sums, lengths)]}
+        item["predicted"] = {norm: item["candidates"][max(range(n), key=by_norm[norm].__getitem__)] for norm in NORMS}
+        item["correct"] = {norm: set(item["predicted"][norm]) == set(item["answer"]) for norm in NORMS}
+        item["chance"] = 1 / n
+        item["multi"] = len(item["answer"]) > 1
+        del item["candidates"]
+    subjects = sorted({i["subject"] for i in items})
+    shots_used = sum(i["shots"] for i in items) / len(items) if items else 0
+    return {"files": files, "skipped_no_answer": skipped, "skipped_too_long": too_long, "truncated": truncated,
+            "shots_used": shots_used,
+            "problems": dict(problems.counts), "overall": summarise(items),
+            "single": summarise([i for i in items if not i["multi"]]), "multi": summarise([i for i in items if i["multi"]]),
+            "subjects": {s: summarise([i for i in items if i["subject"] == s]) for s in subjects}, "items": items}
+
+
+def print_mcq(name, r, norm, mode, shots):
+    other = NORMS[1 - NORMS.index(norm)]
+    fit = f", {r['shots_used']:.1f} fit max_seq_len on average" if r["shots_used"] < shots else ""
+    print(f"\n{name} ({mode} prompt, {shots}-shot{fit}): {r['overall']['n']} questions scored, "
+          f"{r['skipped_no_answer']} skipped (no answer), {r['skipped_too_long']} too long, {r['truncated']} truncated")
+    print(f"  {'':<28} {'n':>5} {'acc (' + norm + ')':>12} {'acc (' + other + ')':>11} {'chance':>7}")
+    rows = list(r["subjects"].items()) + [("overall", r["overall"])]
+    if r["multi"]["n"]:
+        rows += [("  single-answer", r["single"]), ("  multi-answer (exact set)", r["multi"])]
+    for label, s in rows:
+        if s["n"]:
+            print(f"  {label:<28} {s['n']:>5} {s['accuracy_' + norm]:>12.1%} {s['accuracy_' + other]:>11.1%} {s['chance']:>7.1%}")
+
+
+def run_mcq(args):
+    model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+    mode = args.mode or mode
+    score = model_scorer(model, tok, args.batch_size)
+    results = {}
+    for spec in args.source:
+        source = parse_source(spec)
+        r = evaluate_mcq(source, tok, score, mode, args.shots, model.args.max_seq_len)
+        print_mcq(source.name, r, args.norm, mode, args.shots)
+        results[source.name] = r
+    return {"task": "mcq", **checkpoint_info(args.ckpt, ckpt), "mode": mode, "shots": args.shots,
+            "norm": args.norm, "sources": results}
+
+
+# ---------------------------------------------------------------- answers for review
+
+def quote(text):
+    return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
+
+
+def run_generate(args):
+    questions = [line.strip() for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    sampling = sampling_from(args)
+    runs = []
+    for path in args.ckpt:
+        model, tok, ckpt, mode = load(path, args.tokenizer, args.device, args.dtype)
+        mode = args.mode or mode
+        max_new = fit_max_new_tokens(args.max_new_tokens, model)
+        replies = []
+        for start in tqdm(range(0, len(questions), args.batch_size), desc=Path(path).parent.name, leave=False):
+            replies += answer(model, tok, questions[start:start + args.batch_size], None, mode, max_new, args.seed, **sampling)
+        runs.append((path, ckpt, mode, max_new, replies))
+        del model
+    settings = ", ".join(f"{k} {'off' if v is None else v}" for k, v in dict(sampling, seed=args.seed).items())
+    lines = ["# Answers for review", "", f"Sampling: {settings}.", "",
+             "| checkpoint | phase | step | mode | max_new_tokens |", "|---|---|---|---|---|"]
+    lines += [f"| `{path}` | {ckpt.get('phase')} | {ckpt.get('step')} | {mode} | {max_new} |"
+              for path, ckpt, mode, max_new, _ in runs]
+    for i, question in enumerate(questions):
+        lines += ["", f"## {i + 1}. {question}"]
+        for path, ckpt, _, _, replies in runs:
+            lines += ["", f"**`{path}`** (step {ckpt.get('step')}):", "", quote(replies[i])]
+    write_atomic(args.out, "\n".join(lines) + "\n")
+    print(f"wrote {len(questions)} questions x {len(runs)} checkpoint(s) to {args.out}")
+
+
+# ---------------------------------------------------------------- command line
+
+def checkpoint_info(path, ckpt):
+    return {"checkpoint": str(path), "phase": ckpt.get("phase"), "step": ckpt.get("step")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = parser.add_subparsers(dest="task", required=True)
+
+    def add_common(parser, batch_size):
+        parser.add_argument("--tokenizer", default="chatglm_tokenizer")
+        parser.add_argument("--device", default="auto")
+        parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per forward pass")
+
+    ppl = tasks.add_parser("ppl", help="perplexity and bits/char on held-out text")
+    add_common(ppl, 16)
+    ppl.add_argument("--ckpt", required=True)
+    ppl.add_argument("--source", action="append", required=True, help="NAME=PATH (corpora format, or *.bin tokens)")
+    ppl.add_argument("--max-docs", type=int, default=0, help="per source; 0: all")
+    ppl.add_argument("--stride", type=int, default=0, help="sliding windows every STRIDE tokens; 0: non-overlapping")
+    ppl.add_argument("--out", help="results JSON")
+    mcq = tasks.add_parser("mcq", help="multiple-choice accuracy")
+    add_common(mcq, 16)
+    mcq.add_argument("--ckpt", required=True)
+    mcq.add_argument("--source", action="append", required=True, help="ceval|cmmlu|cmb|cmexam=FILE_OR_DIR")
+    mcq.add_argument("--shots", type=int, default=0)
+    mcq.add_argument("--norm", choices=NORMS, default="mean", help="option score: mean or sum of token log-probs")
+    mcq.add_argument("--mode", choices=["chat", "continue"], help="default: chat for SFT checkpoints")
+    mcq.add_argument("--out", help="results JSON")
+    gen = tasks.add_parser("generate", help="answers to questions, side by side, as Markdown")
+    add_common(gen, 8)
+    gen.add_argument("--ckpt", action="append", required=True, help="repeatable: one column per checkpoint")
+    gen.add_argument("--questions", required=True, help="one question a line")
+    gen.add_argument("--mode", choices=["chat", "continue"])
+    gen.add_argument("--out", required=True)
+    add_sampling_args(gen)
+    gen.set_defaults(seed=1337)  # reproducible side-by-side answers
+    args = parser.parse_args(argv)
+    try:
+        if args.task == "generate":
+            run_generate(args)
+            return None
+        results = run_ppl(args) if args.task == "ppl" else run_mcq(args)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"eval.py {args.task}: {err}") from None
+    if args.out:
+        write_atomic(args.out, json.dumps(results, ensure_ascii=False, indent=1))
+        print(f"results: {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The whole life of a model on the embedded sample data, on a CPU, in minutes.
+
+    bash script/quickstart.sh              # = python quickstart.py, after setting up .venv
+    python quickstart.py --force           # redo every stage
+    python quickstart.py --smoke           # a few steps per stage: checks the plumbing (tests use it)
+
+Stages, each one of the project's own commands run exactly as a user would run it:
+ 1. tokenizer   ChatGLM2's when chatglm_tokenizer/tokenizer.model exists, else one trained on the sample
+ 2. data        data_process.py over every sample pretraining corpus
+ 3. pretrain    pretrain.py config/pretrain_tiny.py: the four MiniCPM phases
+ 4. sft         sft_data_process.py over every sample SFT set, then sft.py config/sft_tiny.py
+ 5. eval        eval.py: held-out perplexity after every phase and after SFT; the sample C-Eval/CMMLU/
+                CMB/CMExam files
+ 6. chat        chat.py answers data/sample/chat_questions.txt
+ 7. report      OUT/report.md (every number above) and OUT/loss.png (all phases + SFT)
+A stage whose command and inputs are unchanged since it last succeeded is skipped; once a stage
+runs, every later one runs too. Any failure stops the run with the failing command and its output.
+"""
+
+import argparse
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer, tokenizer_model_path
+from plot import plot_runs, read_log
+
+SAMPLE = Path("data/sample")
+PRETRAIN_SOURCES = ["wiki", "baike", "c4_zh", "wudao", "skypile", "medical_pretrain", "guidelines", "cmekg",
+                    "cmedqa2", "chatmed_tcm", "medical_dialogue", "medical_finetune", "text"]
+SFT_SOURCES = ["medical_finetune", "huatuo", "disc_med", "chatmed_consult", "chatmed_tcm", "medical_dialogue",
+               "alpaca_zh", "belle", "belle_multiturn", "sharegpt"]
+MCQ_SOURCES = {"ceval": "eval/ceval/val", "cmmlu": "eval/cmmlu/test", "cmb": "eval/cmb", "cmexam": "eval/cmexam"}
+PHASES = ["general", "refined", "anneal", "clinical"]
+SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase
+    {"name": "general", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 1, "skypile": 1}},
+    {"name": "refined", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 0.5}},
+    {"name": "anneal", "iters": 3, "decay": True, "mixture": {"wiki": 1, "medical_pretrain": 2, "cmedqa2": 1}},
+    {"name": "clinical", "iters": 3, "decay": True, "mixture": {"guidelines": 1, "medical_pretrain": 1, "text": 1}},
+]
+
+
+class Pipeline:
+    def __init__(self, out, force):
+        self.out, self.force = out, force
+        self.stamps = out / "stamps"
+        self.stamps.mkdir(parents=True, exist_ok=True)
+
+    def run(self, stage, commands, inputs=(), stdout=None):
+        """Run a stage's commands unless a stamp of the same commands and inputs says it already ran.
+        stdout: a file that also receives the commands' output (the chat's answers)."""
+        digest = hashlib.sha256(json.dumps(commands).encode())
+        for path in inputs:
+            for f in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+                if f.is_file():
+                    digest.update(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+        stamp = self.stamps / stage
+        if not self.force and stamp.is_file() and stamp.read_text() == digest.hexdigest():
+            print(f"== {stage}: up to date, skipped (--force to redo)", flush=True)
+            return
+        self.force = True  # everything after a stage that ran runs again
+        stamp.unlink(missing_ok=True)
+        start = time.time()
+        for command in commands:
+            print(f"== {stage}: {shlex.join(command)}", flush=True)
+            result = subprocess.run(command, stdout=subprocess.PIPE if stdout else None, text=True)
+            if stdout:
+                print(result.stdout, end="")
+                Path(stdout).write_text(result.stdout, encoding="utf-8")
+            if result.returncode != 0:
+                sys.exit(f"quickstart: stage '{stage}' failed (exit {result.returncode}): {shlex.join(command)}")
+        (self.stamps / f"{stage}.seconds").write_text(f"{time.time() - start:.1f}")
+        stamp.write_text(digest.hexdigest())
+
+    def seconds(self, stage):
+        path = self.stamps / f"{stage}.seconds"
+        return float(path.read_text()) if path.is_file() else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/quickstart", help="everything goes here")
+    parser.add_argument("--force", action="store_true", help="redo every stage")
+    parser.add_argument("--smoke", action="store_true", help="3 steps a phase: a plumbing check in seconds")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    py = [sys.executable]
+    pipeline = Pipeline(out, args.force)
+    started = time.time()
+
+    # 1. tokenizer
+    if tokenizer_model_path(DEFAULT_DIR).is_file():
+        tokenizer = str(DEFAULT_DIR)
+        print(f"== tokenizer: ChatGLM2-6B's, {tokenizer_model_path(DEFAULT_DIR)}")
+    else:
+        tokenizer = str(out / "tokenizer")
+        print("== tokenizer: chatglm_tokenizer/tokenizer.model is absent (README: 'The tokenizer'), so the "
+              f"quickstart trains its own on the sample corpus into {tokenizer}")
+        pipeline.run("tokenizer", [py + ["train_tokenizer.py", "--vocab-size", "8000", "--out", tokenizer]
+                                   + [a for name in PRETRAIN_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")]],
+                     inputs=[SAMPLE])
+
+    # 2. corpora -> token shards
+    data = out / "data"
+    pipeline.run("data", [py + ["data_process.py", "--out", str(data), "--tokenizer", tokenizer]
+                          + [a for name in PRETRAIN_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")]],
+                 inputs=[SAMPLE, tokenizer_model_path(tokenizer)])
+
+    # 3. the four MiniCPM phases
+    pretrain_dir = out / "pretrain"
+    smoke = [f"--phases={SMOKE_PHASES!r}", "--eval_interval=3", "--log_interval=1"] if args.smoke else []
+    pipeline.run("pretrain", [py + ["pretrain.py", "config/pretrain_tiny.py", f"--out_dir={pretrain_dir}",
+                                    f"--data_dir={data}", f"--tokenizer={tokenizer}"] + smoke],
+                 inputs=["config/pretrain_tiny.py"])
+
+    # 4. SFT
+    sft_csv, sft_dir = out / "sft_data.csv", out / "sft"
+    pipeline.run("sft", [py + ["sft_data_process.py", "--out", str(sft_csv)]
+                         + [a for name in SFT_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")],
+                         py + ["sft.py", "config/sft_tiny.py", f"--out_dir={sft_dir}", f"--sft_csv={sft_csv}",
+                               f"--pretrain_dir={pretrain_dir}", f"--tokenizer={tokenizer}"]
+                         + (["--max_iters=3", "--eval_interval=3"] if args.smoke else [])],
+                 inputs=["config/sft_tiny.py"])
+
+    # 5. evaluation
+    checkpoints = {phase: pretrain_dir / phase / "ckpt.pt" for phase in PHASES}
+    checkpoints["sft"] = sft_dir / "ckpt.pt"
+    evals = out / "eval"
+    commands = [py + ["eval.py", "ppl", "--ckpt", str(ckpt), "--tokenizer", tokenizer,
+                      "--source", f"heldout={SAMPLE / 'heldout'}", "--out", str(evals / f"ppl_{name}.json")]
+                for name, ckpt in checkpoints.items()]
+    commands.append(py + ["eval.py", "mcq", "--ckpt", str(checkpoints["sft"]), "--tokenizer", tokenizer,
+                          "--out", str(evals / "mcq_sft.json")]
+                    + [a for name, path in MCQ_SOURCES.items() for a in ("--source", f"{name}={SAMPLE / path}")])
+    pipeline.run("eval", commands)
+
+    # 6. chat
+    pipeline.run("chat", [py + ["chat.py", "--ckpt", str(checkpoints["sft"]), "--tokenizer", tokenizer,
+                                "--prompt-file", str(SAMPLE / "chat_questions.txt"), "--temperature", "0",
+                                "--repetition-penalty", "1.2", "--max-new-tokens", "96"]], stdout=out / "chat.txt")
+
+    # 7. report
+    write_report(out, pipeline, tokenizer, checkpoints, time.time() - started)
+    print(f"quickstart finished in {time.time() - started:.0f} s: {out / 'report.md'}, {out / 'loss.png'}")
+
+
+def last(records, key, phase=None):
+    values = [r[key] for r in records if key in r and (phase is None or r.get("phase") == phase)]
+    return values[-1] if values else None
+
+
+def fmt(value, spec=".3f"):
+    return "–" if value is None else format(value, spec)
+
+
+def write_report(out, pipeline, tokenizer, checkpoints, seconds):
+    """out/report.md: every number of the run in tables, and out/loss.png: all phases and SFT."""
+    tok = load_tokenizer(tokenizer)
+    pretrain_log, sft_log = read_log(out / "pretrain" / "log.jsonl"), read_log(out / "sft" / "log.jsonl")
+    plot_runs({"pretrain": pretrain_log, "sft": sft_log}, out / "loss.png", title="quickstart: four pretraining phases, then SFT")
+    ppl = {name: json.loads((out / "eval" / f"ppl_{name}.json").read_text())["sources"]["heldout"] for name in checkpoints}
+    mcq = json.loads((out / "eval" / "mcq_sft.json").read_text())
+    which = "ChatGLM2-6B's" if Path(tokenizer).resolve() == DEFAULT_DIR else "trained on the sample by train_tokenizer.py"
+    lines = [
+        "# Quickstart report", "",
+        f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads. "
+        f"This run took {seconds:.0f} s (stages that were up to date were skipped; their last duration is shown).", "",
+        f"Tokenizer: {which}, {tok.vocab_size:,} ids (sha256 {tok.fingerprint[:12]}…).", "",
+        "## Stages", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {fmt(pipeline.seconds(stage), '.0f')} |"
+              for stage in ("tokenizer", "data", "pretrain", "sft", "eval", "chat") if pipeline.seconds(stage) is not None]
+    lines += ["", "## Corpora (data_process.py)", "", "| source | documents read | kept | tokens |", "|---|---:|---:|---:|"]
+    for manifest in sorted((out / "data").glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        lines.append(f"| {m['name']} | {m['documents_read']:,} | {m['documents_kept']:,} | {m['tokens']:,} |")
+    lines += ["", "## Training and held-out perplexity", "",
+              "Held-out: data/sample/heldout, text no training file contains. bits/char is comparable across tokenizers.", "",
+              "| stage | steps to | last train loss | val loss | held-out loss/token | held-out ppl | held-out bits/char |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in checkpoints:
+        log = sft_log if name == "sft" else pretrain_log
+        r = ppl[name]
+        lines.append(f"| {name} | {fmt(last(log, 'step', name), 'd')} | {fmt(last(log, 'loss', name))} | "
+                     f"{fmt(last(log, 'val/val', name))} | {r['loss_per_token']:.3f} | {r['ppl']:.1f} | {r['bits_per_char']:.3f} |")
+    norm = mcq["norm"]
+    lines += ["", f"## Multiple choice (SFT model, {mcq['shots']}-shot, log-likelihood, norm {norm})", "",
+              "| benchmark | questions | accuracy | chance |", "|---|---:|---:|---:|"]
+    for name, r in mcq["sources"].items():
+        o = r["overall"]
+        lines.append(f"| {name} | {o['n']} | {fmt(o[f'accuracy_{norm}'], '.1%')} | {fmt(o['chance'], '.1%')} |")
+    chat = (out / "chat.txt").read_text(encoding="utf-8").strip()
+    lines += ["", "## Chat (chat.py, SFT model, greedy)", "", "```", chat, "```", "", "## Loss", "", "![loss](loss.png)", ""]
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,588 @@
+"""corpora.py: containers, encodings, every reader, sources, splitting; bad input counted with its location."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+import corpora
+from corpora import Problems, Source, iter_dialogues, iter_questions, iter_texts, parse_source
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def texts(fmt, *files):
+    problems = Problems()
+    return list(iter_texts(Source("t", fmt, [Path(f) for f in files]), problems)), problems
+
+
+def dialogues(fmt, *files):
+    problems = Problems()
+    return list(iter_dialogues(Source("t", fmt, [Path(f) for f in files]), problems)), problems
+
+
+def questions(fmt, *files):
+    problems = Problems()
+    return list(iter_questions(Source("t", fmt, [Path(f) for f in files]), problems)), problems
+
+
+# ---------------------------------------------------------------- containers and encodings
+
+def test_jsonl_bad_lines_are_counted_with_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "第一篇"}\n\n{"text": \n{"txt": "wrong field"}\n[1, 2]\n{"text": null}\n'
+                    '{"text": "第二篇"}\n', encoding="utf-8")
+    docs, problems = texts("skypile", path)
+    assert docs == ["第一篇", "第二篇"]
+    assert problems.counts == {"malformed JSON line": 1, "missing field 'text'": 1, "record is not an object": 1,
+                               "empty text": 1}
+    assert f"{path}:3: malformed JSON line" in " ".join(problems.examples)
+    assert any(e.startswith(f"{path}:4: missing field 'text'") for e in problems.examples)
+    assert any(e.startswith(f"{path}:6: empty text") for e in problems.examples)
+    assert "skipped 4" in problems.summary()
+
+
+def test_json_array_streams_and_a_truncated_file_keeps_what_parsed(tmp_path):
+    records = [{"completion": f"第{i}条百科\n历史\n内容", "source": "wikipedia.zh2307"} for i in range(5)]
+    whole = json.dumps(records, ensure_ascii=False, indent=2)
+    (tmp_path / "ok.json").write_text(whole, encoding="utf-8")
+    docs, problems = texts("wiki", tmp_path / "ok.json")
+    assert docs == [r["completion"] for r in records] and not problems.counts
+
+    (tmp_path / "cut.json").write_text(whole[: whole.index("第3条")], encoding="utf-8")
+    docs, problems = texts("wiki", tmp_path / "cut.json")
+    assert docs == [r["completion"] for r in records[:3]]
+    assert list(problems.counts) == ["JSON array cut short or malformed, rest of file skipped"]
+    assert problems.examples[0].startswith(f"{tmp_path / 'cut.json'}:#3:")
+
+
+def test_json_array_items_with_wrong_fields_report_their_index(tmp_path):
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps([{"title": "a", "content": "正文一"}, {"title": "b"}, {"content": "正文三"}],
+                               ensure_ascii=False), encoding="utf-8")
+    docs, problems = texts("wudao", path)
+    assert docs == ["a\n正文一", "正文三"]
+    assert problems.examples == [f"{path}:#1: missing field 'content' (fields: title)"]
+
+
+def test_gzip_jsonl_and_a_truncated_gzip(tmp_path):
+    payload = "".join(json.dumps({"text": f"网页正文{i}" * 50}, ensure_ascii=False) + "\n" for i in range(200))
+    good = tmp_path / "c4-zh.tfrecord-00000-of-01024.json.gz"
+    good.write_bytes(gzip.compress(payload.encode()))
+    docs, problems = texts("c4_zh", good)
+    assert len(docs) == 200 and docs[7] == "网页正文7" * 50 and not problems.counts
+
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    docs, problems = texts("c4_zh", cut)
+    assert 0 < len(docs) < 200
+    assert list(problems.counts) == ["truncated or corrupt gzip file"]
+
+    tiny = tmp_path / "tiny.json.gz"  # cut inside the part the encoding is sniffed from
+    tiny.write_bytes(gzip.compress('[{"text": "短"}]'.encode())[:-6])
+    array = tmp_path / "tiny.jsonl.gz"
+    array.write_bytes(gzip.compress(b'{"text": "x"}\n')[:-6])
+    docs, problems = texts("c4_zh", tiny, array)
+    assert docs == [] and problems.counts == {"truncated or corrupt gzip file": 2}
+
+
+GB_ROWS = [("心血管科", "高血压患者能吃党参吗？", "我有高血压，这两天喝了党参泡的水，可以吗？\n另外，血压140/90。",
+            "高血压患者可以少量食用党参，但要监测血压，如有不适及时就医。"),
+           ("消化科", "饭后胃胀怎么办", "饭后胃胀怎么办，偶尔反酸，该注意什么", "建议少食多餐，避免辛辣油腻，症状持续请就诊。")]
+
+
+def write_gb18030_csv(path, rows=GB_ROWS, extra=b""):
+    import csv
+    import io
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["department", "title", "ask", "answer"])
+    writer.writerows(rows)
+    path.write_bytes(text.getvalue().encode("gb18030") + extra)
+    return path
+
+
+def test_gb18030_csv_with_quoted_newlines_decodes_cleanly(tmp_path):
+    path = write_gb18030_csv(tmp_path / "内科5000-33000.csv")
+    with pytest.raises(UnicodeDecodeError):
+        path.read_bytes().decode("utf-8")
+    assert corpora.file_encoding(path) == "gb18030"
+    records = list(corpora.iter_csv(path, Problems()))
+    assert [where for where, _ in records] == [2, 4]  # the first row's ask spans lines 2-3
+    turns, problems = dialogues("medical_dialogue", path)
+    assert not problems.counts
+    assert turns[0] == [("高血压患者能吃党参吗？\n" + GB_ROWS[0][2], GB_ROWS[0][3])]
+    assert turns[1] == [(GB_ROWS[1][2], GB_ROWS[1][3])]  # the title adds nothing to this ask
+    docs, _ = texts("medical_dialogue", path)
+    assert "党参" in docs[0] and "\ufffd" not in "".join(docs)
+
+
+def test_undecodable_bytes_are_dropped_and_counted_not_fatal(tmp_path):
+    bad_row = "内科,胸闷,胸闷气短怎么办,".encode("gb18030") + b"\xff" + "建议做心电图。\n".encode("gb18030")
+    path = write_gb18030_csv(tmp_path / "bad.csv", extra=bad_row)
+    turns, problems = dialogues("medical_dialogue", path)
+    assert len(turns) == 3 and turns[2][0][1].endswith("建议做心电图。")
+    assert problems.counts["undecodable bytes dropped"] == 1
+    assert problems.examples[0].startswith(f"{path}:5: undecodable bytes dropped")
+
+
+def test_utf8_bom_and_gb18030_are_detected():
+    assert corpora.detect_encoding(b"\xef\xbb\xbfid,question") == "utf-8-sig"
+    assert corpora.detect_encoding("中文".encode()) == "utf-8"
+    assert corpora.detect_encoding("中文测试".encode("gb18030")) == "gb18030"
+    assert corpora.detect_encoding("中文".encode()[:-1]) == "utf-8"  # a character cut by the sniff is fine
+    assert corpora.detect_encoding("中文".encode("gb18030") + b"\xff" + "测试".encode("gb18030") * 5) == "gb18030"
+    assert corpora.detect_encoding("中文测试".encode() * 50 + b"\xff") == "utf-8"  # one stray byte in UTF-8
+
+
+def test_csv_rows_with_the_wrong_field_count_are_counted(tmp_path):
+    path = tmp_path / "clinical_medicine_val.csv"
+    path.write_bytes("\ufeffid,question,A,B,C,D,answer,explanation\n"
+                     "0,成人正常心率是____,40~60次/分,60~100次/分,100~120次/分,120~140次/分,B,\n"
+                     "1,只有三列,a,b\n".encode("utf-8"))
+    found, problems = questions("ceval", path)
+    assert found == [{"question": "成人正常心率是____", "options": {"A": "40~60次/分", "B": "60~100次/分",
+                                                               "C": "100~120次/分", "D": "120~140次/分"},
+                      "answer": "B", "subject": "clinical_medicine", "explanation": ""}]
+    assert problems.examples == [f"{path}:3: CSV row with the wrong number of fields (4 fields, header has 8)"]
+
+
+def test_folder_with_mixed_files_skips_and_counts_the_unreadable_kinds(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "正文甲"}])
+    (tmp_path / "notes.csv").write_text("x,y\n1,2\n", encoding="utf-8")
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / ".hidden.jsonl").write_text('{"text": "hidden"}\n', encoding="utf-8")
+    source = parse_source(f"skypile={tmp_path}")
+    assert [p.name for p in source.files] == ["a.jsonl", "blob.bin", "notes.csv"]
+    docs, problems = texts("skypile", *source.files)
+    assert docs == ["正文甲"]
+    assert problems.counts == {"file of a kind this format does not read": 2}
+
+
+# ---------------------------------------------------------------- pretraining readers
+
+def test_baike_joins_title_summary_and_sections_and_survives_nulls(tmp_path):
+    path = write_jsonl(tmp_path / "563w_baidubaike.json", [
+        {"title": "示例果", "summary": "一种虚构的水果。",
+         "sections": [{"title": "形态", "content": "果实圆形。"}, {"title": "", "content": "常见于南方。"},
+                      {"title": "空", "content": None}]},
+        {"title": "只有标题", "summary": None, "sections": None},
+        {"title": "", "summary": "", "sections": []}])
+    docs, problems = texts("baike", path)
+    assert docs == ["示例果：一种虚构的水果。\n形态：果实圆形。\n常见于南方。", "只有标题"]
+    assert problems.counts == {"empty text": 1}
+
+
+def test_guidelines_fall_back_to_raw_text(tmp_path):
+    path = write_jsonl(tmp_path / "open_guidelines.jsonl", [{"clean_text": "# Hand hygiene\n\nWash hands.", "raw_text": "x"},
+                                                            {"clean_text": "", "raw_text": "Raw only."}])
+    assert texts("guidelines", path)[0] == ["# Hand hygiene\n\nWash hands.", "Raw only."]
+
+
+def test_cmekg_turns_triples_into_sentences_and_skips_predicate_json(tmp_path):
+    (tmp_path / "train_example.json").write_text(json.dumps([
+        {"text": "示例病的临床表现包括低热、乏力，病因多为受凉。",
+         "spo_list": [["示例病", "临床表现", "低热"], ["示例病", "临床表现", "乏力"], ["示例病", "病因", "受凉"]]},
+        {"text": "坏记录", "spo_list": [["只有两项", "x"]]}], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "predicate.json").write_text('{\n  "临床表现": 94657,\n  "病因": 2954\n}\n', encoding="utf-8")
+    docs, problems = texts("cmekg", *parse_source(f"cmekg={tmp_path}").files)
+    assert docs == ["示例病的临床表现包括低热、乏力，病因多为受凉。\n示例病的临床表现包括低热、乏力。示例病的病因包括受凉。"]
+    assert problems.counts == {"malformed spo_list triple": 1}  # predicate.json is not counted
+
+
+def test_cmedqa2_joins_answers_to_questions_and_counts_orphans(tmp_path):
+    (tmp_path / "question.csv").write_text("question_id,content\n1,口干舌燥是什么原因？\n2,没有回答的问题\n",
+                                           encoding="utf-8")
+    (tmp_path / "answer.csv").write_text("ans_id,question_id,content\n10,1,可能饮水不足。\n11,1,注意作息。\n"
+                                         "12,99,孤儿回答\n", encoding="utf-8")
+    (tmp_path / "dev_candidates.txt").write_text("question_id,ans_id,cnt,label\n1,10,0,1\n", encoding="utf-8")
+    docs, problems = texts("cmedqa2", *parse_source(f"cmedqa2={tmp_path}").files)
+    assert docs == ["口干舌燥是什么原因？\n可能饮水不足。\n注意作息。"]
+    assert problems.counts == {"question without answers": 1, "answer to an unknown question_id": 1}
+    assert f"{tmp_path / 'answer.csv'}:4: answer to an unknown question_id (99)" in problems.examples
+
+
+def test_plain_text_is_one_document_per_blank_line_separated_block(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("第一段第一行\n第一段第二行\n\n  \n第二段\n\n\n第三段", encoding="utf-8")
+    assert texts("text", path)[0] == ["第一段第一行\n第一段第二行\n", "第二段\n", "第三段"]
+
+
+def test_dialogue_formats_read_as_text_flattened(tmp_path):
+    path = write_jsonl(tmp_path / "ChatMed_TCM-v0.2.json", [{"query": "示例草有什么功效？", "response": "清热生津。"}])
+    assert texts("chatmed_tcm", path)[0] == ["示例草有什么功效？\n清热生津。"]
+
+
+# ---------------------------------------------------------------- SFT readers
+
+def test_instruction_formats_join_instruction_and_input(tmp_path):
+    records = [{"instruction": "翻译成英文", "input": "欢迎光临", "output": "Welcome."},
+               {"instruction": "示例片的用法用量", "input": "", "output": "口服，一次1片。"}]
+    for fmt in ("medical_finetune", "belle"):
+        turns, _ = dialogues(fmt, write_jsonl(tmp_path / f"{fmt}.json", records))
+        assert turns == [[("翻译成英文\n欢迎光临", "Welcome.")], [("示例片的用法用量", "口服，一次1片。")]]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    assert dialogues("alpaca_zh", tmp_path / "alpaca.json")[0][1] == [("示例片的用法用量", "口服，一次1片。")]
+    target = write_jsonl(tmp_path / "belle_target.json", [{"instruction": "问", "input": "", "target": "答"}])
+    assert dialogues("belle", target)[0] == [[("问", "答")]]
+
+
+def test_belle_multiturn_parses_the_history(tmp_path):
+    path = write_jsonl(tmp_path / "multiturn_chat_0.8M.json", [
+        {"instruction": "Human:推荐一本入门编程书。\nAssistant:可以试试《示例编程入门》。\nHuman:适合零基础吗？\nAssistant:",
+         "input": "", "output": "适合。"}])
+    assert dialogues("belle_multiturn", path)[0] == [[("推荐一本入门编程书。", "可以试试《示例编程入门》。"),
+                                                      ("适合零基础吗？", "适合。")]]
+
+
+def test_huatuo_strips_prefixes_and_counts_a_trailing_question(tmp_path):
+    path = write_jsonl(tmp_path / "HuatuoGPT_sft_data_v1.jsonl", [
+        {"data": ["问：头晕乏力查什么？", "答：先查血常规。", "问：要空腹吗？", "答：不需要。"]},
+        {"data": ["问：单独的问题", "答：回答", "问：没有回答"]}])
+    turns, problems = dialogues("huatuo", path)
+    assert turns == [[("头晕乏力查什么？", "先查血常规。"), ("要空腹吗？", "不需要。")], [("单独的问题", "回答")]]
+    assert problems.examples == [f"{path}:2: last question without an answer"]
+
+
+def test_disc_med_and_sharegpt_variants(tmp_path):
+    disc = write_jsonl(tmp_path / "DISC-Med-SFT_released.jsonl", [
+        {"_id": "x", "conversation": [{"role": "user", "content": "膝盖疼"}, {"role": "assistant", "content": "减少爬楼。"}]}])
+    assert dialogues("disc_med", disc)[0] == [[("膝盖疼", "减少爬楼。")]]
+
+    conversation = [{"from": "system", "value": "你是医生。"}, {"from": "human", "value": "介绍长城"},
+                    {"from": "gpt", "value": "长城是防御工程。"}, {"from": "human", "value": "多长？"},
+                    {"from": "gpt", "value": "两万多公里。"}]
+    expected = [("你是医生。\n介绍长城", "长城是防御工程。"), ("多长？", "两万多公里。")]
+    jsonl = write_jsonl(tmp_path / "sharegpt_gpt4.jsonl", [{"conversations": conversation}])
+    array = tmp_path / "ShareGPT_V3.json"
+    array.write_text(json.dumps([{"id": "a_0", "conversations": conversation}], ensure_ascii=False), encoding="utf-8")
+    minimind = write_jsonl(tmp_path / "minimind.jsonl", [{"conversations": [
+        {"role": {"human": "user", "gpt": "assistant"}.get(m["from"], m["from"]), "content": m["value"]}
+        for m in conversation]}])
+    for path in (jsonl, array, minimind):
+        assert dialogues("sharegpt", path)[0] == [expected]
+
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"conversations": [
+        {"from": "gpt", "value": "开场白"}, {"from": "human", "value": "问"}, {"from": "gpt", "value": "答"},
+        {"from": "human", "value": "无人回答"}]}, {"conversations": [{"from": "gpt", "value": "只有回答"}]}])
+    turns, problems = dialogues("sharegpt", odd)
+    assert turns == [[("问", "答")]]
+    assert problems.counts == {"answer before any question": 2, "last question without an answer": 1,
+                               "no complete question-answer turn": 1}
+
+
+def test_empty_answers_drop_the_dialogue_and_are_counted(tmp_path):
+    path = write_jsonl(tmp_path / "ChatMed_Consult-v0.3.json", [{"query": "宝宝出汗多正常吗？", "response": ""},
+                                                                {"query": "问", "response": "答"}])
+    turns, problems = dialogues("chatmed_consult", path)
+    assert turns == [[("问", "答")]]
+    assert problems.examples == [f"{path}:1: empty question or answer"]
+
+
+# ---------------------------------------------------------------- MCQ readers
+
+def test_cmmlu_cmb_cmexam(tmp_path):
+    cmmlu = tmp_path / "clinical_knowledge.csv"
+    cmmlu.write_text(",Question,A,B,C,D,Answer\n0,人体最大的器官是,心脏,肝脏,皮肤,肺,C\n", encoding="utf-8")
+    assert questions("cmmlu", cmmlu)[0] == [{"question": "人体最大的器官是", "options": {
+        "A": "心脏", "B": "肝脏", "C": "皮肤", "D": "肺"}, "answer": "C", "subject": "clinical_knowledge",
+        "explanation": ""}]
+
+    cmb = tmp_path / "CMB-val-merge.json"
+    cmb.write_text(json.dumps([
+        {"exam_subject": "内科", "question": "评估贫血首选？", "option": {"A": "血常规", "B": "头颅CT", "C": "", "E": ""},
+         "answer": "A", "explanation": "血常规反映血红蛋白。"},
+        {"exam_subject": "药学", "question": "多选题", "option": {"A": "甲", "B": "乙", "C": "丙"}, "answer": "AC"},
+        {"exam_subject": "药学", "question": "答案不在选项里", "option": {"A": "甲", "B": "乙"}, "answer": "D"}],
+        ensure_ascii=False), encoding="utf-8")
+    found, problems = questions("cmb", cmb)
+    assert found[0]["options"] == {"A": "血常规", "B": "头颅CT"} and found[0]["subject"] == "内科"
+    assert found[1]["answer"] == "AC" and len(found) == 2
+    assert problems.examples == [f"{cmb}:#2: answer is not one of the options ('D' not in AB)"]
+
+    cmexam = tmp_path / "val.csv"
+    cmexam.write_text('Question,Options,Answer,Explanation,Clinical Department\n'
+                      '"初步评估贫血首选的检查是","A 血常规\nB 头颅CT\nC 肌电图",A,"血常规反映血红蛋白。",内科\n'
+                      '"没有答案的题","A 甲\nB 乙",,,\n', encoding="utf-8")
+    found, problems = questions("cmexam", cmexam)
+    assert found[0] == {"question": "初步评估贫血首选的检查是", "options": {"A": "血常规", "B": "头颅CT", "C": "肌电图"},
+                        "answer": "A", "subject": "内科", "explanation": "血常规反映血红蛋白。"}
+    assert found[1]["answer"] == "" and not problems.counts
+
+
+def test_reading_a_format_as_the_wrong_kind_is_an_error():
+    with pytest.raises(ValueError, match="holds questions"):
+        list(iter_texts(Source("ceval", "ceval", []), Problems()))
+    with pytest.raises(ValueError, match="holds texts"):
+        list(iter_dialogues(Source("wiki", "wiki", []), Problems()))
+
+
+# ---------------------------------------------------------------- sources
+
+def test_parse_source_infers_formats_from_names():
+    here = Path(__file__)
+    for name, fmt in [("wiki", "wiki"), ("wikipedia", "wiki"), ("563w_baidubaike", "baike"), ("c4", "c4_zh"),
+                      ("skypile_2020_40", "skypile"), ("belle_multiturn", "belle_multiturn"), ("belle", "belle"),
+                      ("Chinese-medical-dialogue", "medical_dialogue"), ("heldout", "text")]:
+        assert parse_source(f"{name}={here}").format == fmt
+    assert parse_source(f"anything={here}", "wudao").format == "wudao"
+
+
+def test_parse_source_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="cannot tell the format.*wiki"):
+        parse_source(f"mystery={tmp_path}")
+    with pytest.raises(ValueError, match="unknown format 'nope'.*Formats"):
+        parse_source(f"x={tmp_path}", "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        parse_source(f"wiki={tmp_path / 'missing.json'}")
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_source(str(tmp_path))
+    with pytest.raises(ValueError, match="output folder"):
+        parse_source(f"../escape={tmp_path}")
+    empty = parse_source(f"wiki={tmp_path}/*.json")
+    assert empty.files == [] and empty.location == f"{tmp_path}/*.json"
+
+
+def test_parse_source_glob_and_folder_are_sorted(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("{}\n", encoding="utf-8")
+    assert [p.name for p in parse_source(f"skypile={tmp_path}").files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert [p.name for p in parse_source(f"skypile={tmp_path}/*.jsonl").files] == ["a.jsonl", "b.jsonl"]
+    assert [p.name for p in parse_source(f"skypile={tmp_path}/**/*.jsonl").files] == ["a.jsonl", "b.jsonl",
+                                                                                       "c.jsonl"]
+
+
+# ---------------------------------------------------------------- splitting for workers
+
+@pytest.mark.parametrize("fmt,suffix", [("skypile", ".jsonl"), ("text", ".txt")])
+def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix):
+    path = tmp_path / f"big{suffix}"
+    if fmt == "skypile":
+        lines = [json.dumps({"text": f"文档{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(300)]
+        lines[150] = "{broken"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        path.write_text("".join(f"第{i}段\n" + "续行\n" * (i % 3) + "\n" * (1 + i % 2) for i in range(300)),
+                        encoding="utf-8")
+    source = Source("big", fmt, [path])
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    pieces = corpora.split_source(source, 500)
+    assert len(pieces) > 5 and all(span[0] < span[1] for _, span in pieces)
+    split_problems, split = Problems(), []
+    for piece, span in pieces:
+        split += list(iter_texts(piece, split_problems, span))
+    assert split == whole
+    assert split_problems.examples == whole_problems.examples  # line numbers survive the split
+
+
+def test_json_arrays_csv_and_gzip_are_not_split(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"completion": "x" * 100}] * 50), encoding="utf-8")
+    gz = tmp_path / "b.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 500))
+    assert corpora.split_source(Source("w", "wiki", [array, gz]), 100) == [
+        (Source("w", "wiki", [array]), None), (Source("w", "wiki", [gz]), None)]
+
+
+def test_problems_merge_keeps_counts_and_a_few_examples_per_reason():
+    a, b = Problems(), Problems()
+    for i in range(5):
+        a.add("bad", "f.jsonl", i + 1)
+        b.add("bad", "g.jsonl", i + 1)
+    b.add("other", "g.jsonl", None, "detail")
+    a.merge(b)
+    assert a.counts == {"bad": 10, "other": 1}
+    assert a.examples == ["f.jsonl:1: bad", "f.jsonl:2: bad", "f.jsonl:3: bad", "g.jsonl: other (detail)"]
+
+
+# ---------------------------------------------------------------- every reader on its sample file
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="data/sample/ not present")
+
+
+def raw_records(path):
+    """The file as the standard library reads it: the reference the readers are checked against."""
+    import csv
+    path = SAMPLE / path
+    if path.suffix == ".csv":
+        encoding = "gb18030" if "Data_数据" in str(path) else "utf-8"
+        with open(path, encoding=encoding, newline="") as f:
+            return list(csv.DictReader(f))
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
+PRETRAIN_SAMPLES = [  # format, file, the field that must appear in its record's document
+    ("wiki", "wiki/wikipedia-cn-20230720-filtered.json", "completion"),
+    ("baike", "baike/563w_baidubaike.json", "title"),
+    ("c4_zh", "c4_zh/c4-zh.tfrecord-00000-of-01024.json.gz", "text"),
+    ("wudao", "wudao/part-2021000001.json", "content"),
+    ("medical_pretrain", "medical_pretrain/medical_book_zh.json", "text"),
+    ("medical_pretrain", "medical_pretrain/train_encyclopedia.json", "text"),
+    ("skypile", "skypile/2020-40_zh_head_0000.jsonl", "text"),
+    ("guidelines", "guidelines/open_guidelines.jsonl", "clean_text"),
+    ("cmekg", "cmekg/train_example.json", "text"),
+    ("chatmed_tcm", "chatmed_tcm/ChatMed_TCM-v0.2.json", "response"),
+    ("medical_finetune", "medical_finetune/train_zh_0.json", "output"),
+    ("medical_dialogue", "medical_dialogue/Data_数据/IM_内科/内科5000-33000.csv", "answer"),
+]
+
+
+@needs_sample
+@pytest.mark.parametrize("fmt,path,key", PRETRAIN_SAMPLES)
+def test_pretraining_reader_on_its_sample(fmt, path, key):
+    records = raw_records(path)
+    docs, problems = texts(fmt, SAMPLE / path)
+    assert not problems.counts
+    assert len(docs) == len(records) > 5
+    for record, doc in zip(records, docs):
+        assert record[key].strip() in doc
+
+
+@needs_sample
+def test_sample_baike_nulls_and_cmekg_triples():
+    records = raw_records("baike/563w_baidubaike.json")
+    docs, _ = texts("baike", SAMPLE / "baike/563w_baidubaike.json")
+    for record, doc in zip(records, docs):
+        assert "None" not in doc and doc.startswith(record["title"])
+        assert all(s["content"] in doc for s in record["sections"] if s["content"])
+    assert any(r["summary"] is None for r in records) and any(
+        s["content"] is None for r in records for s in r["sections"])
+
+    source = parse_source(f"cmekg={SAMPLE / 'cmekg'}")
+    assert {p.name for p in source.files} == {"train_example.json", "predicate.json"}
+    problems = Problems()
+    docs = list(iter_texts(source, problems))
+    assert not problems.counts  # predicate.json is skipped quietly
+    first = raw_records("cmekg/train_example.json")[0]
+    subject, predicate, obj = first["spo_list"][0]
+    assert f"{subject}的{predicate}包括" in docs[0] and obj in docs[0].split("\n", 1)[1]
+
+
+@needs_sample
+def test_sample_cmedqa2_join():
+    questions_ = {r["question_id"]: r["content"] for r in raw_records("cmedqa2/question.csv")}
+    answers = raw_records("cmedqa2/answer.csv")
+    orphans = [a for a in answers if a["question_id"] not in questions_]
+    problems = Problems()
+    docs = list(iter_texts(parse_source(f"cmedqa2={SAMPLE / 'cmedqa2'}"), problems))
+    assert len(docs) == len({a["question_id"] for a in answers} & set(questions_))
+    assert problems.counts == {"answer to an unknown question_id": len(orphans)} and orphans
+    by_question = {doc.split("\n")[0]: doc for doc in docs}
+    for answer in answers:
+        if answer["question_id"] in questions_:
+            assert answer["content"] in by_question[questions_[answer["question_id"]].strip()]
+
+
+@needs_sample
+def test_sample_gb18030_dialogues_decode_to_the_right_characters():
+    path = "medical_dialogue/Data_数据/Pediatric_儿科/儿科5-14000.csv"
+    with pytest.raises(UnicodeDecodeError):
+        (SAMPLE / path).read_bytes().decode("utf-8")
+    rows = raw_records(path)
+    turns, problems = dialogues("medical_dialogue", SAMPLE / path)
+    assert not problems.counts and len(turns) == len(rows)
+    for row, dialogue in zip(rows, turns):
+        assert dialogue == [(dialogue[0][0], row["answer"].strip())] and row["ask"].strip() in dialogue[0][0]
+    assert all("\ufffd" not in prompt + answer for [(prompt, answer)] in turns)
+
+
+@needs_sample
+def test_sample_plain_text_blocks():
+    text = (SAMPLE / "text/medical_notes.txt").read_text(encoding="utf-8")
+    docs, problems = texts("text", SAMPLE / "text/medical_notes.txt")
+    assert [d.strip() for d in docs] == [b.strip() for b in text.split("\n\n") if b.strip()] and not problems.counts
+
+
+def user_turns(fmt, record):
+    """How many question-answer turns the record holds, and its first question, read by hand."""
+    if fmt in ("medical_finetune", "alpaca_zh", "belle"):
+        return 1, record["instruction"]
+    if fmt in ("chatmed_consult", "chatmed_tcm"):
+        return 1, record["query"]
+    if fmt == "huatuo":
+        return len(record["data"]) // 2, record["data"][0].removeprefix("问：")
+    if fmt == "disc_med":
+        return len(record["conversation"]) // 2, record["conversation"][0]["content"]
+    if fmt == "belle_multiturn":
+        return record["instruction"].count("Human:"), record["instruction"].split("\n")[0].removeprefix("Human:")
+    humans = [m["value"] for m in record["conversations"] if m["from"] == "human"]
+    return len(humans), humans[0]
+
+
+SFT_SAMPLES = [
+    ("medical_finetune", "medical_finetune/train_zh_0.json", "output"),
+    ("huatuo", "huatuo/HuatuoGPT_sft_data_v1.jsonl", None),
+    ("disc_med", "disc_med/DISC-Med-SFT_released.jsonl", None),
+    ("chatmed_consult", "chatmed_consult/ChatMed_Consult-v0.3.json", "response"),
+    ("chatmed_tcm", "chatmed_tcm/ChatMed_TCM-v0.2.json", "response"),
+    ("alpaca_zh", "alpaca_zh/alpaca_gpt4_data_zh.json", "output"),
+    ("belle", "belle/Belle_open_source_1M.json", "output"),
+    ("belle_multiturn", "belle_multiturn/multiturn_chat_0.8M.json", "output"),
+    ("sharegpt", "sharegpt/sharegpt_gpt4.jsonl", None),
+    ("sharegpt", "sharegpt/ShareGPT_V3_sample.json", None),
+]
+
+
+@needs_sample
+@pytest.mark.parametrize("fmt,path,answer_key", SFT_SAMPLES)
+def test_sft_reader_on_its_sample(fmt, path, answer_key):
+    records = raw_records(path)
+    found, problems = dialogues(fmt, SAMPLE / path)
+    assert not problems.counts and len(found) == len(records) > 5
+    for record, turns in zip(records, found):
+        count, first_question = user_turns(fmt, record)
+        assert len(turns) == count and first_question.strip() in turns[0][0]
+        if answer_key:
+            assert turns[-1][1] == record[answer_key].strip()
+    if fmt == "sharegpt":
+        for record, turns in zip(records, found):
+            system = [m["value"] for m in record["conversations"] if m["from"] == "system"]
+            if system:
+                assert turns[0][0].startswith(system[0] + "\n")
+
+
+MCQ_SAMPLES = [("ceval", "eval/ceval", "clinical_medicine"), ("cmmlu", "eval/cmmlu", "clinical_knowledge"),
+               ("cmb", "eval/cmb", None), ("cmexam", "eval/cmexam", None)]
+
+
+@needs_sample
+@pytest.mark.parametrize("fmt,folder,subject", MCQ_SAMPLES)
+def test_mcq_reader_on_its_sample(fmt, folder, subject):
+    source = parse_source(f"{fmt}={SAMPLE / folder}")
+    rows = [r for path in source.files for r in raw_records(path.relative_to(SAMPLE))]
+    problems = Problems()
+    found = list(iter_questions(source, problems))
+    assert not problems.counts and len(found) == len(rows) > 5
+    question_key = {"ceval": "question", "cmb": "question"}.get(fmt, "Question")
+    answer_key = {"ceval": "answer", "cmb": "answer"}.get(fmt, "Answer")
+    for row, question in zip(rows, found):
+        assert question["question"] == row[question_key].strip() and question["answer"] == row[answer_key].strip()
+        assert all(question["options"].values()) and set(question["answer"]) <= set(question["options"])
+        if fmt == "cmb":
+            assert question["options"] == {k: v for k, v in row["option"].items() if v}
+        if subject:
+            assert question["subject"] == subject
+    if fmt == "cmb":
+        assert any(len(q["answer"]) > 1 for q in found) and any(len(q["options"]) == 4 for q in found)
+        assert all(q["subject"] for q in found)
+    if fmt == "cmexam":
+        assert sum(q["answer"] == "" for q in found) >= 1 and all(len(q["options"]) == 5 for q in found)
+
+
+def test_json_array_in_gb18030_with_a_bad_byte(tmp_path):
+    path = tmp_path / "gb.json"
+    good = json.dumps([{"completion": "中文百科" * 3000}, {"completion": "第二条"}], ensure_ascii=False)
+    cut = good.index("第二条")
+    path.write_bytes(good[:cut].encode("gb18030") + b"\xff" + good[cut:].encode("gb18030"))
+    docs, problems = texts("wiki", path)
+    assert docs == ["中文百科" * 3000, "第二条"]
+    assert problems.counts == {"undecodable bytes dropped": 1} and ":byte " in problems.examples[0]

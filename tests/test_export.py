@@ -1,0 +1,99 @@
+"""export_hf.py: the folder loads in transformers and computes what our model computes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import export_hf
+from checkpoint import atomic_save, model_checkpoint
+from model import ModelArgs, Transformer
+
+ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, rope_theta=50000.0, norm_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory):
+    """A GQA model with a non-default rope_theta, its weights perturbed so that every norm counts."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=tiny_tokenizer.vocab_size, **ARGS)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    root = tmp_path_factory.mktemp("export")
+    atomic_save(model_checkpoint(model, model.args, phase="sft", step=11, tokenizer_fingerprint=tiny_tokenizer.fingerprint),
+                root / "ckpt.pt")
+    export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(root / "hf"), "--tokenizer", str(tiny_tokenizer_dir)])
+    return model, root
+
+
+def test_folder_contents_and_config(exported, tiny_tokenizer, tiny_tokenizer_dir):
+    model, root = exported
+    folder = root / "hf"
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+            "tokenization_chatglm.py", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert not (root / "hf.tmp").exists()
+    config = json.loads((folder / "config.json").read_text())
+    expected = dict(vocab_size=tiny_tokenizer.vocab_size, hidden_size=64, intermediate_size=model.args.ffn_dim,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_id,
+                    eos_token_id=tiny_tokenizer.eos_id, pad_token_id=tiny_tokenizer.pad_id, torch_dtype="float32")
+    assert {k: config[k] for k in expected} == expected
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 50000.0}
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tiny_tokenizer.eos_id and generation["do_sample"] is True
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: stored once
+    assert "model.layers.1.self_attn.k_proj.weight" in keys and len(keys) == 2 * 9 + 2
+    with pytest.raises(SystemExit, match="exists"):
+        export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(folder), "--tokenizer", str(tiny_tokenizer_dir)])
+
+
+def test_transformers_round_trip(exported, tiny_tokenizer):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model, root = exported
+    hf, info = LlamaForCausalLM.from_pretrained(root / "hf", output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert hf.config.num_key_value_heads == 2 and hf.config.rope_parameters["rope_theta"] == 50000.0
+
+    tok = AutoTokenizer.from_pretrained(root / "hf", trust_remote_code=True)
+    text = "高血压患者应定期监测血压，遵医嘱服药。"
+    ids = tiny_tokenizer.encode_batch([text])[0]
+    assert tok.encode(text) == ids and tok.decode(ids) == tiny_tokenizer.decode(ids)
+
+    x = torch.tensor([ids, ids[::-1]])
+    with torch.no_grad():
+        diff = (hf(x).logits - model(x)).abs().max().item()
+    assert diff < 1e-4
+    assert export_hf.check(root / "hf", model) < 1e-4
+
+    ours = model.generate([ids], 24, eos_id=tiny_tokenizer.eos_id, temperature=0)[0]
+    theirs = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=24, do_sample=False, repetition_penalty=1.0)[0, len(ids):].tolist()
+    assert len(ours) == 24 and theirs == ours
+
+
+def test_bfloat16_export(exported, tiny_tokenizer_dir, tmp_path):
+    model, root = exported
+    export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(tmp_path / "bf16"), "--tokenizer",
+                    str(tiny_tokenizer_dir), "--dtype", "bfloat16"])
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    assert export_hf.check(tmp_path / "bf16", model, "bfloat16") < 1e-4  # ours with the same rounding
+    export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(tmp_path / "bf16"), "--tokenizer",
+                    str(tiny_tokenizer_dir), "--force", "--no-check"])
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert not (tmp_path / "bf16.old").exists()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        export_hf.main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "hf"), "--tokenizer",
+                        str(tiny_tokenizer_dir)])
