@@ -125,70 +125,90 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def xent_grad(logits, targets, valid):
-    """Summed cross-entropy of the rows of `logits` (rows with valid=False count nothing) and its
-    gradient with respect to the logits, in the logits' dtype. Softmax in fp32, one fused kernel;
+_scratch = {}
+
+
+def scratch(name, shape, dtype, device):
+    """A buffer kept between calls. On CPU, allocating a fresh (chunk, vocab) tensor costs more than
+    the softmax over it (the kernel maps and zero-fills new pages), so the head reuses its buffers."""
+    key = (name, dtype, device)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < math.prod(shape):
+        buf = _scratch[key] = torch.empty(math.prod(shape), dtype=dtype, device=device)
+    return buf[:math.prod(shape)].view(shape)
+
+
+def xent_grad_(logits, targets, valid):
+    """Summed cross-entropy of the rows of `logits` (rows with valid=False count nothing); the
+    logits are overwritten with the loss's gradient with respect to them. The softmax runs in fp32;
     the loss is -log p(target), exact to fp32 rounding unless p underflows (a loss above 69)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = logits if logits.dtype == torch.float32 else scratch("probs", logits.shape, torch.float32, logits.device).copy_(logits)
+    torch.softmax(probs, dim=-1, out=probs)
     rows = torch.arange(len(targets), device=targets.device)
     loss = -(torch.log(probs[rows, targets].clamp_min(1e-30)) * valid).sum()
     probs[rows, targets] -= 1.0  # d(-log softmax_t)/d logits = softmax - onehot(t)
     if not valid.all():
         probs[~valid] = 0.0
-    return probs.to(logits.dtype), loss
-
-
-def xent_grad_fusable(logits, targets, valid):
-    """xent_grad written as reductions and pointwise ops only, so that torch.compile fuses it into
-    one kernel that reads the logits twice instead of writing fp32 copies (3x faster on CPU)."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
-    grad = ((torch.exp(x - lse) - onehot.float()) * valid[:, None]).to(logits.dtype)
-    loss = ((lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)) * valid).sum()
-    return grad, loss
+    if probs is not logits:
+        logits.copy_(probs)
+    return loss
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk` rows at a time.
 
-    Only a (chunk, vocab) block of logits exists at once. The gradients are formed in the same pass
-    (softmax - onehot, times hidden / weight) and scaled by the upstream scalar in backward, so the
-    logits are never recomputed either. Matmuls run in `dtype` (bf16 under autocast); the softmax
-    and the weight-gradient accumulator stay fp32.
+    Only a (chunk, vocab) block of logits exists at once, in a reused buffer. The gradients are
+    formed in the same pass (softmax - onehot, times hidden / weight) and scaled by the upstream
+    scalar in backward, so the logits are never recomputed either. Matmuls run in `dtype` (bf16
+    under autocast); the softmax and the weight-gradient accumulator stay fp32. What is saved for
+    backward is freshly allocated: several forwards may precede one backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype, kernel):
-        w = weight.to(dtype)
+    def forward(ctx, hidden, weight, targets, chunk, dtype):
+        device, n, vocab = hidden.device, hidden.shape[0], weight.shape[0]
+        rows = min(chunk, n)
+        w = weight if weight.dtype == dtype else scratch("weight", weight.shape, dtype, device).copy_(weight)
+        logits = scratch("logits", (rows, vocab), dtype, device)
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device)
+        grad_weight_chunk = grad_weight if dtype == torch.float32 else scratch("grad_weight_chunk", weight.shape, dtype, device)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk].to(dtype)
-            t = targets[start:start + chunk]
-            valid = t != IGNORE_INDEX
-            g, loss = kernel(h @ w.t(), t.clamp_min(0), valid)
-            total += loss
-            grad_hidden[start:start + chunk] = (g @ w).to(hidden.dtype)
-            grad_weight += g.t() @ h
+        for start in range(0, n, rows):
+            h = hidden[start:start + rows].to(dtype)
+            t = targets[start:start + rows]
+            g = torch.mm(h, w.t(), out=logits[:len(h)])
+            total += xent_grad_(g, t.clamp_min(0), t != IGNORE_INDEX)
+            grad_hidden[start:start + rows] = g @ w
+            if start == 0:
+                torch.mm(g.t(), h, out=grad_weight_chunk)
+                if grad_weight_chunk is not grad_weight:
+                    grad_weight.copy_(grad_weight_chunk)
+            elif grad_weight_chunk is grad_weight:
+                grad_weight.addmm_(g.t(), h)
+            else:
+                grad_weight += torch.mm(g.t(), h, out=grad_weight_chunk)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.used = weight.dtype, False
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
+        # scaled in place: no second (vocab, dim) allocation. The price: one backward per forward
+        if ctx.used:
+            raise RuntimeError("backward through the chunked LM loss twice (retain_graph=True) is not supported")
+        ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None, None
+        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None, None
 
 
-def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum", kernel=xent_grad):
+def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum"):
     """Cross-entropy of the LM head over (N, dim) hidden states without (N, vocab) fp32 logits.
     reduction: "sum" (differentiable) or "none" (per-row losses, 0 at ignored rows; no grad)."""
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
         if reduction == "sum" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, kernel)
+            return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
         losses = []
         for start in range(0, hidden.shape[0], chunk):
             logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).t()).float()
@@ -211,7 +231,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_chunk = 1024  # rows of the chunked loss; not architecture, so not in ModelArgs
-        self.xent_kernel = xent_grad
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("wo.weight", "w2.weight")):
@@ -245,16 +264,16 @@ class Transformer(nn.Module):
             losses = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
             losses[keep] = chunked_cross_entropy(h.flatten(0, 1)[keep], self.output.weight, flat[keep], self.loss_chunk, "none")
             return losses.view_as(targets)
-        loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum", self.xent_kernel)
+        loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum")
         if reduction == "sum":
             return loss
         return loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     def compile_for_training(self):
-        """torch.compile the blocks (one graph, reused by every layer) and the loss kernel."""
+        """torch.compile the blocks: one graph, reused by every layer (the loss stays eager: its
+        cost is matmuls and one softmax, already single kernels)."""
         for layer in self.layers:
             layer.compile()
-        self.xent_kernel = torch.compile(xent_grad_fusable, dynamic=False)
 
     # ---- size and speed ----
     def num_params(self, non_embedding=False):
