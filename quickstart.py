@@ -181,7 +181,7 @@ def write_report(out, pipeline, tokenizer, checkpoints, seconds):
         lines.append(f"| {m['name']} | {m['documents_read']:,} | {m['documents_kept']:,} | {m['tokens']:,} |")
     lines += ["", "## Training and held-out perplexity", "",
               "Held-out: data/sample/heldout, text no training file contains. bits/char is comparable across tokenizers.", "",
-              "| stage | steps to | last train loss | val loss | held-out loss/token | held-out ppl | held-out bits/char |",
+              "| stage | last step | last train loss | val loss | held-out loss/token | held-out ppl | held-out bits/char |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name in checkpoints:
         log = sft_log if name == "sft" else pretrain_log

@@ -6,6 +6,7 @@ n_layers = 4
 n_heads = 4
 n_kv_heads = 2  # exercises grouped-query attention
 max_seq_len = 256
+dropout = 0.1  # the sample is small: a little regularisation helps the held-out text
 batch_size = 8
 grad_accum = 1
 learning_rate = 2e-3

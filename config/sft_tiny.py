@@ -8,6 +8,7 @@ learning_rate = 1e-3
 warmup_iters = 10
 epochs = 3.0
 val_fraction = 0.05
+dropout = 0.1
 eval_interval = 40
 eval_windows = 16
 log_interval = 5

@@ -54,7 +54,7 @@ def tiny_args(out_dir, token_dir, tokenizer_dir, *extra):
     return ["config/pretrain_tiny.py", f"--data_dir={token_dir}", f"--out_dir={out_dir}", f"--tokenizer={tokenizer_dir}",
             "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--max_seq_len=32", "--batch_size=4",
             "--warmup_iters=2", f"--phases={PHASES!r}", "--eval_interval=6", "--eval_windows=4", "--log_interval=1",
-            "--progress=False", "--dtype=float32", "--tensorboard=False", *extra]
+            "--dropout=0.0", "--progress=False", "--dtype=float32", "--tensorboard=False", *extra]
 
 
 def cli(tmp_path, token_dir, tokenizer_dir, *extra, nproc=1, check=True):

@@ -1,0 +1,82 @@
+"""The main job end to end (quickstart.py --smoke: every stage, 3 steps a phase), and README's commands."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from configurator import config_keys
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_runs_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    result = subprocess.run([sys.executable, "quickstart.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for phase in ("general", "refined", "anneal", "clinical", "sft"):
+        assert f"| {phase} |" in report
+    for bench in ("ceval", "cmmlu", "cmb", "cmexam"):
+        assert f"| {bench} |" in report
+    assert report.count("用户>") == 3 and (out / "loss.png").stat().st_size > 10_000
+    assert all((out / "pretrain" / p / "ckpt.pt").is_file() for p in ("general", "refined", "anneal", "clinical"))
+    assert json.loads((out / "eval" / "ppl_sft.json").read_text())["sources"]["heldout"]["tokens"] > 1000
+    again = subprocess.run([sys.executable, "quickstart.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("up to date, skipped") >= 5  # finished stages are reused
+
+
+def readme_commands():
+    """Every `python X.py ...` line of README's code blocks (continuations joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    commands = []
+    for line in lines:
+        line = line.split(" #")[0].strip()
+        match = re.search(r"python (\S+\.py|-m \S+)(.*)", line)
+        if match:
+            commands.append((match.group(1), shlex.split(match.group(2))))
+    return commands
+
+
+def test_readme_commands_name_real_scripts_and_flags():
+    """README cannot rot: its scripts exist, argparse scripts accept its --flags, and configurator
+    scripts know its --keys and config files."""
+    commands = readme_commands()
+    assert len(commands) > 15
+    helps = {}
+    for script, args in commands:
+        if script.startswith("-m"):
+            module = script.split()[1]
+            assert (ROOT / module.replace(".", "/")).with_suffix(".py").is_file(), script
+            continue
+        assert (ROOT / script).is_file(), script
+        flags = [a.split("=")[0] for a in args if a.startswith("--")]
+        if script in ("pretrain.py", "sft.py"):
+            scope = {}
+            exec(compile((ROOT / script).read_text(encoding="utf-8").split("\ndef ")[0], script, "exec"), scope)
+            keys = config_keys(scope)
+            assert all(f[2:] in keys for f in flags), (script, flags)
+            assert all((ROOT / a).is_file() for a in args if a.startswith("config/")), args
+            continue
+        subcommand = (args[0],) if script == "eval.py" else ()  # eval.py's flags belong to its subcommands
+        if (script, subcommand) not in helps:
+            helps[script, subcommand] = subprocess.run([sys.executable, script, *subcommand, "--help"], cwd=ROOT,
+                                                       capture_output=True, text=True, timeout=60).stdout
+        help_text = helps[script, subcommand]
+        assert "usage" in help_text, (script, subcommand)
+        for flag in flags:
+            assert flag in help_text, f"README: {script} {flag} is not an option of {script}"
+
+
+def test_readme_shell_entry_points_exist():
+    for script in set(re.findall(r"bash (script/\S+\.sh)", README)):
+        assert (ROOT / script).is_file(), script
+    assert "bash script/test.sh" in (ROOT / ".ci" / "run").read_text()
