@@ -2,9 +2,9 @@
 
 A checkpoint holds the fp32 master weights, optimizer and grad-scaler state, the global step, the
 phase, the data sampler's state, every RNG, the config, the model arguments and the tokenizer's
-fingerprint. Under FSDP2 the weights and optimizer are a torch.distributed.checkpoint folder
-(`<name>.dcp/`, one shard per rank) beside a small `<name>` file with everything else, and
-`export_full_state` turns it into an ordinary single file for inference.
+fingerprint. Under FSDP2 the optimizer and the sharded weights resume from a
+torch.distributed.checkpoint folder (`<name>.dcp/`, one shard per rank); the `<name>` file beside it
+holds everything else and the full weights gathered for inference, so every reader loads it alike.
 """
 
 import os
@@ -57,8 +57,7 @@ def load_model(path, device="cpu", tokenizer=None):
     model_args (strict loading: no silently missing keys) or whose tokenizer differs from `tokenizer`."""
     ckpt = load_checkpoint(path)
     if ckpt.get("model") is None:
-        raise ValueError(f"{path} holds no full weights (an FSDP2 checkpoint?): run "
-                         "`python pretrain.py --export_full_state=<ckpt>` first")
+        raise ValueError(f"{path} holds no model weights")
     args = ModelArgs(**ckpt["model_args"])
     if tokenizer is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
         raise ValueError(f"{path} was trained with a different tokenizer (sha256 {ckpt['tokenizer_fingerprint'][:12]}…, "
@@ -74,6 +73,6 @@ def load_model(path, device="cpu", tokenizer=None):
 
 
 def model_checkpoint(model, model_args: ModelArgs, **meta):
-    """The dict stored for a model alone (exports, FSDP2 full-state exports)."""
+    """A checkpoint dict: the model's weights in fp32 on CPU, its arguments, and `meta`."""
     return {"model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
             "model_args": asdict(model_args), **meta}

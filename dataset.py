@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-
 
 def global_rows(micro_step, rank, world, batch_size):
     """Rows of the step's global batch that a (micro_step, rank) pair trains on."""

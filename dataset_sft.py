@@ -23,6 +23,7 @@ the start of the last prompt; answers are never cut, and a last answer that cann
 """
 
 import csv
+import itertools
 import json
 import sys
 from collections import Counter, defaultdict
@@ -32,9 +33,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import global_rows
-
-IGNORE_INDEX = -100
-CSV_FIELDS = ["prompt", "answer", "history", "source"]
+from model import IGNORE_INDEX
 
 
 def render(turns, bos_id, eos_id):
@@ -80,7 +79,7 @@ def read_sft_csv(path):
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(CSV_FIELDS[:2]) - set(reader.fieldnames or [])
+        missing = {"prompt", "answer"} - set(reader.fieldnames or [])  # history and source are optional
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)} (header: {reader.fieldnames})")
         for line, row in enumerate(reader, start=2):
@@ -102,9 +101,10 @@ class SFTData:
         self.pad_id = tokenizer.pad_id
         self.dropped = Counter()
         tokens, masks, lengths, sources = [], [], [], []
-        rows = list(read_sft_csv(csv_path))
-        for start in tqdm(range(0, len(rows), encode_batch), desc="tokenize SFT", disable=len(rows) < 20 * encode_batch):
-            chunk = rows[start:start + encode_batch]
+        rows = read_sft_csv(csv_path)  # streamed: only the token arrays are kept
+        bar = tqdm(desc="tokenize SFT", unit=" conv", leave=False)
+        while chunk := list(itertools.islice(rows, encode_batch)):
+            bar.update(len(chunk))
             texts = [text for _, turns in chunk for turn in turns for text in turn]
             encoded = iter(tokenizer.encode_batch(texts))
             for source, turns in chunk:
@@ -118,6 +118,7 @@ class SFTData:
                 masks.append(np.asarray(is_answer, dtype=bool))
                 lengths.append(len(ids))
                 sources.append(source)
+        bar.close()
         if not tokens:
             raise ValueError(f"{csv_path}: no conversation fits max_seq_len={seq_len} ({dict(self.dropped)})")
         self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
@@ -126,7 +127,7 @@ class SFTData:
         order = np.random.default_rng(seed).permutation(len(lengths))
         n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
         self.val_ids, self.train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
-        self.epoch_rows = []  # row plans (lists of sample ids per row) of the epochs built so far
+        self.epoch_rows = []  # row plans of the epochs built so far, see epoch()
 
     def __len__(self):
         return len(self.train_ids)
@@ -140,7 +141,13 @@ class SFTData:
         lo, hi = self.offsets[i], self.offsets[i + 1]
         return self.tokens[lo:hi], self.masks[lo:hi]
 
-    def rows_of_epoch(self, epoch):
+    def epoch(self, e):
+        """Row plan of epoch e: a list of rows, each a list of sample ids; built once."""
+        while len(self.epoch_rows) <= e:
+            self.epoch_rows.append(self._plan(len(self.epoch_rows)))
+        return self.epoch_rows[e]
+
+    def _plan(self, epoch):
         order = self.train_ids[np.random.default_rng([self.seed, epoch]).permutation(len(self.train_ids))]
         if not self.pack:
             return [[int(i)] for i in order]
@@ -156,12 +163,11 @@ class SFTData:
 
     def row(self, g):
         """Sample ids of global row g, counting rows across epochs."""
-        while sum(map(len, self.epoch_rows)) <= g:
-            self.epoch_rows.append(self.rows_of_epoch(len(self.epoch_rows)))
-        for rows in self.epoch_rows:
-            if g < len(rows):
-                return rows[g]
-            g -= len(rows)
+        e = 0
+        while g >= len(self.epoch(e)):
+            g -= len(self.epoch(e))
+            e += 1
+        return self.epoch(e)[g]
 
     def to_batch(self, rows):
         """Rows of sample ids -> (X, Y), padded to the longest row (rounded up to 32)."""

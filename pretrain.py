@@ -93,7 +93,7 @@ def phase_ranges(plan):
 def find_resume(cfg, ranges):
     """The latest checkpoint under out_dir: (path, index of the phase to run next)."""
     latest = None
-    for i, (p, _, end) in enumerate(ranges):
+    for i, (p, _, _) in enumerate(ranges):
         path = Path(cfg["out_dir"]) / p["name"] / "ckpt.pt"
         if path.is_file():
             latest = (path, i)

@@ -37,7 +37,6 @@ PRETRAIN_SOURCES = ["wiki", "baike", "c4_zh", "wudao", "skypile", "medical_pretr
 SFT_SOURCES = ["medical_finetune", "huatuo", "disc_med", "chatmed_consult", "chatmed_tcm", "medical_dialogue",
                "alpaca_zh", "belle", "belle_multiturn", "sharegpt"]
 MCQ_SOURCES = {"ceval": "eval/ceval/val", "cmmlu": "eval/cmmlu/test", "cmb": "eval/cmb", "cmexam": "eval/cmexam"}
-PHASES = ["general", "refined", "anneal", "clinical"]
 SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase
     {"name": "general", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 1, "skypile": 1}},
     {"name": "refined", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 0.5}},
@@ -129,7 +128,8 @@ def main(argv=None):
                  inputs=["config/sft_tiny.py"])
 
     # 5. evaluation
-    checkpoints = {phase: pretrain_dir / phase / "ckpt.pt" for phase in PHASES}
+    phases = dict.fromkeys(r["phase"] for r in read_log(pretrain_dir / "log.jsonl"))  # the config's, in order
+    checkpoints = {phase: pretrain_dir / phase / "ckpt.pt" for phase in phases}
     checkpoints["sft"] = sft_dir / "ckpt.pt"
     evals = out / "eval"
     commands = [py + ["eval.py", "ppl", "--ckpt", str(ckpt), "--tokenizer", tokenizer,

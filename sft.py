@@ -87,7 +87,7 @@ def main(argv):
     trainer = Trainer(model, cfg, d, tok.fingerprint)
     data = SFTData(cfg["sft_csv"], tok, args.max_seq_len, cfg["seed"], cfg["val_fraction"], cfg["pack"])
     rows_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
-    rows_per_epoch = len(data.rows_of_epoch(0))
+    rows_per_epoch = len(data.epoch(0))
     total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
 
     def lr_at(step):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from checkpoint import atomic_save, load_checkpoint, model_checkpoint, rng_state, set_rng_state
 from model import IGNORE_INDEX
 
 PEAK_FLOPS = {"cuda": 989e12, "cpu": 2e12}  # H100 SXM bf16 dense; this repo's 2-core AMX dev box (bench.py measures yours)
@@ -273,7 +273,7 @@ class Trainer:
     def checkpoint_state(self, phase, data_state):
         return {"optimizer": None if self.fsdp else self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "phase": phase, "data_state": data_state,
-                "rng": rng_state(), "config": self.cfg, "model_args": asdict(self.model_args),
+                "rng": rng_state(), "config": self.cfg,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype_trained": self.dtype}
 
     def save(self, path, phase, data_state):
@@ -284,8 +284,7 @@ class Trainer:
         if self.fsdp:
             self._save_fsdp(path, state)
         elif self.dist.is_master:
-            state["model"] = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
-            atomic_save(state, path)
+            atomic_save(model_checkpoint(self.raw_model, self.model_args, **state), path)
         self.dist.barrier()
 
     def _save_fsdp(self, path, state):
@@ -308,7 +307,8 @@ class Trainer:
             if shards.exists():
                 shutil.rmtree(shards)
             os.replace(tmp, shards)
-            atomic_save({**state, "rng": rngs, "model": full, "sharded": shards.name}, path)
+            atomic_save({**state, "rng": rngs, "model": full, "model_args": asdict(self.model_args),
+                         "sharded": shards.name}, path)
 
     def check_shape(self, ckpt, path):
         """The checkpoint's model must have this model's shape (dropout may differ)."""

@@ -141,8 +141,8 @@ def test_sft_data_batches_mask_answers(sft_csv, tokenizer):
     split = [data.train_batches(3, 2, 4)[0], data.train_batches(3, 2, 4)[1]]
     assert torch.equal(whole[1][:4, :split[0][1].shape[1]], split[0][1][:, :whole[1].shape[1]])
     packed = SFTData(sft_csv[0], tokenizer, seq_len=256, seed=0, val_fraction=0.1, pack=True)
-    assert len(packed.rows_of_epoch(0)) < len(data.rows_of_epoch(0))
-    assert sorted(i for row in packed.rows_of_epoch(0) for i in row) == sorted(data.train_ids.tolist())
+    assert len(packed.epoch(0)) < len(data.epoch(0))
+    assert sorted(i for row in packed.epoch(0) for i in row) == sorted(data.train_ids.tolist())
     assert set(data.val_batches(4)) <= set(SFT_SOURCES)
 
 
