@@ -125,6 +125,30 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class TiedEmbedding(torch.autograd.Function):
+    """(weight[tokens], an alias of weight for the LM head), so that the tied weight's two
+    gradients meet here rather than in autograd's sum: backward adds the lookup's rows into the
+    head's dense (vocab, dim) gradient in place. Autograd alone would allocate a zeroed dense
+    lookup gradient and another (vocab, dim) buffer for the sum, every step; on CPU those fresh
+    pages cost more than the rest of the embedding's backward. The head's gradient is owned here (the chunked
+    loss and F.linear both hand back fresh tensors), which is what makes the in-place add safe."""
+
+    @staticmethod
+    def forward(ctx, weight, tokens):
+        ctx.save_for_backward(tokens)
+        ctx.weight_shape = weight.shape
+        return weight[tokens], weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_rows, grad_head):
+        tokens, = ctx.saved_tensors
+        if grad_head is None:
+            grad_head = grad_rows.new_zeros(ctx.weight_shape)
+        if grad_rows is not None:
+            grad_head.index_add_(0, tokens.flatten(), grad_rows.flatten(0, -2).to(grad_head.dtype))
+        return grad_head, None
+
+
 _scratch = {}
 
 
@@ -138,19 +162,35 @@ def scratch(name, shape, dtype, device):
     return buf[:math.prod(shape)].view(shape)
 
 
+SOFTMAX_BLOCK_BYTES = 16 << 20  # CPU: fp32 rows per softmax block, sized to stay in cache across its passes
+
+
 def xent_grad_(logits, targets, valid):
     """Summed cross-entropy of the rows of `logits` (rows with valid=False count nothing); the
     logits are overwritten with the loss's gradient with respect to them. The softmax runs in fp32;
-    the loss is -log p(target), exact to fp32 rounding unless p underflows (a loss above 69)."""
-    probs = logits if logits.dtype == torch.float32 else scratch("probs", logits.shape, torch.float32, logits.device).copy_(logits)
+    the loss is -log p(target), exact to fp32 rounding unless p underflows (a loss above 69).
+    bf16 logits are converted into fp32 a block of rows at a time; on CPU the block stays in cache,
+    so converting, softmax, gradient and converting back cost about one pass over memory, not five."""
+    if logits.dtype == torch.float32:
+        return _xent_grad_fp32_(logits, targets, valid)
+    n, vocab = logits.shape
+    block = max(1, SOFTMAX_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n
+    loss = 0.0
+    for start in range(0, n, block):
+        rows = logits[start:start + block]
+        probs = scratch("probs", rows.shape, torch.float32, logits.device).copy_(rows)
+        loss = loss + _xent_grad_fp32_(probs, targets[start:start + block], valid[start:start + block])
+        rows.copy_(probs)
+    return loss
+
+
+def _xent_grad_fp32_(probs, targets, valid):
     torch.softmax(probs, dim=-1, out=probs)
     rows = torch.arange(len(targets), device=targets.device)
     loss = -(torch.log(probs[rows, targets].clamp_min(1e-30)) * valid).sum()
     probs[rows, targets] -= 1.0  # d(-log softmax_t)/d logits = softmax - onehot(t)
     if not valid.all():
         probs[~valid] = 0.0
-    if probs is not logits:
-        logits.copy_(probs)
     return loss
 
 
@@ -171,7 +211,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight if weight.dtype == dtype else scratch("weight", weight.shape, dtype, device).copy_(weight)
         logits = scratch("logits", (rows, vocab), dtype, device)
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device)
-        grad_weight_chunk = grad_weight if dtype == torch.float32 else scratch("grad_weight_chunk", weight.shape, dtype, device)
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, rows):
@@ -180,14 +219,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             g = torch.mm(h, w.t(), out=logits[:len(h)])
             total += xent_grad_(g, t.clamp_min(0), t != IGNORE_INDEX)
             grad_hidden[start:start + rows] = g @ w
-            if start == 0:
-                torch.mm(g.t(), h, out=grad_weight_chunk)
-                if grad_weight_chunk is not grad_weight:
-                    grad_weight.copy_(grad_weight_chunk)
-            elif grad_weight_chunk is grad_weight:
-                grad_weight.addmm_(g.t(), h)
-            else:
-                grad_weight += torch.mm(g.t(), h, out=grad_weight_chunk)
+            if dtype == torch.float32:
+                grad_weight.addmm_(g.t(), h, beta=0 if start == 0 else 1)  # beta=0: the empty buffer is ignored
+            else:  # CPU has no bf16 x bf16 -> fp32 mm: the chunk's product is rounded, the sum over chunks is fp32
+                product = torch.mm(g.t(), h, out=scratch("grad_weight_chunk", weight.shape, dtype, device))
+                if start == 0:
+                    grad_weight.copy_(product)
+                else:  # fp32 += bf16 would allocate a converted (vocab, dim) copy: convert into a reused buffer
+                    grad_weight += scratch("grad_weight_fp32", weight.shape, torch.float32, device).copy_(product)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype, ctx.used = weight.dtype, False
         return total
@@ -226,7 +265,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied input/output embeddings
+        self.output.weight = self.tok_embeddings.weight  # tied; forward applies it via TiedEmbedding's alias
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -242,29 +281,35 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, tokens, mask=None, caches=None, pos=0, positions=None):
+        """Final-norm hidden states (B, T, dim) and the LM head's weight to apply to them."""
         T = tokens.shape[1]
         if positions is None:
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         else:  # per-row positions (left-padded generation batches)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        h = self.dropout(self.tok_embeddings(tokens))
+        weight = self.tok_embeddings.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            h, head_weight = TiedEmbedding.apply(weight, tokens)
+        else:
+            h, head_weight = F.embedding(tokens, weight), weight
+        h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if caches is None else caches[i], pos)
-        return self.norm(h)
+        return self.norm(h), head_weight
 
     def forward(self, tokens, targets=None, reduction="mean"):
         """No targets: logits (B, T, vocab). With targets (B, T): the loss over targets != -100,
         reduced by "mean", "sum" (the trainer divides by the global token count) or "none" (B, T)."""
-        h = self.hidden_states(tokens)
+        h, head_weight = self.hidden_states(tokens)
         if targets is None:
-            return self.output(h)
+            return F.linear(h, head_weight)
         if reduction == "none":  # the LM head runs only on rows that have a target
             flat = targets.flatten()
             keep = flat != IGNORE_INDEX
             losses = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-            losses[keep] = chunked_cross_entropy(h.flatten(0, 1)[keep], self.output.weight, flat[keep], self.loss_chunk, "none")
+            losses[keep] = chunked_cross_entropy(h.flatten(0, 1)[keep], head_weight, flat[keep], self.loss_chunk, "none")
             return losses.view_as(targets)
-        loss = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk, "sum")
+        loss = chunked_cross_entropy(h.flatten(0, 1), head_weight, targets.flatten(), self.loss_chunk, "sum")
         if reduction == "sum":
             return loss
         return loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
@@ -319,8 +364,8 @@ class Transformer(nn.Module):
             if not use_cache:
                 start = 0
             mask = allowed[:, None, start:end, :end]  # (B, 1, T, S)
-            h = self.hidden_states(tokens[:, start:end], mask, caches, start, positions[:, start:end])
-            logits = self.output(h[:, -1]).float()
+            h, head_weight = self.hidden_states(tokens[:, start:end], mask, caches, start, positions[:, start:end])
+            logits = F.linear(h[:, -1], head_weight).float()
             next_token = sample(logits, tokens[:, :end], key_ok[:, :end], temperature, top_k, top_p, repetition_penalty, generator)
             if eos_id is not None:
                 next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)

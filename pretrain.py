@@ -76,7 +76,7 @@ log_interval = 10
 save_interval = 1000
 nan_policy = "stop"  # stop, or skip (drop the update; at most max_nan_skips in a row)
 max_nan_skips = 10
-peak_flops = 0.0  # for MFU; 0: H100 bf16 dense on CUDA, 2e12 on CPU
+peak_flops = 0.0  # for MFU; 0: H100 bf16 dense on CUDA, 0.4e12 on CPU (the dev VM's bf16 matmul)
 progress = True
 tensorboard = True
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from checkpoint import atomic_save, load_checkpoint, model_checkpoint, rng_state, set_rng_state
 from model import IGNORE_INDEX
 
-PEAK_FLOPS = {"cuda": 989e12, "cpu": 2e12}  # H100 SXM bf16 dense; this repo's 2-core AMX dev box (bench.py measures yours)
+PEAK_FLOPS = {"cuda": 989e12, "cpu": 0.4e12}  # H100 SXM bf16 dense; this repo's 2-core dev VM, bf16 (`python bench.py peak` measures yours)
 
 
 # ---------------------------------------------------------------------------- distributed set-up
@@ -102,7 +102,7 @@ def resolve_dtype(dtype, device):
     if dtype == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16"  # AMX/AVX512-BF16 CPUs run bf16 matmuls several times faster than fp32
+        return "bfloat16"  # AVX512-BF16/AMX CPUs run bf16 matmuls 2-7x faster than fp32
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return dtype

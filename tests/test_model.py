@@ -157,6 +157,75 @@ def test_loss_kernel_gradient_in_place():
     assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), x.grad, atol=1e-2)
 
 
+def test_tied_weight_gradient_equals_plain_autograd():
+    """TiedEmbedding merges the lookup's and the head's gradients itself; the result must equal
+    plain autograd over F.embedding + F.linear on one shared leaf, through both heads."""
+    m = tiny()
+    x, y = torch.randint(0, 300, (3, 12)), torch.randint(0, 300, (3, 12))
+    x[0, :4] = 7  # repeated tokens: their rows of the lookup gradient add up
+    m(x, y).backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    weight = m.tok_embeddings.weight
+    h = F.embedding(x, weight)
+    cos, sin = m.rope_cos[:12], m.rope_sin[:12]
+    for layer in m.layers:
+        h = layer(h, cos, sin)
+    ref = F.cross_entropy(F.linear(m.norm(h), weight).flatten(0, 1), y.flatten())
+    ref.backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_backward_allocates_no_vocab_sized_tensor(autocast):
+    """The loss's forward forms the head's (vocab, dim) gradient; backward only scales it and adds
+    the lookup's rows into it. A dense lookup gradient (F.embedding's backward) or a summed copy
+    would be a fresh (vocab, dim) tensor, which on CPU costs more than the rest of that backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FreshVocabTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.shape == (300, 64) and t.data_ptr() not in inputs:
+                    self.ops.append(str(func))
+            return out
+
+    m = tiny()
+    x = torch.randint(0, 300, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = m(x, x)
+    with FreshVocabTensors() as seen:
+        loss.backward()
+    assert seen.ops == []
+    assert m.tok_embeddings.weight.grad.shape == (300, 64)
+
+
+def test_bf16_softmax_blocks_give_the_same_gradient(monkeypatch):
+    """bf16 logits go through the fp32 softmax a few rows at a time: any block size, same result."""
+    import model
+    from model import xent_grad_
+
+    logits = (torch.randn(7, 50) * 3).bfloat16()
+    targets = torch.randint(0, 50, (7,))
+    valid = torch.tensor([True, False, True, True, True, False, True])
+    whole = logits.clone()
+    whole_loss = xent_grad_(whole, targets, valid)
+    monkeypatch.setattr(model, "SOFTMAX_BLOCK_BYTES", 2 * 4 * 50)  # 2 rows per block: 4 blocks, the last one short
+    blocked = logits.clone()
+    blocked_loss = xent_grad_(blocked, targets, valid)
+    assert torch.equal(blocked, whole) and torch.equal(blocked_loss, whole_loss)
+    ref = F.cross_entropy(logits.float()[valid], targets[valid], reduction="sum")
+    torch.testing.assert_close(blocked_loss, ref)
+    assert (blocked[~valid] == 0).all()
+
+
 def test_two_forwards_then_one_backward():
     """The head reuses scratch buffers between calls; what backward needs must not be among them."""
     m = tiny()
