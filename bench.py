@@ -118,7 +118,7 @@ def bench_train(args):
         naive = speeds[variants[-1].name]
         for v in variants[:-1]:
             print(f"speed-up {v.name.split(' (')[0]} / naive: {speeds[v.name] / naive:.2f}x (target >= 4x)")
-        head_share = 6 * REFERENCE["vocab_size"] * REFERENCE["dim"] / flops_per_token
+        head_share = 6 * variants[0].model.output.weight.numel() / flops_per_token
         print(f"context: this host's bf16 matmul is {peak['bfloat16'] / peak['float32']:.1f}x its fp32 matmul "
               f"(AMX CPUs: 3-7x; AVX512-BF16 alone: 2x the FLOPs per cycle); the LM head is {head_share:.0%} "
               "of the FLOPs, all matmul")

@@ -130,23 +130,20 @@ class TiedEmbedding(torch.autograd.Function):
     gradients meet here rather than in autograd's sum: backward adds the lookup's rows into the
     head's dense (vocab, dim) gradient in place. Autograd alone would allocate a zeroed dense
     lookup gradient and another (vocab, dim) buffer for the sum, every step; on CPU those fresh
-    pages cost more than the rest of the embedding's backward. The head's gradient is owned here (the chunked
-    loss and F.linear both hand back fresh tensors), which is what makes the in-place add safe."""
+    pages cost more than the rest of the embedding's backward. The in-place add relies on the
+    head's gradient being a fresh tensor, which the model's two heads (the chunked loss, F.linear)
+    and an unused head (autograd materialises zeros) hand back; an expanded one is added out of place."""
 
     @staticmethod
     def forward(ctx, weight, tokens):
         ctx.save_for_backward(tokens)
-        ctx.weight_shape = weight.shape
         return weight[tokens], weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad_rows, grad_head):
         tokens, = ctx.saved_tensors
-        if grad_head is None:
-            grad_head = grad_rows.new_zeros(ctx.weight_shape)
-        if grad_rows is not None:
-            grad_head.index_add_(0, tokens.flatten(), grad_rows.flatten(0, -2).to(grad_head.dtype))
-        return grad_head, None
+        add = grad_head.index_add_ if grad_head.is_contiguous() else grad_head.index_add
+        return add(0, tokens.flatten(), grad_rows.flatten(0, -2).to(grad_head.dtype)), None
 
 
 _scratch = {}
@@ -265,7 +262,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied; forward applies it via TiedEmbedding's alias
+        # tied; forward applies it through TiedEmbedding's alias. The module stays for the state-dict
+        # name output.weight, which checkpoints (loaded strictly) and export_hf.py know.
+        self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -287,11 +286,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         else:  # per-row positions (left-padded generation batches)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        weight = self.tok_embeddings.weight
-        if torch.is_grad_enabled() and weight.requires_grad:
-            h, head_weight = TiedEmbedding.apply(weight, tokens)
-        else:
-            h, head_weight = F.embedding(tokens, weight), weight
+        h, head_weight = TiedEmbedding.apply(self.tok_embeddings.weight, tokens)
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if caches is None else caches[i], pos)

@@ -177,6 +177,24 @@ def test_tied_weight_gradient_equals_plain_autograd():
         torch.testing.assert_close(ours[n], p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_tied_embedding_gradient_with_unused_or_expanded_head_gradient():
+    """The in-place add needs a fresh head gradient; an unused head (zeros) or one autograd
+    expands from a scalar (head.sum()) must still give the right sum."""
+    from model import TiedEmbedding
+
+    w = torch.randn(10, 4, requires_grad=True)
+    tokens = torch.tensor([[1, 1, 3]])
+    rows, _ = TiedEmbedding.apply(w, tokens)
+    rows.sum().backward()
+    expected = torch.zeros(10, 4)
+    expected[1], expected[3] = 2.0, 1.0
+    torch.testing.assert_close(w.grad, expected)
+    w.grad = None
+    rows, head = TiedEmbedding.apply(w, tokens)
+    (rows.sum() + head.sum()).backward()
+    torch.testing.assert_close(w.grad, expected + 1.0)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_backward_allocates_no_vocab_sized_tensor(autocast):
     """The loss's forward forms the head's (vocab, dim) gradient; backward only scales it and adds
