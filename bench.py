@@ -6,11 +6,14 @@
 
 The host may be noisy: variants run interleaved, several rounds, and the median is reported. In
 `train`, each variant's turn starts with one untimed step: the first step after another variant
-pays for that variant's aftermath (cold caches, the naive one's gigabytes of freed pages).
+pays for that variant's aftermath (cold caches, the naive one's gigabytes of freed pages). Each
+variant's line counts its minor page faults and the kernel's share of its CPU time: on a VM the
+naive step's first-touch faults are a third of its time, and their cost moves with the host.
 """
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -89,6 +92,7 @@ def bench_train(args):
             variants.pop(1)
         tokens_per_step = args.batch_size * REFERENCE["max_seq_len"]
         times = {v.name: [] for v in variants}
+        kernel = {v.name: [] for v in variants}  # (minor page faults, kernel CPU s, user CPU s) per timed step
         data_times = []
         step = 0
         for round_ in range(args.warmup + args.rounds):
@@ -98,12 +102,15 @@ def bench_train(args):
                     (x, y), = data.train_batches(step, 1, args.batch_size)
                     data_times.append(time.perf_counter() - t)
                     x, y = x.to(device), y.to(device)
-                    t = time.perf_counter()
+                    usage, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                     v.step(x, y)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     if round_ >= args.warmup and turn_step > 0:
                         times[v.name].append(time.perf_counter() - t)
+                        after = resource.getrusage(resource.RUSAGE_SELF)
+                        kernel[v.name].append((after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime,
+                                               after.ru_utime - usage.ru_utime))
                     step += 1
         flops_per_token = variants[0].model.flops_per_token(REFERENCE["max_seq_len"])
         print(f"reference model: {REFERENCE}, batch {args.batch_size}, {variants[0].model.num_params() / 1e6:.1f}M params, "
@@ -114,10 +121,16 @@ def bench_train(args):
             median = statistics.median(times[v.name])
             speeds[v.name] = tokens_per_step / median
             mfu = speeds[v.name] * flops_per_token / peak["bfloat16"]
-            print(f"  {v.name:64s} {median * 1000:8.1f} ms/step {speeds[v.name]:9.0f} tok/s  MFU {mfu:6.1%} of bf16 peak")
+            faults, system, user = (sum(column) for column in zip(*kernel[v.name]))
+            print(f"  {v.name:64s} {median * 1000:8.1f} ms/step {speeds[v.name]:9.0f} tok/s  MFU {mfu:6.1%} of bf16 peak  "
+                  f"{faults / len(kernel[v.name]) / 1000:5.0f}k page faults/step, kernel {system / (system + user):4.0%} of CPU time")
         naive = speeds[variants[-1].name]
         for v in variants[:-1]:
             print(f"speed-up {v.name.split(' (')[0]} / naive: {speeds[v.name] / naive:.2f}x (target >= 4x)")
+        at_peak = tokens_per_step * flops_per_token / peak["bfloat16"]
+        print(f"bound: every FLOP as a matmul at the bf16 peak would take {at_peak * 1000:.0f} ms/step, "
+              f"{tokens_per_step / at_peak / naive:.1f}x this naive step; the naive step's kernel time (first-touch "
+              "page faults of its fresh full-logit buffers) moves with the host, and the ratio with it")
         head_share = 6 * variants[0].model.output.weight.numel() / flops_per_token
         print(f"context: this host's bf16 matmul is {peak['bfloat16'] / peak['float32']:.1f}x its fp32 matmul "
               f"(AMX CPUs: 3-7x; AVX512-BF16 alone: 2x the FLOPs per cycle); the LM head is {head_share:.0%} "
