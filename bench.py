@@ -92,7 +92,7 @@ def bench_train(args):
             variants.pop(1)
         tokens_per_step = args.batch_size * REFERENCE["max_seq_len"]
         times = {v.name: [] for v in variants}
-        kernel = {v.name: [] for v in variants}  # (minor page faults, kernel CPU s, user CPU s) per timed step
+        usage = {v.name: [] for v in variants}  # (minor page faults, kernel CPU s, user CPU s) per timed step
         data_times = []
         step = 0
         for round_ in range(args.warmup + args.rounds):
@@ -102,42 +102,41 @@ def bench_train(args):
                     (x, y), = data.train_batches(step, 1, args.batch_size)
                     data_times.append(time.perf_counter() - t)
                     x, y = x.to(device), y.to(device)
-                    usage, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                    before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                     v.step(x, y)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     if round_ >= args.warmup and turn_step > 0:
                         times[v.name].append(time.perf_counter() - t)
                         after = resource.getrusage(resource.RUSAGE_SELF)
-                        kernel[v.name].append((after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime,
-                                               after.ru_utime - usage.ru_utime))
+                        usage[v.name].append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime,
+                                              after.ru_utime - before.ru_utime))
                     step += 1
         flops_per_token = variants[0].model.flops_per_token(REFERENCE["max_seq_len"])
         print(f"reference model: {REFERENCE}, batch {args.batch_size}, {variants[0].model.num_params() / 1e6:.1f}M params, "
               f"{torch.get_num_threads()} threads on {device}")
         print(f"measured matmul peak: bf16 {peak['bfloat16'] / 1e12:.2f} TFLOP/s, fp32 {peak['float32'] / 1e12:.2f} TFLOP/s")
-        speeds = {}
+        at_peak = tokens_per_step * flops_per_token / peak["bfloat16"]  # s/step with every FLOP a matmul at the peak
+        step_times = {name: statistics.median(t) for name, t in times.items()}
         for v in variants:
-            median = statistics.median(times[v.name])
-            speeds[v.name] = tokens_per_step / median
-            mfu = speeds[v.name] * flops_per_token / peak["bfloat16"]
-            faults, system, user = (sum(column) for column in zip(*kernel[v.name]))
-            print(f"  {v.name:64s} {median * 1000:8.1f} ms/step {speeds[v.name]:9.0f} tok/s  MFU {mfu:6.1%} of bf16 peak  "
-                  f"{faults / len(kernel[v.name]) / 1000:5.0f}k page faults/step, kernel {system / (system + user):4.0%} of CPU time")
-        naive = speeds[variants[-1].name]
+            step_time = step_times[v.name]
+            faults, system, user = (sum(column) for column in zip(*usage[v.name]))
+            print(f"  {v.name:64s} {step_time * 1000:8.1f} ms/step {tokens_per_step / step_time:9.0f} tok/s  "
+                  f"MFU {at_peak / step_time:6.1%} of bf16 peak  {faults / len(usage[v.name]) / 1000:5.0f}k page faults/step, "
+                  f"kernel {system / (system + user):4.0%} of CPU time")
+        naive = step_times[variants[-1].name]
         for v in variants[:-1]:
-            print(f"speed-up {v.name.split(' (')[0]} / naive: {speeds[v.name] / naive:.2f}x (target >= 4x)")
-        at_peak = tokens_per_step * flops_per_token / peak["bfloat16"]
+            print(f"speed-up {v.name.split(' (')[0]} / naive: {naive / step_times[v.name]:.2f}x (target >= 4x)")
         print(f"bound: every FLOP as a matmul at the bf16 peak would take {at_peak * 1000:.0f} ms/step, "
-              f"{tokens_per_step / at_peak / naive:.1f}x this naive step; the naive step's kernel time (first-touch "
+              f"{naive / at_peak:.1f}x this naive step; the naive step's kernel time (first-touch "
               "page faults of its fresh full-logit buffers) moves with the host, and the ratio with it")
         head_share = 6 * variants[0].model.output.weight.numel() / flops_per_token
         print(f"context: this host's bf16 matmul is {peak['bfloat16'] / peak['float32']:.1f}x its fp32 matmul "
               f"(AMX CPUs: 3-7x; AVX512-BF16 alone: 2x the FLOPs per cycle); the LM head is {head_share:.0%} "
               "of the FLOPs, all matmul")
-        step_time = statistics.median(times[variants[0].name])
-        print(f"dataloader: {statistics.median(data_times) * 1000:.2f} ms per batch = "
-              f"{statistics.median(data_times) / step_time:.2%} of our step time (target < 5%)")
+        data_time = statistics.median(data_times)
+        print(f"dataloader: {data_time * 1000:.2f} ms per batch = "
+              f"{data_time / step_times[variants[0].name]:.2%} of our step time (target < 5%)")
 
 
 GENERATION_MODELS = {  # KV caching saves the body's work; with a 64,793 vocabulary the LM head costs the same either way
