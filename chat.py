@@ -25,6 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from precision import CHOICES
 from inference import (MODES, sampling_kwargs, add_sampling_args, answer, build_prompt, fit_max_new_tokens, load,
                        sampling_from, stream_answer)
 
@@ -94,8 +95,8 @@ def main(argv=None):
     parser.add_argument("--prompt-file", help="answer every non-empty line of this file and exit")
     parser.add_argument("--batch-size", type=int, default=8, help="one-shot prompts generated together")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on a GPU that supports it, else float32")
+    parser.add_argument("--dtype", default="auto", choices=CHOICES,
+                        help="auto: bfloat16 where this machine decodes faster in it (precision.py), else float32")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
     add_sampling_args(parser)
     args = parser.parse_args(argv)

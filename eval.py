@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from precision import CHOICES
 from inference import add_sampling_args, answer, fit_max_new_tokens, load, sampling_from
 from corpora import Problems, Source, iter_questions, iter_texts, parse_source
 from dataset_sft import render
@@ -180,7 +181,7 @@ def perplexity(model, tokenizer, documents, stride=None, batch_size=16, desc="pp
 
 
 def run_ppl(args):
-    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
     results = {}
     print(f"{'source':<20} {'docs':>7} {'tokens':>10} {'chars':>10} {'loss/tok':>9} {'ppl':>10} {'bits/char':>9}")
     for spec in args.source:
@@ -358,7 +359,7 @@ def print_mcq(name, r, norm, mode, shots):
 
 
 def run_mcq(args):
-    model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+    model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
     mode = args.mode or mode
     score = model_scorer(model, tok, args.batch_size)
     results = {}
@@ -416,7 +417,8 @@ def main(argv=None):
     def add_common(parser, batch_size):
         parser.add_argument("--tokenizer", default="chatglm_tokenizer")
         parser.add_argument("--device", default="auto")
-        parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument("--dtype", default="auto", choices=CHOICES,
+                            help="auto: bfloat16 where this machine scores faster in it (precision.py), else float32")
         parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per forward pass")
 
     ppl = tasks.add_parser("ppl", help="perplexity and bits/char on held-out text")

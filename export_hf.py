@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import load_model
+from precision import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
@@ -174,17 +174,17 @@ def export(ckpt_path, out, tokenizer, dtype="float32", force=False):
 
 
 @torch.no_grad()
-def check(folder, model, dtype="float32", length=32):
+def check(folder, model, dtype="float32", length=32, device="cpu"):
     """Max |logit difference| between the exported folder (loaded by transformers, in fp32) and our
-    model with its weights rounded to `dtype`, on random ids."""
+    model with its weights rounded to `dtype`, on random ids, both on `device`."""
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     ours = type(model)(model.args)
     ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
     ids = torch.randint(0, model.args.vocab_size, (2, min(length, model.args.max_seq_len)),
-                        generator=torch.Generator().manual_seed(0))
-    return (hf(ids).logits - ours.eval()(ids)).abs().max().item()
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    return (hf(ids).logits - ours.to(device).eval()(ids)).abs().max().item()
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ import torch
 from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
 from checkpoint import load_model
 from dataset_sft import fit_turns, render
+from precision import CHOICES, resolve
 
 MODES = ("chat", "continue")
 DEFAULTS = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.1)
@@ -28,28 +29,22 @@ def resolve_device(name):
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-
-def resolve_dtype(name, device):
-    """auto: bf16 on a GPU that has it (fast, and plenty for sampling), fp32 elsewhere."""
-    if name == "auto":
-        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-
 def default_mode(ckpt):
     return "chat" if ckpt.get("phase") == "sft" else "continue"
 
 
 
-def load(ckpt_path, tokenizer=DEFAULT_DIR, device="cpu", dtype="float32"):
+def load(ckpt_path, tokenizer=DEFAULT_DIR, device="cpu", dtype="float32", purpose="generate"):
     """(model, tokenizer, checkpoint dict, default mode). `tokenizer` is a path or a loaded tokenizer;
-    checkpoint.load_model refuses missing files, mismatched weights and a different tokenizer."""
+    checkpoint.load_model refuses missing files, mismatched weights and a different tokenizer. dtype "auto"
+    is precision.resolve's choice for `purpose` ("generate" or "score"), announced on stderr."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     device = resolve_device(device)
     model, ckpt = load_model(ckpt_path, device, tok)
-    return model.to(resolve_dtype(dtype, device)), tok, ckpt, default_mode(ckpt)
+    choice = resolve(dtype, device, purpose, dim=model.args.dim, vocab=model.args.vocab_size)
+    if dtype == "auto" or choice.reason != "as asked":
+        print(f"dtype {choice}", file=sys.stderr)
+    return model.to(choice.torch_dtype), tok, ckpt, default_mode(ckpt)
 
 
 

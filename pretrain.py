@@ -63,7 +63,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # ---- runtime
 device = "auto"  # auto, cpu, cuda
-dtype = "auto"  # auto (bf16 where supported), bfloat16, float16 (+GradScaler), float32
+dtype = "auto"  # auto: bf16 where this machine runs it faster than fp32 (precision.py), else fp32; or as named
 compile = False
 parallel = "ddp"  # ddp, or fsdp (FSDP2 fully_shard: for models that outgrow one GPU)
 fused_adamw = True
@@ -76,7 +76,7 @@ log_interval = 10
 save_interval = 1000
 nan_policy = "stop"  # stop, or skip (drop the update; at most max_nan_skips in a row)
 max_nan_skips = 10
-peak_flops = 0.0  # for MFU; 0: H100 bf16 dense on CUDA, 0.4e12 on CPU (the dev VM's bf16 matmul)
+peak_flops = 0.0  # the MFU denominator; 0: H100/H200 dense bf16 on a GPU, this CPU's measured matmul peak in dtype
 progress = True
 tensorboard = True
 
@@ -135,7 +135,7 @@ def main(argv):
         out.mkdir(parents=True, exist_ok=True)
         print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
         print(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
-              f"world {d.world} on {d.device}, dtype {trainer.dtype}, "
+              f"world {d.world} on {d.device}, dtype {trainer.precision}, "
               f"{cfg['batch_size'] * cfg['grad_accum'] * d.world * args.max_seq_len:,} tokens/step")
         print(f"schedule: {total} steps, warmup {cfg['warmup_iters']}, decay ({cfg['decay_shape']}) from step {decay_start}")
 

@@ -47,7 +47,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # ---- runtime
 device = "auto"
-dtype = "auto"
+dtype = "auto"  # see pretrain.py
 compile = False  # SFT rows change length per batch: compiling would recompile often
 parallel = "ddp"
 fused_adamw = True
@@ -104,7 +104,8 @@ def main(argv):
         if not resume and log_path.exists():
             log_path.unlink()
         print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
-        print(f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, dtype {trainer.dtype}")
+        print(f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, "
+              f"dtype {trainer.precision}")
         print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({total * rows_per_step / rows_per_epoch:.2f} epochs)")
     trainer.run(data, trainer.step, total, lr_at, log_path, out / "ckpt.pt", phase="sft", desc="sft")
     if d.is_master:

@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from checkpoint import atomic_save, load_checkpoint, model_checkpoint, rng_state, set_rng_state
 from model import IGNORE_INDEX
+from precision import CUDA_PEAK_FLOPS, autocast, matmul_peak, resolve
 
-PEAK_FLOPS = {"cuda": 989e12, "cpu": 0.4e12}  # H100 SXM bf16 dense; this repo's 2-core dev VM, bf16 (`python bench.py peak` measures yours)
 
 
 # ---------------------------------------------------------------------------- distributed set-up
 class Dist:
-    """Where this process runs. Without torchrun: one process, rank 0."""
+    """Where this process runs. Without torchrun: one process, rank 0, no process group."""
 
     def __init__(self, device="auto", timeout_s=1800):
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -46,7 +46,8 @@ class Dist:
             device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(device)
         self.device = torch.device(device)
-        self.enabled = self.world > 1
+        # under torchrun even one process joins a process group, so DDP/FSDP run as they will on many
+        self.enabled = self.world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
         if self.enabled and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -95,24 +96,6 @@ def wsd_lr(step, lr, warmup, decay_start, total, shape="1-sqrt", min_ratio=0.0, 
     else:
         raise ValueError(f"decay_shape must be exp, linear, 1-sqrt or cosine, not {shape!r}")
     return lr * (min_ratio + (1 - min_ratio) * f)
-
-
-# ---------------------------------------------------------------------------- precision
-def resolve_dtype(dtype, device):
-    if dtype == "auto":
-        if device.type == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16"  # AVX512-BF16/AMX CPUs run bf16 matmuls 2-7x faster than fp32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
-    return dtype
-
-
-def autocast(device, dtype):
-    """The autocast context for exactly the dtype asked for (float32: none)."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def make_optimizer(model, lr, weight_decay, betas, device, fused=True):
@@ -171,7 +154,12 @@ class Trainer:
     def __init__(self, model, cfg, dist_ctx, tokenizer_fingerprint=None):
         self.cfg, self.dist = cfg, dist_ctx
         self.device = dist_ctx.device
-        self.dtype = resolve_dtype(cfg["dtype"], self.device)
+        self.precision = resolve(cfg["dtype"], self.device, "train", dim=model.args.dim)
+        if dist_ctx.enabled:  # every rank computes in rank 0's choice, whatever its own probe measured
+            agreed = [self.precision]
+            dist.broadcast_object_list(agreed, src=0)
+            self.precision = agreed[0]
+        self.dtype = self.precision.dtype
         self.raw_model = model.to(self.device)  # unwrapped: what checkpoints hold
         self.model_args = model.args
         self.tokenizer_fingerprint = tokenizer_fingerprint
@@ -183,7 +171,7 @@ class Trainer:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(self.device.type, (dist_ctx.world,))  # explicit mesh: gloo needs it
-            policy = MixedPrecisionPolicy(param_dtype=None if self.dtype == "float32" else getattr(torch, self.dtype),
+            policy = MixedPrecisionPolicy(param_dtype=None if self.dtype == "float32" else self.precision.torch_dtype,
                                           reduce_dtype=torch.float32)
             for layer in model.layers:
                 fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -379,7 +367,8 @@ class Trainer:
         self.step = first_step
         micro, batch_size = cfg["grad_accum"], cfg["batch_size"]
         seq_len = self.model_args.max_seq_len
-        peak = cfg.get("peak_flops") or PEAK_FLOPS.get(self.device.type, PEAK_FLOPS["cpu"])
+        peak = cfg.get("peak_flops") or (CUDA_PEAK_FLOPS if self.device.type == "cuda"
+                                         else matmul_peak(str(self.device), self.dtype))
         flops_per_token = self.raw_model.flops_per_token(seq_len)
 
         def make(step):
@@ -416,6 +405,8 @@ class Trainer:
                 tok_s = sum(y.numel() for _, y in batches) * d.world / max(dt, 1e-9)
                 record = {"step": self.step, "phase": phase, "loss": loss, "lr": lr, "grad_norm": norm,
                           "tokens_per_sec": tok_s, "mfu": tok_s * flops_per_token / peak, "target_tokens": int(tokens)}
+                if self.device.type == "cuda":
+                    record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.step % cfg["log_interval"] == 0 or self.step == last_step:
                     self.log(record, log_path)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)

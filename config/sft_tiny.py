@@ -13,4 +13,3 @@ eval_interval = 40
 eval_windows = 16
 log_interval = 5
 save_interval = 0
-dtype = "bfloat16"

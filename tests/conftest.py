@@ -1,7 +1,9 @@
 """Shared fixtures: the real ChatGLM2 tokenizer (skipped when absent) and a tiny one trained here."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from chatglm_tokenizer import load_tokenizer
@@ -51,3 +53,32 @@ def tokenizer(request):
     if real_tokenizer_path() is not None:
         return load_tokenizer(real_tokenizer_path())
     return request.getfixturevalue("tiny_tokenizer")
+
+
+# ---------------------------------------------------------------------------- token shards
+SOURCES = ["general", "medical", "guide"]
+
+
+def write_source(root, name, sizes, seed=0, tokenizer_sha256="any"):
+    """Shards of a learnable synthetic stream (counting sequences with an occasional eos, 2) and the
+    manifest.json data_process.py would write beside them."""
+    rng = np.random.default_rng(seed)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    shards = []
+    for i, n in enumerate(sizes):
+        tokens = (np.arange(n) % 97 + 3 + 100 * SOURCES.index(name) % 150).astype(np.uint16)
+        tokens[rng.random(n) < 0.02] = 2
+        tokens.tofile(root / name / f"{name}_{i:04d}.bin")
+        shards.append({"file": f"{name}_{i:04d}.bin", "tokens": n})
+    manifest = {"name": name, "tokenizer": {"sha256": tokenizer_sha256}, "shards": shards}
+    (root / name / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def token_dir(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("tokens")
+    sha = tiny_tokenizer.fingerprint  # the tokenizer the pretrain.py runs of the tests pass
+    write_source(root, "general", [6000, 3000, 20], tokenizer_sha256=sha)  # the 20-token shard is too small for a window
+    write_source(root, "medical", [5000], tokenizer_sha256=sha)
+    write_source(root, "guide", [4000, 4000], tokenizer_sha256=sha)
+    return root
