@@ -26,14 +26,22 @@ import sys
 from pathlib import Path
 
 from precision import CHOICES
-from inference import (MODES, sampling_kwargs, add_sampling_args, answer, build_prompt, fit_max_new_tokens, load,
-                       sampling_from, stream_answer)
+from inference import (MODES, add_sampling_args, answer, build_prompt, fit_max_new_tokens, load, number,
+                       sampling_from, sampling_kwargs, stream_answer)
 
 def read_prompts(args):
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise SystemExit(f"chat.py: cannot read --prompt-file {args.prompt_file}: {err.strerror or err}") from None
+        except UnicodeDecodeError as err:
+            raise SystemExit(f"chat.py: --prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}): "
+                             "give a text file with one prompt per line") from None
         prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise SystemExit(f"chat.py: --prompt-file {args.prompt_file} holds no prompt (one per line)")
     return prompts
 
 
@@ -93,13 +101,14 @@ def main(argv=None):
     parser.add_argument("--mode", choices=MODES, help="default: chat for SFT checkpoints, continue otherwise")
     parser.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
     parser.add_argument("--prompt-file", help="answer every non-empty line of this file and exit")
-    parser.add_argument("--batch-size", type=int, default=8, help="one-shot prompts generated together")
+    parser.add_argument("--batch-size", type=number(int, 1), default=8, help="one-shot prompts generated together")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", choices=CHOICES,
                         help="auto: bfloat16 where this machine decodes faster in it (precision.py), else float32")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
+    prompts = read_prompts(args)  # a bad prompt file stops the run before the model is loaded
     try:
         model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
     except (FileNotFoundError, ValueError) as err:
@@ -109,7 +118,6 @@ def main(argv=None):
     sampling = dict(sampling_from(args), use_cache=not args.no_cache)
     print(f"{args.ckpt}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
           f"{model.num_params() / 1e6:.1f}M parameters on {model.rope_cos.device}, mode {mode}", file=sys.stderr)
-    prompts = read_prompts(args)
     if prompts:
         one_shot(model, tok, mode, prompts, args, sampling)
     else:

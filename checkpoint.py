@@ -1,14 +1,27 @@
-"""Checkpoints: one self-describing file, written atomically; the one loader every script uses.
+"""Checkpoints and the runs that own them: one self-describing file, written atomically; the one loader
+every script uses.
 
 A checkpoint holds the fp32 master weights, optimizer and grad-scaler state, the global step, the
-phase, the data sampler's state, every RNG, the config, the model arguments and the tokenizer's
-fingerprint. Under FSDP2 the optimizer and the sharded weights resume from a
-torch.distributed.checkpoint folder (`<name>.dcp/`, one shard per rank); the `<name>` file beside it
-holds everything else and the full weights gathered for inference, so every reader loads it alike.
+phase, the data sampler's state, every RNG, the config, the model arguments, the tokenizer's
+fingerprint and the id of the run that wrote it. Under FSDP2 the optimizer and the sharded weights
+resume from a torch.distributed.checkpoint folder (`<name>.dcp/`, one shard per rank); the `<name>`
+file beside it holds everything else and the full weights gathered for inference, so every reader
+loads it alike.
+
+Checkpoints are data, not code: they are read with torch.load(weights_only=True), which unpickles
+tensors and plain containers only, so a crafted file cannot run anything.
+
+A run owns its out_dir. Starting one writes out_dir/run.json with a fresh run id; resuming reads it,
+and only checkpoints carrying that id count ("the latest" is the latest of this run by step, never a
+file an earlier run left behind). Starting from scratch over a folder that holds a run is refused
+unless asked (--overwrite=True moves the earlier run aside).
 """
 
+import json
 import os
 import random
+import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,18 +30,45 @@ import torch
 
 from model import ModelArgs, Transformer
 
+RUN_FILE = "run.json"
+# numpy's RNG state holds an array; these rebuild arrays and nothing else (checkpoints written before
+# rng_state stored plain lists need them)
+NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and what to do."""
+
+
+def atomic_write(path, write):
+    """write(tmp_path) to a temporary name beside `path`, then rename: a kill leaves the old file or the
+    new one. A failed write (a full disk, a read-only folder) removes the temporary file and raises
+    OSError naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+
 
 def atomic_save(obj, path):
-    """torch.save to a temp name, then rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG as tensors and plain lists (loadable with weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,20 +76,37 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """The checkpoint dict, or CheckpointError naming the file: missing, not a torch file (truncated,
+    junk), holding objects other than tensors and plain containers, or not one of this project's.
+    mmap=True maps the tensors instead of reading them: cheap when only the metadata is wanted."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises pickle, zip and OS errors alike for a bad file
+        if "GLOBAL" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(f"{path} holds objects other than tensors and plain containers, which would run "
+                                  "code when loaded: refused (use a checkpoint this project wrote)") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a torch file: "
+                              f"{type(err).__name__}); use another one, e.g. an earlier phase's") from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of this project (no model_args)")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no model_args)")
     return ckpt
+
+
+def checkpoint_meta(path):
+    """A checkpoint's dict with its tensors memory-mapped, not read: step, phase, run id and the rest."""
+    return load_checkpoint(path, mmap=True)
 
 
 def load_model(path, device="cpu", tokenizer=None):
@@ -57,18 +114,19 @@ def load_model(path, device="cpu", tokenizer=None):
     model_args (strict loading: no silently missing keys) or whose tokenizer differs from `tokenizer`."""
     ckpt = load_checkpoint(path)
     if ckpt.get("model") is None:
-        raise ValueError(f"{path} holds no model weights")
+        raise CheckpointError(f"{path} holds no model weights")
     args = ModelArgs(**ckpt["model_args"])
     if tokenizer is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
-        raise ValueError(f"{path} was trained with a different tokenizer (sha256 {ckpt['tokenizer_fingerprint'][:12]}…, "
-                         f"given {tokenizer.fingerprint[:12]}…): pass the tokenizer it was trained with")
+        raise CheckpointError(f"{path} was trained with a different tokenizer (sha256 "
+                              f"{ckpt['tokenizer_fingerprint'][:12]}…, given {tokenizer.fingerprint[:12]}…): "
+                              "pass the tokenizer it was trained with")
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model embeds only {args.vocab_size}")
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model embeds only {args.vocab_size}")
     model = Transformer(args)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not match the model arguments stored with them:\n{err}") from None
+        raise CheckpointError(f"{path}: weights do not match the model arguments stored with them:\n{err}") from None
     return model.to(device).eval(), ckpt
 
 
@@ -76,3 +134,58 @@ def model_checkpoint(model, model_args: ModelArgs, **meta):
     """A checkpoint dict: the model's weights in fp32 on CPU, its arguments, and `meta`."""
     return {"model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
             "model_args": asdict(model_args), **meta}
+
+
+# ---------------------------------------------------------------------------- runs
+
+def run_id_of(out_dir):
+    """The id in out_dir/run.json; None for a folder without one (written before run ids existed: then
+    every checkpoint without an id belongs to it)."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["run_id"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is not a run file (expected {{\"run_id\": ...}}): restore it, or start "
+                              "the run again with --overwrite=True") from None
+
+
+def holds_a_run(out_dir):
+    """What in out_dir belongs to an earlier run (run.json, a log, checkpoints), as a short list."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in (out / RUN_FILE, out / "log.jsonl", out / "ckpt.pt") if p.is_file()]
+    return found + sorted(out.glob("*/ckpt.pt"))
+
+
+def start_run(out_dir, overwrite, script):
+    """Claim out_dir for a new run: refuse a folder that holds one unless `overwrite`, which renames it to
+    out_dir.replaced-<time>. Returns the new run id (written to out_dir/run.json)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out_dir {out} is a file, not a folder: pick another --out_dir")
+    earlier = holds_a_run(out)
+    if earlier and not overwrite:
+        shown = ", ".join(str(p) for p in earlier[:3]) + (" ..." if len(earlier) > 3 else "")
+        raise CheckpointError(f"{out} holds an earlier run ({shown}): continue it with --init_from=resume, pass "
+                              "--overwrite=True to move it aside, or choose another --out_dir")
+    if earlier:
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out, aside)
+        print(f"moved the earlier run in {out} aside to {aside} (--overwrite)")
+    run_id = uuid.uuid4().hex
+    atomic_write_text(out / RUN_FILE, json.dumps({"run_id": run_id, "script": script, "started": time.time()}) + "\n")
+    return run_id
+
+
+def latest_checkpoint(paths, run_id):
+    """(step, path) of the checkpoint with the highest step among `paths` that belongs to run `run_id`,
+    or None. Only the metadata is read."""
+    found = []
+    for path in paths:
+        meta = checkpoint_meta(path)
+        if meta.get("run_id") == run_id:
+            found.append((meta["step"], str(path)))
+    return max(found) if found else None

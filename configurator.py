@@ -24,6 +24,8 @@ def _check(key, value, defaults, origin):
         close = [k for k in defaults if k.split("_")[0] == key.split("_")[0]]
         raise SystemExit(f"{origin}: unknown config key {key!r}" + (f" (did you mean {close}?)" if close else ""))
     default = defaults[key]
+    if isinstance(value, bool) and not isinstance(default, bool) and default is not None:
+        raise SystemExit(f"{origin}: {key} must be {type(default).__name__} like its default {default!r}, got {value!r}")
     if default is None or value is None or isinstance(value, type(default)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

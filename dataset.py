@@ -20,26 +20,54 @@ def global_rows(micro_step, rank, world, batch_size):
     return slice(start, start + batch_size)
 
 
+class DataError(ValueError):
+    """Token data that cannot be trained on: the message names the folder or file and what to do."""
+
+
+def read_manifest(directory):
+    """A token folder's manifest.json, checked: every shard a plain file name inside the folder (a manifest
+    is data: it may not point training at ../../anything)."""
+    manifest_path = directory / "manifest.json"
+    # data_process.py writes the manifest last: without it the folder is incomplete (or not ours)
+    if not manifest_path.is_file():
+        raise DataError(f"{directory}: no manifest.json, so no complete data_process.py output: run it (again) "
+                        "for this source")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        shards = manifest["shards"]
+        files = [(str(shard["file"]), int(shard["tokens"])) for shard in shards]
+        tokenizer_sha256 = manifest["tokenizer"]["sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{manifest_path} is not a data_process.py manifest ({type(err).__name__}: {err}): "
+                        "re-run data_process.py for this source") from None
+    for name, _ in files:
+        if Path(name).name != name or name in (".", "..") or not name:
+            raise DataError(f"{manifest_path}: shard {name!r} is not a file name inside {directory}: refused")
+    return manifest, files, tokenizer_sha256
+
+
 class TokenSource:
     """All shards of one source. Windows are seq_len + 1 tokens (inputs and shifted targets) and never
-    cross a shard boundary; the last `val_fraction` of each shard (at least one window) is held out."""
+    cross a shard boundary; the last `val_fraction` of each shard (at least one window) is held out.
+    vocab_size: refuse ids the model cannot embed (from the manifest's max_token_id, or a scan of the
+    shards when an older manifest lacks it)."""
 
-    def __init__(self, directory, seq_len, val_fraction=0.01):
+    def __init__(self, directory, seq_len, val_fraction=0.01, vocab_size=None):
         directory = Path(directory)
         self.name = directory.name
         self.window = seq_len + 1
-        # data_process.py writes the manifest last: without it the folder is incomplete (or not ours)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{directory}: no manifest.json, so no complete data_process.py output: run it (again) for this source")
-        manifest = json.loads(manifest_path.read_text())
-        self.tokenizer_sha256 = manifest["tokenizer"]["sha256"]
+        manifest, files, self.tokenizer_sha256 = read_manifest(directory)
         self.shards, train_windows, self.val_slices, self.too_small = [], [], [], []
-        for shard in manifest["shards"]:
-            path = directory / shard["file"]
-            if not path.is_file() or path.stat().st_size != 2 * shard["tokens"]:
-                raise ValueError(f"{path}: missing, or not the {shard['tokens']:,} tokens manifest.json records")
+        max_ids = []
+        for (name, n_tokens), shard in zip(files, manifest["shards"]):
+            path = directory / name
+            if not path.is_file() or path.stat().st_size != 2 * n_tokens:
+                raise DataError(f"{path}: missing, or not the {n_tokens:,} tokens manifest.json records: re-run "
+                                "data_process.py for this source")
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
+            if vocab_size is not None:
+                max_ids.append(int(shard["max_token_id"]) if "max_token_id" in shard else
+                               int(tokens.max(initial=0)))
             n_val = max(self.window, int(len(tokens) * val_fraction))
             if len(tokens) < self.window + n_val:  # not enough for a train window and a val window
                 self.too_small.append(path.name)
@@ -49,8 +77,12 @@ class TokenSource:
             self.shards.append(tokens)
             train_windows.append(len(tokens) - n_val - self.window + 1)
             self.val_slices.append((len(self.shards) - 1, len(tokens) - n_val, len(tokens)))
+        if vocab_size is not None and max_ids and max(max_ids) >= vocab_size:
+            raise DataError(f"{directory}: token id {max(max_ids)} is beyond the model's vocabulary ({vocab_size} ids): "
+                            "these shards were made with a larger tokenizer; re-run data_process.py with the "
+                            "model's --tokenizer, or raise vocab_size")
         if not self.shards:
-            raise ValueError(f"{directory}: no .bin shard holds a window of {self.window} tokens")
+            raise DataError(f"{directory}: no .bin shard holds a window of {self.window} tokens")
         self.cumulative = np.cumsum(train_windows)  # window index -> shard by searchsorted
 
     @property
@@ -90,25 +122,25 @@ class PretrainData:
     """
 
     def __init__(self, data_dir, mixture, seq_len, seed=1337, phase=0, val_fraction=0.01, sampling="random",
-                 tokenizer_fingerprint=None):
+                 tokenizer_fingerprint=None, vocab_size=None):
         if not mixture:
-            raise ValueError("empty data mixture")
+            raise DataError("empty data mixture")
         missing = [n for n in mixture if not (Path(data_dir) / n).is_dir()]
         if missing:
-            raise FileNotFoundError(f"no token folder for {missing} under {data_dir}: run data_process.py for them first")
+            raise DataError(f"no token folder for {missing} under {data_dir}: run data_process.py for them first")
         if sampling not in ("random", "sequential"):
-            raise ValueError(f"sampling must be 'random' or 'sequential', not {sampling!r}")
+            raise DataError(f"sampling must be 'random' or 'sequential', not {sampling!r}")
         self.names = list(mixture)
         weights = np.array([float(mixture[n]) for n in self.names])
         if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"mixture weights must be >= 0 with a positive sum: {mixture}")
+            raise DataError(f"mixture weights must be >= 0 with a positive sum: {mixture}")
         self.weights = weights / weights.sum()
-        self.sources = [TokenSource(Path(data_dir) / n, seq_len, val_fraction) for n in self.names]
+        self.sources = [TokenSource(Path(data_dir) / n, seq_len, val_fraction, vocab_size) for n in self.names]
         for src in self.sources:
             if tokenizer_fingerprint and src.tokenizer_sha256 != tokenizer_fingerprint:
-                raise ValueError(f"{Path(data_dir) / src.name}: tokens made by tokenizer sha256 {src.tokenizer_sha256[:12]}…, "
+                raise DataError(f"{Path(data_dir) / src.name}: tokens made by tokenizer sha256 {src.tokenizer_sha256[:12]}…, "
                                  f"but training uses {tokenizer_fingerprint[:12]}…: re-run data_process.py with this --tokenizer")
-        self.seed, self.phase, self.sampling = seed, phase, sampling
+        self.seed, self.phase, self.sampling, self.vocab_size = seed, phase, sampling, vocab_size
         self.cursors = np.zeros(len(self.sources), dtype=np.int64)  # sequential mode only
         self.next_step = None
 
@@ -139,6 +171,11 @@ class PretrainData:
         for m in range(micro_steps):
             rows = global_rows(m, rank, world, batch_size)
             batches.append(to_batch([self.sources[s].train_window(i) for s, i in zip(source[rows], index[rows])]))
+            if self.vocab_size is not None and int(batches[-1][0].max()) >= self.vocab_size:  # a manifest that lied
+                bad = next(self.names[s] for s, i in zip(source[rows], index[rows])
+                           if int(self.sources[s].train_window(i).max()) >= self.vocab_size)
+                raise DataError(f"{bad}: a token id beyond the model's vocabulary ({self.vocab_size}) at step {step}, "
+                                "although manifest.json says otherwise: re-run data_process.py for this source")
         return batches
 
     def val_batches(self, batch_size, max_windows=64, rank=0, world=1):

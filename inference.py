@@ -11,6 +11,7 @@ the text (earlier turns, if any, are plain text in front of it).
     answer(model, tok, ["感冒了怎么办？"], mode=mode, temperature=0)      # -> ["..."]
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -135,15 +136,31 @@ def stream_answer(model, tokenizer, prompt_ids, max_new_tokens=DEFAULTS["max_new
 
 
 
-def add_sampling_args(parser):
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"],
-                        help="at most max_seq_len // 2 (reduced with a note)")
-    parser.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="0: off")
-    parser.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="1: off")
-    parser.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"], help="1: off")
-    parser.add_argument("--seed", type=int, default=None)
+def number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` (int or float) within [low, high] ((low, high] with low_open), so that a
+    value such as --max-new-tokens -5 is one line of usage error, not a traceback later."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high):
+            span = f"{'(' if low_open else '['}{'' if low is None else low}, {'' if high is None else high}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}")
+        return value
+    return parse
 
+
+def add_sampling_args(parser):
+    parser.add_argument("--max-new-tokens", type=number(int, 1), default=DEFAULTS["max_new_tokens"],
+                        help="at most max_seq_len // 2 (reduced with a note)")
+    parser.add_argument("--temperature", type=number(float, 0), default=DEFAULTS["temperature"], help="0: greedy")
+    parser.add_argument("--top-k", type=number(int, 0), default=DEFAULTS["top_k"], help="0: off")
+    parser.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=DEFAULTS["top_p"], help="1: off")
+    parser.add_argument("--repetition-penalty", type=number(float, 0, low_open=True),
+                        default=DEFAULTS["repetition_penalty"], help="1: off")
+    parser.add_argument("--seed", type=int, default=None)
 
 
 def sampling_from(args):

@@ -10,22 +10,24 @@ Each phase saves out_dir/<phase>/ckpt.pt; the last phase before the decay holds 
 checkpoint, from which a run can be trained longer and decayed again (README: "Continue and decay again").
 """
 
-import json
+import re
 import sys
 from pathlib import Path
 
 from chatglm_tokenizer import load_tokenizer
+from checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint, run_id_of, start_run
 from configurator import configure, overrides
-from dataset import PretrainData
+from dataset import DataError, PretrainData
 from model import ModelArgs, Transformer
-from plot import plot_runs, read_log
-from trainer import Dist, Trainer, wsd_lr
+from plot import LogError, plot_runs, read_log
+from trainer import Dist, Trainer, check_config, wsd_lr
 
 # ---- I/O
 out_dir = "out/pretrain"
 data_dir = "data/processed"  # data_process.py --out: one folder of *.bin shards per source
 tokenizer = "chatglm_tokenizer"
-init_from = "scratch"  # "scratch", "resume" (latest checkpoint in out_dir), or a checkpoint path
+init_from = ""  # "": a new run (from scratch, or start_phase from out_dir's previous phase); "resume"; a checkpoint
+overwrite = False  # a new run in an out_dir that holds one: True moves the earlier run aside (out_dir.replaced-<time>)
 start_phase = ""  # start at this phase (from init_from, else from the previous phase's checkpoint)
 stop_at = 0  # stop (with a checkpoint) after this global step, e.g. for a cluster's job time limit; 0: never
 # ---- model (vocab_size 0: the tokenizer's)
@@ -81,34 +83,81 @@ progress = True
 tensorboard = True
 
 
+PHASE_KEYS = {"name": "a plain folder name", "iters": "steps, an int >= 1",
+              "mixture": "{source folder under data_dir: weight >= 0}", "decay": "True/False (default False)"}
+PLAIN_NAME = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # a file name that stays in its folder: not '.', '..', no '/'
+
+
+def check_phases(phases, start_phase):
+    """The phase plan, checked whole before step 0: one line naming the phase and the key."""
+    if not isinstance(phases, list) or not phases:
+        raise SystemExit("config: phases must be a non-empty list of {name, iters, mixture[, decay]} dicts")
+    for i, p in enumerate(phases):
+        where = f"config: phases[{i}]" + (f" ({p.get('name')!r})" if isinstance(p, dict) and "name" in p else "")
+        if not isinstance(p, dict):
+            raise SystemExit(f"{where} must be a dict, not {p!r}")
+        unknown = sorted(set(p) - set(PHASE_KEYS))
+        if unknown:
+            raise SystemExit(f"{where}: unknown key(s) {unknown}; a phase has " + ", ".join(PHASE_KEYS))
+        missing = [k for k in ("name", "iters", "mixture") if k not in p]
+        if missing:
+            raise SystemExit(f"{where}: missing {missing}; " + "; ".join(f"{k}: {PHASE_KEYS[k]}" for k in missing))
+        if not isinstance(p["name"], str) or not PLAIN_NAME.fullmatch(p["name"]):
+            raise SystemExit(f"{where}: name must be {PHASE_KEYS['name']} (letters, digits, '_', '-', '.')")
+        if not isinstance(p["iters"], int) or isinstance(p["iters"], bool) or p["iters"] < 1:
+            raise SystemExit(f"{where}: iters must be {PHASE_KEYS['iters']}, not {p['iters']!r}")
+        if not isinstance(p.get("decay", False), bool):
+            raise SystemExit(f"{where}: decay must be True or False, not {p['decay']!r}")
+        mixture = p["mixture"]
+        if not isinstance(mixture, dict) or not mixture:
+            raise SystemExit(f"{where}: mixture must be {PHASE_KEYS['mixture']}, not {mixture!r}")
+        for source, weight in mixture.items():
+            if not isinstance(source, str) or not PLAIN_NAME.fullmatch(source):
+                raise SystemExit(f"{where}: mixture source {source!r} must be a folder name under data_dir")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise SystemExit(f"{where}: mixture weight of {source!r} must be a number >= 0, not {weight!r}")
+        if sum(mixture.values()) <= 0:
+            raise SystemExit(f"{where}: mixture weights must not all be 0")
+    names = [p["name"] for p in phases]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"config: phase names must be unique: {names}")
+    decays = [bool(p.get("decay")) for p in phases]
+    if decays != sorted(decays):  # the WSD decay runs from the first decay phase to the end of the plan
+        raise SystemExit(f"config: decay phases must come last (the decay runs to the end): {list(zip(names, decays))}")
+    if start_phase and start_phase not in names:
+        raise SystemExit(f"config: start_phase {start_phase!r} is not a phase: {names}")
+
+
 def phase_ranges(plan):
     """[(phase dict, first global step, end step)]: the phases laid end to end."""
     out, step = [], 0
     for p in plan:
-        out.append((p, step, step + int(p["iters"])))
-        step += int(p["iters"])
+        out.append((p, step, step + p["iters"]))
+        step += p["iters"]
     return out
 
 
-def find_resume(cfg, ranges):
-    """The latest checkpoint under out_dir: (path, index of the phase to run next)."""
-    latest = None
-    for i, (p, _, _) in enumerate(ranges):
-        path = Path(cfg["out_dir"]) / p["name"] / "ckpt.pt"
-        if path.is_file():
-            latest = (path, i)
-    return latest
+def find_resume(out, ranges, run_id):
+    """This run's latest checkpoint under out: (path, index of its phase), or None."""
+    paths = {str(out / p["name"] / "ckpt.pt"): i for i, (p, _, _) in enumerate(ranges)}
+    latest = latest_checkpoint([path for path in paths if Path(path).is_file()], run_id)
+    return None if latest is None else (Path(latest[1]), paths[latest[1]])
 
 
 def main(argv):
     cfg = configure(globals(), argv)
+    check_config(cfg)
+    check_phases(cfg["phases"], cfg["start_phase"])
+    try:
+        train(cfg)
+    except (CheckpointError, DataError, LogError, OSError) as err:
+        raise SystemExit(f"pretrain.py: {err}") from None
+
+
+def train(cfg):
     d = Dist(cfg["device"])
     tok = load_tokenizer(cfg["tokenizer"])
     names = [p["name"] for p in cfg["phases"]]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"phase names must be unique: {names}")
-    if cfg["start_phase"] and cfg["start_phase"] not in names:
-        raise SystemExit(f"start_phase {cfg['start_phase']!r} is not a phase: {names}")
     ranges = phase_ranges(cfg["phases"])
     total = ranges[-1][2]
     decaying = [first for p, first, _ in ranges if p.get("decay")]
@@ -124,50 +173,61 @@ def main(argv):
                      dropout=cfg["dropout"])
     if args.vocab_size < tok.vocab_size:
         raise SystemExit(f"vocab_size {args.vocab_size} < the tokenizer's {tok.vocab_size}")
+    out = Path(cfg["out_dir"])
+    # the run in out_dir goes on (resume, or a later phase from this run's previous one) or a new run starts
+    from_previous_phase = bool(cfg["start_phase"]) and names.index(cfg["start_phase"]) > 0 and not cfg["init_from"]
+    continuing = cfg["init_from"] == "resume" or from_previous_phase
+    if continuing:
+        run_id = run_id_of(out)
+    else:
+        run_id = d.broadcast(start_run(out, cfg["overwrite"], "pretrain.py") if d.is_master else None)
+    # the checkpoint this run continues from: its latest (resume), its previous phase's (start_phase), or none
+    first_phase = names.index(cfg["start_phase"]) if cfg["start_phase"] else 0
+    if cfg["init_from"] == "resume":
+        found = find_resume(out, ranges, run_id)
+        if found is None:
+            raise SystemExit(f"init_from=resume: no checkpoint of the run in {out} under {out}/<phase>/ckpt.pt")
+        source, first_phase = found
+    elif from_previous_phase:
+        source = out / names[first_phase - 1] / "ckpt.pt"
+        if checkpoint_meta(source).get("run_id") != run_id:
+            raise SystemExit(f"{source} belongs to another run than {out}/run.json: pass it as --init_from "
+                             "with a new --out_dir")
+    else:
+        source = cfg["init_from"] or None
     import torch
 
     torch.manual_seed(cfg["seed"])
     model = Transformer(args)
-    trainer = Trainer(model, cfg, d, tok.fingerprint)
-    out = Path(cfg["out_dir"])
+    trained_dtype = checkpoint_meta(source).get("dtype_trained") if continuing else None
+    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype)
     log_path = out / "log.jsonl"
     if d.is_master:
-        out.mkdir(parents=True, exist_ok=True)
         print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
         print(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
               f"world {d.world} on {d.device}, dtype {trainer.precision}, "
               f"{cfg['batch_size'] * cfg['grad_accum'] * d.world * args.max_seq_len:,} tokens/step")
         print(f"schedule: {total} steps, warmup {cfg['warmup_iters']}, decay ({cfg['decay_shape']}) from step {decay_start}")
 
-    first_phase, data_state = 0, None
+    data_state = None
     if cfg["init_from"] == "resume":
-        found = find_resume(cfg, ranges)
-        if found is None:
-            raise SystemExit(f"init_from=resume: no checkpoint under {out}/<phase>/ckpt.pt")
-        ckpt = trainer.load(found[0])
-        first_phase = found[1] if trainer.step < ranges[found[1]][2] else found[1] + 1
-        data_state = ckpt.get("data_state") if first_phase == found[1] else None
-    else:
-        first_phase = names.index(cfg["start_phase"]) if cfg["start_phase"] else 0
-        source = cfg["init_from"] if cfg["init_from"] != "scratch" else None
-        if source is None and first_phase > 0:
-            source = out / names[first_phase - 1] / "ckpt.pt"
-        if source is not None:
-            ckpt = trainer.load(source)  # weights and optimizer: the run continues from there
-            same_phase = ckpt.get("phase") == names[first_phase] and trainer.step < ranges[first_phase][2]
-            if not same_phase:
-                trainer.step = ranges[first_phase][1]
-            data_state = ckpt.get("data_state") if same_phase else None
-            if d.is_master:
-                print(f"starting phase {names[first_phase]} at step {trainer.step} from {source}")
+        ckpt = trainer.load(source)
+        phase_of_checkpoint = first_phase
+        first_phase = phase_of_checkpoint if trainer.step < ranges[phase_of_checkpoint][2] else phase_of_checkpoint + 1
+        data_state = ckpt.get("data_state") if first_phase == phase_of_checkpoint else None
+    elif source is not None:
+        ckpt = trainer.load(source)  # weights and optimizer: the run continues from there
+        same_phase = ckpt.get("phase") == names[first_phase] and trainer.step < ranges[first_phase][2]
+        if not same_phase:
+            trainer.step = ranges[first_phase][1]
+        data_state = ckpt.get("data_state") if same_phase else None
+        if d.is_master:
+            print(f"starting phase {names[first_phase]} at step {trainer.step} from {source}")
     if first_phase >= len(ranges):
         if d.is_master:
             print(f"all phases already done ({out}); nothing to train")
         d.close()
         return
-    if d.is_master and log_path.exists():  # drop log lines of steps a resume will redo
-        kept = [r for r in read_log(log_path) if r["step"] <= trainer.step and r.get("event") != "start" or r["step"] < trainer.step]
-        log_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
 
     for i in range(first_phase, len(ranges)):
         phase, first, end = ranges[i]
@@ -176,7 +236,7 @@ def main(argv):
                 break
             end = min(end, cfg["stop_at"])
         data = PretrainData(cfg["data_dir"], phase["mixture"], args.max_seq_len, cfg["seed"], i, cfg["val_fraction"],
-                            cfg["sampling"], tok.fingerprint)
+                            cfg["sampling"], tok.fingerprint, args.vocab_size)
         data.load_state_dict(data_state)
         data_state = None
         if d.is_master:

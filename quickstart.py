@@ -113,8 +113,9 @@ def main(argv=None):
 
     # 3. the four MiniCPM phases
     pretrain_dir = out / "pretrain"
-    smoke = [f"--phases={SMOKE_PHASES!r}", "--eval_interval=3", "--log_interval=1"] if args.smoke else []
-    pipeline.run("pretrain", [py + ["pretrain.py", "config/pretrain_tiny.py", f"--out_dir={pretrain_dir}",
+    smoke = [f"--phases={SMOKE_PHASES!r}", "--eval_interval=3", "--log_interval=1", "--warmup_iters=2"] if args.smoke else []
+    # the quickstart owns its out folder: a stage that runs again replaces its earlier run (--overwrite)
+    pipeline.run("pretrain", [py + ["pretrain.py", "config/pretrain_tiny.py", f"--out_dir={pretrain_dir}", "--overwrite=True",
                                     f"--data_dir={data}", f"--tokenizer={tokenizer}"] + smoke],
                  inputs=["config/pretrain_tiny.py"])
 
@@ -122,7 +123,7 @@ def main(argv=None):
     sft_csv, sft_dir = out / "sft_data.csv", out / "sft"
     pipeline.run("sft", [py + ["sft_data_process.py", "--out", str(sft_csv)]
                          + [a for name in SFT_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")],
-                         py + ["sft.py", "config/sft_tiny.py", f"--out_dir={sft_dir}", f"--sft_csv={sft_csv}",
+                         py + ["sft.py", "config/sft_tiny.py", f"--out_dir={sft_dir}", "--overwrite=True", f"--sft_csv={sft_csv}",
                                f"--pretrain_dir={pretrain_dir}", f"--tokenizer={tokenizer}"]
                          + (["--max_iters=3", "--eval_interval=3"] if args.smoke else [])],
                  inputs=["config/sft_tiny.py"])

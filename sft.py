@@ -14,19 +14,21 @@ from pathlib import Path
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from checkpoint import load_checkpoint
+from checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint, run_id_of, start_run
 from configurator import configure, overrides
 from dataset_sft import SFTData
 from model import ModelArgs, Transformer
-from plot import plot_runs, read_log
-from trainer import Dist, Trainer, wsd_lr
+from plot import LogError, plot_runs, read_log
+from trainer import Dist, Trainer, check_config, wsd_lr
 
 # ---- I/O
 out_dir = "out/sft"
 sft_csv = "data/sft/sft_data.csv"
 tokenizer = "chatglm_tokenizer"
 pretrain_dir = "out/pretrain"
-init_from = ""  # a checkpoint; "": the latest phase's ckpt.pt under pretrain_dir; "resume": this run's
+init_from = ""  # a checkpoint; "": the latest phase's ckpt.pt of pretrain_dir's run; "resume": this run's
+stop_at = 0  # stop (with a checkpoint) after this step, e.g. for a cluster's job time limit; 0: never
+overwrite = False  # a new run in an out_dir that holds one: True moves the earlier run aside (out_dir.replaced-<time>)
 # ---- data
 pack = False  # several conversations per row (throughput; see dataset_sft.py)
 val_fraction = 0.02
@@ -64,28 +66,48 @@ tensorboard = True
 
 
 def latest_pretrain_checkpoint(pretrain_dir):
-    """The pretraining checkpoint with the highest step: the last phase that ran."""
-    found = [(load_checkpoint(p)["step"], p) for p in Path(pretrain_dir).glob("*/ckpt.pt")]
-    if not found:
-        raise SystemExit(f"no pretraining checkpoint under {pretrain_dir}/<phase>/ckpt.pt: run pretrain.py, or set init_from")
-    return max(found)[1]
+    """The checkpoint of pretrain_dir's run (its run.json) with the highest step: the last phase that ran."""
+    found = latest_checkpoint(sorted(Path(pretrain_dir).glob("*/ckpt.pt")), run_id_of(pretrain_dir))
+    if found is None:
+        raise SystemExit(f"no pretraining checkpoint of the run in {pretrain_dir} (<phase>/ckpt.pt): run pretrain.py, "
+                         "or set init_from")
+    return Path(found[1])
 
 
 def main(argv):
     cfg = configure(globals(), argv)
+    check_config(cfg)
+    try:
+        train(cfg)
+    except (CheckpointError, LogError, OSError) as err:
+        raise SystemExit(f"sft.py: {err}") from None
+
+
+def train(cfg):
     d = Dist(cfg["device"])
     tok = load_tokenizer(cfg["tokenizer"])
     out = Path(cfg["out_dir"])
     resume = cfg["init_from"] == "resume"
     source = out / "ckpt.pt" if resume else Path(cfg["init_from"] or latest_pretrain_checkpoint(cfg["pretrain_dir"]))
-    start = load_checkpoint(source)
+    start = checkpoint_meta(source)
+    if resume:
+        run_id = run_id_of(out)
+        if start.get("run_id") != run_id:
+            raise SystemExit(f"{source} belongs to another run than {out}/run.json: start a new run instead")
+    else:
+        run_id = d.broadcast(start_run(out, cfg["overwrite"], "sft.py") if d.is_master else None)
     args = ModelArgs(**{**start["model_args"], "dropout": cfg["dropout"]})
     if start.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
         raise SystemExit(f"{source} was trained with another tokenizer than {cfg['tokenizer']}")
+    if tok.vocab_size > args.vocab_size:
+        raise SystemExit(f"{cfg['tokenizer']} has {tok.vocab_size} ids but {source}'s model embeds {args.vocab_size}")
     torch.manual_seed(cfg["seed"])
     model = Transformer(args)
-    trainer = Trainer(model, cfg, d, tok.fingerprint)
-    data = SFTData(cfg["sft_csv"], tok, args.max_seq_len, cfg["seed"], cfg["val_fraction"], cfg["pack"])
+    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, start.get("dtype_trained") if resume else None)
+    try:
+        data = SFTData(cfg["sft_csv"], tok, args.max_seq_len, cfg["seed"], cfg["val_fraction"], cfg["pack"])
+    except (FileNotFoundError, ValueError) as err:  # a missing, empty or unusable CSV
+        raise SystemExit(f"sft.py: {err}") from None
     rows_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
     rows_per_epoch = len(data.epoch(0))
     total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
@@ -100,17 +122,21 @@ def main(argv):
         trainer.load_weights(source)
     log_path = out / "log.jsonl"
     if d.is_master:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and log_path.exists():
-            log_path.unlink()
         print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
         print(f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, "
               f"dtype {trainer.precision}")
         print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({total * rows_per_step / rows_per_epoch:.2f} epochs)")
-    trainer.run(data, trainer.step, total, lr_at, log_path, out / "ckpt.pt", phase="sft", desc="sft")
+    end = min(total, cfg["stop_at"]) if cfg["stop_at"] else total
+    if trainer.step >= end:
+        if d.is_master:
+            print(f"SFT already at step {trainer.step} of {end}; nothing to train")
+        d.close()
+        return
+    trainer.run(data, trainer.step, end, lr_at, log_path, out / "ckpt.pt", phase="sft", desc="sft")
     if d.is_master:
         plot_runs({"sft": read_log(log_path)}, out / "loss.png", title=f"SFT: {out}")
-        print(f"saved {out / 'ckpt.pt'}")
+        stopped = "" if end == total else f" (stopped at step {end} of {total}: continue with --init_from=resume)"
+        print(f"saved {out / 'ckpt.pt'}{stopped}")
     d.close()
 
 

@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import threading
 import time
@@ -24,9 +25,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_save, load_checkpoint, model_checkpoint, rng_state, set_rng_state
+from checkpoint import (CheckpointError, atomic_save, atomic_write_text, load_checkpoint, model_checkpoint, rng_state,
+                        set_rng_state)
 from model import IGNORE_INDEX
-from precision import CUDA_PEAK_FLOPS, autocast, matmul_peak, resolve
+from plot import read_log
+from precision import CHOICES, CUDA_PEAK_FLOPS, Precision, autocast, matmul_peak, resolve
 
 
 
@@ -61,6 +64,14 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return float(t.item())
 
+    def broadcast(self, value):
+        """Rank 0's value (any picklable object) on every rank."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self):
         if self.enabled:
             dist.barrier()
@@ -69,6 +80,36 @@ class Dist:
         if self.enabled and dist.is_initialized():
             dist.barrier()  # an FSDP2 + checkpoint run aborted at exit without it
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- config checks
+DECAY_SHAPES = ("exp", "linear", "1-sqrt", "cosine")
+
+
+def check_config(cfg):
+    """Every training key a script has, checked before anything is built or loaded: a bad value stops the
+    run at once with one line naming the key, not thousands of steps later (a decay shape is first used
+    when the decay starts) or never (grad_accum=0 "trains" on nothing)."""
+    rules = {
+        "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
+        "learning_rate": (lambda v: v > 0, "> 0"), "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "warmup_iters": (lambda v: v >= 0, ">= 0"), "decay_shape": (lambda v: v in DECAY_SHAPES, f"one of {DECAY_SHAPES}"),
+        "decay_half_life": (lambda v: v >= 0, ">= 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "dtype": (lambda v: v in CHOICES, f"one of {CHOICES}"),
+        "parallel": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
+        "nan_policy": (lambda v: v in ("stop", "skip"), "stop or skip"), "max_nan_skips": (lambda v: v >= 0, ">= 0"),
+        "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evaluation)"), "eval_windows": (lambda v: v >= 1, ">= 1"),
+        "log_interval": (lambda v: v >= 1, ">= 1"), "save_interval": (lambda v: v >= 0, ">= 0 (0: at the end only)"),
+        "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "peak_flops": (lambda v: v >= 0, ">= 0"), "stop_at": (lambda v: v >= 0, ">= 0 (0: never)"),
+        "epochs": (lambda v: v > 0, "> 0"), "max_iters": (lambda v: v >= 0, ">= 0 (0: from epochs)"),
+        "sampling": (lambda v: v in ("random", "sequential"), "random or sequential"),
+        "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    }
+    for key, (ok, what) in rules.items():
+        if key in cfg and not ok(cfg[key]):
+            raise SystemExit(f"config: {key} must be {what}, not {cfg[key]!r}")
 
 
 # ---------------------------------------------------------------------------- learning rate
@@ -94,7 +135,7 @@ def wsd_lr(step, lr, warmup, decay_start, total, shape="1-sqrt", min_ratio=0.0, 
     elif shape == "cosine":
         f = 0.5 * (1 + math.cos(math.pi * p))
     else:
-        raise ValueError(f"decay_shape must be exp, linear, 1-sqrt or cosine, not {shape!r}")
+        raise ValueError(f"decay_shape must be one of {DECAY_SHAPES}, not {shape!r}")
     return lr * (min_ratio + (1 - min_ratio) * f)
 
 
@@ -151,15 +192,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, model, cfg, dist_ctx, tokenizer_fingerprint=None):
+    def __init__(self, model, cfg, dist_ctx, tokenizer_fingerprint=None, run_id=None, trained_dtype=None):
+        """trained_dtype: the dtype_trained of the checkpoint a resumed run continues from (dtype=auto keeps it)."""
         self.cfg, self.dist = cfg, dist_ctx
         self.device = dist_ctx.device
-        self.precision = resolve(cfg["dtype"], self.device, "train", dim=model.args.dim)
-        if dist_ctx.enabled:  # every rank computes in rank 0's choice, whatever its own probe measured
-            agreed = [self.precision]
-            dist.broadcast_object_list(agreed, src=0)
-            self.precision = agreed[0]
+        if cfg["dtype"] == "auto" and trained_dtype:  # a run goes on in the precision it started in
+            choice = Precision(trained_dtype, "auto: the precision this run was trained in")
+        else:
+            choice = resolve(cfg["dtype"], self.device, "train", dim=model.args.dim)
+        # every rank computes in rank 0's choice, whatever its own probe measured
+        self.precision = dist_ctx.broadcast(choice)
         self.dtype = self.precision.dtype
+        self.run_id = run_id
         self.raw_model = model.to(self.device)  # unwrapped: what checkpoints hold
         self.model_args = model.args
         self.tokenizer_fingerprint = tokenizer_fingerprint
@@ -261,27 +305,40 @@ class Trainer:
     def checkpoint_state(self, phase, data_state):
         return {"optimizer": None if self.fsdp else self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "phase": phase, "data_state": data_state,
-                "rng": rng_state(), "config": self.cfg,
+                "rng": rng_state(), "config": self.cfg, "run_id": self.run_id,
                 "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype_trained": self.dtype}
 
     def save(self, path, phase, data_state):
+        """Write the checkpoint (atomically); a failed write (a full disk) stops every rank with
+        CheckpointError, and the previous checkpoint is left as it was."""
         for p in self.raw_model.parameters():  # never replace a good checkpoint with a broken model
             if not torch.isfinite(p.detach()).all():
                 raise NonFiniteLoss(f"non-finite weights at step {self.step}: checkpoint {path} not written")
         state = self.checkpoint_state(phase, data_state)
-        if self.fsdp:
-            self._save_fsdp(path, state)
-        elif self.dist.is_master:
-            atomic_save(model_checkpoint(self.raw_model, self.model_args, **state), path)
+        error = None
+        try:
+            if self.fsdp:
+                self._save_fsdp(Path(path), state)
+            elif self.dist.is_master:
+                atomic_save(model_checkpoint(self.raw_model, self.model_args, **state), path)
+        except OSError as err:
+            error = err.strerror or str(err)
+        if self.dist.all_sum(error is not None, op="max"):
+            raise CheckpointError(f"step {self.step}: {error or 'another rank could not write its checkpoint part'}; "
+                                  "nothing was replaced: the checkpoints written before are intact (free disk space, "
+                                  "then --init_from=resume)")
         self.dist.barrier()
 
     def _save_fsdp(self, path, state):
+        """The sharded folder is written under a new name per step, then ckpt.pt (renamed into place last)
+        points to it: a kill at any moment leaves ckpt.pt naming a complete folder. Older folders of the
+        same checkpoint are removed after."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        shards = Path(str(path) + ".dcp")
-        tmp = Path(str(shards) + ".tmp")
+        shards = path.with_name(f"{path.name}.dcp-{self.step:09d}")
+        tmp = shards.with_name(shards.name + ".tmp")
         if self.dist.is_master and tmp.exists():
             shutil.rmtree(tmp)
         self.dist.barrier()
@@ -297,13 +354,16 @@ class Trainer:
             os.replace(tmp, shards)
             atomic_save({**state, "rng": rngs, "model": full, "model_args": asdict(self.model_args),
                          "sharded": shards.name}, path)
+            for old in path.parent.glob(f"{path.name}.dcp*"):
+                if old.name != shards.name and old.is_dir() and old.parent == path.parent:
+                    shutil.rmtree(old)
 
     def check_shape(self, ckpt, path):
         """The checkpoint's model must have this model's shape (dropout may differ)."""
         mine, theirs = asdict(self.model_args), dict(ckpt["model_args"])
         mine.pop("dropout"), theirs.pop("dropout", None)
         if mine != theirs:
-            raise ValueError(f"{path}: model arguments differ from the config:\n  checkpoint {theirs}\n  config     {mine}")
+            raise CheckpointError(f"{path}: model arguments differ from the config:\n  checkpoint {theirs}\n  config     {mine}")
 
     def load(self, path):
         """Restore weights, optimizer, scaler, step and RNG; returns the checkpoint dict."""
@@ -313,15 +373,19 @@ class Trainer:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+            name = str(ckpt.get("sharded") or "")
+            if Path(name).name != name or not name.startswith(Path(path).name + ".dcp"):
+                raise CheckpointError(f"{path} names its shards {name!r}, not a folder beside it: refused")
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
             state = {"model": model_sd, "optimizer": optim_sd}
-            dcp.load(state, checkpoint_id=str(Path(path).parent / ckpt["sharded"]))
+            dcp.load(state, checkpoint_id=str(Path(path).parent / name))
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
             set_rng_state(ckpt["rng"][self.dist.rank])
         else:
             self.raw_model.load_state_dict(ckpt["model"], strict=True)
             if ckpt.get("optimizer") is None:
-                raise ValueError(f"{path} holds no optimizer state to resume from (an FSDP2 checkpoint? resume with parallel=fsdp)")
+                raise CheckpointError(f"{path} holds no optimizer state to resume from (an FSDP2 checkpoint? resume with "
+                                      "parallel=fsdp)")
             self.optimizer.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"] if isinstance(ckpt["rng"], dict) else ckpt["rng"][self.dist.rank])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -376,6 +440,10 @@ class Trainer:
             return batches, data.state_dict()
 
         prefetch = Prefetcher(make, first_step, last_step)
+        if d.is_master and Path(log_path).exists():  # a resumed run redoes the steps after its checkpoint: drop them
+            kept = [r for r in read_log(log_path) if r["step"] < first_step
+                    or r["step"] == first_step and r.get("event") != "start"]
+            atomic_write_text(log_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
         self.log({"step": first_step, "phase": phase, "event": "start"}, log_path)  # marks the boundary in plots
         bar = tqdm(total=last_step - first_step, desc=desc or phase, disable=not d.is_master or not cfg.get("progress", True),
                    dynamic_ncols=True)

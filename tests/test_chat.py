@@ -1,5 +1,7 @@
 """inference.py and chat.py: generation through the chat API (cache, batching, penalty, eos), the template, loading."""
 
+import re
+
 import pytest
 import torch
 
@@ -200,3 +202,23 @@ def test_interactive_session_keeps_history_and_resets(tiny_tokenizer, tiny_token
                    inference.build_prompt(tok, "感冒")[0]]  # after /reset: no history
     out = capsys.readouterr().out
     assert "(conversation cleared)" in out and out.count("助手> ") == 3 and first in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "-5"], r"argument --max-new-tokens: -5 is outside \[1, \]"),
+    (["--temperature", "-1"], r"argument --temperature: -1 is outside \[0, \]"),
+    (["--top-p", "0"], r"argument --top-p: 0 is outside \(0, 1\]"),
+    (["--batch-size", "0"], r"argument --batch-size: 0 is outside \[1, \]"),
+    (["--prompt-file", "MISSING"], "cannot read --prompt-file .*MISSING: No such file or directory"),
+    (["--prompt-file", "BINARY"], "--prompt-file .*BINARY is not UTF-8 text"),
+    (["--prompt-file", "EMPTY"], "--prompt-file .*EMPTY holds no prompt"),
+])
+def test_bad_arguments_are_one_line_before_loading_anything(tiny_tokenizer_dir, tmp_path, capsys, args, message):
+    (tmp_path / "BINARY").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "EMPTY").write_text("\n  \n", encoding="utf-8")
+    args = [str(tmp_path / a) if a in ("MISSING", "BINARY", "EMPTY") else a for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        chat.main(["--ckpt", str(tmp_path / "never_loaded.pt"), "--tokenizer", str(tiny_tokenizer_dir), *args])
+    said = str(exit_.value) + capsys.readouterr().err
+    assert exit_.value.code != 0 and re.search(message, said), said
+    assert "no checkpoint" not in said  # refused before the checkpoint was looked at

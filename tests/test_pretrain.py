@@ -1,7 +1,9 @@
 """dataset.py, trainer.py, pretrain.py: mixtures, schedules, accumulation, resume, DDP and FSDP2."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from configurator import configure
-from dataset import PretrainData, TokenSource
+from dataset import DataError, PretrainData, TokenSource
 from model import ModelArgs, Transformer
 from trainer import Dist, NonFiniteLoss, Trainer, wsd_lr
 
@@ -93,14 +95,14 @@ def test_sequential_sampling_reads_in_order_and_resumes(token_dir):
 
 
 def test_missing_source_or_other_tokenizer_is_a_clear_error(token_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="data_process.py"):
+    with pytest.raises(DataError, match="no token folder for \\['nope'\\].*run data_process.py"):
         PretrainData(token_dir, {"nope": 1}, seq_len=16)
     write_source(tmp_path, "medical", [500], tokenizer_sha256="a" * 64)
     PretrainData(tmp_path, {"medical": 1}, seq_len=16, tokenizer_fingerprint="a" * 64)
     with pytest.raises(ValueError, match="re-run data_process.py"):
         PretrainData(tmp_path, {"medical": 1}, seq_len=16, tokenizer_fingerprint="b" * 64)
     (tmp_path / "medical" / "manifest.json").unlink()  # what a killed data_process.py run can leave
-    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+    with pytest.raises(DataError, match="no manifest.json"):
         PretrainData(tmp_path, {"medical": 1}, seq_len=16)
 
 
@@ -231,13 +233,14 @@ def test_fsdp2_matches_and_resumes(tmp_path, token_dir, tiny_tokenizer_dir):
     fsdp = tmp_path / "fsdp"
     cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", nproc=2)
     np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in train_losses(tmp_path / "one")], rtol=1e-4)
-    assert (fsdp / "two" / "ckpt.pt.dcp").is_dir()
-    model, _ = load_model(fsdp / "two" / "ckpt.pt")  # full weights gathered for inference
-    assert model.num_params() > 0
+    assert [p.name for p in (fsdp / "two").glob("ckpt.pt.dcp*")] == ["ckpt.pt.dcp-000000012"]  # this step's shards
+    gathered, _ = load_model(fsdp / "two" / "ckpt.pt")  # full weights gathered for inference ...
+    single, _ = load_model(tmp_path / "one" / "two" / "ckpt.pt")  # ... equal to one process's, up to summation order
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(gathered.state_dict()[name], tensor, rtol=1e-3, atol=1e-5)
     # resume the sharded checkpoint of phase one into phase two: same losses as the uninterrupted run
     expected = train_losses(fsdp)
     (fsdp / "log.jsonl").unlink()
-    import shutil
     shutil.rmtree(fsdp / "two")
     cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", "--init_from=resume", nproc=2)
     np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in expected[6:]], rtol=1e-6)
@@ -273,3 +276,121 @@ def test_start_phase_from_checkpoint(tmp_path, token_dir, tiny_tokenizer_dir):
     assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")[6:]
     bad = cli(tmp_path / "c", token_dir, tiny_tokenizer_dir, "--start_phase=three", check=False)
     assert bad.returncode != 0 and "not a phase" in bad.stderr
+
+
+# ---------------------------------------------------------------------------- bad input: refused before step 0
+def run_pretrain(out_dir, token_dir, tokenizer_dir, *extra):
+    """pretrain.main in this process (seconds faster than a subprocess); a SystemExit carries its one line."""
+    import pretrain
+
+    pretrain.main(tiny_args(out_dir, token_dir, tokenizer_dir, *extra))
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([f"--phases={[{'name': 'one', 'iters': 6, 'decays': True, 'mixture': {'general': 1}}]!r}"],
+     r"phases\[0\] \('one'\): unknown key\(s\) \['decays'\]"),
+    ([f"--phases={[{'name': 'one', 'mixture': {'general': 1}}]!r}"], r"phases\[0\] \('one'\): missing \['iters'\]"),
+    ([f"--phases={[{'name': 'one', 'iters': 0, 'mixture': {'general': 1}}]!r}"], r"iters must be steps, an int >= 1"),
+    ([f"--phases={[{'name': '..', 'iters': 2, 'mixture': {'general': 1}}]!r}"], r"name must be a plain folder name"),
+    ([f"--phases={[{'name': 'one', 'iters': 2, 'mixture': {'../../etc': 1}}]!r}"], r"must be a folder name under data_dir"),
+    ([f"--phases={[{'name': 'a', 'iters': 2, 'decay': True, 'mixture': {'general': 1}}, {'name': 'b', 'iters': 2, 'mixture': {'general': 1}}]!r}"],
+     r"decay phases must come last"),
+    (["--grad_accum=0"], r"grad_accum must be >= 1, not 0"),
+    (["--batch_size=0"], r"batch_size must be >= 1, not 0"),
+    (["--decay_shape=cosin"], r"decay_shape must be one of"),
+    (["--learning_rate=-1.0"], r"learning_rate must be > 0"),
+    (["--grad_accum=True"], r"grad_accum must be int"),
+])
+def test_config_mistakes_stop_before_anything_is_written(tmp_path, token_dir, tiny_tokenizer_dir, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        run_pretrain(out, token_dir, tiny_tokenizer_dir, *extra)
+    assert not out.exists()
+
+
+def test_a_new_run_never_picks_up_an_earlier_runs_checkpoints(tmp_path, token_dir, tiny_tokenizer_dir):
+    import sft
+
+    out = tmp_path / "run"
+    run_pretrain(out, token_dir, tiny_tokenizer_dir)  # phases one and two, 12 steps
+    only_one = f"--phases={[PHASES[0]]!r}"
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        run_pretrain(out, token_dir, tiny_tokenizer_dir, only_one)
+    run_pretrain(out, token_dir, tiny_tokenizer_dir, only_one, "--overwrite=True")
+    assert not (out / "two").exists()  # the earlier run's later phase went aside with it
+    assert len(list(tmp_path.glob("run.replaced-*/two/ckpt.pt"))) == 1
+    assert sft.latest_pretrain_checkpoint(out) == out / "one" / "ckpt.pt"
+    # a foreign checkpoint dropped into this run's folder is not "the latest" either
+    shutil.copytree(next(tmp_path.glob("run.replaced-*/two")), out / "two")
+    assert sft.latest_pretrain_checkpoint(out) == out / "one" / "ckpt.pt"
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_step_zero(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    write_source(tmp_path, "general", [3000], tokenizer_sha256=tiny_tokenizer.fingerprint)
+    shard = tmp_path / "general" / "general_0000.bin"
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    tokens[1234] = tiny_tokenizer.vocab_size + 5  # one id the model cannot embed
+    tokens.tofile(shard)
+    phases = f"--phases={[{'name': 'one', 'iters': 2, 'mixture': {'general': 1}}]!r}"
+    with pytest.raises(SystemExit, match=f"token id {tiny_tokenizer.vocab_size + 5} is beyond the model's vocabulary"):
+        run_pretrain(tmp_path / "scanned", tmp_path, tiny_tokenizer_dir, phases)  # no max_token_id: the shards are scanned
+    manifest = json.loads((tmp_path / "general" / "manifest.json").read_text())
+    manifest["shards"][0]["max_token_id"] = int(tokens.max())
+    (tmp_path / "general" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="beyond the model's vocabulary"):
+        run_pretrain(tmp_path / "recorded", tmp_path, tiny_tokenizer_dir, phases)
+    assert not (tmp_path / "recorded" / "one").exists()
+    manifest["shards"][0]["max_token_id"] = 10  # a manifest that lies is caught at the batch that holds the id
+    (tmp_path / "general" / "manifest.json").write_text(json.dumps(manifest))
+    data = PretrainData(tmp_path, {"general": 1}, seq_len=32, seed=0, vocab_size=tiny_tokenizer.vocab_size,
+                        sampling="sequential")
+    with pytest.raises(DataError, match="general: a token id beyond the model's vocabulary"):
+        for step in range(200):
+            data.train_batches(step, 1, 8)
+
+
+def test_manifest_paths_stay_in_their_folder(tmp_path):
+    write_source(tmp_path, "general", [3000])
+    (tmp_path / "secret.bin").write_bytes(np.arange(3000, dtype=np.uint16).tobytes())
+    manifest = json.loads((tmp_path / "general" / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = "../secret.bin"
+    (tmp_path / "general" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"shard '../secret.bin' is not a file name inside"):
+        TokenSource(tmp_path / "general", 32)
+    (tmp_path / "general" / "manifest.json").write_text('{"shards": [')  # cut short
+    with pytest.raises(DataError, match=r"manifest.json is not a data_process.py manifest.*re-run data_process.py"):
+        TokenSource(tmp_path / "general", 32)
+
+
+def test_resume_after_a_kill_that_tore_the_last_log_line(tmp_path, token_dir, tiny_tokenizer_dir):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_pretrain(full, token_dir, tiny_tokenizer_dir)
+    run_pretrain(part, token_dir, tiny_tokenizer_dir, "--stop_at=9")
+    with open(part / "log.jsonl", "a") as f:
+        f.write('{"step": 10, "phase": "two", "lo')  # the kill came in the middle of a write
+    run_pretrain(part, token_dir, tiny_tokenizer_dir, "--init_from=resume")
+    assert train_losses(part) == train_losses(full)
+
+
+def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, token_dir,
+                                                                                   tiny_tokenizer_dir, monkeypatch):
+    out = tmp_path / "run"
+    run_pretrain(out, token_dir, tiny_tokenizer_dir, "--stop_at=6")
+    before = (out / "one" / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"pretrain.py: step 12: cannot write .*two/ckpt.pt: No space left on device; "
+                                         r"nothing was replaced"):
+        run_pretrain(out, token_dir, tiny_tokenizer_dir, "--init_from=resume")
+    assert (out / "one" / "ckpt.pt").read_bytes() == before
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, token_dir, tiny_tokenizer_dir):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit, match="out_dir .*taken is a file, not a folder"):
+        run_pretrain(tmp_path / "taken", token_dir, tiny_tokenizer_dir)

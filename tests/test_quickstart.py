@@ -28,6 +28,13 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
     assert report.count("用户>") == 3 and (out / "loss.png").stat().st_size > 10_000
     assert all((out / "pretrain" / p / "ckpt.pt").is_file() for p in ("general", "refined", "anneal", "clinical"))
     assert json.loads((out / "eval" / "ppl_sft.json").read_text())["sources"]["heldout"]["tokens"] > 1000
+    log = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
+    first_train = next(r["loss"] for r in log if "loss" in r)
+    validation = [r["val/val"] for r in log if "val/val" in r]
+    assert len(validation) == 4 and validation[-1] < first_train - 0.5  # 12 steps learn something
+    heldout = {name: json.loads((out / "eval" / f"ppl_{name}.json").read_text())["sources"]["heldout"]["loss_per_token"]
+               for name in ("general", "clinical")}
+    assert heldout["clinical"] < heldout["general"]  # the held-out loss falls from the first phase to the last
     again = subprocess.run([sys.executable, "quickstart.py", "--smoke", "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") >= 5  # finished stages are reused
