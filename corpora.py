@@ -36,7 +36,7 @@ import ijson
 from xml.parsers import expat
 
 SNIFF_BYTES = 1 << 16  # how much of a file decides its encoding
-XML_CHUNK_BYTES = 1 << 20  # XML is parsed in chunks of this many bytes
+XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
 
@@ -318,7 +318,6 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
                 yield from done
                 done.clear()
             parser.Parse(b"", True)
-            yield from done
     except RefusedXML as err:
         problems.add("XML declares entities (XXE / billion laughs risk), file refused", path,
                      parser.CurrentLineNumber, f"entity {err}")
@@ -326,6 +325,7 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
         problems.add("malformed XML, rest of file skipped", path, err.lineno, expat.errors.messages[err.code])
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         problems.add("truncated or corrupt gzip file", path, parser.CurrentLineNumber, str(err))
+    yield from done  # the records that closed before the end of the file, or before an error
 
 
 def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
