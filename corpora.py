@@ -31,9 +31,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from xml.parsers import expat
 
 import ijson
-from xml.parsers import expat
 
 SNIFF_BYTES = 1 << 16  # how much of a file decides its encoding
 XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
@@ -341,7 +341,7 @@ def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
                 problems.add("encrypted PDF: needs its password", path)
                 return
             pages = [page.extract_text() or "" for page in reader.pages]
-    except Exception as err:  # pypdf raises many kinds on damaged files; none may stop a run
+    except Exception as err:  # noqa: BLE001 - pypdf raises many kinds on damaged files; none may stop a run
         problems.add("unreadable PDF", path, None, f"{type(err).__name__}: {str(err)[:160]}")
         return
     yield None, pages

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 import corpora
-from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
+from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 
 DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
 MIN_CHARS = 10  # documents shorter than this after cleaning are dropped
@@ -160,7 +160,7 @@ _tokenizer = None  # set in each worker by _init_worker
 
 def _init_worker(tokenizer_path):
     global _tokenizer
-    _tokenizer = load_tokenizer(tokenizer_path)
+    _tokenizer = load_encoder(tokenizer_path)
 
 
 def encode_unit(task) -> UnitResult:
@@ -440,7 +440,7 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
                     shard_tokens=SHARD_TOKENS, force=False, unit_bytes=UNIT_MB << 20) -> list[dict | None]:
     """Every source into OUT/NAME/, deduplicated across all of them; a manifest per source (None for a
     source whose path matched no files). Everything that can be checked is checked before any work."""
-    tokenizer = load_tokenizer(tokenizer_path)  # FileNotFoundError says how to get one
+    tokenizer = load_encoder(tokenizer_path)  # FileNotFoundError says how to get one
     check_tokenizer(tokenizer, tokenizer_path)
     workers = max(1, workers)
     names = [source.name for source in sources]

@@ -676,7 +676,8 @@ def jats_reference(path):
     """Title, paragraphs, captions and references of a JATS file, read with the standard library."""
     import xml.etree.ElementTree as ET
     root = ET.parse(path).getroot()
-    flat = lambda e: " ".join("".join(e.itertext()).split())  # noqa: E731
+    def flat(element):
+        return " ".join("".join(element.itertext()).split())
     return {"title": flat(root.find("front/article-meta/title-group/article-title")),
             "paragraphs": [flat(p) for p in root.find("body").iter("p")
                            if not p.findall("fig") and all(p not in c.iter("p") for c in root.iter("caption"))],

@@ -257,7 +257,7 @@ def test_errors_come_before_any_work(tmp_path, tokenizer, monkeypatch):
             cli(tmp_path, *args)
         assert message in str(exit_info.value)
     huge = types.SimpleNamespace(vocab_size=70000, eos_id=2, fingerprint="0" * 64)
-    monkeypatch.setattr(dp, "load_tokenizer", lambda path: huge)
+    monkeypatch.setattr(dp, "load_encoder", lambda path: huge)
     with pytest.raises(SystemExit, match="do not fit uint16"):
         cli(tmp_path, "--source", f"skypile={corpus}", *tok)
     assert not (tmp_path / "out").exists()
