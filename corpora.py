@@ -628,7 +628,8 @@ def s2orc_datasets(content, full: bool) -> list[str]:
     if not body and not spans["abstract"]:
         raise BadRecord("no abstract and no paragraph annotations")
     if full:
-        body = sorted(body + [(start, end, name) for name in ("figurecaption", "bibentry") for start, end in spans[name]])
+        extra = [(start, end, name) for name in ("figurecaption", "bibentry") for start, end in spans[name]]
+        body = sorted(body + extra)
     return [text[start:end].strip() for start, end in head] + [text[start:end].strip() for start, end, _ in body]
 
 
