@@ -8,7 +8,8 @@
     print(problems.summary())                              # what was skipped, why, where (file:line)
 
 Three layers, top to bottom:
-  1. containers: JSON lines, JSON arrays (streamed with ijson), CSV (real quoting), plain text;
+  1. containers: JSON lines, JSON arrays (streamed with ijson), CSV (real quoting), plain text, XML
+     (one element per record, streamed, entity declarations refused), PDF (the text of each page);
      transparent .gz; the encoding sniffed per file (UTF-8, UTF-8 with BOM, GB18030).
   2. readers: one short generator per dataset, record -> text / turns / question. A reader raises
      BadRecord for a record it cannot use and may `yield Skipped(...)` for a part it leaves out.
@@ -24,15 +25,18 @@ import gzip
 import json
 import os
 import re
+import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from xml.parsers import expat
 
 import ijson
 
 SNIFF_BYTES = 1 << 16  # how much of a file decides its encoding
+XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
 
@@ -260,11 +264,95 @@ def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int,
         yield first, "".join(block)
 
 
+class RefusedXML(Exception):
+    """XML that declares entities: the way to XXE (external files, URLs) and billion laughs."""
+
+
+def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, ET.Element]]:
+    """(line, element) for every element named record_tag (namespace prefixes dropped from all names),
+    streamed: an element is built only between its start and end tag and handed over whole, so memory
+    holds one record, never the file. A file that declares entities is refused: no external file, URL
+    or DTD is ever read, and no entity expands. A malformed file yields what parsed before the error."""
+    done = []  # (line, element) of the records finished since the last chunk
+    builder, first_line, depth = None, 0, 0  # the open record, where it starts, how deep we are in it
+    parser = expat.ParserCreate()
+    parser.buffer_text = True  # one data callback per text run, not per line
+
+    def start(tag, attributes):
+        nonlocal builder, first_line, depth
+        tag = tag.rpartition(":")[2]
+        if builder is None:
+            if tag != record_tag:
+                return
+            builder, first_line = ET.TreeBuilder(), parser.CurrentLineNumber
+        depth += 1
+        builder.start(tag, attributes)
+
+    def end(tag):
+        nonlocal builder, depth
+        if builder is not None:
+            builder.end(tag.rpartition(":")[2])
+            depth -= 1
+            if not depth:
+                done.append((first_line, builder.close()))
+                builder = None
+
+    def data(text):
+        if builder is not None:
+            builder.data(text)
+
+    def refuse(name, *_):
+        raise RefusedXML(name)
+
+    def skipped_entity(name, is_parameter):
+        problems.add("undefined XML entity dropped", path, parser.CurrentLineNumber, f"&{name};")
+
+    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, data
+    parser.EntityDeclHandler = parser.UnparsedEntityDeclHandler = refuse
+    parser.ExternalEntityRefHandler = refuse
+    parser.SkippedEntityHandler = skipped_entity
+    try:
+        with open_binary(path) as f:
+            while chunk := f.read(XML_CHUNK_BYTES):
+                parser.Parse(chunk, False)
+                yield from done
+                done.clear()
+            parser.Parse(b"", True)
+    except RefusedXML as err:
+        problems.add("XML declares entities (XXE / billion laughs risk), file refused", path,
+                     parser.CurrentLineNumber, f"entity {err}")
+    except expat.ExpatError as err:
+        problems.add("malformed XML, rest of file skipped", path, err.lineno, expat.errors.messages[err.code])
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        problems.add("truncated or corrupt gzip file", path, parser.CurrentLineNumber, str(err))
+    yield from done  # the records that closed before the end of the file, or before an error
+
+
+def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
+    """One record per PDF: the text of each of its pages (pypdf; "" for a page without a text layer)."""
+    import logging
+
+    import pypdf
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings about sloppy files are not ours to print
+    try:
+        with open_binary(path) as f:
+            reader = pypdf.PdfReader(f)
+            if reader.is_encrypted and not reader.decrypt(""):
+                problems.add("encrypted PDF: needs its password", path)
+                return
+            pages = [page.extract_text() or "" for page in reader.pages]
+    except Exception as err:  # noqa: BLE001 - pypdf raises many kinds on damaged files; none may stop a run
+        problems.add("unreadable PDF", path, None, f"{type(err).__name__}: {str(err)[:160]}")
+        return
+    yield None, pages
+
+
 def container(path) -> str | None:
-    """'json' (lines or array), 'csv', 'text', or None: by extension (under .gz), else by the first byte."""
+    """'json' (lines or array), 'csv', 'text', 'xml', 'pdf', or None: by extension (under .gz), else by
+    the first byte."""
     name = str(path).lower().removesuffix(".gz")
     for kind, extensions in (("json", (".json", ".jsonl", ".ndjson")), ("csv", (".csv",)),
-                             ("text", (".txt", ".text", ".md"))):
+                             ("text", (".txt", ".text", ".md")), ("xml", (".xml", ".nxml")), ("pdf", (".pdf",))):
         if name.endswith(extensions):
             return kind
     return "json" if _first_byte(path) in (b"{", b"[") else None
@@ -280,10 +368,15 @@ def _first_byte(path) -> bytes:
     return prefix[:1]
 
 
-def iter_records(path, problems: Problems, span=None) -> Iterator[tuple[object, object]]:
-    """(location, record) for any container; span only for JSON lines and plain text."""
+def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterator[tuple[object, object]]:
+    """(location, record) for any container; span only for JSON lines and plain text, record_tag (the
+    element that is one record) only for XML."""
     kind = container(path)
-    if kind == "csv":
+    if kind == "xml":
+        yield from iter_xml(path, problems, record_tag)
+    elif kind == "pdf":
+        yield from iter_pdf(path, problems)
+    elif kind == "csv":
         yield from iter_csv(path, problems)
     elif kind == "text":
         yield from iter_text_blocks(path, problems, span)
@@ -302,14 +395,15 @@ class Format:
     containers: tuple = ("json",)  # file kinds it reads; other files are skipped and counted
     companions: tuple = ()  # file-name globs that ship with the dataset but hold no records: skipped quietly
     whole_source: bool = False  # needs all its files at once (a join), so it cannot be split
+    record_tag: str | None = None  # XML: the element that is one record
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register(name, kind="text", containers=("json",), companions=(), whole_source=False):
+def register(name, kind="text", containers=("json",), companions=(), whole_source=False, record_tag=None):
     def add(read):
-        FORMATS[name] = Format(kind, read, containers, companions, whole_source)
+        FORMATS[name] = Format(kind, read, containers, companions, whole_source, record_tag)
         return read
     return add
 
@@ -440,6 +534,253 @@ def cmedqa2(files, problems):
 def plain_text(block):
     """Plain text files (.txt/.md): one document per block of lines separated by blank lines."""
     yield block
+
+
+# ---- medical literature: S2ORC, PubMed Central, PubMed, guidelines as PDF
+# A document is its title, abstract, then section headings and paragraphs in reading order, one per line.
+# Figure and table captions and the reference list are left out; the NAME_full formats keep them.
+
+def paragraph_texts(record, name: str) -> list[str]:
+    """The `text` of each paragraph object in record[name] (a list; missing or null: none)."""
+    paragraphs = record.get(name) or []
+    if not isinstance(paragraphs, list) or not all(isinstance(p, dict) for p in paragraphs):
+        raise BadRecord(f"field '{name}' is not a list of paragraphs", type(paragraphs).__name__)
+    return [text_field(p, "text", False) for p in paragraphs]
+
+
+def s2orc_classic(record, full: bool) -> list[str]:
+    """S2ORC 2019/2020 and s2orc-doc2json: title and abstract at the top or under `metadata` (an abstract
+    string marks its breaks with ':::'), paragraphs {section, text} in `body_text` at the top or in
+    `pdf_parse` / `latex_parse` / `grobid_parse`; captions in `ref_entries`, the bibliography in `bib_entries`."""
+    metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    parse = next((record[key] for key in ("pdf_parse", "latex_parse", "grobid_parse")
+                  if isinstance(record.get(key), dict) and record[key].get("body_text")), record)
+    lines = [text_field(record, "title", False) or text_field(metadata, "title", False)]
+    abstract = record.get("abstract") or metadata.get("abstract") or parse.get("abstract")
+    if isinstance(abstract, str):
+        lines += [part.strip() for part in abstract.split(":::")]
+    elif abstract:
+        lines += paragraph_texts({"abstract": abstract}, "abstract")
+    section = ""
+    body = parse.get("body_text") or []
+    for paragraph, text in zip(body, paragraph_texts(parse, "body_text")):
+        heading = text_field(paragraph, "section", False)
+        if heading and heading != section:
+            lines.append(heading)
+        section = heading
+        lines.append(text)
+    if full:
+        captions, bibliography = parse.get("ref_entries") or {}, parse.get("bib_entries") or {}
+        if not isinstance(captions, dict) or not isinstance(bibliography, dict):
+            raise BadRecord("field 'ref_entries' or 'bib_entries' is not an object")
+        lines += [text_field(entry, "text", False) for entry in captions.values() if isinstance(entry, dict)]
+        lines += [text_field(entry, "raw_text", False) or ", ".join(filter(None, (
+            text_field(entry, key, False) for key in ("title", "venue", "year")))) for entry in bibliography.values()
+            if isinstance(entry, dict)]
+    if not body and not abstract:
+        raise BadRecord("no abstract and no body_text", text_field(record, "paper_id", False))
+    return lines
+
+
+def annotation_spans(annotations: dict, name: str, size: int) -> list[tuple[int, int]]:
+    """One annotation layer of the Semantic Scholar datasets' S2ORC as sorted (start, end) offsets into
+    content.text; the release stores each layer as a JSON string (null: no such spans)."""
+    layer = annotations.get(name)
+    if isinstance(layer, str):
+        try:
+            layer = json.loads(layer)
+        except json.JSONDecodeError:
+            raise BadRecord(f"annotation '{name}' is not JSON", layer[:60]) from None
+    spans = []
+    for span in layer or []:
+        try:
+            start, end = int(span["start"]), int(span["end"])
+        except (TypeError, KeyError, ValueError):
+            raise BadRecord(f"annotation '{name}' has a span without start and end", repr(span)[:60]) from None
+        if not 0 <= start <= end <= size:
+            raise BadRecord(f"annotation '{name}' points outside the text", f"{start}-{end} of {size} characters")
+        spans.append((start, end))
+    return sorted(spans)
+
+
+def s2orc_datasets(content, full: bool) -> list[str]:
+    """Semantic Scholar datasets API S2ORC: `content.text` (the whole paper) and `content.annotations`
+    {title, abstract, sectionheader, paragraph, figure, figurecaption, table, bibentry, ...: spans}. The
+    first title span, the abstract, then headings and paragraphs by offset; headings and paragraphs
+    inside figures, tables and bibliography entries, and headings after the last paragraph (figure
+    labels), are not body text."""
+    if not isinstance(content, dict):
+        raise BadRecord("field 'content' is not an object", type(content).__name__)
+    text = content.get("text")  # not stripped: the offsets count from its first character
+    if not isinstance(text, str) or not text.strip():
+        raise BadRecord("field 'content.text' is empty or not text", type(text).__name__)
+    annotations = content.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise BadRecord("field 'annotations' is not an object", type(annotations).__name__)
+    spans = {name: annotation_spans(annotations, name, len(text)) for name in
+             ("title", "abstract", "sectionheader", "paragraph", "figure", "figurecaption", "table", "bibentry")}
+    head = spans["title"][:1] + spans["abstract"][:1]
+    not_body = head + spans["figure"] + spans["table"] + spans["bibentry"]
+    body = sorted((start, end, name) for name in ("sectionheader", "paragraph") for start, end in spans[name]
+                  if not any(outer <= start and end <= outer_end for outer, outer_end in not_body))
+    while body and body[-1][2] == "sectionheader":
+        body.pop()
+    if not body and not spans["abstract"]:
+        raise BadRecord("no abstract and no paragraph annotations")
+    if full:
+        extra = [(start, end, name) for name in ("figurecaption", "bibentry") for start, end in spans[name]]
+        body = sorted(body + extra)
+    return [text[start:end].strip() for start, end in head] + [text[start:end].strip() for start, end, _ in body]
+
+
+def s2orc_document(record, full: bool) -> str:
+    if not isinstance(record, dict):
+        raise BadRecord("record is not an object", type(record).__name__)
+    lines = s2orc_datasets(record["content"], full) if "content" in record else s2orc_classic(record, full)
+    return "\n".join(line for line in lines if line)
+
+
+@register("s2orc", companions=("RELEASE_NOTES", "LICENSE*", "*.md5"))
+def s2orc(record):
+    """S2ORC JSON lines in either layout: the classic releases (S2ORC 2019/2020, s2orc-doc2json, CORD-19)
+    or the Semantic Scholar datasets API's `content` with annotation offsets."""
+    yield s2orc_document(record, full=False)
+
+
+@register("s2orc_full", companions=("RELEASE_NOTES", "LICENSE*", "*.md5"))
+def s2orc_full(record):
+    """s2orc, keeping figure and table captions and the bibliography."""
+    yield s2orc_document(record, full=True)
+
+
+JATS_FLOATS = frozenset({"fig", "fig-group", "table-wrap", "table-wrap-group"})
+JATS_LINES = frozenset({"title", "p"})  # elements whose text is one line of the document
+PMC_COMPANIONS = ("*.filelist.*", "oa_file_list.*", "*.jpg", "*.gif", "*.png", "*.tif", "*.pdf", "*.md5")
+
+
+def inline_text(element, skip=frozenset()) -> str:
+    """The element's text with its children's inline, except children named in skip; whitespace runs
+    (XML indentation) become one space."""
+    parts = [element.text or ""]
+    for child in element:
+        if child.tag not in skip:
+            parts.append(inline_text(child, skip))
+        parts.append(child.tail or "")
+    return " ".join("".join(parts).split())
+
+
+def jats_lines(element, full: bool, lines: list):
+    """Titles and paragraphs under element in document order. Figures and tables (their captions) and
+    the reference list (a line per reference) only when full; a float inside a paragraph follows it."""
+    for child in element:
+        if not full and (child.tag in JATS_FLOATS or child.tag == "ref-list"):
+            continue
+        if child.tag == "ref":  # mixed-citation carries its punctuation; element-citation is bare fields
+            mixed = child.find("mixed-citation") is not None
+            lines.append(inline_text(child) if mixed else " ".join(" ".join(child.itertext()).split()))
+        elif child.tag in JATS_LINES:
+            lines.append(inline_text(child, JATS_FLOATS))
+            if full:
+                jats_floats(child, lines)
+        else:
+            jats_lines(child, full, lines)
+
+
+def jats_floats(element, lines: list):
+    for child in element:
+        if child.tag in JATS_FLOATS:
+            jats_lines(child, True, lines)
+        else:
+            jats_floats(child, lines)
+
+
+def pmc_document(article, full: bool) -> str:
+    """JATS `article`: front/article-meta's article-title and abstract(s), then body's sec titles and
+    paragraphs (lists, boxes and quotes included); full adds figure/table captions, floats-group and
+    back's ref-list."""
+    meta = article.find("front/article-meta")
+    title = meta.find("title-group/article-title") if meta is not None else None
+    lines = [inline_text(title)] if title is not None else []
+    parts = (meta.findall("abstract") if meta is not None else []) + [article.find("body")]
+    if full:
+        parts += [article.find("floats-group"), article.find("back/ref-list")]
+    for part in parts:
+        if part is not None:
+            jats_lines(part, full, lines)
+    lines = [line for line in lines if line]
+    if len(lines) < 2:
+        raise BadRecord("no abstract and no body text", lines[0] if lines else "no title")
+    return "\n".join(lines)
+
+
+@register("pmc", containers=("xml",), companions=PMC_COMPANIONS, record_tag="article")
+def pmc(article):
+    """PubMed Central Open Access JATS XML (`.xml` / `.nxml`, one article per file or many in a set)."""
+    yield pmc_document(article, full=False)
+
+
+@register("pmc_full", containers=("xml",), companions=PMC_COMPANIONS, record_tag="article")
+def pmc_full(article):
+    """pmc, keeping figure and table captions and the reference list."""
+    yield pmc_document(article, full=True)
+
+
+@register("pubmed", containers=("xml",), companions=("*.md5", "README*"), record_tag="PubmedArticle")
+def pubmed(record):
+    """MEDLINE/PubMed baseline and update files: MedlineCitation/Article's ArticleTitle (and the original
+    language's VernacularTitle), then each AbstractText as "LABEL: text". Title-only citations are
+    skipped (counted); DeleteCitation and book records are not PubmedArticle and are not read."""
+    pmid = "PMID " + (record.findtext("MedlineCitation/PMID") or "?").strip()
+    article = record.find("MedlineCitation/Article")
+    if article is None:
+        raise BadRecord("no MedlineCitation/Article", pmid)
+    paragraphs = article.findall("Abstract/AbstractText")
+    if not paragraphs:
+        raise BadRecord("no abstract (title only)", pmid)
+    lines = [inline_text(article.find(name)) for name in ("ArticleTitle", "VernacularTitle")
+             if article.find(name) is not None]
+    for paragraph in paragraphs:
+        label, text = paragraph.get("Label", "").strip(), inline_text(paragraph)
+        lines.append(f"{label}: {text}" if label and label != "UNLABELLED" and text else text)
+    yield "\n".join(line for line in lines if line)
+
+
+PDF_EDGE_LINES = 2  # lines at the top and at the bottom of a page where running headers and footers sit
+DIGIT_RUNS = re.compile(r"\d+")
+LINE_END_HYPHEN = re.compile(r"(?<=[A-Za-z])-\n(?=[a-z])")
+
+
+def running_lines(pages: list[list[str]]) -> set[str]:
+    """Headers and footers: lines near a page's top or bottom that recur on most pages of a document of
+    3 or more pages, digits aside (page numbers), compared without spaces."""
+    if len(pages) < 3:
+        return set()
+    seen = Counter()
+    for lines in pages:
+        seen.update({edge_key(line) for line in lines[:PDF_EDGE_LINES] + lines[-PDF_EDGE_LINES:]})
+    return {key for key, count in seen.items() if count > len(pages) / 2}
+
+
+def edge_key(line: str) -> str:
+    return DIGIT_RUNS.sub("#", "".join(line.split()))
+
+
+@register("pdf", containers=("pdf",))
+def pdf(pages):
+    """Guidelines as PDF (e.g. Medsci's): the text layer of each page, with running headers and footers
+    removed and words hyphenated at a line end joined; one document per file. A PDF without any text
+    (a scan) is counted as needing OCR, and so is each textless page of one that has text."""
+    if not any(page.strip() for page in pages):
+        raise BadRecord("no text layer: needs OCR", f"{len(pages)} page(s)")
+    lines = [[line.strip() for line in page.splitlines() if line.strip()] for page in pages]
+    running = running_lines(lines)
+    kept = []
+    for number, page in enumerate(lines, 1):
+        if not page:
+            yield Skipped("page without a text layer: needs OCR", f"page {number}")
+        edge = set(range(PDF_EDGE_LINES)) | set(range(len(page) - PDF_EDGE_LINES, len(page)))
+        kept += [line for i, line in enumerate(page) if i not in edge or edge_key(line) not in running]
+    yield LINE_END_HYPHEN.sub("", "\n".join(kept))
 
 
 # ---- SFT dialogues
@@ -659,6 +1000,10 @@ ALIASES = {
     "belle": ("belle_1m", "belle_open_source_1m", "belle_open_source_0.5m"),
     "belle_multiturn": ("multiturn_chat_0.8m", "belle_multiturn_chat"),
     "sharegpt": ("sharegpt_gpt4", "sharegpt_v3", "minimind"),
+    "s2orc": ("pdf_parses", "semantic_scholar", "cord19", "cord_19"),
+    "pmc": ("pubmed_central", "pmc_oa", "oa_comm", "oa_noncomm", "oa_other"),
+    "pubmed": ("medline", "pubmed_baseline"),
+    "pdf": ("medsci", "medsci_guidelines", "guidelines_pdf"),
     "ceval": ("c_eval", "ceval_exam"),
     "text": ("txt", "plain", "plaintext", "heldout", "notes"),
 }
@@ -752,7 +1097,7 @@ def _readable_files(source: Source, fmt: Format, problems: Problems) -> Iterator
 def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[tuple[Path, object, object]]:
     """(file, location, output) for every output of the source's reader; everything skipped is counted."""
     for path in _readable_files(source, fmt, problems):
-        for where, record in iter_records(path, problems, span):
+        for where, record in iter_records(path, problems, span, fmt.record_tag):
             try:
                 for output in (fmt.read(record, path) if fmt.kind == "question" else fmt.read(record)):
                     if isinstance(output, Skipped):

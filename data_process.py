@@ -15,13 +15,15 @@ Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py, docs/datasets.
 
 How it works:
   1. corpora.split_source cuts every source into work units: whole files, and byte ranges (at record
-     boundaries) of JSON-lines / text files, about 4 per worker and at most --unit-mb each.
+     boundaries) of JSON-lines / text files, about 16 per worker and at most --unit-mb each.
   2. Workers, one unit at a time: read records, clean, drop short documents, hash, encode in batches and
      append the tokens to a part file. Nothing holds a corpus in memory.
   3. The parent takes the units' results in unit order, so the output is the same bytes for any
      --workers. It drops documents whose text hash it has already seen in this run (every source of one
-     invocation; the first occurrence wins), and with --minhash near-duplicates (MinHash + LSH over
-     character shingles), then copies the rest into shards.
+     invocation; the first occurrence wins) and copies the rest into shards. With --minhash (MinHash +
+     LSH over character shingles) the copy waits until the source's near duplicates are known: band keys
+     are filed on disk by partition and decided one partition at a time (BandKeys), so no signatures of
+     the whole corpus are ever held in memory.
   4. Shards are written as *.tmp, fsynced and renamed only when all of a source is done; stale shards of
      an earlier run are removed just before; manifest.json comes last. A killed run leaves either the
      earlier output or the new one, never a half-written shard under a final name.
@@ -37,6 +39,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,16 +47,19 @@ import numpy as np
 from tqdm import tqdm
 
 import corpora
-from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
+from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 
 DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
 MIN_CHARS = 10  # documents shorter than this after cleaning are dropped
 SHARD_TOKENS = 1 << 28  # a shard is closed after the document that brings it to this many tokens (512 MiB)
 UNIT_MB = 64  # JSON-lines / text files are split into work units of at most about this size ...
-MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at 4 units per worker: output is the same for any size
+MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at UNITS_PER_WORKER units per worker: output is the
+UNITS_PER_WORKER = 16  # same for any size; many units keep the last ones short, so no worker idles long at the end
 BATCH_CHARS = 1 << 20  # characters per encode_batch call inside a worker
 COPY_TOKENS = 1 << 22  # tokens the parent moves from a part file to the shards at a time (8 MiB)
 MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
+MINHASH_PARTITION_BITS = 8  # band keys are filed on disk by their top bits: 256 partitions, one in memory at a time
+MINHASH_PARTITIONS = 1 << MINHASH_PARTITION_BITS
 CLEANING = ("control characters removed except \\n and \\t; line breaks -> \\n; runs of spaces -> one; lines "
             "trimmed; at most one blank line; Chinese punctuation untouched")
 
@@ -135,11 +141,86 @@ class SeenHashes:
         return new
 
 
+def contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    found = np.minimum(np.searchsorted(sorted_values, values), max(len(sorted_values) - 1, 0))
+    return sorted_values[found] == values if len(sorted_values) else np.zeros(len(values), bool)
+
+
+class BandKeys:
+    """The run's LSH band keys on disk, filed by their top bits into MINHASH_PARTITIONS partitions, so
+    that deciding which documents are near duplicates holds one partition in memory at a time and
+    never the signatures of the whole corpus (SkyPile-150B: 233M documents x 16 keys x 8 bytes = 30 GB).
+    Per partition: seen_P.u64, the sorted unique keys of the sources done; staged_P.u64, (key, document)
+    pairs of the source in progress."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, kind: str, partition: int) -> Path:
+        return self.folder / f"{kind}_{partition:03d}.u64"
+
+    def file(self, kind: str, keys: np.ndarray, rows: np.ndarray):
+        """Append each row to the `kind` file of its key's partition."""
+        partition = (keys >> np.uint64(64 - MINHASH_PARTITION_BITS)).astype(np.int64)
+        order = np.argsort(partition, kind="stable")
+        bounds = np.searchsorted(partition[order], np.arange(MINHASH_PARTITIONS + 1))
+        rows = rows[order]
+        for p in np.flatnonzero(np.diff(bounds)):
+            with open(self.path(kind, p), "ab") as f:
+                rows[bounds[p]:bounds[p + 1]].tofile(f)
+
+    def seen(self, partition: int) -> np.ndarray:
+        path = self.path("seen", partition)
+        return np.fromfile(path, np.uint64) if path.exists() else np.empty(0, np.uint64)
+
+    def stage(self, keys: np.ndarray, first_document: int):
+        """keys: (documents, bands) of the source's documents first_document, first_document + 1, ..."""
+        documents = np.arange(first_document, first_document + len(keys), dtype=np.uint64).repeat(keys.shape[1])
+        self.file("staged", keys.ravel(), np.column_stack([keys.ravel(), documents]))
+
+    def near_duplicates(self, documents: int, log: "HashLog") -> np.ndarray:
+        """Which of the source's staged documents share a band key with an earlier document: of an earlier
+        source, or earlier in this one (a dropped near duplicate's keys count too: a chain of similar
+        documents keeps only its first). The source's new keys join the seen ones and go to log."""
+        near = np.zeros(documents, bool)
+        for partition in range(MINHASH_PARTITIONS):
+            staged = self.path("staged", partition)
+            if not staged.exists():
+                continue
+            pairs = np.fromfile(staged, np.uint64).reshape(-1, 2)
+            staged.unlink()
+            keys, owners = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].T
+            first = np.ones(len(keys), bool)
+            first[1:] = keys[1:] != keys[:-1]
+            seen = self.seen(partition)
+            known = contains(seen, keys)
+            near[owners[~first | known]] = True
+            fresh = keys[first & ~known]
+            log.write(fresh)
+            np.union1d(seen, fresh).tofile(self.path("seen", partition))
+        return near
+
+    def remember(self, log_path: Path):
+        """An up-to-date source's logged keys join the seen ones, read a slice at a time."""
+        if not log_path.stat().st_size:
+            return
+        keys = np.memmap(log_path, "<u8", mode="r")
+        for start in range(0, len(keys), COPY_TOKENS):
+            chunk = np.array(keys[start:start + COPY_TOKENS], np.uint64)
+            self.file("incoming", chunk, chunk)
+        for partition in range(MINHASH_PARTITIONS):
+            incoming = self.path("incoming", partition)
+            if incoming.exists():
+                np.union1d(self.seen(partition), np.fromfile(incoming, np.uint64)).tofile(self.path("seen", partition))
+                incoming.unlink()
+
+
 @dataclass
 class Dedup:
-    """The run's memory of documents: exact text hashes, LSH band keys, and which sources filled them."""
+    """The run's memory of documents: exact text hashes (in RAM, 8 bytes a document), LSH band keys (on
+    disk, with --minhash), and which sources filled them."""
     exact: SeenHashes = field(default_factory=SeenHashes)
-    bands: SeenHashes = field(default_factory=SeenHashes)
+    bands: BandKeys | None = None
     sources: list = field(default_factory=list)  # [{"name", "dedup_sha256"}] in processing order
 
 
@@ -160,7 +241,7 @@ _tokenizer = None  # set in each worker by _init_worker
 
 def _init_worker(tokenizer_path):
     global _tokenizer
-    _tokenizer = load_tokenizer(tokenizer_path)
+    _tokenizer = load_encoder(tokenizer_path)
 
 
 def encode_unit(task) -> UnitResult:
@@ -256,25 +337,17 @@ class HashLog:
         self.file.close()
 
 
-def merge_unit(result: UnitResult, dedup: Dedup, writer: ShardWriter, logs: list, problems: corpora.Problems,
-               label) -> int:
-    """Dedup one unit's documents against everything before them and copy the rest into shards.
-    A near duplicate shares an LSH band key with any earlier document of the run, a dropped near
-    duplicate included: a chain of similar documents keeps only its first. Returns how many were kept."""
+def exact_dedup(result: UnitResult, dedup: Dedup, log: HashLog, label) -> np.ndarray:
+    """True for the unit's documents whose text no earlier document of the run had."""
     new = dedup.exact.add(result.hashes)
-    logs[0].write(result.hashes[new])
-    keep = new.copy()
-    if result.bands is not None:
-        keys = result.bands[new]
-        fresh = dedup.bands.add(keys.ravel())
-        logs[1].write(keys.ravel()[fresh])
-        keep[np.flatnonzero(new)[~fresh.reshape(keys.shape).all(axis=1)]] = False
-    duplicates, near = int((~new).sum()), int(new.sum() - keep.sum())
-    if duplicates:
-        problems.add("exact duplicate of an earlier document", label, count=duplicates)
-    if near:
-        problems.add("near duplicate (MinHash) of an earlier document", label, count=near)
+    log.write(result.hashes[new])
+    if not new.all():
+        result.problems.add("exact duplicate of an earlier document", label, count=int((~new).sum()))
+    return new
 
+
+def copy_unit(result: UnitResult, keep: np.ndarray, writer: ShardWriter) -> int:
+    """The unit's kept documents into the shards; the part file is removed. Returns how many were kept."""
     ends = np.cumsum(result.lengths)
     with open(result.part, "rb") as part:
         first = 0
@@ -330,7 +403,7 @@ def remember_skipped_source(folder: Path, manifest: dict, dedup: Dedup):
     """An up-to-date source's documents still count as seen for the sources after it."""
     dedup.exact.add(np.fromfile(folder / "dedup_hashes.u64", "<u8"))
     if "dedup_bands.u64" in manifest["dedup_files"]:
-        dedup.bands.add(np.fromfile(folder / "dedup_bands.u64", "<u8"))
+        dedup.bands.remember(folder / "dedup_bands.u64")
 
 
 def install_output(folder: Path, writer: ShardWriter, logs: list, manifest: dict):
@@ -376,7 +449,8 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         return manifest
 
     total = sum(path.stat().st_size for path in source.files)
-    units = corpora.split_source(source, min(run.unit_bytes, max(MIN_UNIT_BYTES, total // (4 * run.workers))))
+    unit_bytes = max(MIN_UNIT_BYTES, total // (UNITS_PER_WORKER * run.workers))
+    units = corpora.split_source(source, min(run.unit_bytes, unit_bytes))
     folder.mkdir(parents=True, exist_ok=True)
     clear_leftovers(folder)
     parts = folder / "parts.tmp"
@@ -389,14 +463,31 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
     if run.settings["minhash"]:
         logs.append(HashLog(folder / "dedup_bands.u64"))
     problems, read, kept = corpora.Problems(), 0, 0
+    deferred, staged = [], 0  # --minhash: units wait for the source's near duplicates: (result, keep, first, label)
     try:
         with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=source.name) as bar:
             for (unit, _), size, result in zip(units, sizes, encode(encode_unit, tasks)):
                 label = unit.files[0] if len(unit.files) == 1 else source.location
-                kept += merge_unit(result, run.dedup, writer, logs, result.problems, label)
+                keep = exact_dedup(result, run.dedup, logs[0], label)
+                if result.bands is None:
+                    kept += copy_unit(result, keep, writer)
+                else:
+                    run.dedup.bands.stage(result.bands[keep], staged)
+                    deferred.append((result, keep, staged, label))
+                    staged += int(keep.sum())
+                    result.bands = result.hashes = None
                 problems.merge(result.problems)
                 read += result.documents_read
                 bar.update(size)
+        if deferred:
+            near = run.dedup.bands.near_duplicates(staged, logs[1])
+            for result, keep, first, label in tqdm(deferred, desc=f"{source.name} near duplicates dropped, copying"):
+                exact = np.flatnonzero(keep)
+                dropped = near[first:first + len(exact)]
+                keep[exact[dropped]] = False
+                if dropped.any():
+                    problems.add("near duplicate (MinHash) of an earlier document", label, count=int(dropped.sum()))
+                kept += copy_unit(result, keep, writer)
         writer.close()
         for log in logs:
             log.close()
@@ -440,7 +531,7 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
                     shard_tokens=SHARD_TOKENS, force=False, unit_bytes=UNIT_MB << 20) -> list[dict | None]:
     """Every source into OUT/NAME/, deduplicated across all of them; a manifest per source (None for a
     source whose path matched no files). Everything that can be checked is checked before any work."""
-    tokenizer = load_tokenizer(tokenizer_path)  # FileNotFoundError says how to get one
+    tokenizer = load_encoder(tokenizer_path)  # FileNotFoundError says how to get one
     check_tokenizer(tokenizer, tokenizer_path)
     workers = max(1, workers)
     names = [source.name for source in sources]
@@ -454,14 +545,22 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
                "eos_id": tokenizer.eos_id},
               {"min_chars": min_chars, "minhash": MINHASH if minhash else None, "shard_tokens": shard_tokens,
                "cleaning": CLEANING}, workers, unit_bytes, force)
-    manifests = []
-    with worker_pool(workers, tokenizer_path) as encode:
-        for source in sources:
-            if not source.files:
-                print(f"{source.name}: nothing matches {source.location!r}, skipped")
-                manifests.append(None)
-            else:
-                manifests.append(process_one(source, Path(out_dir), run, encode))
+    manifests, bands_folder = [], None
+    if minhash:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        bands_folder = Path(tempfile.mkdtemp(prefix=".minhash-", suffix=".tmp", dir=out_dir))  # this run's alone
+        run.dedup.bands = BandKeys(bands_folder)
+    try:
+        with worker_pool(workers, tokenizer_path) as encode:
+            for source in sources:
+                if not source.files:
+                    print(f"{source.name}: nothing matches {source.location!r}, skipped")
+                    manifests.append(None)
+                else:
+                    manifests.append(process_one(source, Path(out_dir), run, encode))
+    finally:
+        if bands_folder is not None:
+            shutil.rmtree(bands_folder, ignore_errors=True)
     empty = [source.name for source in sources if not source.files]
     if empty:
         print(f"{len(empty)} source(s) matched no files: {', '.join(empty)}")

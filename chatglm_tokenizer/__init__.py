@@ -3,11 +3,12 @@
     from chatglm_tokenizer import load_tokenizer
     tok = load_tokenizer()                       # chatglm_tokenizer/tokenizer.model
     tok = load_tokenizer("out/tokenizer")        # a folder (or a .model file) of your own
+    ids = load_encoder()                         # the same ids without transformers: encode_batch, eos_id, ...
 """
 
 from pathlib import Path
 
-from .tokenization_chatglm import SPECIAL_TOKENS, ChatGLMTokenizer
+from .sentencepiece_ids import SPECIAL_TOKENS, SentencePieceIds
 
 DEFAULT_DIR = Path(__file__).resolve().parent
 
@@ -27,11 +28,30 @@ def tokenizer_model_path(path=DEFAULT_DIR):
     return path if path.suffix == ".model" else path / "tokenizer.model"
 
 
-def load_tokenizer(path=DEFAULT_DIR):
+def existing_model_file(path):
     model_file = tokenizer_model_path(path)
     if not model_file.is_file():
         raise FileNotFoundError(MISSING_MODEL.format(path=model_file))
-    return ChatGLMTokenizer(vocab_file=str(model_file))
+    return str(model_file)
 
 
-__all__ = ["ChatGLMTokenizer", "SPECIAL_TOKENS", "DEFAULT_DIR", "load_tokenizer", "tokenizer_model_path"]
+def load_tokenizer(path=DEFAULT_DIR):
+    """The transformers tokenizer (encode, decode, chat use, save_pretrained)."""
+    from .tokenization_chatglm import ChatGLMTokenizer
+    return ChatGLMTokenizer(vocab_file=existing_model_file(path))
+
+
+def load_encoder(path=DEFAULT_DIR) -> SentencePieceIds:
+    """The same ids for corpus processing: encode_batch, eos_id, vocab_size, fingerprint; no transformers."""
+    return SentencePieceIds(existing_model_file(path))
+
+
+def __getattr__(name):
+    if name == "ChatGLMTokenizer":  # imported on first use: it brings in transformers
+        from .tokenization_chatglm import ChatGLMTokenizer
+        return ChatGLMTokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DEFAULT_DIR", "SPECIAL_TOKENS", "ChatGLMTokenizer", "SentencePieceIds", "load_encoder", "load_tokenizer",
+           "tokenizer_model_path"]

@@ -1,29 +1,21 @@
-"""ChatGLM2-6B's SentencePiece tokenizer as a `transformers.PreTrainedTokenizer`, plus a fast batch path.
+"""ChatGLM2-6B's SentencePiece tokenizer as a `transformers.PreTrainedTokenizer`.
 
-Id layout, the same for ChatGLM2's tokenizer.model and for models made by train_tokenizer.py:
+The id layout and the fast batch path (`encode_batch`) are SentencePieceIds' (sentencepiece_ids.py,
+which imports no transformers); this class adds the transformers API on top of the same ids.
 
-    0 .. n_pieces-1        SentencePiece pieces: <unk>=0, <s>=1, </s>=2, then bytes and merges
-    n_pieces .. n_pieces+4 [MASK] [gMASK] [sMASK] sop eop   (ChatGLM2: 64789 .. 64793)
-
-Roles: bos = <s> (1) separates prompt and answer in SFT; eos = </s> (2) ends every document and every
-answer; pad = <unk> (0) only fills batches (their labels are always ignored). `vocab_size` is
-n_pieces + 5 (64794 for ChatGLM2): the model embeds that many rows and the largest id, 64793, fits
-uint16. Nothing is added around the text by `encode`: callers append eos / insert bos themselves.
-
-This file is self-contained (only sentencepiece and transformers) because
-`AutoTokenizer.from_pretrained(dir, trust_remote_code=True)` copies it out of the package.
+This file and sentencepiece_ids.py need only sentencepiece and transformers, because
+`AutoTokenizer.from_pretrained(dir, trust_remote_code=True)` copies them (a relative import is copied
+along) out of the package.
 """
 
-import hashlib
 import os
 
-import sentencepiece as spm
 from transformers import PreTrainedTokenizer
 
-SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+from .sentencepiece_ids import SentencePieceIds
 
 
-class ChatGLMTokenizer(PreTrainedTokenizer):
+class ChatGLMTokenizer(SentencePieceIds, PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
@@ -32,36 +24,17 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         # The SentencePiece model must exist before PreTrainedTokenizer.__init__ runs, because that
         # already asks for the vocabulary. ChatGLM2's original class set it afterwards, which is what
         # breaks on current transformers ("'property' object cannot be interpreted as an integer").
-        self.vocab_file = vocab_file
-        self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
-        self.n_pieces = self.sp.get_piece_size()
-        self.special_ids = {token: self.n_pieces + i for i, token in enumerate(SPECIAL_TOKENS)}
-        self.special_tokens_by_id = {i: token for token, i in self.special_ids.items()}
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        SentencePieceIds.__init__(self, vocab_file)
         # split_special_tokens=True: "<s>" typed in text is text, so the HF path and encode_batch agree.
-        super().__init__(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token,
-                         split_special_tokens=split_special_tokens,
-                         clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
-
-    @property
-    def vocab_size(self):
-        return self.n_pieces + len(SPECIAL_TOKENS)
-
-    @property
-    def fingerprint(self):
-        """sha256 of the SentencePiece model: recorded in token manifests and checkpoints."""
-        return hashlib.sha256(self.sp.serialized_model_proto()).hexdigest()
+        PreTrainedTokenizer.__init__(self, bos_token=bos_token, eos_token=eos_token, unk_token=unk_token,
+                                     pad_token=pad_token, split_special_tokens=split_special_tokens,
+                                     clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
 
     def get_vocab(self):
         vocab = {self.sp.id_to_piece(i): i for i in range(self.n_pieces)}
         vocab.update(self.special_ids)
         vocab.update(self._added_tokens_encoder)
         return vocab
-
-    # ---- fast path for corpus processing: SentencePiece on whole lists, multi-threaded ----
-    def encode_batch(self, texts, num_threads=-1):
-        """list[str] -> list[list[int]]; no special tokens added. num_threads=-1: all cores."""
-        return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
 
     # ---- the hooks PreTrainedTokenizer needs ----
     def _tokenize(self, text, **kwargs):

@@ -586,3 +586,241 @@ def test_json_array_in_gb18030_with_a_bad_byte(tmp_path):
     docs, problems = texts("wiki", path)
     assert docs == ["中文百科" * 3000, "第二条"]
     assert problems.counts == {"undecodable bytes dropped": 1} and ":byte " in problems.examples[0]
+
+
+# ---------------------------------------------------------------- medical literature: S2ORC, PMC, PubMed, PDF
+
+def sample_generator():
+    """data/sample/make_sample_data.py as a module: its PDF writer and the guideline lines it wrote."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_sample_data", SAMPLE / "make_sample_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_literature_formats_are_inferred_from_source_names():
+    found = {name: corpora.infer_format(name) for name in ("s2orc", "s2orc_full", "pmc", "pmc_full", "pubmed", "pdf",
+                                                             "pubmed_central_2024", "medline_2024", "medsci")}
+    assert found == {"s2orc": "s2orc", "s2orc_full": "s2orc_full", "pmc": "pmc", "pmc_full": "pmc_full",
+                     "pubmed": "pubmed", "pdf": "pdf", "pubmed_central_2024": "pmc", "medline_2024": "pubmed",
+                     "medsci": "pdf"}
+
+
+def spans_text(record, layer):
+    text = record["content"]["text"]
+    return [text[s["start"]:s["end"]] for s in json.loads(record["content"]["annotations"][layer] or "[]")]
+
+
+@needs_sample
+def test_s2orc_sample_both_layouts_in_reading_order():
+    classic = raw_records("s2orc/pdf_parses_0.jsonl")
+    datasets = raw_records("s2orc/s2orc-part0.jsonl.gz")
+    problems = Problems()
+    docs = list(iter_texts(parse_source(f"s2orc={SAMPLE / 's2orc'}"), problems))
+    assert problems.counts == {"no abstract and no body_text": 1}
+    assert problems.examples[0].startswith(f"{SAMPLE / 's2orc/pdf_parses_0.jsonl'}:3:")
+    assert len(docs) == len(classic) - 1 + len(datasets) == 6
+
+    kept = [r.get("grobid_parse", r) for r in classic if r.get("grobid_parse", r)["body_text"]]
+    for record, doc in zip(kept, docs):
+        body = record["body_text"]
+        lines = doc.split("\n")
+        headings = [p["section"] for p in body]
+        assert [line for line in lines if line in headings] == list(dict.fromkeys(headings))  # each once, in order
+        positions = [lines.index(p["text"]) for p in body]
+        assert positions == sorted(positions)
+        assert not any(entry["text"] in doc for entry in record["ref_entries"].values())
+    assert docs[1].split("\n")[0] == classic[1]["metadata"]["title"]
+    assert all(part in docs[1].split("\n") for part in classic[1]["metadata"]["abstract"].split(":::"))
+    assert docs[2].split("\n")[0] == classic[3]["title"]
+
+    for record, doc in zip(datasets, docs[3:]):
+        lines = doc.split("\n")
+        assert lines[0] == spans_text(record, "title")[0] and lines[1] == spans_text(record, "abstract")[0]
+        body = spans_text(record, "sectionheader")[:-1] + spans_text(record, "paragraph")
+        assert lines[2:] == [x.strip() for x in sorted(body, key=record["content"]["text"].index)]
+        assert "Figure 1" not in lines and not any(caption in doc for caption in spans_text(record, "figurecaption"))
+        assert not any(entry in doc for entry in spans_text(record, "bibentry"))
+
+    full, problems = texts("s2orc_full", SAMPLE / "s2orc/pdf_parses_0.jsonl", SAMPLE / "s2orc/s2orc-part0.jsonl.gz")
+    assert all(entry["text"] in full[0] for entry in classic[0]["ref_entries"].values())
+    assert all(entry["title"] in full[0] for entry in classic[0]["bib_entries"].values())
+    for record, doc in zip(datasets, full[3:]):
+        assert all(x in doc for x in spans_text(record, "figurecaption") + spans_text(record, "bibentry"))
+
+
+def test_s2orc_bad_records_are_counted(tmp_path):
+    text = "\nTitle of a paper\nA paragraph of text."
+    layers = {"title": '[{"start":1,"end":17}]', "paragraph": '[{"start":18,"end":38}]'}
+    good = {"content": {"text": text, "annotations": layers}}
+    path = write_jsonl(tmp_path / "s2orc.jsonl", [
+        good,
+        {"content": {"text": text, "annotations": {"paragraph": "[{start: 1}"}}},
+        {"content": {"text": text, "annotations": {"paragraph": '[{"start":18,"end":99}]'}}},
+        {"content": {"text": text, "annotations": {"paragraph": '[{"begin":18}]'}}},
+        {"content": "just text"},
+        {"paper_id": "1", "title": "Only a title"},
+        {"paper_id": "2", "title": "T", "body_text": "not a list"},
+    ])
+    docs, problems = texts("s2orc", path)
+    assert docs == ["Title of a paper\nA paragraph of text."]
+    assert problems.counts == {"annotation 'paragraph' is not JSON": 1,
+                               "annotation 'paragraph' points outside the text": 1,
+                               "annotation 'paragraph' has a span without start and end": 1,
+                               "field 'content' is not an object": 1, "no abstract and no body_text": 1,
+                               "field 'body_text' is not a list of paragraphs": 1}
+    assert any(e.startswith(f"{path}:3: annotation 'paragraph' points outside the text (18-99 of 38")
+               for e in problems.examples)
+
+
+def jats_reference(path):
+    """Title, paragraphs, captions and references of a JATS file, read with the standard library."""
+    import xml.etree.ElementTree as ET
+    root = ET.parse(path).getroot()
+    def flat(element):
+        return " ".join("".join(element.itertext()).split())
+    return {"title": flat(root.find("front/article-meta/title-group/article-title")),
+            "paragraphs": [flat(p) for p in root.find("body").iter("p")
+                           if not p.findall("fig") and all(p not in c.iter("p") for c in root.iter("caption"))],
+            "captions": [flat(c) for c in root.iter("caption")],
+            "references": [flat(r) for r in root.iter("ref")]}
+
+
+@needs_sample
+def test_pmc_sample_keeps_text_and_drops_floats_and_references_unless_full():
+    source = parse_source(f"pmc={SAMPLE / 'pmc'}")
+    problems = Problems()
+    docs = list(iter_texts(source, problems))
+    assert not problems.counts and len(docs) == len(source.files) == 3
+    assert {p.suffix for p in source.files} == {".xml", ".nxml"}
+    full, _ = texts("pmc_full", *source.files)
+    for path, doc, full_doc in zip(source.files, docs, full):
+        reference = jats_reference(path)
+        lines = doc.split("\n")
+        assert lines[0] == reference["title"]
+        assert [p for p in reference["paragraphs"] if p in lines] == reference["paragraphs"]  # all, in order
+        assert lines.index("Introduction") < lines.index(reference["paragraphs"][-1])
+        assert "Age 18 years or older" in lines  # a list inside the body
+        assert reference["captions"] and not any(c in doc for c in reference["captions"])
+        assert not any(r in doc for r in reference["references"]) and "References" not in lines
+        assert all(c in full_doc for c in reference["captions"]) and all(r in full_doc for r in reference["references"])
+
+
+def test_pmc_article_sets_gzip_and_malformed_files(tmp_path):
+    article = ('<article><front><article-meta><title-group><article-title>T{n}</article-title></title-group>'
+               '<abstract><p>Abstract {n} with <italic>emphasis</italic>.</p></abstract></article-meta></front>'
+               '<body><sec><title>Intro</title><p>Body {n}.</p></sec></body></article>')
+    both = tmp_path / "set.xml.gz"
+    both.write_bytes(gzip.compress(("<pmc-articleset>" + article.format(n=1) + article.format(n=2)
+                                    + "</pmc-articleset>").encode()))
+    cut = tmp_path / "cut.xml"
+    cut.write_text(article.format(n=3) + "\n<article><front>\n<article-meta", encoding="utf-8")
+    empty = tmp_path / "empty.xml"
+    empty.write_text("<article><front><article-meta><title-group><article-title>Only</article-title>"
+                     "</title-group></article-meta></front></article>", encoding="utf-8")
+    docs, problems = texts("pmc", both, cut, empty)
+    assert docs == [f"T{n}\nAbstract {n} with emphasis.\nIntro\nBody {n}." for n in (1, 2, 3)]
+    assert problems.counts == {"malformed XML, rest of file skipped": 1, "no abstract and no body text": 1}
+    assert f"{cut}:2: malformed XML, rest of file skipped (junk after document element)" in problems.examples
+
+
+def test_xml_entity_declarations_are_refused_and_external_dtds_never_read(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET", encoding="utf-8")
+    article = ("<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID><Article>"
+               "<ArticleTitle>{}</ArticleTitle>"
+               "<Abstract><AbstractText>Text.</AbstractText></Abstract></Article></MedlineCitation></PubmedArticle>"
+               "</PubmedArticleSet>")
+    xxe = tmp_path / "xxe.xml"
+    xxe.write_text(f'<!DOCTYPE x [<!ENTITY leak SYSTEM "{secret.as_uri()}">]>' + article.format("&leak;"),
+                   encoding="utf-8")
+    laughs = tmp_path / "laughs.xml"
+    entities = '<!ENTITY lol0 "lol">' + "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10))
+    laughs.write_text(f"<!DOCTYPE x [{entities}]>" + article.format("&lol9;"), encoding="utf-8")
+    dtd = tmp_path / "evil.dtd"
+    dtd.write_text(f'<!ENTITY leak SYSTEM "{secret.as_uri()}">', encoding="utf-8")
+    external = tmp_path / "external.xml"
+    external.write_text(f'<!DOCTYPE PubmedArticleSet SYSTEM "{dtd.as_uri()}">' + article.format("A &leak; title"),
+                        encoding="utf-8")
+    docs, problems = texts("pubmed", xxe, laughs, external)
+    assert docs == ["A title\nText."]
+    assert problems.counts == {"XML declares entities (XXE / billion laughs risk), file refused": 2,
+                               "undefined XML entity dropped": 1}
+    assert "TOP-SECRET" not in " ".join(docs + problems.examples)
+
+
+@needs_sample
+def test_pubmed_sample_titles_labels_and_title_only_citations():
+    with gzip.open(SAMPLE / "pubmed/pubmed24n0001.xml.gz", "rt", encoding="utf-8") as f:
+        xml = f.read()
+    source = parse_source(f"pubmed={SAMPLE / 'pubmed'}")
+    assert {p.name for p in source.files} == {"pubmed24n0001.xml.gz", "pubmed24n0001.xml.gz.md5"}
+    problems = Problems()
+    docs = list(iter_texts(source, problems))
+    assert xml.count("<PubmedArticle>") == len(docs) + 1 and "<DeleteCitation>" in xml
+    assert problems.counts == {"no abstract (title only)": 1} and "PMID 90000032" in problems.examples[0]
+    labelled = [d for d in docs if "\nMETHODS: We randomly assigned" in d]
+    assert len(labelled) == 8 and all(d.split("\n")[1].startswith("BACKGROUND: ") for d in labelled)
+    vernacular = "[Blood pressure control in rural clinics].\n农村诊所的血压控制情况\nAmong 1,200 adults"
+    assert vernacular in "\n".join(docs)
+
+
+def pubmed_file(path, articles):
+    article = ('<PubmedArticle><MedlineCitation><PMID Version="1">{n}</PMID><Article><ArticleTitle>Title {n} about '
+               'blood pressure</ArticleTitle><Abstract><AbstractText Label="RESULTS">{body}</AbstractText></Abstract>'
+               '</Article></MedlineCitation><PubmedData><ReferenceList>{refs}</ReferenceList></PubmedData>'
+               '</PubmedArticle>\n')
+    refs = "".join(f"<Reference><Citation>Reference {k}.</Citation></Reference>" for k in range(3))
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
+        f.write("<PubmedArticleSet>\n")
+        for n in range(articles):
+            f.write(article.format(n=n, body=f"Finding {n}. " * 200, refs=refs))
+        f.write("</PubmedArticleSet>\n")
+
+
+def test_pubmed_is_streamed_in_memory_far_below_the_file_size(tmp_path):
+    import tracemalloc
+    path = tmp_path / "pubmed.xml.gz"
+    pubmed_file(path, 2_500)
+    with gzip.open(path, "rb") as f:
+        xml_bytes = len(f.read())
+    problems = Problems()
+    tracemalloc.start()
+    count = sum(1 for _ in iter_texts(Source("p", "pubmed", [path]), problems))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert count == 2_500 and not problems.counts
+    assert xml_bytes > 6e6 and peak < 2e6, (peak, xml_bytes)  # one 64 KiB chunk's records, not the file
+
+
+@needs_sample
+def test_pdf_sample_drops_running_headers_joins_hyphens_and_counts_scans():
+    generator = sample_generator()
+    source = parse_source(f"pdf={SAMPLE / 'pdf'}")
+    problems = Problems()
+    docs = list(iter_texts(source, problems))
+    assert problems.counts == {"no text layer: needs OCR": 1} and "scanned_guideline.pdf" in problems.examples[0]
+    english = next(d for d in docs if d.startswith("Hypertension in adults"))
+    chinese = next(d for d in docs if d.startswith("高血压基层诊疗指南"))
+    assert "Example Health Service" not in english and "Page 1 of" not in english
+    assert "中华示例医学会" not in chinese and "第 1 页" not in chinese and "页" not in chinese
+    assert all(line in chinese.split("\n") for d in generator.DISEASES[:2] for line in generator.guideline_zh_lines(d))
+    guideline = generator.GUIDELINES[1]
+    written = [guideline["title"]] + [line for head, texts in guideline["sections"] for line in [head] + texts]
+    assert english.split() == " ".join(written).split()  # every word in order, none cut by a hyphen, no furniture
+    assert "pres-" not in english and "pressure monitoring" in english
+
+
+def test_pdf_textless_pages_and_damaged_files_are_counted(tmp_path):
+    pdf_bytes = sample_generator().pdf_bytes
+    mixed = tmp_path / "mixed.pdf"
+    mixed.write_bytes(pdf_bytes([("F1", ["First page text."]), ("image", None), ("F1", ["Third page text."])]))
+    cut = tmp_path / "cut.pdf"
+    cut.write_bytes(mixed.read_bytes()[:300])
+    fake = tmp_path / "fake.pdf"
+    fake.write_text("not a pdf at all", encoding="utf-8")
+    docs, problems = texts("pdf", mixed, cut, fake)
+    assert docs == ["First page text.\nThird page text."]
+    assert problems.counts == {"page without a text layer: needs OCR": 1, "unreadable PDF": 2}
+    assert f"{mixed}: page without a text layer: needs OCR (page 2)" in problems.examples

@@ -193,20 +193,20 @@ def test_a_failed_run_leaves_the_earlier_output_intact(tmp_path, tokenizer, monk
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     write_corpus(path, many_docs(300))
-    real_merge, calls = dp.merge_unit, []
+    real_copy, calls = dp.copy_unit, []
 
-    def merge_then_fail(*args):
+    def copy_then_fail(*args):
         calls.append(1)
         if len(calls) == 3:
             raise OSError("disk full (simulated)")
-        return real_merge(*args)
+        return real_copy(*args)
 
-    monkeypatch.setattr(dp, "merge_unit", merge_then_fail)
+    monkeypatch.setattr(dp, "copy_unit", copy_then_fail)
     with pytest.raises(OSError, match="simulated"):
         process([source], tmp_path / "out", tokenizer, shard_tokens=2000, unit_bytes=3000)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no *.tmp, no parts, old files
 
-    monkeypatch.setattr(dp, "merge_unit", real_merge)
+    monkeypatch.setattr(dp, "copy_unit", real_copy)
     manifest = process([source], tmp_path / "out", tokenizer, shard_tokens=2000)[0]
     assert manifest["documents_kept"] == 300
     assert sorted(p.name for p in folder.glob("*.bin")) == [s["file"] for s in manifest["shards"]]
@@ -257,7 +257,7 @@ def test_errors_come_before_any_work(tmp_path, tokenizer, monkeypatch):
             cli(tmp_path, *args)
         assert message in str(exit_info.value)
     huge = types.SimpleNamespace(vocab_size=70000, eos_id=2, fingerprint="0" * 64)
-    monkeypatch.setattr(dp, "load_tokenizer", lambda path: huge)
+    monkeypatch.setattr(dp, "load_encoder", lambda path: huge)
     with pytest.raises(SystemExit, match="do not fit uint16"):
         cli(tmp_path, "--source", f"skypile={corpus}", *tok)
     assert not (tmp_path / "out").exists()
@@ -296,3 +296,35 @@ def test_every_sample_corpus_round_trips_through_the_shards(tmp_path, tokenizer)
     assert manifests[PRETRAIN_SAMPLES.index("cmedqa2")]["skipped"]["answer to an unknown question_id"] == 1
     dialogue = decoded_documents(tmp_path / "out" / "medical_dialogue", manifests[PRETRAIN_SAMPLES.index("medical_dialogue")], tokenizer)
     assert all("\ufffd" not in doc for doc in dialogue)  # GB18030 decoded, not replaced
+
+
+def test_minhash_on_disk_partitions_decides_like_one_set_in_memory(tmp_path, tokenizer, monkeypatch):
+    """Near duplicates within and across sources, and again when the first source is up to date and its
+    logged band keys are read back, match a plain Python set of every earlier document's band keys."""
+    monkeypatch.setattr(dp, "MINHASH_PARTITION_BITS", 2)  # 4 partitions: keys of one document spread over them
+    monkeypatch.setattr(dp, "MINHASH_PARTITIONS", 4)
+    bases = random_docs(30, seed=3)
+    edited = [text[:10] + "改" + text[11:] for text in bases]  # one character changed: Jaccard ~0.9
+    first = write_corpus(tmp_path / "a.jsonl", bases[:20] + edited[:5])
+    second = write_corpus(tmp_path / "b.jsonl", edited[5:25] + bases[20:] + random_docs(10, seed=4))
+
+    seen, expected = set(), {}
+    for name, texts in (("a", bases[:20] + edited[:5]), ("b", edited[5:25] + bases[20:] + random_docs(10, seed=4))):
+        expected[name] = []
+        for text in cleaned(texts):
+            keys = set(dp.minhash_bands(text).tolist())
+            if not keys & seen:
+                expected[name].append(text)
+            seen |= keys
+    assert 0 < len(expected["b"]) < 40 and len(expected["a"]) < 25  # there are near duplicates to find
+
+    sources = [Source("a", "skypile", [first]), Source("b", "skypile", [second])]
+    manifests = process(sources, tmp_path / "out", tokenizer, minhash=True, workers=2, unit_bytes=2000)
+    for source, manifest in zip(sources, manifests):
+        assert decoded_documents(tmp_path / "out" / source.name, manifest, tokenizer) == expected[source.name]
+    assert not list((tmp_path / "out").glob(".minhash-*"))  # the run's band keys are gone with the run
+
+    os.utime(second, ns=(1, 1))  # b must be redone; a is up to date and only its logged band keys are read
+    again = process(sources, tmp_path / "out", tokenizer, minhash=True)
+    assert again[0] == manifests[0]
+    assert decoded_documents(tmp_path / "out" / "b", again[1], tokenizer) == expected["b"]

@@ -2292,6 +2292,321 @@ def layout(item, n_opt, rng):
 # Writers
 # ---------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------
+# Medical literature (S2ORC, PubMed Central, PubMed) and guidelines as PDF
+# ---------------------------------------------------------------------------
+
+# Original trial summaries in the style of clinical research papers.
+PAPERS = [
+    dict(condition="hypertension", people="adults treated in primary care", intervention="home blood pressure monitoring with telephone follow-up",
+         control="usual care", outcome="systolic blood pressure at 12 months", result="fell by 6.1 mmHg more than with usual care", n=412, pmid=90000011),
+    dict(condition="type 2 diabetes", people="adults over 50 years of age", intervention="a structured walking programme",
+         control="written advice alone", outcome="HbA1c at 6 months", result="was 0.4 percentage points lower", n=268, pmid=90000012),
+    dict(condition="childhood asthma", people="children aged 6 to 12 years", intervention="a school-based check of inhaler technique",
+         control="no check", outcome="unscheduled visits for asthma during one school year", result="were 30% fewer", n=190, pmid=90000013),
+    dict(condition="community-acquired pneumonia", people="inpatients aged 65 and over", intervention="mobilisation within 24 hours of admission",
+         control="mobilisation when the ward team judged it safe", outcome="length of hospital stay", result="was 1.2 days shorter", n=356, pmid=90000014),
+    dict(condition="chronic low back pain", people="office workers", intervention="a twelve-week group exercise class",
+         control="a leaflet on posture", outcome="disability score at 3 months", result="improved by 4 points more", n=220, pmid=90000015),
+    dict(condition="gout", people="patients with two or more flares a year", intervention="nurse-led titration of urate-lowering therapy",
+         control="care from the family doctor", outcome="the share reaching a serum urate below 360 umol/L at one year", result="was 78% against 41%", n=150, pmid=90000016),
+    dict(condition="influenza", people="residents of care homes", intervention="vaccination of staff",
+         control="no staff campaign", outcome="laboratory-confirmed influenza among residents", result="was 40% less frequent", n=1024, pmid=90000017),
+    dict(condition="depression", people="adults seen in general practice", intervention="guided online cognitive behavioural therapy",
+         control="waiting-list care", outcome="PHQ-9 score at 16 weeks", result="was 3.1 points lower", n=300, pmid=90000018),
+]
+SURNAMES = ["Chen", "Okafor", "Lindqvist", "Haddad", "Moreau", "Tanaka", "Silva", "Novak", "Kowalski", "Brennan"]
+
+
+def paper_title(p):
+    return "%s for %s in %s: a randomised controlled trial" % (p["intervention"][0].upper() + p["intervention"][1:], p["condition"], p["people"])
+
+
+def paper_abstract(p):
+    """Structured abstract: [(label, text)]."""
+    return [("BACKGROUND", "Care for %s often falls short of its goals, and simple ways to improve it are needed." % p["condition"]),
+            ("METHODS", "We randomly assigned %d %s to %s or to %s. The primary outcome was %s." % (p["n"], p["people"], p["intervention"], p["control"], p["outcome"])),
+            ("RESULTS", "Follow-up was complete for %d participants. The primary outcome %s." % (p["n"] - p["n"] // 12, p["result"])),
+            ("CONCLUSIONS", "%s is a practical addition to the care of %s." % (p["intervention"][0].upper() + p["intervention"][1:], p["condition"]))]
+
+
+def paper_sections(p):
+    """[(heading, [paragraph, ...])]."""
+    return [("Introduction", ["%s is common among %s and carries a large burden for patients and health services." % (p["condition"][0].upper() + p["condition"][1:], p["people"]),
+                              "Earlier studies of %s were small or lacked a control group, so we designed a pragmatic trial." % p["intervention"]]),
+            ("Methods", ["Participants were %s with %s. We excluded people who could not give consent." % (p["people"], p["condition"]),
+                         "Allocation was concealed and outcome assessors did not know the group of each participant. The primary outcome was %s." % p["outcome"]]),
+            ("Results", ["Of %d people randomised, %d completed follow-up. The groups were similar at baseline." % (p["n"], p["n"] - p["n"] // 12),
+                         "Compared with %s, the primary outcome %s. No serious harms were attributed to the intervention." % (p["control"], p["result"])]),
+            ("Discussion", ["The effect was consistent across age groups. The trial was not blinded for participants, which may have influenced self-reported outcomes.",
+                            "Health services could adopt %s at modest cost." % p["intervention"]])]
+
+
+def paper_figure(p):
+    return "Figure 1. Flow of participants through the trial of %s." % p["intervention"]
+
+
+def paper_table(p):
+    return "Table 1. Baseline characteristics of %s by group." % p["people"]
+
+
+def paper_references(p, rng):
+    refs = []
+    for k in range(3):
+        a, b = rng.sample(SURNAMES, 2)
+        refs.append(dict(authors="%s A, %s B" % (a, b), title="Outcomes of %s: cohort study %d" % (p["condition"], k + 1),
+                         venue="Journal of Example Medicine", year=str(2010 + rng.randint(0, 12))))
+    return refs
+
+
+def s2orc_paragraphs(section, texts):
+    return [{"section": section, "text": t, "cite_spans": [], "ref_spans": []} for t in texts]
+
+
+def s2orc_classic_records(rng):
+    """Three papers in the classic layouts: a 2020 pdf_parses line (no title: that is in metadata/),
+    a 2019 line (metadata + grobid_parse), a flat {paper_id, title, abstract, body_text} line, and an
+    empty pdf_parses line like the ones the release keeps for papers that are not open access."""
+    recs = []
+    for i, p in enumerate(PAPERS[:3]):
+        body = [par for head, texts in paper_sections(p) for par in s2orc_paragraphs(head, texts)]
+        abstract = [{"section": "Abstract", "text": " ".join(t for _, t in paper_abstract(p)), "cite_spans": [], "ref_spans": []}]
+        refs = paper_references(p, rng)
+        bib = {"BIBREF%d" % k: {"title": r["title"], "authors": [{"first": r["authors"][-1], "middle": [], "last": r["authors"].split()[0], "suffix": ""}],
+                                "year": r["year"], "venue": r["venue"], "link": None} for k, r in enumerate(refs)}
+        ref_entries = {"FIGREF0": {"text": paper_figure(p), "type": "figure"}, "TABREF0": {"text": paper_table(p), "type": "table"}}
+        paper_id = str(15000000 + 7919 * (i + 1))
+        if i == 0:
+            recs.append({"paper_id": paper_id, "_pdf_hash": md5hex(paper_id), "abstract": abstract, "body_text": body,
+                         "bib_entries": bib, "ref_entries": ref_entries})
+        elif i == 1:
+            recs.append({"paper_id": paper_id, "metadata": {"title": paper_title(p), "authors": [], "abstract": ":::".join(t for _, t in paper_abstract(p)),
+                                                            "year": "2019", "pmc_id": None, "pubmed_id": str(p["pmid"]), "venue": "Example Medicine"},
+                         "s2_pdf_hash": md5hex(paper_id), "grobid_parse": {"abstract": abstract, "body_text": body, "bib_entries": bib, "ref_entries": ref_entries},
+                         "latex_parse": None})
+        else:
+            recs.append({"paper_id": paper_id, "title": paper_title(p), "abstract": " ".join(t for _, t in paper_abstract(p)), "body_text": body,
+                         "bib_entries": bib, "ref_entries": ref_entries})
+    recs.insert(2, {"paper_id": "15099991", "_pdf_hash": md5hex("empty"), "abstract": [], "body_text": [], "bib_entries": {}, "ref_entries": {}})
+    return recs
+
+
+def s2orc_datasets_record(p, corpusid, rng):
+    """The Semantic Scholar datasets API's S2ORC: the whole paper as content.text, and its structure as
+    annotation layers, each a JSON string of {start, end} offsets."""
+    text, layers = "", {}
+
+    def add(layer, s, sep="\n", attributes=None):
+        nonlocal text
+        text += sep
+        span = {"end": len(text) + len(s), "start": len(text)}
+        if attributes:
+            span = {"attributes": attributes, **span}
+        layers.setdefault(layer, []).append(span)
+        text += s
+        return span
+
+    add("title", paper_title(p))
+    for name in rng.sample(SURNAMES, 3):
+        add("author", "%s %s" % (rng.choice("ACJLMS"), name))
+    add("abstract", " ".join(t for _, t in paper_abstract(p)))
+    for n, (head, paras) in enumerate(paper_sections(p), 1):
+        add("sectionheader", head, attributes={"n": str(n)})
+        for t in paras:
+            add("paragraph", t)
+    fig = add("figure", "")
+    add("figurecaption", paper_figure(p), sep="")
+    fig["end"] = len(text)
+    add("sectionheader", "Figure 1")      # a figure label the parser took for a heading
+    for r in paper_references(p, rng):
+        add("bibentry", "%s. %s. %s. %s." % (r["authors"], r["title"], r["venue"], r["year"]))
+    annotations = {k: None for k in ("abstract", "author", "bibentry", "figure", "figurecaption", "formula", "paragraph",
+                                     "publisher", "sectionheader", "table", "tableref", "title", "venue")}
+    annotations.update({k: json.dumps(sorted(v, key=lambda s: s["start"]), separators=(",", ":")) for k, v in layers.items()})
+    return {"corpusid": corpusid, "externalids": {"arxiv": None, "mag": None, "acl": None, "pubmed": str(p["pmid"]),
+                                                   "pubmedcentral": None, "dblp": None, "doi": "10.5555/example.%d" % corpusid},
+            "content": {"source": {"pdfurls": None, "pdfsha": md5hex(str(corpusid)), "oainfo": None}, "text": text,
+                        "annotations": annotations}}
+
+
+def xml_escape(s):
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def jats_article(p, pmcid, rng, floats_group=False):
+    """A PMC Open Access JATS article: figure inside a paragraph, a table, a list, a reference list."""
+    e = xml_escape
+    refs = paper_references(p, rng)
+    abstract = "".join('<sec><title>%s</title><p>%s</p></sec>' % (lab.capitalize(), e(t)) for lab, t in paper_abstract(p))
+    fig = ('<fig id="F1" position="float"><label>Figure 1</label><caption><p>%s</p></caption>'
+           '<graphic xlink:href="pmc-%d-g001.jpg"/></fig>' % (e(paper_figure(p)[10:]), pmcid))
+    table = ('<table-wrap id="T1" position="float"><label>Table 1</label><caption><p>%s</p></caption>'
+             '<table frame="hsides"><thead><tr><th>Characteristic</th><th>Intervention</th><th>Control</th></tr></thead>'
+             '<tbody><tr><td>Age, years</td><td>61</td><td>62</td></tr></tbody></table></table-wrap>' % e(paper_table(p)[9:]))
+    secs = []
+    for n, (head, paras) in enumerate(paper_sections(p), 1):
+        body = ["<p>%s</p>" % e(t) for t in paras]
+        if head == "Methods":
+            body.append('<list list-type="bullet"><list-item><p>Age 18 years or older</p></list-item>'
+                        '<list-item><p>Able to attend follow-up visits</p></list-item></list>')
+        if head == "Results" and not floats_group:
+            body[0] = body[0][:-4] + ' (<xref ref-type="fig" rid="F1">Figure 1</xref>)\n%s</p>' % fig
+            body.append(table)
+        if head == "Discussion":
+            body[0] = body[0][:-4] + ' <xref ref-type="bibr" rid="B1">[1]</xref>.</p>'
+        secs.append('<sec id="s%d">\n<label>%d</label>\n<title>%s</title>\n%s\n</sec>' % (n, n, head, "\n".join(body)))
+    ref_list = "".join('<ref id="B%d"><mixed-citation publication-type="journal"><person-group person-group-type="author">%s</person-group>. '
+                       '<article-title>%s</article-title>. <source>%s</source>. <year>%s</year>.</mixed-citation></ref>'
+                       % (k + 1, e(r["authors"]), e(r["title"]), e(r["venue"]), r["year"]) for k, r in enumerate(refs))
+    floats = "\n<floats-group>\n%s\n%s\n</floats-group>" % (fig, table) if floats_group else ""
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<!DOCTYPE article PUBLIC "-//NLM//DTD JATS (Z39.96) Journal Archiving and Interchange DTD with MathML3 v1.3 20210610//EN" '
+            '"JATS-archive-oasis-article1-3-mathml3.dtd">\n'
+            '<article xmlns:mml="http://www.w3.org/1998/Math/MathML" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            'article-type="research-article" dtd-version="1.3" xml:lang="en">\n'
+            '<front>\n<journal-meta><journal-id journal-id-type="nlm-ta">Example Med</journal-id><journal-title-group>'
+            '<journal-title>Example Medicine</journal-title></journal-title-group><issn pub-type="epub">0000-0000</issn></journal-meta>\n'
+            '<article-meta><article-id pub-id-type="pmid">%d</article-id><article-id pub-id-type="pmc">PMC%d</article-id>\n'
+            '<title-group><article-title>%s</article-title></title-group>\n'
+            '<contrib-group><contrib contrib-type="author"><name><surname>%s</surname><given-names>A</given-names></name></contrib></contrib-group>\n'
+            '<pub-date pub-type="epub"><year>2021</year></pub-date>\n<abstract>\n%s\n</abstract>\n'
+            '<kwd-group><kwd>%s</kwd><kwd>randomised controlled trial</kwd></kwd-group>\n</article-meta>\n</front>\n'
+            '<body>\n%s\n</body>\n<back>\n<ack><p>We thank the participants.</p></ack>\n<ref-list><title>References</title>%s</ref-list>\n</back>%s\n</article>\n'
+            % (p["pmid"], pmcid, e(paper_title(p)), rng.choice(SURNAMES), abstract, e(p["condition"]), "\n".join(secs), ref_list, floats))
+
+
+def pubmed_citation(p, vernacular=""):
+    abstract = "\n".join('      <AbstractText Label="%s" NlmCategory="%s">%s</AbstractText>' % (lab, lab, xml_escape(t)) for lab, t in paper_abstract(p))
+    return pubmed_article(p["pmid"], paper_title(p), abstract, vernacular)
+
+
+def pubmed_article(pmid, title, abstract_xml, vernacular=""):
+    abstract = "\n    <Abstract>\n%s\n    </Abstract>" % abstract_xml if abstract_xml else ""
+    vern = "\n    <VernacularTitle>%s</VernacularTitle>" % xml_escape(vernacular) if vernacular else ""
+    return ('<PubmedArticle>\n  <MedlineCitation Status="MEDLINE" Owner="NLM">\n    <PMID Version="1">%d</PMID>\n'
+            '    <DateCompleted><Year>2021</Year><Month>03</Month><Day>02</Day></DateCompleted>\n'
+            '    <Article PubModel="Print">\n    <Journal><ISSN IssnType="Electronic">0000-0000</ISSN><Title>Example medicine</Title></Journal>\n'
+            '    <ArticleTitle>%s</ArticleTitle>%s\n    <AuthorList CompleteYN="Y"><Author ValidYN="Y"><LastName>Chen</LastName>'
+            '<Initials>L</Initials></Author></AuthorList>\n    <Language>eng</Language>%s\n    </Article>\n'
+            '    <MedlineJournalInfo><Country>England</Country><MedlineTA>Example Med</MedlineTA></MedlineJournalInfo>\n'
+            '  </MedlineCitation>\n  <PubmedData><PublicationStatus>ppublish</PublicationStatus>'
+            '<ArticleIdList><ArticleId IdType="pubmed">%d</ArticleId></ArticleIdList></PubmedData>\n</PubmedArticle>\n'
+            % (pmid, xml_escape(title), abstract, vern, pmid))
+
+
+def pubmed_set(rng):
+    arts = [pubmed_citation(p) for p in PAPERS]
+    arts.insert(3, pubmed_article(90000031, "[Blood pressure control in rural clinics].",
+                                  '      <AbstractText>Among 1,200 adults with hypertension in rural clinics, fewer than half had their blood '
+                                  'pressure controlled. Training village doctors raised control to 58% within a year.</AbstractText>',
+                                  vernacular="农村诊所的血压控制情况"))
+    arts.insert(6, pubmed_article(90000032, "Letter: on the <i>timing</i> of influenza vaccination.", ""))  # title only
+    return ('<?xml version="1.0" encoding="utf-8"?>\n'
+            '<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2024//EN" '
+            '"https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_240101.dtd">\n<PubmedArticleSet>\n'
+            + "".join(arts) + '<DeleteCitation>\n<PMID Version="1">90000001</PMID>\n</DeleteCitation>\n</PubmedArticleSet>\n')
+
+
+def pdf_bytes(pages):
+    """A minimal PDF: pages of (font, lines) text, or ("image", None) for a page that is only a picture
+    (a scan). Chinese lines use the Adobe-GB1 font STSong-Light with UTF-16 codes (UniGB-UTF16-H),
+    English lines Helvetica; nothing is embedded. Byte-identical for the same input."""
+    objs = ["<< /Type /Catalog /Pages 2 0 R >>", None,
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+            "<< /Type /Font /Subtype /Type0 /BaseFont /STSong-Light /Encoding /UniGB-UTF16-H /DescendantFonts [5 0 R] >>",
+            "<< /Type /Font /Subtype /CIDFontType0 /BaseFont /STSong-Light /CIDSystemInfo << /Registry (Adobe) /Ordering (GB1) "
+            "/Supplement 4 >> /FontDescriptor 6 0 R /DW 1000 >>",
+            "<< /Type /FontDescriptor /FontName /STSong-Light /Flags 6 /FontBBox [-25 -254 1000 880] /ItalicAngle 0 "
+            "/Ascent 880 /Descent -120 /CapHeight 880 /StemV 93 >>",
+            b"<< /Type /XObject /Subtype /Image /Width 16 /Height 16 /ColorSpace /DeviceGray /BitsPerComponent 8 /Length 256 >>\n"
+            b"stream\n" + bytes((x * 16 + y) % 256 for x in range(16) for y in range(16)) + b"\nendstream"]
+    kids = []
+    for font, lines in pages:
+        if font == "image":
+            content = b"q 420 0 0 600 88 120 cm /Im1 Do Q"
+        else:
+            ops = ["BT", "/%s 11 Tf" % font, "16 TL", "60 790 Td"]
+            for line in lines:
+                if font == "F2":
+                    ops.append("<%s> Tj T*" % line.encode("utf-16-be").hex().upper())
+                else:
+                    ops.append("(%s) Tj T*" % line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)"))
+            ops.append("ET")
+            content = "\n".join(ops).encode("latin-1")
+        objs.append(b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream")
+        objs.append("<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] /Resources << /Font << /F1 3 0 R /F2 4 0 R >> "
+                    "/XObject << /Im1 7 0 R >> >> /Contents %d 0 R >>" % (len(objs)))
+        kids.append(len(objs))
+    objs[1] = "<< /Type /Pages /Kids [%s] /Count %d >>" % (" ".join("%d 0 R" % k for k in kids), len(kids))
+    out, offsets = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"), []
+    for i, obj in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + (obj.encode("latin-1") if isinstance(obj, str) else obj) + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    return bytes(out)
+
+
+def wrap_hyphenated(text, width):
+    """Lines of at most width characters; a long word that does not fit is split with a hyphen."""
+    lines, line = [], ""
+    for word in text.split():
+        if len(line) + 1 + len(word) <= width or not line:
+            line = (line + " " + word).strip()
+            continue
+        room = width - len(line) - 2
+        if word.isalpha() and len(word) >= 8 and room >= 3:
+            lines.append("%s %s-" % (line, word[:room]))
+            line = word[room:]
+        else:
+            lines.append(line)
+            line = word
+    return lines + [line] if line else lines
+
+
+def paginate(lines, per_page, header, footer):
+    """Pages of lines with a running header on top and 'footer % (page, pages)' at the bottom."""
+    chunks = [lines[i:i + per_page] for i in range(0, len(lines), per_page)]
+    return [[header] + chunk + [footer % (n, len(chunks))] for n, chunk in enumerate(chunks, 1)]
+
+
+def guideline_zh_lines(d):
+    lines = ["%s基层诊疗指南（示例）" % d["name"], "一、定义", "%s是%s。" % (d["name"], d["define"]),
+             "二、高危人群", "以下人群需要重点筛查：%s。" % J(d["people"])]
+    lines += ["三、临床表现", "常见表现有%s。%s。" % (J(d["sym"]), d["key_sym"]), "四、检查",
+              "推荐的检查项目包括%s。" % J(d["check"]), "五、治疗"]
+    lines += ["（%d）%s。" % (i, t) for i, t in enumerate(d["treat"], 1)]
+    lines += ["常用药物：%s。" % J(d["drug"]), "六、预防与随访"] + ["%d. %s。" % (i, t) for i, t in enumerate(d["prevent"], 1)]
+    return lines
+
+
+def build_literature(o):
+    rng = R("s2orc")
+    o.jsonl("s2orc/pdf_parses_0.jsonl", s2orc_classic_records(rng))
+    o.jsonl_gz("s2orc/s2orc-part0.jsonl.gz", [s2orc_datasets_record(p, 250000000 + i, rng) for i, p in enumerate(PAPERS[3:6])])
+
+    rng = R("pmc")
+    o.binary("pmc/PMC009xxxxxx/PMC9000001.xml", jats_article(PAPERS[4], 9000001, rng).encode("utf-8"))
+    o.binary("pmc/PMC009xxxxxx/PMC9000002.xml", jats_article(PAPERS[5], 9000002, rng).encode("utf-8"))
+    o.binary("pmc/oa_package/PMC9000003/example-med-2021-003.nxml", jats_article(PAPERS[6], 9000003, rng, floats_group=True).encode("utf-8"))
+
+    rng = R("pubmed")
+    xml = pubmed_set(rng)
+    data = gzip.compress(xml.encode("utf-8"), compresslevel=9, mtime=0)
+    o.binary("pubmed/pubmed24n0001.xml.gz", data, [xml])
+    o.binary("pubmed/pubmed24n0001.xml.gz.md5", ("MD5(pubmed24n0001.xml.gz)= %s\n" % hashlib.md5(data).hexdigest()).encode())
+
+    zh = [line for d in DISEASES[:2] for line in guideline_zh_lines(d)]
+    o.binary("pdf/高血压与冠心病基层诊疗指南（示例）.pdf",
+             pdf_bytes([("F2", page) for page in paginate(zh, 9, "中华示例医学会 基层诊疗指南（2024）", "第 %d 页 共 %d 页")]), zh)
+    g = GUIDELINES[1]
+    en = [g["title"]] + [line for head, paras in g["sections"] for line in [head] + [x for para in paras for x in wrap_hyphenated(para, 46)]]
+    o.binary("pdf/hypertension_guideline_en.pdf",
+             pdf_bytes([("F1", page) for page in paginate(en, 9, "Example Health Service - Clinical guideline", "Page %d of %d")]), en)
+    o.binary("pdf/scanned_guideline.pdf", pdf_bytes([("image", None), ("image", None)]))
+
+
 class Out:
     def __init__(self, root):
         self.root = root
@@ -2338,6 +2653,13 @@ class Out:
             w = csv.writer(f, lineterminator="\n")   # default quoting (QUOTE_MINIMAL); LF like the originals
             w.writerow(header)
             w.writerows(rows)
+
+    def binary(self, rel, data, strings=()):
+        """Bytes as they are (XML, PDF, gzip); `strings` are the training text inside, when it is not
+        readable from the bytes."""
+        self.remember(data.decode("utf-8", "ignore") if not strings else list(strings))
+        with open(self.path(rel), "wb") as f:
+            f.write(data)
 
     def text(self, rel, s, train=True):
         if train:
@@ -2749,6 +3071,9 @@ def build(root):
 
     # Questions for the quickstart chat demo
     o.text("chat_questions.txt", "高血压患者饮食上要注意什么？\n2型糖尿病有哪些典型症状？\n普通感冒需要吃抗生素吗？\n", train=False)
+
+    # Medical literature and guideline PDFs
+    build_literature(o)
 
     # ------------------------------------------------------ held-out text
     rng = R("heldout")
