@@ -122,14 +122,16 @@ def bench_train(args):
         for v in variants:
             step_time = step_times[v.name]
             faults, system, user = (sum(column) for column in zip(*usage[v.name]))
+            target = " (target >= 70%)" if v.dtype == chosen.dtype and v is not variants[-1] else ""
             print(f"  {v.name:62s} {step_time * 1000:8.1f} ms/step {tokens_per_step / step_time:9.0f} tok/s  "
-                  f"MFU {step_flops / peak[v.dtype] / step_time:6.1%} of the {v.dtype} peak (target >= 70% for ours)  "
+                  f"MFU {step_flops / peak[v.dtype] / step_time:6.1%} of the {v.dtype} peak{target}  "
                   f"{faults / len(usage[v.name]) / 1000:5.0f}k page faults/step, "
                   f"kernel {system / (system + user):4.0%} of CPU time")
         naive = step_times[variants[-1].name]
         target = 3.0 if chosen.dtype == "bfloat16" else 1.3
         for v in variants[:-1]:
-            print(f"speed-up {v.name.split(',')[0]} / naive: {naive / step_times[v.name]:.2f}x"
+            label = v.name.split(", chunked")[0] + ("" if "compile" in v.name else ")")
+            print(f"speed-up {label} / naive: {naive / step_times[v.name]:.2f}x"
                   + (f" (target >= {target}x where dtype=auto is {chosen.dtype})" if v.dtype == chosen.dtype else ""))
         at_peak = step_flops / peak[chosen.dtype]  # s/step with every FLOP a matmul at the chosen precision's peak
         print(f"bound: every FLOP as a matmul at the {chosen.dtype} peak would take {at_peak * 1000:.0f} ms/step, "

@@ -1,0 +1,191 @@
+"""Does the suite bite? Each mutation below is a deliberate bug that breaks a promise README makes; this
+script applies each one to a scratch copy of the repository, runs the tests that should catch it, and
+prints a caught/escaped table. Not collected by pytest (no test_ prefix): run it by hand.
+
+    python tests/mutations.py                 # every mutation (about 15-25 minutes on 2 cores)
+    python tests/mutations.py -k no_sync      # the mutations whose name contains "no_sync"
+    python tests/mutations.py --list
+
+A mutation is (name, file, the exact text it replaces, the replacement, the tests to run). The text must
+occur exactly once: a refactor that moves it makes the script say "does not apply" (and exit non-zero),
+so the list is kept up to date with the code. A change that adds a promise adds its mutation here.
+The last line reads `N caught, M escaped` (+ `, K do not apply`).
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: list  # pytest node ids or files, with optional "-k expr" as a separate item
+
+
+MUTATIONS = [
+    Mutation("sft_batch_ignores_answer_mask", "dataset_sft.py",
+             "pairs.append(labels_for(ids.tolist(), mask.tolist()))",
+             "pairs.append(labels_for(ids.tolist(), [True] * len(mask)))",
+             ["tests/test_sft.py"]),
+    Mutation("sft_labels_one_position_off", "dataset_sft.py",
+             "y = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], is_answer[1:])]",
+             "y = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], is_answer[:-1])]",
+             ["tests/test_sft.py"]),
+    Mutation("ddp_all_reduce_on_every_micro_step", "trainer.py",
+             "if self.dist.enabled and not sync:",
+             "if False:",
+             ["tests/test_trainer.py", "-k", "last_micro_step"]),
+    Mutation("loss_normalised_by_local_count", "trainer.py",
+             "scale = self.dist.world / max(tokens, 1)",
+             "scale = self.dist.world / max(local_tokens * self.dist.world, 1)",
+             ["tests/test_trainer.py", "-k", "global_count"]),
+    Mutation("sequential_cursors_not_restored", "dataset.py",
+             "self.cursors = np.array(state[\"cursors\"], dtype=np.int64)",
+             "pass",
+             ["tests/test_trainer.py", "-k", "sequential", "tests/test_pretrain.py", "-k", "sequential"]),
+    Mutation("bf16_head_gradient_keeps_last_chunk", "model.py",
+             "                if start == 0:\n                    grad_weight.copy_(product)",
+             "                if True:\n                    grad_weight.copy_(product)",
+             ["tests/test_model.py", "-k", "bf16"]),
+    Mutation("atomic_save_writes_in_place", "checkpoint.py",
+             "atomic_write(path, lambda tmp: torch.save(obj, tmp))",
+             "torch.save(obj, path)",
+             ["tests/test_checkpoint.py"]),
+    Mutation("fsdp_shards_replaced_in_place", "trainer.py",
+             "shards = path.with_name(f\"{path.name}.dcp-{self.step:09d}\")",
+             "shards = path.with_name(f\"{path.name}.dcp-000000000\")",
+             ["tests/test_trainer.py", "-k", "fsdp", "tests/test_pretrain.py", "-k", "fsdp"]),
+    Mutation("checkpoint_loaded_as_pickle", "checkpoint.py",
+             "weights_only=True, mmap=mmap)",
+             "weights_only=False, mmap=mmap)",
+             ["tests/test_checkpoint.py", "-k", "crafted"]),
+    Mutation("rng_not_restored_on_resume", "trainer.py",
+             "            set_rng_state(ckpt[\"rng\"] if isinstance(ckpt[\"rng\"], dict) else ckpt[\"rng\"][self.dist.rank])",
+             "            pass",
+             ["tests/test_pretrain.py", "-k", "resume"]),
+    Mutation("a_new_run_takes_an_earlier_runs_checkpoints", "checkpoint.py",
+             "        if meta.get(\"run_id\") == run_id:",
+             "        if True:",
+             ["tests/test_checkpoint.py", "tests/test_pretrain.py", "-k", "earlier_run"]),
+    Mutation("unknown_phase_keys_ignored", "pretrain.py",
+             "        unknown = sorted(set(p) - set(PHASE_KEYS))",
+             "        unknown = []",
+             ["tests/test_pretrain.py", "-k", "config_mistakes"]),
+    Mutation("token_ids_not_checked_against_vocab", "dataset.py",
+             "        if vocab_size is not None and max_ids and max(max_ids) >= vocab_size:",
+             "        if False:",
+             ["tests/test_pretrain.py", "-k", "vocabulary"]),
+    Mutation("manifest_path_escapes_its_folder", "dataset.py",
+             "        if Path(name).name != name or name in (\".\", \"..\") or not name:",
+             "        if not name:",
+             ["tests/test_pretrain.py", "-k", "manifest_paths"]),
+    Mutation("auto_precision_always_bf16", "precision.py",
+             "return Precision(\"bfloat16\" if factor >= BF16_MARGIN else \"float32\", f\"auto: {verdict}\")",
+             "return Precision(\"bfloat16\", f\"auto: {verdict}\")",
+             ["tests/test_precision.py"]),
+    Mutation("probe_draws_from_the_training_rng", "precision.py",
+             "    generator = torch.Generator(device).manual_seed(0)\n    return torch.randn(*shape, generator=generator, "
+             "device=device).to(dtype)",
+             "    return torch.randn(*shape, device=device).to(dtype)",
+             ["tests/test_precision.py", "-k", "random_state"]),
+    Mutation("kv_cache_writes_at_the_wrong_position", "model.py",
+             "cache[0][:, :, pos:pos + T] = k",
+             "cache[0][:, :, max(pos - 1, 0):max(pos - 1, 0) + T] = k",
+             ["tests/test_model.py", "tests/test_chat.py", "-k", "cache"]),
+    Mutation("wsd_decay_starts_late", "trainer.py",
+             "    if step < decay_start:\n        return lr",
+             "    if step <= decay_start:\n        return lr",
+             ["tests/test_pretrain.py", "-k", "wsd"]),
+    Mutation("mcq_option_first_token_skipped", "eval.py",
+             "rows = [((c + a)[:-1], [IGNORE_INDEX] * (len(c) - 1) + list(a)) for c, a in requests]",
+             "rows = [((c + a)[:-1], [IGNORE_INDEX] * len(c) + list(a)[1:]) for c, a in requests]",
+             ["tests/test_eval.py"]),
+    Mutation("exact_duplicates_kept", "data_process.py",
+             "new = dedup.exact.add(result.hashes)",
+             "new = dedup.exact.add(result.hashes) | True",
+             ["tests/test_data_process.py", "-k", "duplicate"]),
+]
+
+
+def copy_repository(destination):
+    """The working tree as git sees it (tracked and untracked-not-ignored files), without .venv and out/."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run(mutation, scratch):
+    """'caught', 'escaped' or 'does not apply', and the seconds it took."""
+    path = scratch / mutation.file
+    original = path.read_text(encoding="utf-8")
+    if original.count(mutation.old) != 1:
+        return f"does not apply ({original.count(mutation.old)} matches in {mutation.file})", 0.0
+    path.write_text(original.replace(mutation.old, mutation.new), encoding="utf-8")
+    start = time.time()
+    try:
+        groups, current = [], []
+        for item in mutation.tests:  # "file", "-k", "expr", "file2" ... -> one pytest run per file
+            if item.startswith("tests/") and current:
+                groups.append(current)
+                current = []
+            current.append(item)
+        groups.append(current)
+        caught = False
+        for group in groups:
+            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *group],
+                                    cwd=scratch, capture_output=True, text=True)
+            if result.returncode == 5:  # no test collected: the -k filter matches nothing any more
+                return f"does not apply (no test selected by {' '.join(group)})", time.time() - start
+            caught = caught or result.returncode != 0
+            if caught:
+                break
+        return ("caught" if caught else "escaped"), time.time() - start
+    finally:
+        path.write_text(original, encoding="utf-8")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.k in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:48s} {m.file:18s} {' '.join(m.tests)}")
+        return
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="mutations-") as tmp:
+        scratch = Path(tmp) / ROOT.name
+        copy_repository(scratch)
+        if (ROOT.parent / "shared").is_dir():  # the tests look for the real tokenizer in ../shared
+            (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
+        for m in chosen:
+            outcome, seconds = run(m, scratch)
+            outcomes.append((m, outcome))
+            print(f"{m.name:48s} {outcome:12s} {seconds:6.0f} s  ({m.file}; {' '.join(m.tests)})", flush=True)
+    caught = sum(o == "caught" for _, o in outcomes)
+    escaped = sum(o == "escaped" for _, o in outcomes)
+    broken = len(outcomes) - caught - escaped
+    print(f"{caught} caught, {escaped} escaped" + (f", {broken} do not apply" if broken else ""))
+    sys.exit(1 if escaped or broken else 0)
+
+
+if __name__ == "__main__":
+    main()
