@@ -72,8 +72,12 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tokenizer.model.tmp"
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_dir / "tokenizer.model")
+    try:
+        tmp.write_bytes(model.getvalue())
+        tmp.replace(out_dir / "tokenizer.model")
+    finally:
+        if tmp.is_file():  # a failed write (a full disk) leaves no temporary file
+            tmp.unlink()
     tokenizer = load_tokenizer(out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
@@ -88,16 +92,23 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece pieces (specials come on top)")
     parser.add_argument("--max-lines", type=int, default=2_000_000, help="lines sampled for training")
     args = parser.parse_args(argv)
+    if args.vocab_size < 1:
+        parser.error(f"--vocab-size must be >= 1, not {args.vocab_size}")
+    if args.max_lines < 1:
+        parser.error(f"--max-lines must be >= 1, not {args.max_lines}")
 
     import corpora  # the readers; imported here so train() stays usable without them
 
     problems = corpora.Problems()
-    sources = [corpora.parse_source(spec, args.format) for spec in args.source]
-    texts = (text for source in sources for text in corpora.iter_texts(source, problems))
     try:
+        corpora.check_out(args.out, folder=True)
+        sources = [corpora.parse_source(spec, args.format) for spec in args.source]
+        texts = (text for source in sources for text in corpora.iter_texts(source, problems))
         tokenizer = train(texts, args.out, args.vocab_size, args.max_lines)
     except ValueError as err:
-        sys.exit(f"train_tokenizer: {err}")
+        sys.exit(f"train_tokenizer: {err}" + (f"\n{problems.summary()}" if problems.counts else ""))
+    except OSError as err:  # a missing input, a full or read-only disk
+        sys.exit(f"train_tokenizer: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
     print(problems.summary())
     print(f"saved {args.out}: {tokenizer.n_pieces} pieces + {len(SPECIAL_TOKENS)} specials = vocab_size "
           f"{tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:16]}")
