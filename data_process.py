@@ -57,6 +57,7 @@ UNIT_MB = 64  # JSON-lines / text files are split into work units of at most abo
 MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at 4 units per worker: output is the same for any size
 BATCH_CHARS = 1 << 20  # characters per encode_batch call inside a worker
 COPY_TOKENS = 1 << 22  # tokens the parent moves from a part file to the shards at a time (8 MiB)
+MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only cost memory
 MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
 CLEANING = ("control characters removed except \\n and \\t; line breaks -> \\n; runs of spaces -> one; lines "
             "trimmed; at most one blank line; Chinese punctuation untouched")
@@ -490,6 +491,8 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
                              ("unit_bytes", unit_bytes, 1)):
         if not value >= low:
             raise ValueError(f"{name} must be >= {low}, not {value}")
+    if workers > MAX_WORKERS:
+        raise ValueError(f"workers {workers} is more than {MAX_WORKERS} (4 per core)")
     corpora.check_out(out_dir, folder=True)
     tokenizer = load_tokenizer(tokenizer_path)  # FileNotFoundError says how to get one
     check_tokenizer(tokenizer, tokenizer_path)
@@ -497,6 +500,10 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
     for source in sources:
         if not corpora.is_plain_name(source.name):  # OUT/NAME is the only folder this run writes and cleans
             raise ValueError(f"source name {source.name!r} is not a plain folder name")
+        folder = Path(out_dir) / source.name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}: the run writes and "
+                             "cleans only a real folder OUT/NAME; move it away")
         if source.format not in corpora.PRETRAIN_FORMATS:
             raise ValueError(f"source '{source.name}': format '{source.format}' is not pretraining text; "
                              f"use one of {', '.join(sorted(corpora.PRETRAIN_FORMATS))}")
@@ -567,6 +574,8 @@ def main(argv=None):
                              ("--shard-tokens", args.shard_tokens, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, not {value}")
+    if args.workers > MAX_WORKERS:
+        parser.error(f"--workers {args.workers} is more than {MAX_WORKERS} (4 per core)")
     if not (math.isfinite(args.unit_mb) and args.unit_mb * (1 << 20) >= 1):
         parser.error(f"--unit-mb must be a positive size in MiB, not {args.unit_mb}")
     try:

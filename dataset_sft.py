@@ -152,8 +152,9 @@ class SFTData:
                 sources.append(source)
         bar.close()
         if not tokens:
-            raise ValueError(f"{csv_path}: no conversation fits max_seq_len={seq_len} "
-                             f"(dropped: {dict(self.dropped)}; bad rows: {self.problems.summary()})")
+            raise ValueError(f"{csv_path}: no usable conversation (too long for max_seq_len={seq_len}: "
+                             f"{dict(self.dropped) or 'none'}; bad rows: {dict(self.problems.counts) or 'none'}, "
+                             f"first: {'; '.join(self.problems.examples) or '-'})")
         self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.sources = np.array(sources)

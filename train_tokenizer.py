@@ -26,8 +26,9 @@ MAX_LINE_CHARS = 2000  # SentencePiece skips longer sentences (max_sentence_leng
 
 
 def training_lines(texts, max_lines, seed=0):
-    """Non-empty lines of the documents, cut to MAX_LINE_CHARS; a uniform reservoir sample of
-    max_lines of them when there are more, so a huge corpus costs O(max_lines) memory."""
+    """(lines, how many there were): the non-empty lines of the documents, cut to MAX_LINE_CHARS; a
+    uniform reservoir sample of max_lines of them when there are more, so a huge corpus costs
+    O(max_lines) memory."""
     rng = random.Random(seed)
     sample, seen = [], 0
     for text in texts:
@@ -44,7 +45,7 @@ def training_lines(texts, max_lines, seed=0):
                     slot = rng.randrange(seen)
                     if slot < max_lines:
                         sample[slot] = piece
-    return sample
+    return sample, seen
 
 
 def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_coverage=0.9995):
@@ -52,9 +53,11 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     if vocab_size + len(SPECIAL_TOKENS) > MAX_IDS:
         raise ValueError(f"vocab_size {vocab_size} + {len(SPECIAL_TOKENS)} specials exceeds {MAX_IDS} ids: "
                          f"token files are uint16, so the largest id must be <= 65535 (use <= {MAX_IDS - len(SPECIAL_TOKENS)})")
-    lines = training_lines(texts, max_lines)
+    lines, seen = training_lines(texts, max_lines)
     if not lines:
         raise ValueError("no text to train a tokenizer on")
+    if seen > len(lines):
+        print(f"training on {len(lines):,} lines sampled from {seen:,} (--max-lines)")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -357,14 +357,20 @@ def test_a_source_named_dot_dot_never_deletes_outside_its_folder(tmp_path, token
         with pytest.raises(ValueError, match="not a plain folder name"):
             process([Source(name, "skypile", [corpus])], out, tokenizer)
     assert all(path.read_bytes() == b"mine" for path in keep)
+    (out / "s").symlink_to(tmp_path / "data")  # OUT/NAME linking elsewhere: its *.bin are not the run's
+    with pytest.raises(SystemExit, match="is a link"):
+        dp.main(["--out", str(out), "--source", f"s={corpus}", "--format", "skypile",
+                 "--tokenizer", tokenizer.vocab_file])
+    assert all(path.read_bytes() == b"mine" for path in keep)
     with pytest.raises(RuntimeError, match="outside"):
-        dp.remove_owned(tmp_path / "data" / "precious.bin", out / "s")
+        dp.remove_owned(tmp_path / "data" / "precious.bin", out / "t")
     assert keep[0].read_bytes() == b"mine"
 
 
 @pytest.mark.parametrize("args,message", [(["--shard-tokens", "0"], "--shard-tokens must be >= 1"),
                                           (["--shard-tokens", "-5"], "--shard-tokens must be >= 1"),
                                           (["--workers", "0"], "--workers must be >= 1"),
+                                          (["--workers", "100000"], "is more than"),
                                           (["--min-chars", "-1"], "--min-chars must be >= 0"),
                                           (["--unit-mb", "0"], "--unit-mb must be a positive size"),
                                           (["--unit-mb", "nan"], "--unit-mb must be a positive size"),
@@ -382,7 +388,8 @@ def test_numeric_arguments_are_checked_before_any_work(tmp_path, tokenizer, caps
 def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, tokenizer, monkeypatch):
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
     (tmp_path / "file").write_text("not a folder")
-    for out, message in [(tmp_path / "file", "is a file: give a folder"), (tmp_path / "file" / "sub", "is a file, not")]:
+    for out, message in [(tmp_path / "file", "is a file: give a folder"),
+                         (tmp_path / "file" / "sub", "is a file, not")]:
         with pytest.raises(SystemExit, match=message):
             dp.main(["--out", str(out), "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file])
     monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # root ignores chmod: a read-only disk

@@ -279,3 +279,13 @@ def test_sft_data_process_out_errors_are_one_line_and_leave_nothing(tmp_path, mo
     out = tmp_path / "sft" / "o.csv"
     assert str(exit_info.value) == f"sft_data_process: cannot write {out}: No space left on device"
     assert list((tmp_path / "sft").iterdir()) == []
+
+
+def test_a_csv_without_one_good_row_is_refused_with_its_reasons(tmp_path, tokenizer):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,answer,history,source\n" + "".join(row for row, _ in BAD_ROWS), encoding="utf-8")
+    with pytest.raises(ValueError, match="no usable conversation .*'history is not JSON': 1.*bad.csv:2: a turn is not"):
+        SFTData(path, tokenizer, seq_len=256)
+    (tmp_path / "wrong.csv").write_text("question,response\n问,答\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"missing columns \['answer', 'prompt'\]"):
+        SFTData(tmp_path / "wrong.csv", tokenizer, seq_len=256)
