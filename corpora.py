@@ -10,18 +10,22 @@
 Three layers, top to bottom:
   1. containers: JSON lines, JSON arrays (streamed with ijson), CSV (real quoting), plain text, XML
      (one element per record, streamed, entity declarations refused), PDF (the text of each page);
-     transparent .gz; the encoding sniffed per file (UTF-8, UTF-8 with BOM, GB18030).
+     transparent .gz; the encoding decided per line (UTF-8, UTF-8 with BOM, GB18030: LineDecoder),
+     a record with a line that is neither skipped and counted, never kept garbled.
   2. readers: one short generator per dataset, record -> text / turns / question. A reader raises
      BadRecord for a record it cannot use and may `yield Skipped(...)` for a part it leaves out.
   3. iter_texts / iter_dialogues / iter_questions: a source's files through its reader.
 Bad input never stops a long run: it is counted in Problems with its location, and reading goes on.
-Nothing here knows about tokens; record layouts are documented in docs/datasets.md.
+Nothing here knows about tokens; each reader's docstring names its record layout, and data/sample/
+holds a small file of each.
 """
 
 import codecs
 import csv
+import functools
 import glob
 import gzip
+import io
 import json
 import os
 import re
@@ -35,7 +39,10 @@ from xml.parsers import expat
 
 import ijson
 
-SNIFF_BYTES = 1 << 16  # how much of a file decides its encoding
+SNIFF_BYTES = 1 << 16  # how much of a file's first non-ASCII text gives its encoding ...
+PRIOR_SCAN_BYTES = 1 << 26  # ... looked for this far into a file whose head is ASCII
+STRONG_UTF8_BYTES = 16  # a valid UTF-8 line with this many extra bytes of multi-byte characters is UTF-8
+LINE_PIECE = 1 << 20  # a JSON array line longer than this is decoded piece by piece
 XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
@@ -109,8 +116,11 @@ class Skipped:
 
 # ---------------------------------------------------------------- containers
 
+UNDECODABLE = "undecodable bytes (neither UTF-8 nor GB18030), record skipped"
+
+
 def detect_encoding(prefix: bytes) -> str:
-    """UTF-8 (with or without BOM) or GB18030, from a file's first bytes. UTF-8 wins when it decodes
+    """UTF-8 (with or without BOM) or GB18030, from a stretch of a file. UTF-8 wins when it decodes
     with no errors, or with a few stray bad bytes among many valid multi-byte characters: its structure
     is strict, so GB text read as UTF-8 fails about every other character, whereas GB18030 happily
     "decodes" most UTF-8 (as mojibake) and must only win on a clearly better score."""
@@ -128,42 +138,126 @@ def _lenient(data: bytes, encoding: str) -> str:
     return codecs.getincrementaldecoder(encoding)("replace").decode(data, final=False)  # a cut last char is fine
 
 
+def _strict(data: bytes, encoding: str, final: bool = True) -> str | None:
+    try:
+        return codecs.getincrementaldecoder(encoding)().decode(data, final)
+    except UnicodeDecodeError:
+        return None
+
+
 def open_binary(path):
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def file_encoding(path) -> str:
+    """The encoding the file's first non-ASCII text shows (sniffed within its first PRIOR_SCAN_BYTES).
+    It only settles lines that are valid in both encodings (see LineDecoder). Cached per file version:
+    every work unit of a split file asks."""
+    stat = os.stat(path)
+    return _file_encoding(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_encoding(path: str, size: int, mtime_ns: int) -> str:
     with open_binary(path) as f:
-        return detect_encoding(f.read(SNIFF_BYTES))
+        head = f.read(SNIFF_BYTES)
+        scanned = len(head)
+        while head.isascii() and scanned < PRIOR_SCAN_BYTES:  # ASCII tells nothing: sniff from the first
+            block = f.read(1 << 20)                           # line that holds something else
+            if not block:
+                break
+            scanned += len(block)
+            first = re.search(rb"[\x80-\xff]", block)
+            if first:
+                head = block[block.rfind(b"\n", 0, first.start()) + 1:]
+                head += f.read(max(0, SNIFF_BYTES - len(head)))
+    return detect_encoding(head)
 
 
-def read_lines(path, problems: Problems, span=None) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line with its line ending). span=(start, end, first_line) reads only
-    that byte range, which must start at a line start (see split_source)."""
+class LineDecoder:
+    """Decides the encoding of every line on its own, so that one odd line cannot garble a file and a
+    file whose head is ASCII is still read right:
+      valid UTF-8    -> UTF-8, when the file is UTF-8, or the line has STRONG_UTF8_BYTES extra bytes of
+                        multi-byte characters (GB text is practically never that long valid UTF-8), or
+                        the line is not valid GB18030;
+      valid GB18030  -> GB18030, unless the file is UTF-8 and the line mostly reads as UTF-8 (a UTF-8
+                        line with a few bad bytes, whose GB18030 reading would be mojibake);
+      anything else  -> None: the caller skips the record and counts it.
+    No multi-byte character of either encoding holds b"\n", so a line is a safe unit. The file's
+    encoding (file_encoding) settles only lines valid in both, and never changes while reading: every
+    byte range of a file decodes as it does in the whole file."""
+
+    def __init__(self, encoding: str):  # the file's, from file_encoding
+        self.utf8 = encoding.startswith("utf-8")
+
+    def decode(self, raw: bytes) -> str | None:
+        if self.utf8:
+            try:
+                return raw.decode("utf-8")  # the common case, at full speed
+            except UnicodeDecodeError:
+                pass
+        encoding = self.choose(raw)
+        return raw.decode(encoding) if encoding else None
+
+    def choose(self, raw: bytes, final: bool = True) -> str | None:
+        """The encoding of a line, or of the first piece of a long one (final=False: it may end inside a
+        character)."""
+        as_utf8 = _strict(raw, "utf-8", final)
+        if as_utf8 is not None and (self.utf8 or len(raw) - len(as_utf8) >= STRONG_UTF8_BYTES):
+            return "utf-8"
+        if _strict(raw, "gb18030", final) is None:
+            return "utf-8" if as_utf8 is not None else None
+        if as_utf8 is None and self.utf8 and _mostly_utf8(raw):
+            return None
+        return "gb18030"
+
+
+def _mostly_utf8(raw: bytes) -> bool:
+    """At least 4 valid UTF-8 multi-byte characters per undecodable byte. GB18030 text read as UTF-8
+    fails on most characters (at most 3 valid per error, measured on 1-30 character lines)."""
+    text = raw.decode("utf-8", "replace")
+    errors = text.count("\ufffd")
+    non_ascii = len(text) - len(text.encode("ascii", "ignore"))
+    return non_ascii - errors >= 4 * errors
+
+
+def _with_replacements(raw: bytes) -> str:
+    """An undecodable line in the encoding it looks most like, U+FFFD for its bad bytes; ASCII bytes stay
+    themselves in either encoding."""
+    return raw.decode(detect_encoding(raw), "replace")
+
+
+def read_lines(path, problems: Problems, span=None) -> Iterator[tuple[int, str, bool]]:
+    """(line number, line with its line ending, clean). A line LineDecoder cannot decode comes with
+    clean=False and U+FFFD for its bad bytes (quotes, commas and newlines intact, so a CSV row keeps its
+    shape): the caller skips the record that holds it and counts it (UNDECODABLE).
+    span=(start, end, first_line) reads only that byte range, which must start at a line start (see
+    split_source)."""
     start, end, lineno = span or (0, None, 1)
     position = start
     try:
-        encoding = file_encoding(path)  # utf-8-sig drops a BOM wherever a line starts with one: harmless
+        decoder = LineDecoder(file_encoding(path))
         with open_binary(path) as f:
             f.seek(start)
             for raw in f:
                 if end is not None and position >= end:
                     break
+                if position == 0 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                    position = len(codecs.BOM_UTF8)
                 position += len(raw)
-                # Line by line is safe for UTF-8 and GB18030: no multi-byte character contains b"\n".
-                try:
-                    line = raw.decode(encoding)
-                except UnicodeDecodeError as err:
-                    problems.add("undecodable bytes dropped", path, lineno, f"{err.reason}, byte {err.start} of the line")
-                    line = raw.decode(encoding, "ignore")
-                yield lineno, line
+                line = decoder.decode(raw)
+                yield (lineno, line, True) if line is not None else (lineno, _with_replacements(raw), False)
                 lineno += 1
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         problems.add("truncated or corrupt gzip file", path, lineno, str(err))
 
 
 def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, object]]:
-    for lineno, line in read_lines(path, problems, span):
+    for lineno, line, clean in read_lines(path, problems, span):
+        if not clean:
+            problems.add(UNDECODABLE, path, lineno)
+            continue
         line = line.strip()
         if not line:
             continue
@@ -177,45 +271,95 @@ def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, objec
 
 
 class _Utf8Reader:
-    """A binary file re-encoded as UTF-8 for ijson, which reads UTF-8 only: GB18030 files and stray
-    undecodable bytes (dropped, counted) would otherwise stop the parser."""
+    """A JSON array file as UTF-8 for ijson, which reads UTF-8 only. Lines are decoded by LineDecoder's
+    rule; a line longer than LINE_PIECE (a whole array on one line) is decoded piece by piece in the
+    encoding its first non-ASCII piece shows. Undecodable bytes become U+FFFD and are counted in
+    bad_lines: the caller skips every item that holds a U+FFFD once there are any."""
 
-    def __init__(self, raw, encoding, path, problems):
-        self.raw, self.path, self.problems = raw, path, problems
-        self.decoder = codecs.getincrementaldecoder(encoding)()  # utf-8-sig drops the BOM
-        self.offset = 0
+    def __init__(self, raw, encoding: str):
+        self.raw, self.lines = raw, LineDecoder(encoding)
+        self.rest = b""  # bytes of the line in progress
+        self.long = False  # the line in progress is longer than LINE_PIECE: decoded piece by piece ...
+        self.decoder = None  # ... by this incremental decoder, once a non-ASCII piece chose its encoding
+        self.bad_lines = 0
+        self.first = True
 
     def read(self, size=-1):
         if size == 0:  # ijson probes the stream's type with read(0)
             return b""
         while True:
-            data = self.raw.read(size if size > 0 else SNIFF_BYTES)
-            text = self.decode(data)
-            self.offset += len(data)
+            data = self.raw.read(SNIFF_BYTES)
+            if self.first:
+                data, self.first = data.removeprefix(codecs.BOM_UTF8), False
+            text = self._decode(data)
             if text or not data:  # an empty result before the end would look like the end to ijson
                 return text.encode("utf-8")
 
-    def decode(self, data: bytes) -> str:
-        """The incremental decoder carries a character cut between two chunks over to the next."""
-        try:
-            return self.decoder.decode(data, not data)
-        except UnicodeDecodeError as err:
-            self.problems.add("undecodable bytes dropped", self.path, f"byte {self.offset + err.start}", err.reason)
-            self.decoder.errors = "ignore"  # the decoder kept its state: decode the same data again, leniently
+    def _decode(self, data: bytes) -> str:
+        buffer = self.rest + data
+        cut = buffer.rfind(b"\n") + 1 if data else len(buffer)
+        complete, self.rest = buffer[:cut], buffer[cut:]
+        out = []
+        if self.long and (complete or not data):  # the long line ends here (or the file does)
+            end = complete.find(b"\n") + 1 or len(complete)
+            out.append(self._piece(complete[:end], final=True))
+            complete = complete[end:]
+        if complete:
+            out.append(self._lines(complete))
+        if len(self.rest) > LINE_PIECE:
+            self.long = True
+            out.append(self._piece(self.rest, final=False))
+            self.rest = b""
+        return "".join(out)
+
+    def _lines(self, block: bytes) -> str:
+        if self.lines.utf8:
             try:
-                return self.decoder.decode(data, not data)
-            finally:
-                self.decoder.errors = "strict"
+                return block.decode("utf-8")  # every line valid UTF-8 in a UTF-8 file: the common case
+            except UnicodeDecodeError:
+                pass
+        out = []
+        for raw in io.BytesIO(block):  # lines end at b"\n" only, as in read_lines
+            text = self.lines.decode(raw)
+            if text is None:
+                self.bad_lines += 1
+                text = _with_replacements(raw)
+            out.append(text)
+        return "".join(out)
+
+    def _piece(self, piece: bytes, final: bool) -> str:
+        """The next piece of a long line; final: its last."""
+        if self.decoder is None and not piece.isascii():
+            encoding = self.lines.choose(piece, final)
+            self.bad_lines += encoding is None
+            self.decoder = codecs.getincrementaldecoder(encoding or detect_encoding(piece))()
+        if self.decoder is None:
+            text = piece.decode("ascii")
+        else:
+            state = self.decoder.getstate()  # a failed decode may have changed it (GB18030's does)
+            try:
+                text = self.decoder.decode(piece, final)
+            except UnicodeDecodeError:
+                self.bad_lines += 1
+                self.decoder.setstate(state)
+                self.decoder.errors = "replace"
+                text = self.decoder.decode(piece, final)
+        if final:
+            self.long, self.decoder = False, None
+        return text
 
 
 def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
     """Items of a top-level JSON array, streamed; a file cut mid-way yields what parsed, then counts it."""
     count = 0
     try:
-        encoding = file_encoding(path)
         with open_binary(path) as raw:
-            for item in ijson.items(_Utf8Reader(raw, encoding, path, problems), "item", use_float=True):
-                yield f"#{count}", item
+            reader = _Utf8Reader(raw, file_encoding(path))
+            for item in ijson.items(reader, "item", use_float=True):
+                if reader.bad_lines and "\ufffd" in json.dumps(item, ensure_ascii=False):
+                    problems.add(UNDECODABLE, path, f"#{count}")
+                else:
+                    yield f"#{count}", item
                 count += 1
     except ijson.JSONError as err:
         problems.add("JSON array cut short or malformed, rest of file skipped", path, f"#{count}", str(err)[:200])
@@ -225,8 +369,15 @@ def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
 
 def iter_csv(path, problems: Problems) -> Iterator[tuple[int, dict]]:
     """Rows as {header: value}; quoted fields may hold commas and newlines (the line is where a row starts)."""
-    lines = read_lines(path, problems)
-    reader = csv.reader(line for _, line in lines)
+    undecodable = []  # line numbers of undecodable lines in the row being read
+
+    def lines():
+        for lineno, line, clean in read_lines(path, problems):
+            if not clean:
+                undecodable.append(lineno)
+            yield line
+
+    reader = csv.reader(lines())
     header, row_start = None, 1
     while True:
         try:
@@ -234,34 +385,49 @@ def iter_csv(path, problems: Problems) -> Iterator[tuple[int, dict]]:
         except StopIteration:
             return
         except csv.Error as err:
-            problems.add("malformed CSV row", path, row_start, str(err))
+            problems.add(UNDECODABLE if undecodable else "malformed CSV row", path, row_start, str(err))
             row_start = reader.line_num + 1
+            undecodable.clear()
             continue
         where, row_start = row_start, reader.line_num + 1
-        if not row:
+        if undecodable:
+            problems.add(UNDECODABLE, path, where)
+            undecodable.clear()
+        elif not row:
             continue
-        if header is None:
+        elif header is None:
             header = [name.strip() for name in row]
         elif len(row) != len(header):
+            spans = f"; the row runs over lines {where}-{row_start - 1} (an unterminated quote?)" \
+                if row_start - 1 > where else ""
             problems.add("CSV row with the wrong number of fields", path, where,
-                         f"{len(row)} fields, header has {len(header)}")
+                         f"{len(row)} fields, header has {len(header)}{spans}")
         else:
             yield where, dict(zip(header, row))
 
 
 def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int, str]]:
-    """Plain text: one document per block of lines separated by blank lines."""
-    block, first = [], None
-    for lineno, line in read_lines(path, problems, span):
+    """Plain text: one document per block of lines separated by blank lines (an undecodable line is
+    never blank: its bytes read as U+FFFD)."""
+    block, first, clean = [], None, True
+    for lineno, line, line_clean in read_lines(path, problems, span):
         if line.strip():
             if not block:
-                first = lineno
+                first, clean = lineno, True
             block.append(line)
+            clean = clean and line_clean
         elif block:
-            yield first, "".join(block)
+            yield from _whole_block(path, problems, first, block, clean)
             block = []
     if block:
-        yield first, "".join(block)
+        yield from _whole_block(path, problems, first, block, clean)
+
+
+def _whole_block(path, problems, first, lines, clean):
+    if clean:
+        yield first, "".join(lines)
+    else:
+        problems.add(UNDECODABLE, path, first)
 
 
 class RefusedXML(Exception):
@@ -417,17 +583,21 @@ def _value(record, name: str, required: bool):
 
 
 def text_field(record, name: str, required: bool = True) -> str:
-    """record[name] as stripped text; null, NaN and a missing optional field give ""."""
+    """record[name] as stripped text; null, NaN and a missing optional field give "". Only strings are
+    text: a number, a boolean, a list or an object is a bad record, never its str()."""
     value = _value(record, name, required)
     if value is None or (isinstance(value, float) and value != value):
         return ""
-    if isinstance(value, (dict, list)):
+    if not isinstance(value, str):
         raise BadRecord(f"field '{name}' is not text", type(value).__name__)
-    return str(value).strip()
+    return value.strip()
 
 
-def list_field(record, name: str) -> list:
-    value = _value(record, name, True)
+def list_field(record, name: str, required: bool = True) -> list:
+    """record[name], a list; null or a missing optional field give []."""
+    value = _value(record, name, required)
+    if value is None and not required:
+        return []
     if not isinstance(value, list):
         raise BadRecord(f"field '{name}' is not a list", type(value).__name__)
     return value
@@ -446,10 +616,9 @@ def baike(record):
     """BaiduBaike 563w: "title：summary", then "section title：content" per section (null parts left out)."""
     title, summary = text_field(record, "title", False), text_field(record, "summary", False)
     parts = [f"{title}：{summary}" if title and summary else title or summary]
-    sections = record.get("sections") or []
-    if not isinstance(sections, list):
-        raise BadRecord("field 'sections' is not a list", type(sections).__name__)
-    for section in sections:
+    for section in list_field(record, "sections", False):
+        if not isinstance(section, dict):
+            raise BadRecord("a section is not an object", type(section).__name__)
         heading, content = text_field(section, "title", False), text_field(section, "content", False)
         if content:
             parts.append(f"{heading}：{content}" if heading else content)
@@ -492,7 +661,7 @@ def cmekg(record):
     "示例病的临床表现包括低热、乏力。" predicate.json (counts of predicates) is skipped."""
     text = text_field(record, "text", False)
     facts: dict[tuple[str, str], dict[str, None]] = {}  # objects in first-seen order, without repeats
-    for triple in record.get("spo_list") or []:
+    for triple in list_field(record, "spo_list", False):
         if not (isinstance(triple, list) and len(triple) == 3 and all(isinstance(x, str) for x in triple)):
             raise BadRecord("malformed spo_list triple", repr(triple)[:80])
         subject, predicate, obj = (x.strip() for x in triple)
@@ -838,7 +1007,8 @@ def alpaca_zh(record):
 @register("belle", "dialogue")
 def belle(record):
     """BELLE 1M / 0.5M: instruction (+ input) -> output (`target` in one documented variant)."""
-    yield instruction_turn(record, "target" if "output" not in record and "target" in record else "output")
+    answer_field = "target" if isinstance(record, dict) and "output" not in record and "target" in record else "output"
+    yield instruction_turn(record, answer_field)
 
 
 BELLE_SPEAKER = re.compile(r"^(Human|Assistant)[:：]", re.MULTILINE)
@@ -864,14 +1034,21 @@ def huatuo(record):
     """HuatuoGPT-sft-data-v1: `data` alternates "问：…" and "答：…"; prefixes stripped, a trailing
     question without answer dropped (and counted)."""
     utterances = list_field(record, "data")
+    if not all(isinstance(u, str) for u in utterances):
+        raise BadRecord("field 'data' holds a non-text utterance",
+                        next(type(u).__name__ for u in utterances if not isinstance(u, str)))
     if len(utterances) % 2:
         yield Skipped("last question without an answer")
-    texts = [re.sub(r"^\s*[问答][:：]\s*", "", str(u)).strip() for u in utterances[:len(utterances) // 2 * 2]]
+    texts = [re.sub(r"^\s*[问答][:：]\s*", "", u).strip() for u in utterances[:len(utterances) // 2 * 2]]
     yield list(zip(texts[0::2], texts[1::2]))
 
 
 def messages_field(record, name, role_key, text_key):
-    return [(text_field(message, role_key), text_field(message, text_key)) for message in list_field(record, name)]
+    messages = list_field(record, name)
+    odd = [type(message).__name__ for message in messages if not isinstance(message, dict)]
+    if odd:
+        raise BadRecord(f"a message of '{name}' is not an object", odd[0])
+    return [(text_field(message, role_key), text_field(message, text_key)) for message in messages]
 
 
 @register("disc_med", "dialogue")
@@ -914,6 +1091,9 @@ def medical_dialogue(record):
 # ---- multiple-choice questions
 
 def make_question(question, options, answer, subject, explanation):
+    odd = [letter for letter in options if not re.fullmatch("[A-Z]", letter)]
+    if odd:
+        raise BadRecord("option key is not one capital letter", repr(odd[0])[:40])
     options = {letter: text for letter, text in options.items() if text}
     answer = "" if answer.lower() == "nan" else answer.upper().replace(" ", "").replace(",", "")
     if not question:
@@ -949,7 +1129,7 @@ def cmmlu(record, path):
 def cmb(record, path):
     """CMB-Exam (JSON array): question, option {letter: text} (empty letters dropped), answer ("ABC" for
     multiple answers; absent in test), exam_subject, explanation."""
-    options = record.get("option") if isinstance(record, dict) else None
+    options = _value(record, "option", True)
     if not isinstance(options, dict):
         raise BadRecord("field 'option' is not an object", type(options).__name__)
     yield make_question(text_field(record, "question"), {k.strip(): text_field(options, k) for k in options},
@@ -1027,6 +1207,12 @@ def infer_format(name: str) -> str:
                      f"Formats: {known_formats()}")
 
 
+def is_plain_name(name: str) -> bool:
+    """A name that can only mean a folder right inside the output folder: no separator, not "." or "..",
+    not hidden."""
+    return re.fullmatch(r"[\w-][\w.-]*", name) is not None
+
+
 def parse_source(spec: str, fmt: str | None = None) -> Source:
     """"NAME=PATH_OR_GLOB" -> Source. PATH may be a file, a folder (every file below it, sorted; hidden
     ones skipped) or a glob. A missing or unreadable path raises now, before any work; a glob that
@@ -1035,9 +1221,9 @@ def parse_source(spec: str, fmt: str | None = None) -> Source:
     name = name.strip()
     if not sep or not name or not location:
         raise ValueError(f"--source {spec!r}: expected NAME=PATH_OR_GLOB, e.g. wiki=data/raw/wiki/*.json")
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ValueError(f"--source {spec!r}: NAME may hold letters, digits, '_', '-' and '.' only "
-                         "(it names the output folder)")
+    if not is_plain_name(name):
+        raise ValueError(f"--source {spec!r}: NAME names the output folder, so it is a plain name: letters, "
+                         "digits, '_', '-' and '.', not starting with '.' (no '.', '..', hidden names or paths)")
     fmt = fmt or infer_format(name)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}' for source '{name}'. Formats: {known_formats()}")
@@ -1052,6 +1238,22 @@ def parse_source(spec: str, fmt: str | None = None) -> Source:
         if not os.access(path, os.R_OK):
             raise PermissionError(f"source '{name}': cannot read {path}")
     return Source(name, fmt, files, location)
+
+
+def check_out(path, folder: bool = False):
+    """Refuse, before any work, an --out that cannot be written: a folder where a file is wanted (or a
+    file where a folder is), a path below a file, or a read-only place. Every tool that reads sources
+    writes one output; a full disk can only be found while writing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"--out {path} is a {'file' if folder else 'folder'}: give a {'folder' if folder else 'file'}")
+    existing = path if folder else path.parent  # the folder that is, or will hold, the output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path}: cannot write in {existing} (read-only?)")
 
 
 def _files_below(folder) -> list[Path]:
@@ -1149,10 +1351,16 @@ def iter_dialogues(source: Source, problems: Problems) -> Iterator[list[tuple[st
 
 def iter_questions(source: Source, problems: Problems) -> Iterator[dict]:
     """{"question", "options": {"A": text, ...} (non-empty ones), "answer": "A" / "ABC" / "" (unknown),
-    "subject", "explanation"}."""
+    "subject", "explanation", "where": its line (or "#N" in a JSON array)}."""
     fmt = _format(source, "question")
-    for _, _, question in _outputs(source, fmt, problems, None):
-        yield question
+    for _, where, question in _outputs(source, fmt, problems, None):
+        yield {**question, "where": where}
+
+
+def expected_input(format_name: str) -> str:
+    """What a format reads, for messages about a source that yielded nothing: its reader's docstring."""
+    fmt = FORMATS[format_name]
+    return f"{format_name} reads {'/'.join(fmt.containers)} files: " + " ".join(fmt.read.__doc__.split())
 
 
 # ---------------------------------------------------------------- splitting big files for parallel work
@@ -1162,20 +1370,29 @@ def split_source(source: Source, target_bytes: int) -> list[tuple[Source, tuple 
     Plain JSON-lines and text files larger than target_bytes are cut into byte ranges
     span=(start, end, first_line) that begin at a record start (a line; for text, after a blank line),
     so reading the pieces one after another gives exactly what reading the file gives. Everything else
-    (JSON arrays, CSV, .gz, formats that join files) is one piece per file or per source."""
-    if FORMATS[source.format].whole_source:
+    (JSON arrays, a pretty-printed JSON object, CSV, .gz, files the format does not read, formats that
+    join files) is one piece per file or per source: what is counted once per file stays counted once."""
+    fmt = FORMATS[source.format]
+    if fmt.whole_source:
         return [(source, None)]
     target_bytes = max(target_bytes, 1)
     pieces = []
     for path in source.files:
         single = Source(source.name, source.format, [path], source.location)
         kind = container(path)
-        splittable = (kind == "text" or (kind == "json" and _first_byte(path) == b"{")) and not str(path).endswith(".gz")
+        splittable = kind in fmt.containers and not str(path).endswith(".gz") and (
+            kind == "text" or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path)))
         if splittable and os.path.getsize(path) > target_bytes:
             pieces += [(single, span) for span in _spans(path, target_bytes, blank_line=kind == "text")]
         else:
             pieces.append((single, None))
     return pieces
+
+
+def _one_json_object(path) -> bool:
+    """A pretty-printed JSON object: its first line is a lone "{" (iter_jsonl reports such a file once)."""
+    with open(path, "rb") as f:
+        return f.readline(64).removeprefix(codecs.BOM_UTF8).strip() == b"{"
 
 
 def _spans(path, target_bytes: int, blank_line: bool) -> list[tuple[int, int, int]]:

@@ -3,11 +3,12 @@
     python data_process.py --source wiki=data/raw/wiki --source medical_pretrain='data/raw/medical/*.json' \\
         --out data/processed --workers 8 [--minhash] [--tokenizer out/tokenizer]
 
-Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py, docs/datasets.md):
+Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py):
     OUT/NAME/NAME_0000.bin, NAME_0001.bin ...  np.uint16 token ids; every document is followed by eos and
                                                lies whole in one shard
     OUT/NAME/manifest.json                      counts, skipped records by reason (+ first examples with
-                                               file:line), inputs, tokenizer hash, settings, shards
+                                               file:line), inputs, tokenizer hash and vocab_size, settings,
+                                               shards, the largest token id (per shard and overall)
     OUT/NAME/dedup_hashes.u64 (+ dedup_bands.u64 with --minhash)
                                                hashes of the documents this source added to the run's
                                                dedup sets, so a later run that skips this source still
@@ -28,16 +29,19 @@ How it works:
      an earlier run are removed just before; manifest.json comes last. A killed run leaves either the
      earlier output or the new one, never a half-written shard under a final name.
 Re-running skips a source whose manifest still matches: inputs (sizes, mtimes), tokenizer hash, settings,
-and the sources it was deduplicated against. --force re-does it.
+and the sources it was deduplicated against. --force re-does it; an unreadable manifest means redo.
+A source that yields no document is an error (after the other sources are done), never an empty success.
+Every file the run deletes lies in OUT/NAME, whose NAME is a plain folder name.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -57,6 +61,7 @@ MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at UNITS_PER_WORKER
 UNITS_PER_WORKER = 16  # same for any size; many units keep the last ones short, so no worker idles long at the end
 BATCH_CHARS = 1 << 20  # characters per encode_batch call inside a worker
 COPY_TOKENS = 1 << 22  # tokens the parent moves from a part file to the shards at a time (8 MiB)
+MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only cost memory
 MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
 MINHASH_PARTITION_BITS = 8  # band keys are filed on disk by their top bits: 256 partitions, one in memory at a time
 MINHASH_PARTITIONS = 1 << MINHASH_PARTITION_BITS
@@ -285,7 +290,8 @@ def encode_unit(task) -> UnitResult:
 
 class ShardWriter:
     """Appends whole documents to NAME_0000.bin.tmp, NAME_0001.bin.tmp, ...; a shard is closed (flushed,
-    fsynced) after the document that brings it to shard_tokens. Renaming is install_output's job."""
+    fsynced) after the document that brings it to shard_tokens. Renaming is install_output's job. Each
+    shard records its largest token id."""
 
     def __init__(self, folder: Path, name: str, shard_tokens: int):
         self.folder, self.name, self.shard_tokens = folder, name, shard_tokens
@@ -298,12 +304,15 @@ class ShardWriter:
         done_docs = done_tokens = 0
         while done_docs < len(lengths):
             if self.file is None:
-                self.shards.append({"file": f"{self.name}_{len(self.shards):04d}.bin", "tokens": 0, "documents": 0})
+                self.shards.append({"file": f"{self.name}_{len(self.shards):04d}.bin", "tokens": 0, "documents": 0,
+                                    "max_token_id": 0})
                 self.file = open(self.folder / (self.shards[-1]["file"] + ".tmp"), "wb")
             shard = self.shards[-1]
             filling = int(np.searchsorted(ends, done_tokens + self.shard_tokens - shard["tokens"]))
             stop = min(filling + 1, len(lengths))
-            tokens[done_tokens:ends[stop - 1]].tofile(self.file)
+            piece = tokens[done_tokens:ends[stop - 1]]
+            piece.tofile(self.file)
+            shard["max_token_id"] = max(shard["max_token_id"], int(piece.max()))  # training checks it against vocab
             shard["tokens"] += int(ends[stop - 1]) - done_tokens
             shard["documents"] += stop - done_docs
             done_docs, done_tokens = stop, int(ends[stop - 1])
@@ -360,7 +369,7 @@ def copy_unit(result: UnitResult, keep: np.ndarray, writer: ShardWriter) -> int:
                 tokens, lengths = tokens[np.repeat(kept, lengths)], lengths[kept]
             writer.write(tokens, lengths)
             first = last
-    result.part.unlink()
+    remove_owned(result.part, writer.folder)
     return int(keep.sum())
 
 
@@ -386,16 +395,23 @@ def up_to_date(manifest: dict | None, expected: dict, folder: Path) -> bool:
     try:
         if any(manifest[key] != value for key, value in expected.items()):
             return False
+        if "max_token_id" not in manifest:  # written before manifests recorded it
+            return False
         files = [(s["file"], 2 * s["tokens"]) for s in manifest["shards"]] + list(manifest["dedup_files"].items())
-    except (KeyError, TypeError):  # no manifest, or one written by another version
+    except (KeyError, TypeError, AttributeError):  # no manifest, or one written by another version
         return False
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files)
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest, or None: missing, or unreadable (a note says so; the source is redone)."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        return None
     try:
-        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+        print(f"note: {path} is unreadable ({type(err).__name__}: {str(err)[:80]}), so {folder.name} is redone")
         return None
 
 
@@ -406,12 +422,20 @@ def remember_skipped_source(folder: Path, manifest: dict, dedup: Dedup):
         dedup.bands.remember(folder / "dedup_bands.u64")
 
 
+def remove_owned(path: Path, folder: Path):
+    """Unlink a file of the folder this run owns (OUT/NAME); a path whose entry lies anywhere else is
+    refused, whatever its name. A link is removed, never what it points to."""
+    if not path.parent.resolve().is_relative_to(folder.resolve()):
+        raise RuntimeError(f"refusing to delete {path}: outside {folder}, the folder this run writes")
+    path.unlink(missing_ok=True)
+
+
 def install_output(folder: Path, writer: ShardWriter, logs: list, manifest: dict):
     """New shards are complete and fsynced as *.tmp: drop the old manifest (from here until the new one
     lands the folder reads as unfinished), remove stale shards, rename the new ones, write the manifest."""
-    (folder / "manifest.json").unlink(missing_ok=True)
+    remove_owned(folder / "manifest.json", folder)
     for stale in folder.glob("*.bin"):
-        stale.unlink()
+        remove_owned(stale, folder)
     for shard in writer.shards:
         os.replace(folder / (shard["file"] + ".tmp"), folder / shard["file"])
     for log in logs:
@@ -431,13 +455,22 @@ def install_output(folder: Path, writer: ShardWriter, logs: list, manifest: dict
 
 def clear_leftovers(folder: Path):
     """Temporary files of a killed run: never read, removed before the source is redone."""
-    shutil.rmtree(folder / "parts.tmp", ignore_errors=True)
+    parts = folder / "parts.tmp"
+    if parts.is_dir() and not parts.is_symlink():
+        for part in parts.iterdir():
+            remove_owned(part, folder)
+        parts.rmdir()
     for leftover in folder.glob("*.tmp"):
-        leftover.unlink()
+        if not leftover.is_dir() or leftover.is_symlink():
+            remove_owned(leftover, folder)
+
+
+class NothingKept(ValueError):
+    """A source that yielded no document: an error, never an empty success."""
 
 
 def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict:
-    folder = Path(out_dir) / source.name
+    folder = Path(out_dir) / source.name  # source.name is a plain name (corpora.parse_source)
     expected = {"format": source.format, "inputs": inputs_of(source),
                 "tokenizer_sha256": run.tokenizer["sha256"], "settings": run.settings,
                 "dedup_against": list(run.dedup.sources)}
@@ -459,12 +492,13 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
     tasks = [(unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
              for i, (unit, span) in enumerate(units)]
     writer = ShardWriter(folder, source.name, run.settings["shard_tokens"])
-    logs = [HashLog(folder / "dedup_hashes.u64")]
-    if run.settings["minhash"]:
-        logs.append(HashLog(folder / "dedup_bands.u64"))
+    logs = []
     problems, read, kept = corpora.Problems(), 0, 0
     deferred, staged = [], 0  # --minhash: units wait for the source's near duplicates: (result, keep, first, label)
     try:
+        logs.append(HashLog(folder / "dedup_hashes.u64"))
+        if run.settings["minhash"]:
+            logs.append(HashLog(folder / "dedup_bands.u64"))
         with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=source.name) as bar:
             for (unit, _), size, result in zip(units, sizes, encode(encode_unit, tasks)):
                 label = unit.files[0] if len(unit.files) == 1 else source.location
@@ -491,26 +525,37 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         writer.close()
         for log in logs:
             log.close()
-    except BaseException:  # an error or Ctrl-C: leave the earlier output as it was, and no temporary files
-        writer.close()
-        for log in logs:
-            log.file.close()
+        parts.rmdir()
+        if not kept:
+            print(problems.summary())
+            raise NothingKept(f"source '{source.name}' yielded no document ({read:,} read from "
+                              f"{len(source.files)} file(s) at {source.location}; skipped: "
+                              f"{dict(problems.counts) or 'nothing'}). "
+                              f"Expected: {corpora.expected_input(source.format)}")
+        dedup_sha = hashlib.sha256("".join(log.sha.hexdigest() for log in logs).encode()).hexdigest()
+        manifest = {
+            "name": source.name, **expected, "location": source.location,
+            "tokenizer": run.tokenizer, "dtype": np.dtype(DTYPE).name, "eos_id": run.tokenizer["eos_id"],
+            "vocab_size": run.tokenizer["vocab_size"],
+            "max_token_id": max(s["max_token_id"] for s in writer.shards),
+            "documents_read": read, "documents_kept": kept, "tokens": sum(s["tokens"] for s in writer.shards),
+            "skipped": dict(problems.counts.most_common()), "skipped_examples": problems.examples,
+            "shards": writer.shards,
+            "dedup_files": {log.path.name: log.bytes for log in logs},
+            "dedup_sha256": dedup_sha,
+        }
+        install_output(folder, writer, logs, manifest)
+    except BaseException as err:  # an error, a full disk or Ctrl-C: no temporary files left behind
+        for file in [writer.file] + [log.file for log in logs]:
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    file.close()
         clear_leftovers(folder)
+        if isinstance(err, OSError):
+            where = f" ({err.filename})" if err.filename else ""
+            raise OSError(err.errno, f"source '{source.name}': {err.strerror or err}{where} while writing {folder}; "
+                                     "its temporary files were removed, re-run to redo it") from None
         raise
-    shutil.rmtree(parts)
-
-    dedup_sha = hashlib.sha256("".join(log.sha.hexdigest() for log in logs).encode()).hexdigest()
-    manifest = {
-        "name": source.name, **expected, "location": source.location,
-        "tokenizer": run.tokenizer, "dtype": np.dtype(DTYPE).name, "eos_id": run.tokenizer["eos_id"],
-        "vocab_size": run.tokenizer["vocab_size"],
-        "documents_read": read, "documents_kept": kept, "tokens": sum(s["tokens"] for s in writer.shards),
-        "skipped": dict(problems.counts.most_common()), "skipped_examples": problems.examples,
-        "shards": writer.shards,
-        "dedup_files": {log.path.name: log.bytes for log in logs},
-        "dedup_sha256": dedup_sha,
-    }
-    install_output(folder, writer, logs, manifest)
     run.dedup.sources.append({"name": source.name, "dedup_sha256": dedup_sha})
     print(f"{source.name}: {read:,} documents read, {kept:,} kept, {manifest['tokens']:,} tokens in "
           f"{len(writer.shards)} shard(s) -> {folder}")
@@ -528,14 +573,28 @@ def check_tokenizer(tokenizer, path):
 
 
 def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min_chars=MIN_CHARS, minhash=False,
-                    shard_tokens=SHARD_TOKENS, force=False, unit_bytes=UNIT_MB << 20) -> list[dict | None]:
-    """Every source into OUT/NAME/, deduplicated across all of them; a manifest per source (None for a
-    source whose path matched no files). Everything that can be checked is checked before any work."""
+                    shard_tokens=SHARD_TOKENS, force=False, unit_bytes=UNIT_MB << 20) -> list[dict]:
+    """Every source into OUT/NAME/, deduplicated across all of them; a manifest per source.
+    Everything that can be checked is checked before any work. A source that yields no document (no
+    file matched, none of the right kind, every record rejected) gets no output; the others are done,
+    then NothingKept names them all."""
+    for name, value, low in (("workers", workers, 1), ("min_chars", min_chars, 0), ("shard_tokens", shard_tokens, 1),
+                             ("unit_bytes", unit_bytes, 1)):
+        if not value >= low:
+            raise ValueError(f"{name} must be >= {low}, not {value}")
+    if workers > MAX_WORKERS:
+        raise ValueError(f"workers {workers} is more than {MAX_WORKERS} (4 per core)")
+    corpora.check_out(out_dir, folder=True)
     tokenizer = load_encoder(tokenizer_path)  # FileNotFoundError says how to get one
     check_tokenizer(tokenizer, tokenizer_path)
-    workers = max(1, workers)
     names = [source.name for source in sources]
     for source in sources:
+        if not corpora.is_plain_name(source.name):  # OUT/NAME is the only folder this run writes and cleans
+            raise ValueError(f"source name {source.name!r} is not a plain folder name")
+        folder = Path(out_dir) / source.name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}: the run writes and "
+                             "cleans only a real folder OUT/NAME; move it away")
         if source.format not in corpora.PRETRAIN_FORMATS:
             raise ValueError(f"source '{source.name}': format '{source.format}' is not pretraining text; "
                              f"use one of {', '.join(sorted(corpora.PRETRAIN_FORMATS))}")
@@ -545,7 +604,7 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
                "eos_id": tokenizer.eos_id},
               {"min_chars": min_chars, "minhash": MINHASH if minhash else None, "shard_tokens": shard_tokens,
                "cleaning": CLEANING}, workers, unit_bytes, force)
-    manifests, bands_folder = [], None
+    manifests, failed, bands_folder = [], [], None
     if minhash:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         bands_folder = Path(tempfile.mkdtemp(prefix=".minhash-", suffix=".tmp", dir=out_dir))  # this run's alone
@@ -554,20 +613,23 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
         with worker_pool(workers, tokenizer_path) as encode:
             for source in sources:
                 if not source.files:
-                    print(f"{source.name}: nothing matches {source.location!r}, skipped")
-                    manifests.append(None)
-                else:
+                    failed.append(f"source '{source.name}': nothing matches {source.location!r}")
+                    print(failed[-1])
+                    continue
+                try:
                     manifests.append(process_one(source, Path(out_dir), run, encode))
+                except NothingKept as err:
+                    failed.append(str(err))
+                    print(failed[-1])
     finally:
         if bands_folder is not None:
             shutil.rmtree(bands_folder, ignore_errors=True)
-    empty = [source.name for source in sources if not source.files]
-    if empty:
-        print(f"{len(empty)} source(s) matched no files: {', '.join(empty)}")
+    if failed:
+        raise NothingKept(f"{len(failed)} of {len(sources)} source(s) yielded no document: " + " | ".join(failed))
     return manifests
 
 
-def process_source(source, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, **settings) -> dict | None:
+def process_source(source, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, **settings) -> dict:
     """One source on its own (deduplicated within itself only); settings as in process_sources."""
     return process_sources([source], out_dir, tokenizer_path, workers, **settings)[0]
 
@@ -607,12 +669,22 @@ def main(argv=None):
                         "text files are split into (any value gives the same output)")
     parser.add_argument("--force", action="store_true", help="redo sources that are up to date")
     args = parser.parse_args(argv)
+    for flag, value, low in (("--workers", args.workers, 1), ("--min-chars", args.min_chars, 0),
+                             ("--shard-tokens", args.shard_tokens, 1)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, not {value}")
+    if args.workers > MAX_WORKERS:
+        parser.error(f"--workers {args.workers} is more than {MAX_WORKERS} (4 per core)")
+    if not (math.isfinite(args.unit_mb) and args.unit_mb * (1 << 20) >= 1):
+        parser.error(f"--unit-mb must be a positive size in MiB, not {args.unit_mb}")
     try:
         sources = [corpora.parse_source(spec, args.format) for spec in args.source]
         process_sources(sources, args.out, args.tokenizer, args.workers, args.min_chars, args.minhash,
                         args.shard_tokens, args.force, int(args.unit_mb * (1 << 20)))
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except ValueError as err:
         sys.exit(f"data_process: {err}")
+    except OSError as err:  # a missing input, a full or read-only disk
+        sys.exit(f"data_process: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
 
 
 if __name__ == "__main__":

@@ -20,18 +20,22 @@ Every turn's answer is trained on, the earlier ones included (they are real answ
 prompts). A conversation longer than max_seq_len + 1 tokens loses its earliest turns first, then
 the start of the last prompt; answers are never cut, and a last answer that cannot fit whole
 (with its <eos> and at least one prompt token) drops the sample, counted.
+
+A CSV row is used only when it is exactly one conversation: `prompt` and `answer` non-empty text,
+`history` empty or a JSON list of [prompt, answer] pairs of non-empty strings. Any other row (a turn
+of 1 or 3 items, a history of `5`, a short or long row, an unterminated quote, bad bytes) is skipped
+and counted with its file:line, so no row can lend its text to another conversation.
 """
 
-import csv
 import itertools
 import json
-import sys
 from collections import Counter, defaultdict
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from corpora import BadRecord, Problems, iter_csv
 from dataset import global_rows
 from model import IGNORE_INDEX
 
@@ -74,20 +78,49 @@ def labels_for(ids, is_answer):
     return x, y
 
 
-def read_sft_csv(path):
-    """Rows of sft_data_process.py's CSV as (source, turns as text pairs)."""
-    csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"prompt", "answer"} - set(reader.fieldnames or [])  # history and source are optional
+def encode_turns(tokenizer, conversations):
+    """Conversations of text turns [(prompt, answer or None), ...] -> the same of id lists, in one
+    encode_batch call. Every turn keeps the index of its own texts, so nothing can slide from one
+    turn or conversation into the next; a turn that is not a (prompt, answer) pair raises."""
+    texts, layout = [], []
+    for turns in conversations:
+        slots = []
+        for prompt, answer in turns:
+            slots.append((len(texts), None if answer is None else len(texts) + 1))
+            texts += [prompt] if answer is None else [prompt, answer]
+        layout.append(slots)
+    ids = tokenizer.encode_batch(texts) if texts else []
+    return [[(ids[p], None if a is None else ids[a]) for p, a in slots] for slots in layout]
+
+
+def conversation_turns(row) -> list[tuple[str, str]]:
+    """The turns of one CSV row (history, then prompt -> answer); BadRecord for anything else."""
+    try:
+        history = json.loads(row.get("history") or "[]")
+    except json.JSONDecodeError as err:
+        raise BadRecord("history is not JSON", str(err)) from None
+    if not isinstance(history, list):
+        raise BadRecord("history is not a list of [prompt, answer] turns", repr(history)[:60])
+    turns = history + [[row["prompt"], row["answer"]]]
+    for turn in turns:
+        if not (isinstance(turn, list) and len(turn) == 2 and all(isinstance(text, str) for text in turn)):
+            raise BadRecord("a turn is not [prompt, answer] of two strings", repr(turn)[:60])
+        if not all(text.strip() for text in turn):
+            raise BadRecord("a turn has an empty prompt or answer", repr(turn)[:60])
+    return [tuple(turn) for turn in turns]
+
+
+def read_sft_csv(path, problems: Problems):
+    """(source, turns as text pairs) for every good row of sft_data_process.py's CSV; bad rows are
+    counted in `problems` with file:line. A file without prompt and answer columns is refused."""
+    for line, row in iter_csv(path, problems):
+        missing = {"prompt", "answer"} - row.keys()  # history and source are optional
         if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)} (header: {reader.fieldnames})")
-        for line, row in enumerate(reader, start=2):
-            try:
-                history = json.loads(row.get("history") or "[]")
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line}: history is not JSON: {err}") from None
-            yield row.get("source") or "sft", [tuple(t) for t in history] + [(row["prompt"], row["answer"])]
+            raise ValueError(f"{path}: missing columns {sorted(missing)} (header: {list(row)})")
+        try:
+            yield row.get("source") or "sft", conversation_turns(row)
+        except BadRecord as err:
+            problems.add(err.reason, path, line, err.detail)
 
 
 class SFTData:
@@ -100,15 +133,14 @@ class SFTData:
         self.seq_len, self.seed, self.pack = seq_len, seed, pack
         self.pad_id = tokenizer.pad_id
         self.dropped = Counter()
+        self.problems = Problems()  # rows of the CSV that are not one conversation
         tokens, masks, lengths, sources = [], [], [], []
-        rows = read_sft_csv(csv_path)  # streamed: only the token arrays are kept
+        rows = read_sft_csv(csv_path, self.problems)  # streamed: only the token arrays are kept
         bar = tqdm(desc="tokenize SFT", unit=" conv", leave=False)
         while chunk := list(itertools.islice(rows, encode_batch)):
             bar.update(len(chunk))
-            texts = [text for _, turns in chunk for turn in turns for text in turn]
-            encoded = iter(tokenizer.encode_batch(texts))
-            for source, turns in chunk:
-                ids_turns = [(next(encoded), next(encoded)) for _ in turns]
+            encoded = encode_turns(tokenizer, [turns for _, turns in chunk])
+            for (source, _), ids_turns in zip(chunk, encoded, strict=True):
                 fitted = fit_turns(ids_turns, seq_len + 1)
                 if fitted is None:
                     self.dropped["answer longer than max_seq_len"] += 1
@@ -120,7 +152,9 @@ class SFTData:
                 sources.append(source)
         bar.close()
         if not tokens:
-            raise ValueError(f"{csv_path}: no conversation fits max_seq_len={seq_len} ({dict(self.dropped)})")
+            raise ValueError(f"{csv_path}: no usable conversation (too long for max_seq_len={seq_len}: "
+                             f"{dict(self.dropped) or 'none'}; bad rows: {dict(self.problems.counts) or 'none'}, "
+                             f"first: {'; '.join(self.problems.examples) or '-'})")
         self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.sources = np.array(sources)
@@ -134,8 +168,10 @@ class SFTData:
 
     def describe(self):
         drops = f", dropped {dict(self.dropped)}" if self.dropped else ""
+        bad = (f", {self.problems.total:,} bad CSV row(s) skipped: {dict(self.problems.counts)} "
+               f"(first: {'; '.join(self.problems.examples)})") if self.problems.counts else ""
         return (f"{len(self.train_ids)} train / {len(self.val_ids)} val conversations, "
-                f"{len(self.tokens):,} tokens{', packed' if self.pack else ''}{drops}")
+                f"{len(self.tokens):,} tokens{', packed' if self.pack else ''}{drops}{bad}")
 
     def sample(self, i):
         lo, hi = self.offsets[i], self.offsets[i + 1]

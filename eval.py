@@ -28,7 +28,7 @@ ppl: perplexity on held-out text
   a model needs to encode a text (the summed loss) means the same thing for any tokenizer, and per
   character of that same text it is comparable across models, tokenizers and vocabulary sizes.
 
-mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: docs/datasets.md §19)
+mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: corpora.py)
   Scoring: every option is scored by the log-likelihood of its answer text given the prompt (the sum
   of the log-probs of its tokens; batched forward passes, padding and the prompt as IGNORE_INDEX).
   --norm mean (default) divides the sum by the option's token count, so a long correct option is not
@@ -47,14 +47,22 @@ mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: docs/dataset
   non-empty combination of the options (their texts joined by "；" in letter order), and the item is
   correct only when the best combination equals the gold set exactly. The model is told an item has
   several answers (as exam takers are, by the question type), not how many. Reported overall and
-  separately ("multi"); their chance is 1 / (2^n - 1).
-  Questions with an unknown answer (C-Eval test, CMExam NaN) are skipped and counted.
+  separately ("multi"); their chance is 1 / (2^n - 1). A multi-answer item with more than
+  MAX_MULTI_OPTIONS (8) options is skipped: 2^n - 1 answer sets (4095 at 12) cost minutes a question.
+  Skipped, counted by reason, printed and saved ("skipped", with file:line examples): every question of
+  the tested files that is not scored: no answer given (C-Eval test, CMExam NaN), rejected by the
+  reader (an answer letter that is not an option, fewer than two options, ...), too many options for a
+  multi-answer item, too long for max_seq_len. A source with no question scored is an error.
   Chance: 1 / number of candidates, averaged over the questions; printed beside every accuracy.
 
 generate: answers to a file of questions (one a line) from one or more checkpoints, side by side in a
   Markdown file with the sampling settings and every checkpoint's phase and step (inference.answer()).
 
-Results files (--out) are written to a temporary name and renamed.
+Results files (--out) are written to a temporary name and renamed; an --out that cannot be written (a
+folder, a read-only place) is refused before any work, and a full disk leaves no temporary file. Every
+numeric option is checked first. A source that yields nothing (ppl: no document; mcq: no question
+scored) makes eval.py exit with an error naming what its format expects, after the other sources are
+evaluated and --out is written.
 """
 
 import argparse
@@ -70,19 +78,27 @@ from tqdm import tqdm
 
 from precision import CHOICES
 from inference import add_sampling_args, answer, fit_max_new_tokens, load, sampling_from
-from corpora import Problems, Source, iter_questions, iter_texts, parse_source
-from dataset_sft import render
+from corpora import Problems, Source, check_out, expected_input, iter_questions, iter_texts, parse_source
+from dataset_sft import encode_turns, render
 from model import IGNORE_INDEX
 
 NORMS = ("mean", "sum")
+MAX_MULTI_OPTIONS = 8  # a multi-answer item with more options is skipped: its 2^n - 1 answer sets cost too much
 
 
 def write_atomic(path, text):
+    """text -> path through a temporary name: a kill leaves the old file or the new one. On failure (a
+    full or read-only disk) the temporary file is removed and the OSError names the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp.is_file():
+            tmp.unlink()
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
 
 
 @torch.no_grad()
@@ -118,17 +134,27 @@ def is_token_source(path):
 
 def token_documents(path, tokenizer, max_docs=None):
     """[(ids ending in eos, chars)] of a data_process.py token folder or .bin file; chars are those of
-    the decoded text. A tail without eos (a cut file) counts as a last document."""
+    the decoded text. A tail without eos (a cut file) counts as a last document. Refused: a manifest
+    that names another tokenizer or cannot be read, and ids beyond the tokenizer's vocabulary."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        sha = (json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer") or {}).get("sha256")
+        try:
+            info = json.loads(manifest.read_text(encoding="utf-8"))
+            sha = info.get("tokenizer", {}).get("sha256")
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{manifest} is not a readable data_process.py manifest ({type(err).__name__}): "
+                             "re-run data_process.py for this source") from None
         if sha not in (None, tokenizer.fingerprint):
-            raise ValueError(f"{folder} was tokenized with another tokenizer (sha256 {sha[:12]}…) than the one given")
+            raise ValueError(f"{folder} was tokenized with another tokenizer (sha256 {str(sha)[:12]}…) "
+                             "than the one given")
     docs = []
     for file in ([path] if path.is_file() else sorted(path.glob("*.bin"))):
-        tokens = np.memmap(file, dtype=np.uint16, mode="r")
+        tokens = np.memmap(file, dtype=np.uint16, mode="r") if file.stat().st_size >= 2 else np.zeros(0, np.uint16)
+        if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:
+            raise ValueError(f"{file} holds token id {int(tokens.max())}, beyond the tokenizer's "
+                             f"{tokenizer.vocab_size} ids: these are not tokens of this tokenizer")
         bounds = np.flatnonzero(tokens == tokenizer.eos_id) + 1
         start = 0
         for end in [*bounds.tolist(), len(tokens)]:
@@ -142,9 +168,9 @@ def token_documents(path, tokenizer, max_docs=None):
     return docs
 
 
-def text_documents(spec, tokenizer, max_docs=None, problems=None):
-    """[(ids + [eos], chars)] of a corpora.py source."""
-    texts = list(itertools.islice(iter_texts(parse_source(spec), problems or Problems()), max_docs or None))
+def text_documents(source, tokenizer, max_docs=None, problems=None):
+    """[(ids + [eos], chars)] of a corpora.py Source."""
+    texts = list(itertools.islice(iter_texts(source, problems or Problems()), max_docs or None))
     return [(ids + [tokenizer.eos_id], len(text)) for ids, text in zip(tokenizer.encode_batch(texts), texts)]
 
 
@@ -181,16 +207,30 @@ def perplexity(model, tokenizer, documents, stride=None, batch_size=16, desc="pp
 
 
 def run_ppl(args):
-    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
-    results = {}
-    print(f"{'source':<20} {'docs':>7} {'tokens':>10} {'chars':>10} {'loss/tok':>9} {'ppl':>10} {'bits/char':>9}")
+    sources = []  # (name, token folder or file, or a corpora Source): a wrong path fails before the model loads
     for spec in args.source:
         name, _, location = spec.partition("=")
+        sources.append((name, location if is_token_source(location) else parse_source(spec)))
+    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
+    if args.stride > model.args.max_seq_len:
+        raise ValueError(f"--stride {args.stride} is more than the model's max_seq_len {model.args.max_seq_len}")
+    results, empty = {}, []
+    print(f"{'source':<20} {'docs':>7} {'tokens':>10} {'chars':>10} {'loss/tok':>9} {'ppl':>10} {'bits/char':>9}")
+    for name, source in sources:
         problems = Problems()
-        if is_token_source(location):
-            docs = token_documents(location, tok, args.max_docs)
+        if isinstance(source, Source):
+            docs = text_documents(source, tok, args.max_docs, problems)
         else:
-            docs = text_documents(spec, tok, args.max_docs, problems)
+            docs = token_documents(source, tok, args.max_docs)
+        if not docs:
+            expected = expected_input(source.format) if isinstance(source, Source) else "data_process.py token shards"
+            where = source.location if isinstance(source, Source) else source
+            empty.append(f"no document read from source '{name}' ({where}); expected {expected}")
+            results[name] = {"documents": 0, "skipped": dict(problems.counts), "skipped_examples": problems.examples}
+            print(f"{name:<20} {0:>7}  nothing to score")
+            if problems.counts:
+                print(problems.summary())
+            continue
         r = perplexity(model, tok, docs, args.stride, args.batch_size, desc=name)
         r["skipped"] = dict(problems.counts)
         results[name] = r
@@ -199,7 +239,7 @@ def run_ppl(args):
         if problems.counts:
             print(problems.summary())
     return {"task": "ppl", **checkpoint_info(args.ckpt, ckpt), "stride": args.stride or model.args.max_seq_len,
-            "sources": results}
+            "sources": results}, empty
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -231,11 +271,9 @@ def common_prefix(a, b):
 def encode_question(q, shots, texts, tokenizer, mode):
     """[(context ids, continuation ids)] for every candidate answer text."""
     if mode == "chat":
-        encoded = tokenizer.encode_batch([t for s in shots for t in (question_block(s), gold_text(s))]
-                                         + [question_block(q)] + list(texts))
-        turns = [(encoded[2 * i], encoded[2 * i + 1]) for i in range(len(shots))] + [(encoded[2 * len(shots)], None)]
-        context = render(turns, tokenizer.bos_id, tokenizer.eos_id)[0]
-        return [(context, ids) for ids in encoded[2 * len(shots) + 1:]]
+        turns = [(question_block(s), gold_text(s)) for s in shots] + [(question_block(q), None)]
+        context = render(encode_turns(tokenizer, [turns])[0], tokenizer.bos_id, tokenizer.eos_id)[0]
+        return [(context, ids) for ids in tokenizer.encode_batch(list(texts))]
     context = "".join(f"问题：{question_block(s)}\n答案：{gold_text(s)}\n\n" for s in shots)
     context += f"问题：{question_block(q)}\n答案："
     encoded = tokenizer.encode_batch([context] + [context + t for t in texts])
@@ -297,30 +335,33 @@ def summarise(items):
 
 def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
     """Accuracy of one corpora Source of questions; `score` maps [(context ids, continuation ids)]
-    to summed log-probs (model_scorer, or any table in tests)."""
-    problems = Problems()
+    to summed log-probs (model_scorer, or any table in tests). Every question of the tested files that
+    is not scored is counted in "skipped" by reason, with the first examples (file:line)."""
+    problems, pool_problems = Problems(), Problems()
     dev = [f for f in source.files if Path(f).parent.name == "dev"]
     tested = [f for f in source.files if f not in dev] or dev
-    items, requests, files = [], [], {}
-    skipped, truncated, too_long = 0, 0, 0
+    items, requests, files, truncated = [], [], {}, 0
     for path in tested:
         questions = read_questions(path, source.format, problems)
         known = [q for q in questions if q["answer"]]
         pool_file = dev_file(path) if shots else None
-        pool = [q for q in read_questions(pool_file, source.format, problems) if q["answer"]] if pool_file else None
+        pool = None
+        if pool_file:
+            pool = [q for q in read_questions(pool_file, source.format, pool_problems) if q["answer"]]
         shots_from = str(pool_file) if pool_file else "same file" if shots else None
         files[str(path)] = {"questions": len(questions), "shots_from": shots_from}
-        skipped += len(questions) - len(known)
-        for index, q in enumerate(questions):
-            if not q["answer"]:
+        for q in questions:
+            reason = skip_reason(q)
+            if reason:
+                problems.add(reason, path, q["where"], f"{len(q['options'])} options" if q["answer"] else "")
                 continue
             examples = pool[:shots] if pool is not None else [s for s in known if s is not q][:shots]
             reqs, used, cut = fit_question(q, examples, tokenizer, mode, max_len)
             if reqs is None:
-                too_long += 1
+                problems.add(TOO_LONG, path, q["where"])
                 continue
             truncated += cut
-            items.append({"file": str(path), "index": index, "subject": q["subject"] or source.name,
+            items.append({"file": str(path), "where": q["where"], "subject": q["subject"] or source.name,
                           "answer": q["answer"], "shots": used, "candidates": [c for c, _ in candidates(q)],
                           "first": len(requests)})
             requests += reqs
@@ -337,18 +378,38 @@ def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
         del item["candidates"]
     subjects = sorted({i["subject"] for i in items})
     shots_used = sum(i["shots"] for i in items) / len(items) if items else 0
-    return {"files": files, "skipped_no_answer": skipped, "skipped_too_long": too_long, "truncated": truncated,
-            "shots_used": shots_used,
-            "problems": dict(problems.counts), "overall": summarise(items),
-            "single": summarise([i for i in items if not i["multi"]]), "multi": summarise([i for i in items if i["multi"]]),
+    return {"files": files, "skipped": dict(problems.counts.most_common()), "skipped_examples": problems.examples,
+            "shot_pool_skipped": dict(pool_problems.counts), "truncated": truncated, "shots_used": shots_used,
+            "overall": summarise(items), "single": summarise([i for i in items if not i["multi"]]),
+            "multi": summarise([i for i in items if i["multi"]]),
             "subjects": {s: summarise([i for i in items if i["subject"] == s]) for s in subjects}, "items": items}
+
+
+NO_ANSWER = "no answer given (a test split, or NaN)"
+TOO_MANY_OPTIONS = f"multi-answer item with more than {MAX_MULTI_OPTIONS} options (2^n - 1 answer sets to score)"
+TOO_LONG = "question longer than max_seq_len even without shots"
+
+
+def skip_reason(q):
+    if not q["answer"]:
+        return NO_ANSWER
+    if len(q["answer"]) > 1 and len(q["options"]) > MAX_MULTI_OPTIONS:
+        return TOO_MANY_OPTIONS
+    return None
 
 
 def print_mcq(name, r, norm, mode, shots):
     other = NORMS[1 - NORMS.index(norm)]
     fit = f", {r['shots_used']:.1f} fit max_seq_len on average" if r["shots_used"] < shots else ""
+    skipped = sum(r["skipped"].values())
     print(f"\n{name} ({mode} prompt, {shots}-shot{fit}): {r['overall']['n']} questions scored, "
-          f"{r['skipped_no_answer']} skipped (no answer), {r['skipped_too_long']} too long, {r['truncated']} truncated")
+          f"{skipped} skipped, {r['truncated']} truncated")
+    for reason, count in r["skipped"].items():
+        print(f"  skipped {count:>6,}  {reason}")
+    for example in r["skipped_examples"]:
+        print(f"    e.g. {example}")
+    if r["shot_pool_skipped"]:
+        print(f"  dev questions not usable as shots: {r['shot_pool_skipped']}")
     print(f"  {'':<28} {'n':>5} {'acc (' + norm + ')':>12} {'acc (' + other + ')':>11} {'chance':>7}")
     rows = list(r["subjects"].items()) + [("overall", r["overall"])]
     if r["multi"]["n"]:
@@ -359,17 +420,20 @@ def print_mcq(name, r, norm, mode, shots):
 
 
 def run_mcq(args):
+    sources = [parse_source(spec) for spec in args.source]  # a wrong path fails before the model loads
     model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
     mode = args.mode or mode
     score = model_scorer(model, tok, args.batch_size)
-    results = {}
-    for spec in args.source:
-        source = parse_source(spec)
+    results, empty = {}, []
+    for source in sources:
         r = evaluate_mcq(source, tok, score, mode, args.shots, model.args.max_seq_len)
         print_mcq(source.name, r, args.norm, mode, args.shots)
         results[source.name] = r
+        if not r["overall"]["n"]:
+            empty.append(f"no question of source '{source.name}' ({source.location}) could be scored "
+                         f"(skipped: {r['skipped'] or 'nothing read'}); expected {expected_input(source.format)}")
     return {"task": "mcq", **checkpoint_info(args.ckpt, ckpt), "mode": mode, "shots": args.shots,
-            "norm": args.norm, "sources": results}
+            "norm": args.norm, "sources": results}, empty
 
 
 # ---------------------------------------------------------------- answers for review
@@ -378,8 +442,20 @@ def quote(text):
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
 
 
+def read_questions_file(path):
+    """One question a line, UTF-8; a missing, binary or empty file is refused with its name."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--questions {path} is not UTF-8 text (byte {err.start}): one question a line") from None
+    questions = [line.strip() for line in text.splitlines() if line.strip()]
+    if not questions:
+        raise ValueError(f"--questions {path} holds no question: one question a line")
+    return questions
+
+
 def run_generate(args):
-    questions = [line.strip() for line in Path(args.questions).read_text(encoding="utf-8").splitlines() if line.strip()]
+    questions = read_questions_file(args.questions)
     sampling = sampling_from(args)
     runs = []
     for path in args.ckpt:
@@ -408,6 +484,20 @@ def run_generate(args):
 
 def checkpoint_info(path, ckpt):
     return {"checkpoint": str(path), "phase": ckpt.get("phase"), "step": ckpt.get("step")}
+
+
+def check_numbers(parser, args):
+    """Every numeric argument in range before any work (argparse checks only the type)."""
+    limits = {"batch_size": 1, "max_docs": 0, "stride": 0, "shots": 0, "max_new_tokens": 1, "temperature": 0,
+              "top_k": 0}
+    for name, low in limits.items():
+        value = getattr(args, name, None)
+        if value is not None and not value >= low:  # `not >=`: NaN fails too
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, not {value}")
+    if args.task == "generate" and not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], not {args.top_p}")
+    if args.task == "generate" and not args.repetition_penalty > 0:
+        parser.error(f"--repetition-penalty must be > 0, not {args.repetition_penalty}")
 
 
 def main(argv=None):
@@ -445,16 +535,24 @@ def main(argv=None):
     add_sampling_args(gen)
     gen.set_defaults(seed=1337)  # reproducible side-by-side answers
     args = parser.parse_args(argv)
+    check_numbers(parser, args)
     try:
+        if args.out:
+            check_out(args.out)
         if args.task == "generate":
             run_generate(args)
             return None
-        results = run_ppl(args) if args.task == "ppl" else run_mcq(args)
-    except (FileNotFoundError, ValueError) as err:
+        results, empty = run_ppl(args) if args.task == "ppl" else run_mcq(args)
+        if args.out:
+            write_atomic(args.out, json.dumps(results, ensure_ascii=False, indent=1))
+            print(f"results: {args.out}")
+    except ValueError as err:
         raise SystemExit(f"eval.py {args.task}: {err}") from None
-    if args.out:
-        write_atomic(args.out, json.dumps(results, ensure_ascii=False, indent=1))
-        print(f"results: {args.out}")
+    except OSError as err:  # a missing input, a full or read-only disk
+        raise SystemExit(f"eval.py {args.task}: {err.strerror or err}"
+                         + (f": {err.filename}" if err.filename else "")) from None
+    if empty:
+        raise SystemExit(f"eval.py {args.task}: " + "; ".join(empty))
     return results
 
 

@@ -19,7 +19,7 @@ import torch
 
 from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
 from checkpoint import load_model
-from dataset_sft import fit_turns, render
+from dataset_sft import encode_turns, fit_turns, render
 from precision import CHOICES, resolve
 
 MODES = ("chat", "continue")
@@ -58,12 +58,13 @@ def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None):
     turns go, then the start of the text."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    history = list(history or ())
+    history = [tuple(turn) for turn in history or ()]
+    if not all(len(turn) == 2 and all(isinstance(text, str) for text in turn) for turn in history):
+        raise ValueError("every history turn must be a (prompt, answer) pair of strings")
     if budget is not None and budget < 2:
         raise ValueError(f"no room for a prompt: {budget} ids left (lower max_new_tokens)")
     if mode == "chat":
-        encoded = tokenizer.encode_batch([text for turn in history for text in turn] + [prompt])
-        turns = [(encoded[2 * i], encoded[2 * i + 1]) for i in range(len(history))] + [(encoded[-1], None)]
+        turns = encode_turns(tokenizer, [history + [(prompt, None)]])[0]
         fitted = turns if budget is None else fit_turns(turns, budget)
         return render(fitted, tokenizer.bos_id, tokenizer.eos_id)[0], len(turns) - len(fitted)
     pieces = tokenizer.encode_batch([q + a for q, a in history] + [prompt])

@@ -3,12 +3,13 @@
     python sft_data_process.py --source huatuo=data/raw/HuatuoGPT_sft_data_v1.jsonl \
         --source alpaca_zh=data/raw/alpaca_gpt4_data_zh.json --out data/sft/sft_data.csv
 
-NAME picks the reader (corpora.py, formats in docs/datasets.md) unless --format is given.
+NAME picks the reader (formats: corpora.py) unless --format is given.
 `history` is a JSON list of the earlier [prompt, answer] turns ([] for single-turn data); `prompt`
 and `answer` are the last turn. Conversations with a turn over the length limits, exact duplicates
 (across all sources of the run) and unreadable records are skipped and counted; a summary per source
 is printed and written beside the CSV (<name>.summary.json). The CSV is written to a temp name and
-renamed, so an interrupted run never leaves a half-written file behind.
+renamed, so an interrupted run never leaves a half-written file behind. A source that yields no
+conversation is an error: nothing is written, and the message says what the format expects.
 """
 
 import argparse
@@ -53,32 +54,48 @@ def conversations(source, problems, max_prompt_chars, max_answer_chars, seen, co
 
 
 def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
-    """Write the CSV; returns {source name: {counts..., "problems": {...}, "examples": [...]}}."""
+    """Write the CSV; returns {source name: {"format", "files", "read", "kept", "dropped": {reason: n},
+    "skipped_records": {reason: n}, "examples": ["file:line: reason", ...]}}. A source
+    that yields no conversation raises ValueError and nothing is written; so does a failed write (a
+    full or read-only disk: OSError naming the file), leaving no temporary file."""
+    corpora.check_out(out_path)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    summary, seen = {}, set()
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for source in sources:
-            problems, counts = corpora.Problems(), Counter()
-            if not source.files:
-                problems.add("no input files", source.location or source.name)
-            rows = conversations(source, problems, max_prompt_chars, max_answer_chars, seen, counts)
-            for row in tqdm(rows, desc=source.name, unit=" conv", leave=False):
-                writer.writerow(row)
-            summary[source.name] = {"format": source.format, "files": [str(p) for p in source.files],
-                                    "read": counts.pop("read", 0), "kept": counts.pop("kept", 0),
-                                    "dropped": dict(counts), "skipped_records": dict(problems.counts),
-                                    "examples": problems.examples}
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
     summary_path = out_path.with_suffix(".summary.json")
     summary_tmp = summary_path.with_name(summary_path.name + ".tmp")
-    summary_tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(summary_tmp, summary_path)
+    summary, seen = {}, set()
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for source in sources:
+                problems, counts = corpora.Problems(), Counter()
+                if not source.files:
+                    problems.add("no input files", source.location or source.name)
+                rows = conversations(source, problems, max_prompt_chars, max_answer_chars, seen, counts)
+                for row in tqdm(rows, desc=source.name, unit=" conv", leave=False):
+                    writer.writerow(row)
+                summary[source.name] = {"format": source.format, "files": [str(p) for p in source.files],
+                                        "read": counts.pop("read", 0), "kept": counts.pop("kept", 0),
+                                        "dropped": dict(counts), "skipped_records": dict(problems.counts),
+                                        "examples": problems.examples}
+            f.flush()
+            os.fsync(f.fileno())
+        empty = [f"source '{name}' yielded no conversation (read {s['read']:,}; dropped {s['dropped'] or 'none'}; "
+                 f"skipped {s['skipped_records'] or 'none'}; first: {'; '.join(s['examples']) or '-'}). "
+                 f"Expected: {corpora.expected_input(s['format'])}" for name, s in summary.items() if not s["kept"]]
+        if empty:
+            raise ValueError(f"nothing written to {out_path}: " + " | ".join(empty))
+        os.replace(tmp, out_path)
+        summary_tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+        os.replace(summary_tmp, summary_path)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {err.filename or out_path}: {err.strerror or err}") from None
+    finally:
+        for leftover in (tmp, summary_tmp):
+            if leftover.is_file():
+                leftover.unlink()
     return summary
 
 
@@ -91,14 +108,19 @@ def main(argv=None):
     parser.add_argument("--max-prompt-chars", type=int, default=2048, help="0: no limit")
     parser.add_argument("--max-answer-chars", type=int, default=4096, help="0: no limit")
     args = parser.parse_args(argv)
+    for flag, value in (("--max-prompt-chars", args.max_prompt_chars), ("--max-answer-chars", args.max_answer_chars)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0 (0: no limit), not {value}")
     try:
         sources = [corpora.parse_source(spec, args.format) for spec in args.source]
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+        not_sft = [s.name for s in sources if s.format not in corpora.SFT_FORMATS]
+        if not_sft:
+            raise ValueError(f"{not_sft} are not SFT formats; known: {', '.join(sorted(corpora.SFT_FORMATS))}")
+        summary = process(sources, args.out, args.max_prompt_chars, args.max_answer_chars)
+    except ValueError as err:
         sys.exit(f"sft_data_process: {err}")
-    not_sft = [s.name for s in sources if s.format not in corpora.SFT_FORMATS]
-    if not_sft:
-        sys.exit(f"sft_data_process: {not_sft} are not SFT formats; known: {', '.join(sorted(corpora.SFT_FORMATS))}")
-    summary = process(sources, args.out, args.max_prompt_chars, args.max_answer_chars)
+    except OSError as err:  # a missing input, a full or read-only disk
+        sys.exit(f"sft_data_process: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
     total = sum(s["kept"] for s in summary.values())
     for name, s in summary.items():
         dropped = ", ".join(f"{k} {v}" for k, v in {**s["dropped"], **s["skipped_records"]}.items()) or "none"

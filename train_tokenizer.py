@@ -26,8 +26,9 @@ MAX_LINE_CHARS = 2000  # SentencePiece skips longer sentences (max_sentence_leng
 
 
 def training_lines(texts, max_lines, seed=0):
-    """Non-empty lines of the documents, cut to MAX_LINE_CHARS; a uniform reservoir sample of
-    max_lines of them when there are more, so a huge corpus costs O(max_lines) memory."""
+    """(lines, how many there were): the non-empty lines of the documents, cut to MAX_LINE_CHARS; a
+    uniform reservoir sample of max_lines of them when there are more, so a huge corpus costs
+    O(max_lines) memory."""
     rng = random.Random(seed)
     sample, seen = [], 0
     for text in texts:
@@ -44,7 +45,7 @@ def training_lines(texts, max_lines, seed=0):
                     slot = rng.randrange(seen)
                     if slot < max_lines:
                         sample[slot] = piece
-    return sample
+    return sample, seen
 
 
 def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_coverage=0.9995):
@@ -52,9 +53,11 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     if vocab_size + len(SPECIAL_TOKENS) > MAX_IDS:
         raise ValueError(f"vocab_size {vocab_size} + {len(SPECIAL_TOKENS)} specials exceeds {MAX_IDS} ids: "
                          f"token files are uint16, so the largest id must be <= 65535 (use <= {MAX_IDS - len(SPECIAL_TOKENS)})")
-    lines = training_lines(texts, max_lines)
+    lines, seen = training_lines(texts, max_lines)
     if not lines:
         raise ValueError("no text to train a tokenizer on")
+    if seen > len(lines):
+        print(f"training on {len(lines):,} lines sampled from {seen:,} (--max-lines)")
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -72,8 +75,12 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tokenizer.model.tmp"
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_dir / "tokenizer.model")
+    try:
+        tmp.write_bytes(model.getvalue())
+        tmp.replace(out_dir / "tokenizer.model")
+    finally:
+        if tmp.is_file():  # a failed write (a full disk) leaves no temporary file
+            tmp.unlink()
     tokenizer = load_tokenizer(out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
@@ -88,16 +95,23 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece pieces (specials come on top)")
     parser.add_argument("--max-lines", type=int, default=2_000_000, help="lines sampled for training")
     args = parser.parse_args(argv)
+    if args.vocab_size < 1:
+        parser.error(f"--vocab-size must be >= 1, not {args.vocab_size}")
+    if args.max_lines < 1:
+        parser.error(f"--max-lines must be >= 1, not {args.max_lines}")
 
     import corpora  # the readers; imported here so train() stays usable without them
 
     problems = corpora.Problems()
-    sources = [corpora.parse_source(spec, args.format) for spec in args.source]
-    texts = (text for source in sources for text in corpora.iter_texts(source, problems))
     try:
+        corpora.check_out(args.out, folder=True)
+        sources = [corpora.parse_source(spec, args.format) for spec in args.source]
+        texts = (text for source in sources for text in corpora.iter_texts(source, problems))
         tokenizer = train(texts, args.out, args.vocab_size, args.max_lines)
     except ValueError as err:
-        sys.exit(f"train_tokenizer: {err}")
+        sys.exit(f"train_tokenizer: {err}" + (f"\n{problems.summary()}" if problems.counts else ""))
+    except OSError as err:  # a missing input, a full or read-only disk
+        sys.exit(f"train_tokenizer: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
     print(problems.summary())
     print(f"saved {args.out}: {tokenizer.n_pieces} pieces + {len(SPECIAL_TOKENS)} specials = vocab_size "
           f"{tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:16]}")

@@ -222,3 +222,15 @@ def test_bad_arguments_are_one_line_before_loading_anything(tiny_tokenizer_dir, 
     said = str(exit_.value) + capsys.readouterr().err
     assert exit_.value.code != 0 and re.search(message, said), said
     assert "no checkpoint" not in said  # refused before the checkpoint was looked at
+
+
+def test_a_malformed_history_turn_is_refused_never_shifted(tiny_tokenizer):
+    good = [("头痛", "多休息"), ("发烧", "多喝水")]
+    ids, _ = inference.build_prompt(tiny_tokenizer, "还有呢？", good)
+    expected = render([(tiny_tokenizer.encode_batch([q])[0], tiny_tokenizer.encode_batch([a])[0]) for q, a in good]
+                      + [(tiny_tokenizer.encode_batch(["还有呢？"])[0], None)], tiny_tokenizer.bos_id,
+                      tiny_tokenizer.eos_id)[0]
+    assert ids == expected
+    for bad in ([("头痛", "多休息", "多余")] + good, [("头痛",)] + good, [("头痛", None)]):
+        with pytest.raises(ValueError, match=r"\(prompt, answer\) pair of strings"):
+            inference.build_prompt(tiny_tokenizer, "还有呢？", bad)

@@ -121,13 +121,14 @@ def test_gb18030_csv_with_quoted_newlines_decodes_cleanly(tmp_path):
     assert "党参" in docs[0] and "\ufffd" not in "".join(docs)
 
 
-def test_undecodable_bytes_are_dropped_and_counted_not_fatal(tmp_path):
+def test_a_row_with_undecodable_bytes_is_skipped_and_counted_never_kept_garbled(tmp_path):
     bad_row = "内科,胸闷,胸闷气短怎么办,".encode("gb18030") + b"\xff" + "建议做心电图。\n".encode("gb18030")
-    path = write_gb18030_csv(tmp_path / "bad.csv", extra=bad_row)
+    good_row = "外科,骨折,骨折后多久能走路,遵医嘱复查。\n".encode("gb18030")
+    path = write_gb18030_csv(tmp_path / "bad.csv", extra=bad_row + good_row)
     turns, problems = dialogues("medical_dialogue", path)
-    assert len(turns) == 3 and turns[2][0][1].endswith("建议做心电图。")
-    assert problems.counts["undecodable bytes dropped"] == 1
-    assert problems.examples[0].startswith(f"{path}:5: undecodable bytes dropped")
+    assert [t[0][1] for t in turns] == [GB_ROWS[0][3], GB_ROWS[1][3], "遵医嘱复查。"]
+    assert problems.counts == {corpora.UNDECODABLE: 1}
+    assert problems.examples == [f"{path}:5: {corpora.UNDECODABLE}"]
 
 
 def test_utf8_bom_and_gb18030_are_detected():
@@ -147,7 +148,7 @@ def test_csv_rows_with_the_wrong_field_count_are_counted(tmp_path):
     found, problems = questions("ceval", path)
     assert found == [{"question": "成人正常心率是____", "options": {"A": "40~60次/分", "B": "60~100次/分",
                                                                "C": "100~120次/分", "D": "120~140次/分"},
-                      "answer": "B", "subject": "clinical_medicine", "explanation": ""}]
+                      "answer": "B", "subject": "clinical_medicine", "explanation": "", "where": 2}]
     assert problems.examples == [f"{path}:3: CSV row with the wrong number of fields (4 fields, header has 8)"]
 
 
@@ -283,6 +284,56 @@ def test_empty_answers_drop_the_dialogue_and_are_counted(tmp_path):
     assert problems.examples == [f"{path}:1: empty question or answer"]
 
 
+NOT_TEXT = [None, 5, 3.5, True, [], ["文本"], {}, {"text": "文本"}]  # null counts as empty; the rest are not text
+FIELDS = ["text", "completion", "title", "content", "summary", "sections", "clean_text", "raw_text", "spo_list",
+          "instruction", "input", "output", "target", "data", "conversation", "conversations", "query", "response",
+          "question", "option", "answer", "exam_subject", "explanation"]
+
+
+@pytest.mark.parametrize("fmt", sorted(name for name, f in corpora.FORMATS.items() if "json" in f.containers))
+def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
+    """Every JSON reader, fed records whose fields hold numbers, booleans, lists, objects or null (and
+    records that are not objects): no crash, every one counted, and no str() of a non-text value as text."""
+    good = {field: "文本" for field in FIELDS} | {"sections": [], "spo_list": [], "data": ["问：文本", "答：文本"],
+                                                 "option": {"A": "甲", "B": "乙"}, "answer": "A",
+                                                 "conversation": [{"role": "user", "content": "文本"},
+                                                                  {"role": "assistant", "content": "文本"}],
+                                                 "conversations": [{"from": "human", "value": "文本"},
+                                                                   {"from": "gpt", "value": "文本"}]}
+    records = [value for value in NOT_TEXT] + [{**good, field: value} for field in FIELDS for value in NOT_TEXT]
+    records += [{**good, "data": ["问：文本", value]} for value in NOT_TEXT]
+    records += [{**good, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "文本"}]}
+                for value in NOT_TEXT]
+    path = write_jsonl(tmp_path / "junk.jsonl", records)
+    kind = corpora.FORMATS[fmt].kind
+    problems = Problems()
+    read = {"text": iter_texts, "dialogue": iter_dialogues, "question": iter_questions}[kind]
+    outputs = list(read(Source("junk", fmt, [path]), problems))
+    strings = [o for o in outputs] if kind == "text" else \
+        [t for turns in outputs for turn in turns for t in turn] if kind == "dialogue" else \
+        [o["question"] for o in outputs] + [t for o in outputs for t in o["options"].values()]
+    assert all(isinstance(s, str) for s in strings)
+    for leaked in ("None", "5", "3.5", "True", "[", "{"):
+        assert not any(leaked in s for s in strings), (fmt, leaked)
+    not_objects = sum(not isinstance(value, dict) for value in NOT_TEXT)
+    assert problems.counts["record is not an object"] == not_objects and strings  # the good variants still read
+
+
+def test_non_text_sft_items_are_counted_not_turned_into_none(tmp_path):
+    path = write_jsonl(tmp_path / "HuatuoGPT_sft_data_v1.jsonl", [
+        {"data": [None, None]}, {"data": [1, 2]}, {"data": [["问"], {"答": 1}]}, {"data": ["问：头痛", "答：休息"]}])
+    turns, problems = dialogues("huatuo", path)
+    assert turns == [[("头痛", "休息")]]
+    assert problems.counts == {"field 'data' holds a non-text utterance": 3}
+    path = write_jsonl(tmp_path / "ChatMed_Consult.json", [
+        {"query": 5, "response": "答"}, {"query": "问", "response": 7}, {"query": "问", "response": None},
+        {"query": "问", "response": "答"}])
+    turns, problems = dialogues("chatmed_consult", path)
+    assert turns == [[("问", "答")]]
+    assert problems.counts == {"field 'query' is not text": 1, "field 'response' is not text": 1,
+                               "empty question or answer": 1}
+
+
 # ---------------------------------------------------------------- MCQ readers
 
 def test_cmmlu_cmb_cmexam(tmp_path):
@@ -290,7 +341,7 @@ def test_cmmlu_cmb_cmexam(tmp_path):
     cmmlu.write_text(",Question,A,B,C,D,Answer\n0,人体最大的器官是,心脏,肝脏,皮肤,肺,C\n", encoding="utf-8")
     assert questions("cmmlu", cmmlu)[0] == [{"question": "人体最大的器官是", "options": {
         "A": "心脏", "B": "肝脏", "C": "皮肤", "D": "肺"}, "answer": "C", "subject": "clinical_knowledge",
-        "explanation": ""}]
+        "explanation": "", "where": 2}]
 
     cmb = tmp_path / "CMB-val-merge.json"
     cmb.write_text(json.dumps([
@@ -310,7 +361,7 @@ def test_cmmlu_cmb_cmexam(tmp_path):
                       '"没有答案的题","A 甲\nB 乙",,,\n', encoding="utf-8")
     found, problems = questions("cmexam", cmexam)
     assert found[0] == {"question": "初步评估贫血首选的检查是", "options": {"A": "血常规", "B": "头颅CT", "C": "肌电图"},
-                        "answer": "A", "subject": "内科", "explanation": "血常规反映血红蛋白。"}
+                        "answer": "A", "subject": "内科", "explanation": "血常规反映血红蛋白。", "where": 2}
     assert found[1]["answer"] == "" and not problems.counts
 
 
@@ -341,8 +392,10 @@ def test_parse_source_errors_are_clear(tmp_path):
         parse_source(f"wiki={tmp_path / 'missing.json'}")
     with pytest.raises(ValueError, match="NAME=PATH"):
         parse_source(str(tmp_path))
-    with pytest.raises(ValueError, match="output folder"):
-        parse_source(f"../escape={tmp_path}")
+    for name in ("../escape", "..", ".", ".hidden", "a/b", "a\\b", "wiki/.."):  # NAME is OUT/NAME: a plain name
+        with pytest.raises(ValueError, match="plain name"):
+            parse_source(f"{name}={tmp_path}", "wiki")
+    assert parse_source(f"wiki.v2-中文_1={tmp_path}", "wiki").name == "wiki.v2-中文_1"
     empty = parse_source(f"wiki={tmp_path}/*.json")
     assert empty.files == [] and empty.location == f"{tmp_path}/*.json"
 
@@ -359,16 +412,17 @@ def test_parse_source_glob_and_folder_are_sorted(tmp_path):
 
 # ---------------------------------------------------------------- splitting for workers
 
-@pytest.mark.parametrize("fmt,suffix", [("skypile", ".jsonl"), ("text", ".txt")])
-def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix):
+@pytest.mark.parametrize("fmt,suffix,encoding", [("skypile", ".jsonl", "utf-8"), ("text", ".txt", "utf-8"),
+                                                 ("text", ".txt", "gb18030")])
+def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix, encoding):
     path = tmp_path / f"big{suffix}"
     if fmt == "skypile":
         lines = [json.dumps({"text": f"文档{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(300)]
         lines[150] = "{broken"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    else:
-        path.write_text("".join(f"第{i}段\n" + "续行\n" * (i % 3) + "\n" * (1 + i % 2) for i in range(300)),
-                        encoding="utf-8")
+        path.write_text("\n".join(lines) + "\n", encoding=encoding)
+    else:  # GB18030: "什" and "时为" are also valid UTF-8, so every piece must read them as the whole file does
+        path.write_text("".join(f"第{i}段\n" + "续行\n" * (i % 3) + "什\n时为\n" * (i % 2) + "\n" * (1 + i % 2)
+                                for i in range(300)), encoding=encoding)
     source = Source("big", fmt, [path])
     whole_problems = Problems()
     whole = list(iter_texts(source, whole_problems))
@@ -379,6 +433,23 @@ def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix):
         split += list(iter_texts(piece, split_problems, span))
     assert split == whole
     assert split_problems.examples == whole_problems.examples  # line numbers survive the split
+    if encoding == "gb18030":
+        assert "什\n时为" in whole[1] and not whole_problems.counts
+
+
+def test_files_the_format_does_not_read_are_counted_once_each_however_big(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "正文甲"}])
+    (tmp_path / "notes.txt").write_text("一段笔记\n\n" * 2000, encoding="utf-8")  # text: split if it were read
+    (tmp_path / "table.csv").write_text("x,y\n1,2\n" * 2000, encoding="utf-8")
+    (tmp_path / "object.json").write_text(json.dumps({f"key{i}": i for i in range(3000)}, indent=2), encoding="utf-8")
+    source = parse_source(f"skypile={tmp_path}")
+    pieces = corpora.split_source(source, 1000)
+    assert [span for _, span in pieces] == [None] * 4  # only a.jsonl is JSON lines, and it is small
+    problems, docs = Problems(), []
+    for piece, span in pieces:
+        docs += list(iter_texts(piece, problems, span))
+    assert docs == ["正文甲"]
+    assert problems.counts == {"file of a kind this format does not read": 2, "not a record file (one JSON object)": 1}
 
 
 def test_json_arrays_csv_and_gzip_are_not_split(tmp_path):
@@ -578,11 +649,14 @@ def test_mcq_reader_on_its_sample(fmt, folder, subject):
         assert sum(q["answer"] == "" for q in found) >= 1 and all(len(q["options"]) == 5 for q in found)
 
 
-def test_json_array_in_gb18030_with_a_bad_byte(tmp_path):
+@pytest.mark.parametrize("long_line", [False, True])  # True: one line longer than LINE_PIECE, read in pieces
+def test_json_array_in_gb18030_with_a_bad_byte_loses_only_that_item(tmp_path, long_line):
     path = tmp_path / "gb.json"
-    good = json.dumps([{"completion": "中文百科" * 3000}, {"completion": "第二条"}], ensure_ascii=False)
+    first = "中文百科" * (200_000 if long_line else 3000)
+    good = json.dumps([{"completion": first}, {"completion": "第二条"}, {"completion": "第三条"}], ensure_ascii=False)
     cut = good.index("第二条")
     path.write_bytes(good[:cut].encode("gb18030") + b"\xff" + good[cut:].encode("gb18030"))
+    assert (path.stat().st_size > corpora.LINE_PIECE) == long_line
     docs, problems = texts("wiki", path)
     assert docs == ["中文百科" * 3000, "第二条"]
     assert problems.counts == {"undecodable bytes dropped": 1} and ":byte " in problems.examples[0]
@@ -824,3 +898,92 @@ def test_pdf_textless_pages_and_damaged_files_are_counted(tmp_path):
     assert docs == ["First page text.\nThird page text."]
     assert problems.counts == {"page without a text layer: needs OCR": 1, "unreadable PDF": 2}
     assert f"{mixed}: page without a text layer: needs OCR (page 2)" in problems.examples
+
+
+    assert docs == [first, "第三条"]
+    assert problems.examples == [f"{path}:#1: {corpora.UNDECODABLE}"]
+
+
+BINARY_LINE = bytes(b for b in range(256) if b != 0x0A) * 32  # 8 KiB of every byte value but a newline
+HIGH_BYTES = bytes(range(0x80, 0x100)) * 64  # 8 KiB of bytes that are never ASCII: quotes and commas stay intact
+DOCS = [f"第{i}篇：高血压患者应定期监测血压，遵医嘱服药。" + "糖尿病需要控制饮食。" * (i % 5) for i in range(40)]
+
+
+def in_container(kind, docs, encoding, bad_at=None, ascii_head=0):
+    """The documents as bytes of one container: (file suffix, bytes); bad_at puts HIGH_BYTES into that
+    document's text; ascii_head puts ASCII-only documents in front."""
+    import csv
+    import io
+    head = [f"ascii only document {i} " + "x" * 1000 for i in range(ascii_head)]
+    if kind == "jsonl":
+        lines = [json.dumps({"text": d}, ensure_ascii=False).encode(encoding) + b"\n" for d in head + docs]
+    elif kind == "array":
+        lines = [b"[\n"] + [json.dumps({"completion": d}, ensure_ascii=False).encode(encoding) + b",\n"
+                            for d in head + docs]
+        lines[-1] = lines[-1].replace(b",\n", b"\n")
+        lines.append(b"]\n")
+    elif kind == "csv":
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([["ask", "answer"]] + [["Q", d] for d in head + docs])
+        lines = [line.encode(encoding) + b"\n" for line in text.getvalue().splitlines()]
+    else:
+        lines = [d.encode(encoding) + b"\n\n" for d in head + docs]
+    if bad_at is not None:  # the binary line goes inside the record of that document
+        where = {"jsonl": 0, "array": 1, "csv": 1, "text": 0}[kind] + len(head) + bad_at
+        lines[where] = lines[where][:12] + HIGH_BYTES + lines[where][12:]
+    return {"jsonl": ".jsonl", "array": ".json", "csv": ".csv", "text": ".txt"}[kind], b"".join(lines)
+
+
+KIND_FORMAT = {"jsonl": "skypile", "array": "wiki", "csv": "medical_dialogue", "text": "text"}  # csv: ask -> answer
+
+
+def test_a_binary_line_in_a_utf8_jsonl_is_skipped_and_the_file_stays_utf8(tmp_path):
+    lines = [json.dumps({"text": d}, ensure_ascii=False).encode() + b"\n" for d in DOCS * 60]
+    for at in (0, 1000):  # where the encoding is sniffed, and further on
+        path = tmp_path / f"c{at}.jsonl"
+        path.write_bytes(b"".join(lines[:at] + [BINARY_LINE + b"\n"] + lines[at:]))
+        docs, problems = texts("skypile", path)
+        assert docs == DOCS * 60
+        assert problems.examples == [f"{path}:{at + 1}: {corpora.UNDECODABLE}"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "array", "csv", "text"])
+@pytest.mark.parametrize("bad_at", [0, 17])  # 0: the bad bytes are where the file's encoding is sniffed
+def test_bad_bytes_skip_their_record_only(tmp_path, kind, bad_at):
+    suffix, data = in_container(kind, DOCS, "utf-8", bad_at=bad_at)
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(data)
+    docs, problems = texts(KIND_FORMAT[kind], path)
+    docs = [d.strip().removeprefix("Q\n") for d in docs]
+    assert docs == DOCS[:bad_at] + DOCS[bad_at + 1:]  # every other document exactly, none garbled
+    assert problems.counts == {corpora.UNDECODABLE: 1}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "array", "csv", "text"])
+def test_gb18030_after_an_ascii_head_longer_than_the_sniff_is_read_right(tmp_path, kind):
+    suffix, data = in_container(kind, DOCS + ["什", "时为", "症\n状"], "gb18030", ascii_head=80)
+    assert data[:corpora.SNIFF_BYTES].isascii()
+    path = tmp_path / f"corpus{suffix}"
+    path.write_bytes(data)
+    assert corpora.file_encoding(path) == "gb18030"
+    docs, problems = texts(KIND_FORMAT[kind], path)
+    docs = [d.strip().removeprefix("Q\n") for d in docs]
+    assert docs[80:] == DOCS + ["什", "时为", "症\n状"] and not problems.counts
+
+
+def test_line_decoder_decides_every_line_on_its_own():
+    utf8, gb = corpora.LineDecoder("utf-8"), corpora.LineDecoder("gb18030")
+    chinese = "高血压患者应定期监测血压，遵医嘱服药。"
+    for decoder in (utf8, gb):
+        assert decoder.decode(chinese.encode()) == chinese  # long valid UTF-8 is UTF-8 in any file
+        assert decoder.decode(chinese.encode("gb18030")) == chinese  # invalid UTF-8, valid GB18030
+        assert decoder.decode(b"plain ascii\n") == "plain ascii\n"
+        assert decoder.decode(BINARY_LINE) is None
+    short = "什".encode("gb18030")  # also valid UTF-8 ("ʲ"): the file's encoding decides
+    assert gb.decode(short) == "什" and utf8.decode(short) == short.decode("utf-8")
+    both = ("中文" * 10).encode()  # E4 B8 | AD E6 | 96 87: UTF-8 that is also valid GB18030 (as mojibake)
+    assert both.decode("gb18030") != "中文" * 10
+    assert gb.decode(both) == "中文" * 10  # long enough to be UTF-8 even in a GB18030 file
+    bad_pair = ("中文" * 5).encode() + b"\x81\x40" + ("中文" * 5).encode()  # a UTF-8 line with two bad bytes ...
+    assert bad_pair.decode("gb18030")  # ... that GB18030 would read without an error, as mojibake
+    assert utf8.decode(bad_pair) is None

@@ -1,6 +1,7 @@
 """data_process.py: cleaning, shards that decode back to the documents, dedup, manifests, determinism,
 idempotent re-runs, crash safety, and the errors raised before any work."""
 
+import errno
 import json
 import os
 import types
@@ -263,12 +264,26 @@ def test_errors_come_before_any_work(tmp_path, tokenizer, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_empty_glob_is_reported_and_the_run_goes_on(tmp_path, tokenizer, capsys):
+def test_a_source_that_yields_nothing_is_an_error_after_the_others_are_done(tmp_path, tokenizer, capsys):
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
-    cli(tmp_path, "--source", f"wiki={tmp_path}/nothing/*.json", "--source", f"skypile={corpus}",
-        "--tokenizer", tokenizer.vocab_file, "--workers", "1")
-    out = capsys.readouterr().out
-    assert "wiki: nothing matches" in out and "1 source(s) matched no files: wiki" in out
+    cloned = tmp_path / "cMedQA2"  # as cloned: only the zips
+    cloned.mkdir()
+    (cloned / "question.zip").write_bytes(b"PK\x03\x04zip")
+    (cloned / "answer.zip").write_bytes(b"PK\x03\x04zip")
+    rejected = write_corpus(tmp_path / "r.jsonl", ["短"] * 5)  # every document under --min-chars
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tmp_path, "--source", f"wiki={tmp_path}/nothing/*.json", "--source", f"cmedqa2={cloned}",
+            "--source", f"skypile={corpus}", "--source", f"c4_zh={rejected}", "--tokenizer", tokenizer.vocab_file,
+            "--workers", "1")
+    message = str(exit_info.value)
+    assert message.startswith("data_process: 3 of 4 source(s) yielded no document")
+    assert f"'wiki': nothing matches '{tmp_path}/nothing/*.json'" in message
+    assert "'cmedqa2' yielded no document (0 read from 2 file(s)" in message and "question.csv" in message
+    assert "file of a kind this format does not read': 2" in message  # counted once per file
+    assert "'c4_zh' yielded no document (5 read" in message and "shorter than --min-chars" in message
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c4_zh", "cmedqa2", "skypile"]
+    for name in ("c4_zh", "cmedqa2"):  # no output, so a re-run does not take them for done
+        assert list((tmp_path / "out" / name).iterdir()) == []
     manifest = json.loads((tmp_path / "out" / "skypile" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["documents_kept"] == 3 and not (tmp_path / "out" / "wiki").exists()
     assert os.path.getsize(tmp_path / "out" / "skypile" / "skypile_0000.bin") == 2 * manifest["tokens"]
@@ -328,3 +343,150 @@ def test_minhash_on_disk_partitions_decides_like_one_set_in_memory(tmp_path, tok
     again = process(sources, tmp_path / "out", tokenizer, minhash=True)
     assert again[0] == manifests[0]
     assert decoded_documents(tmp_path / "out" / "b", again[1], tokenizer) == expected["b"]
+
+
+# ---------------------------------------------------------------- bad input never becomes wrong results
+
+def test_manifest_records_the_largest_token_id_per_shard_and_overall(tmp_path, tokenizer):
+    source = Source("s", "skypile", [write_corpus(tmp_path / "s.jsonl", many_docs(60) + ["Ω∑≈ 罕见字：龘靐齉"])])
+    manifest = process([source], tmp_path / "out", tokenizer, shard_tokens=500)[0]
+    shard_max = [int(np.fromfile(tmp_path / "out" / "s" / s["file"], np.uint16).max()) for s in manifest["shards"]]
+    assert len(shard_max) > 3 and len(set(shard_max)) > 1
+    assert [s["max_token_id"] for s in manifest["shards"]] == shard_max
+    assert manifest["max_token_id"] == max(shard_max) and manifest["vocab_size"] == tokenizer.vocab_size
+    on_disk = json.loads((tmp_path / "out" / "s" / "manifest.json").read_text(encoding="utf-8"))
+    assert on_disk["max_token_id"] == max(shard_max)
+    del on_disk["max_token_id"]  # a manifest of an earlier version: redone, so that it gets the field
+    (tmp_path / "out" / "s" / "manifest.json").write_text(json.dumps(on_disk), encoding="utf-8")
+    assert process([source], tmp_path / "out", tokenizer, shard_tokens=500)[0]["max_token_id"] == max(shard_max)
+
+
+@pytest.mark.parametrize("corrupt", [b"{\"name\": \"s\", \"tok", b"\xff\xfe\x00garbage", b"[]", b"5", b"null"])
+def test_a_corrupt_manifest_means_redo_with_a_note(tmp_path, tokenizer, capsys, corrupt):
+    source = Source("s", "skypile", [write_corpus(tmp_path / "s.jsonl", many_docs(20))])
+    first = process([source], tmp_path / "out", tokenizer)[0]
+    (tmp_path / "out" / "s" / "manifest.json").write_bytes(corrupt)
+    capsys.readouterr()
+    again = process([source], tmp_path / "out", tokenizer)[0]
+    out = capsys.readouterr().out
+    assert again["shards"] == first["shards"] and "up to date" not in out
+    if corrupt[:1] not in b"[5n":  # not JSON at all: the note names the file
+        assert f"note: {tmp_path / 'out' / 's' / 'manifest.json'} is unreadable" in out
+    assert json.loads((tmp_path / "out" / "s" / "manifest.json").read_text(encoding="utf-8")) == again
+
+
+def test_a_source_named_dot_dot_never_deletes_outside_its_folder(tmp_path, tokenizer):
+    out = tmp_path / "data" / "out"
+    out.mkdir(parents=True)
+    keep = [tmp_path / "data" / "precious.bin", tmp_path / "data" / "notes.tmp", out / "other.bin"]
+    for path in keep:
+        path.write_bytes(b"mine")
+    corpus = write_corpus(tmp_path / "s.jsonl", many_docs(5))
+    for name in ("..", ".", ".hidden", "a/.."):
+        with pytest.raises(SystemExit, match="plain name"):
+            dp.main(["--out", str(out), "--source", f"{name}={corpus}", "--format", "skypile",
+                     "--tokenizer", tokenizer.vocab_file])
+        with pytest.raises(ValueError, match="not a plain folder name"):
+            process([Source(name, "skypile", [corpus])], out, tokenizer)
+    assert all(path.read_bytes() == b"mine" for path in keep)
+    (out / "s").symlink_to(tmp_path / "data")  # OUT/NAME linking elsewhere: its *.bin are not the run's
+    with pytest.raises(SystemExit, match="is a link"):
+        dp.main(["--out", str(out), "--source", f"s={corpus}", "--format", "skypile",
+                 "--tokenizer", tokenizer.vocab_file])
+    assert all(path.read_bytes() == b"mine" for path in keep)
+    with pytest.raises(RuntimeError, match="outside"):
+        dp.remove_owned(tmp_path / "data" / "precious.bin", out / "t")
+    assert keep[0].read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("args,message", [(["--shard-tokens", "0"], "--shard-tokens must be >= 1"),
+                                          (["--shard-tokens", "-5"], "--shard-tokens must be >= 1"),
+                                          (["--workers", "0"], "--workers must be >= 1"),
+                                          (["--workers", "100000"], "is more than"),
+                                          (["--min-chars", "-1"], "--min-chars must be >= 0"),
+                                          (["--unit-mb", "0"], "--unit-mb must be a positive size"),
+                                          (["--unit-mb", "nan"], "--unit-mb must be a positive size"),
+                                          (["--unit-mb", "inf"], "--unit-mb must be a positive size")])
+def test_numeric_arguments_are_checked_before_any_work(tmp_path, tokenizer, capsys, args, message):
+    corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
+    with pytest.raises(SystemExit) as exit_info:
+        cli(tmp_path, "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file, *args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="shard_tokens must be >= 1"):  # the API refuses it as well
+        process([Source("s", "skypile", [corpus])], tmp_path / "out", tokenizer, shard_tokens=0)
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, tokenizer, monkeypatch):
+    corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
+    (tmp_path / "file").write_text("not a folder")
+    for out, message in [(tmp_path / "file", "is a file: give a folder"),
+                         (tmp_path / "file" / "sub", "is a file, not")]:
+        with pytest.raises(SystemExit, match=message):
+            dp.main(["--out", str(out), "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file])
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # root ignores chmod: a read-only disk
+    with pytest.raises(SystemExit, match="cannot write in .* \\(read-only\\?\\)"):
+        dp.main(["--out", str(tmp_path / "ro"), "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file])
+
+
+@pytest.mark.parametrize("where", ["shards", "manifest"])
+def test_a_full_disk_says_so_and_leaves_no_temporary_files(tmp_path, tokenizer, monkeypatch, where):
+    corpus = write_corpus(tmp_path / "s.jsonl", many_docs(200))
+    args = ["--out", str(tmp_path / "out"), "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file,
+            "--workers", "1", "--shard-tokens", "2000"]
+    dp.main(args)
+    folder = tmp_path / "out" / "skypile"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    write_corpus(corpus, many_docs(300))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "shards":
+        monkeypatch.setattr(dp.ShardWriter, "write", full)
+    else:
+        monkeypatch.setattr(dp.json, "dump", full)
+    with pytest.raises(SystemExit) as exit_info:
+        dp.main(args)
+    message = str(exit_info.value)
+    assert message.startswith("data_process: source 'skypile': No space left on device while writing ")
+    assert "\n" not in message and "temporary files were removed" in message
+    leftovers = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    if where == "shards":  # the earlier output is untouched
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    else:  # the new shards were in place, the manifest was not: the folder reads as unfinished and is redone
+        assert not (folder / "manifest.json").exists()
+    monkeypatch.undo()
+    dp.main(args)
+    assert json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["documents_kept"] == 300
+
+
+def test_train_tokenizer_command_line_checks(tmp_path, capsys):
+    import train_tokenizer
+    corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
+    for args, message in [(["--vocab-size", "0"], "--vocab-size must be >= 1"),
+                          (["--max-lines", "-1"], "--max-lines must be >= 1")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train_tokenizer.main(["--source", f"skypile={corpus}", "--out", str(tmp_path / "tok"), *args])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    for args, message in [(["--source", f"skypile={corpus}", "--out", str(tmp_path / "file")], "is a file"),
+                          (["--source", f"../x={corpus}", "--out", str(tmp_path / "tok")], "plain name"),
+                          (["--source", f"skypile={tmp_path / 'missing'}", "--out", str(tmp_path / "tok")],
+                           "does not exist")]:
+        with pytest.raises(SystemExit, match=message):
+            train_tokenizer.main(args)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_files_a_format_does_not_read_are_counted_once_each_with_any_unit_size(tmp_path, tokenizer):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_corpus(folder / "a.jsonl", many_docs(20))
+    (folder / "notes.txt").write_text("一段不该读的笔记。\n\n" * 3000, encoding="utf-8")  # ~100 KB of text
+    (folder / "table.csv").write_text("x,y\n1,2\n", encoding="utf-8")
+    manifest = process([corpora.parse_source(f"skypile={folder}")], tmp_path / "out", tokenizer, workers=2,
+                       unit_bytes=4096)[0]
+    assert manifest["documents_kept"] == 20
+    assert manifest["skipped"] == {"file of a kind this format does not read": 2}

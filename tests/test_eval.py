@@ -1,8 +1,10 @@
 """eval.py: perplexity windows and bits/char, the multiple-choice harness, answers for review."""
 
 import csv
+import errno
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -97,7 +99,7 @@ def test_ppl_cli_reads_text_and_token_folders_alike(tiny_tokenizer, tiny_tokeniz
     tok = tiny_tokenizer
     ckpt = save(tiny_model(tok, max_seq_len=64), tmp_path / "ckpt.pt", tok, phase="clinical")
     heldout = SAMPLE / "heldout" / "medical_heldout.txt"
-    docs = ev.text_documents(f"heldout={heldout}", tok)
+    docs = ev.text_documents(parse_source(f"heldout={heldout}"), tok)
     tokens = tmp_path / "tokens"
     tokens.mkdir()
     np.array([i for ids, _ in docs for i in ids], dtype=np.uint16).tofile(tokens / "tokens_0000.bin")
@@ -169,7 +171,7 @@ def test_mcq_accuracy_and_chance_exact(tiny_tokenizer, tmp_path, norm, per_token
     assert s["n"] == 4 and s[f"correct_{norm}"] == 3 and s[f"accuracy_{norm}"] == 0.75 and s["chance"] == 0.25
     assert list(r["subjects"]) == ["anatomy"] and r["subjects"]["anatomy"][f"accuracy_{norm}"] == 0.75
     assert [i["predicted"][norm] for i in r["items"]] == ["A", "C", "B", "B"]
-    assert r["multi"]["n"] == 0 and r["skipped_no_answer"] == 0
+    assert r["multi"]["n"] == 0 and r["skipped"] == {}
 
 
 @pytest.mark.parametrize("mode", ["continue", "chat"])
@@ -228,7 +230,8 @@ def test_cmb_multi_answer_exact_set_and_cmexam_skips_unknown(tiny_tokenizer, tmp
         ["痛风患者应", "A 少吃内脏\nB 喝甜饮料", "A", "", "风湿科"]])
     r = ev.evaluate_mcq(parse_source(f"cmexam={tmp_path / 'cmexam'}"), tok, table_scorer(tok, {"喝甜饮料": -1.0}, True),
                         "continue")
-    assert r["skipped_no_answer"] == 1 and r["overall"]["n"] == 2 and r["overall"]["correct_mean"] == 0
+    assert r["skipped"] == {ev.NO_ANSWER: 1} and r["overall"]["n"] == 2 and r["overall"]["correct_mean"] == 0
+    assert r["skipped_examples"] == [f"{tmp_path / 'cmexam' / 'val.csv'}:5: {ev.NO_ANSWER}"]  # row 1 spans lines 2-4
     assert r["overall"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert set(r["subjects"]) == {"血液科", "风湿科"}
 
@@ -242,11 +245,11 @@ def test_mcq_sample_files_end_to_end(tiny_tokenizer, tiny_tokenizer_dir, tmp_pat
              "--out", str(out)] + [arg for s in sources for arg in ("--source", s)])
     results = json.loads(out.read_text(encoding="utf-8"))
     assert results["mode"] == "chat" and results["shots"] == 1 and results["norm"] == "mean"
-    counts = {name: (r["overall"]["n"], r["multi"]["n"], r["skipped_no_answer"]) for name, r in results["sources"].items()}
-    assert counts == {"ceval": (20, 0, 0), "cmmlu": (20, 0, 0), "cmb": (16, 2, 0), "cmexam": (15, 0, 1)}
+    counts = {name: (r["overall"]["n"], r["multi"]["n"], r["skipped"]) for name, r in results["sources"].items()}
+    assert counts == {"ceval": (20, 0, {}), "cmmlu": (20, 0, {}), "cmb": (16, 2, {}),
+                      "cmexam": (15, 0, {ev.NO_ANSWER: 1})}
     for name, r in results["sources"].items():
-        assert r["problems"] == {} and r["skipped_too_long"] == 0 and r["truncated"] == 0
-        assert 0 <= r["overall"]["accuracy_mean"] <= 1 and 0 <= r["overall"]["accuracy_sum"] <= 1
+        assert r["truncated"] == 0 and r["shot_pool_skipped"] == {}
         assert sum(s["n"] for s in r["subjects"].values()) == r["overall"]["n"] == len(r["items"])
     assert results["sources"]["ceval"]["overall"]["chance"] == 0.25
     assert results["sources"]["cmb"]["multi"]["chance"] == pytest.approx((1 / 15 + 1 / 31) / 2)  # 4 and 5 options
@@ -269,3 +272,138 @@ def test_generate_writes_answers_side_by_side(tiny_tokenizer, tiny_tokenizer_dir
     assert md.count(f"**`{base}`** (step 7)") == md.count(f"**`{sft}`** (step 7)") == len(questions)
     assert "| clinical | 7 | continue | 6 |" in md and "| sft | 7 | chat | 6 |" in md
     assert "temperature 0.7, top_k off, top_p 0.9, repetition_penalty 1.1, seed 1337" in md
+
+
+# ---------------------------------------------------------------- the real scorer, skipped items, bad input
+
+def test_model_scorer_matches_a_hand_computed_log_likelihood(tiny_tokenizer):
+    """Through eval.model_scorer with a real model: every option token, the first one included, is scored
+    once, given the context and the option tokens before it (a direct forward pass, log_softmax by hand)."""
+    model = tiny_model(tiny_tokenizer, max_seq_len=64)
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for context_len, option_len in [(5, 1), (9, 4), (1, 3), (20, 7), (12, 2)]:  # mixed lengths: sorted, padded
+        ids = torch.randint(3, tiny_tokenizer.vocab_size, (context_len + option_len,), generator=g).tolist()
+        requests.append((ids[:context_len], ids[context_len:]))
+    by_hand = []
+    with torch.no_grad():
+        for context, option in requests:
+            logits = model(torch.tensor([context + option]))[0]  # (T, vocab): no targets, no loss code
+            log_probs = torch.log_softmax(logits.double(), dim=-1)
+            by_hand.append(sum(log_probs[len(context) - 1 + j, token].item() for j, token in enumerate(option)))
+    scores = ev.model_scorer(model, tiny_tokenizer, batch_size=2)(requests)
+    assert scores == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_chat_prompt_encodes_each_shot_with_its_own_answer(tiny_tokenizer):
+    tok = tiny_tokenizer
+    shots = [{"question": f"第{i}题", "options": {"A": f"甲{i}", "B": f"乙{i}"}, "answer": "B"} for i in range(3)]
+    q = {"question": "本题", "options": {"A": "对", "B": "错"}, "answer": "A"}
+    requests = ev.encode_question(q, shots, ["对", "错"], tok, "chat")
+    def enc(text):
+        return tok.encode_batch([text])[0]
+
+    context = []
+    for s in shots:  # question block <bos> gold option <eos>, shot after shot, then the question and <bos>
+        context += enc(f"{s['question']}\nA. {s['options']['A']}\nB. {s['options']['B']}") + [tok.bos_id]
+        context += enc(s["options"]["B"]) + [tok.eos_id]
+    context += enc("本题\nA. 对\nB. 错") + [tok.bos_id]
+    assert requests == [(context, enc("对")), (context, enc("错"))]
+
+
+def cmb_file(tmp_path, records):
+    folder = tmp_path / "cmb"
+    folder.mkdir(exist_ok=True)
+    (folder / "CMB-val-merge.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def test_every_skipped_question_is_counted_by_reason(tiny_tokenizer, tmp_path):
+    many = {letter: f"选项{letter}" for letter in "ABCDEFGHIJKL"}  # 12 options: 4095 answer sets if enumerated
+    folder = cmb_file(tmp_path, CMB[:2] + [
+        {"question": "答案不在选项里", "option": {"A": "甲", "B": "乙"}, "answer": "E"},
+        {"question": "没有答案", "option": {"A": "甲", "B": "乙"}, "answer": ""},
+        {"question": "十二个选项的多选题", "option": many, "answer": "ACE"},
+        {"question": "十二个选项的单选题", "option": many, "answer": "L"},
+        {"question": "选项不是字母", "option": {"A": "甲", "BB": "乙"}, "answer": "A"}])
+    seen = []
+    r = ev.evaluate_mcq(parse_source(f"cmb={folder}"), tiny_tokenizer, table_scorer(tiny_tokenizer, {}, True, seen),
+                        "continue")
+    assert r["overall"]["n"] == 3 and len(seen) == 4 + 7 + 12  # the 12-option single-answer item is scored
+    assert r["skipped"] == {"answer is not one of the options": 1, ev.NO_ANSWER: 1, ev.TOO_MANY_OPTIONS: 1,
+                            "option key is not one capital letter": 1}
+    path = folder / "CMB-val-merge.json"
+    assert f"{path}:#4: {ev.TOO_MANY_OPTIONS} (12 options)" in r["skipped_examples"]
+
+
+def test_a_benchmark_with_nothing_scorable_is_an_error_with_its_reasons(tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
+                                                                       capsys):
+    tok = tiny_tokenizer
+    ckpt = save(tiny_model(tok), tmp_path / "sft.pt", tok, phase="sft")
+    bad = cmb_file(tmp_path, [{"question": f"题{i}", "option": {"A": "甲", "B": "乙"}, "answer": "D"} for i in range(3)])
+    out = tmp_path / "mcq.json"
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["mcq", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu", "--out", str(out),
+                 "--source", f"cmb={bad}", "--source", f"ceval={SAMPLE / 'eval' / 'ceval'}"])
+    message = str(exit_info.value)
+    assert message.startswith(f"eval.py mcq: no question of source 'cmb' ({bad}) could be scored")
+    assert "'answer is not one of the options': 3" in message and "cmb reads json files" in message
+    printed = capsys.readouterr().out
+    assert "cmb (chat prompt, 0-shot): 0 questions scored, 3 skipped" in printed
+    assert "skipped      3  answer is not one of the options" in printed
+    results = json.loads(out.read_text(encoding="utf-8"))  # what was scored is kept, with the reasons
+    assert results["sources"]["cmb"]["skipped"] == {"answer is not one of the options": 3}
+    assert results["sources"]["ceval"]["overall"]["n"] == 20
+
+
+def test_ppl_with_nothing_to_score_is_an_error(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
+    tok = tiny_tokenizer
+    ckpt = save(tiny_model(tok, max_seq_len=64), tmp_path / "ckpt.pt", tok, phase="clinical")
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text('{"txt": "wrong field"}\n[1]\n', encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source", f"skypile={junk}"])
+    message = str(exit_info.value)
+    assert message.startswith(f"eval.py ppl: no document read from source 'skypile' ({junk}); expected skypile reads")
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    np.array([5, 6, tok.eos_id], dtype=np.uint16).tofile(tokens / "t_0000.bin")
+    (tokens / "manifest.json").write_text('{"tokenizer": {"sha', encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"{tokens / 'manifest.json'} is not a readable data_process.py manifest"):
+        ev.main(["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source", f"shards={tokens}"])
+    (tokens / "manifest.json").unlink()
+    np.array([5, tok.vocab_size + 3, tok.eos_id], dtype=np.uint16).tofile(tokens / "t_0000.bin")
+    with pytest.raises(SystemExit, match="beyond the tokenizer's"):
+        ev.main(["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source", f"shards={tokens}"])
+
+
+@pytest.mark.parametrize("args,message", [(["--batch-size", "0"], "--batch-size must be >= 1"),
+                                          (["--shots", "-1"], "--shots must be >= 0")])
+def test_mcq_numeric_arguments_are_checked_first(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:  # no checkpoint exists: the check comes before loading
+        ev.main(["mcq", "--ckpt", str(tmp_path / "none.pt"), "--source", f"ceval={SAMPLE / 'eval' / 'ceval'}", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_problems_are_one_line_and_leave_no_temporary_file(tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
+                                                               monkeypatch):
+    tok = tiny_tokenizer
+    ckpt = save(tiny_model(tok, max_seq_len=64), tmp_path / "ckpt.pt", tok, phase="clinical")
+    args = ["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source",
+            f"heldout={SAMPLE / 'heldout'}", "--max-docs", "1"]
+    with pytest.raises(SystemExit, match="is a folder: give a file"):
+        ev.main(args + ["--out", str(tmp_path)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        ev.main(args + ["--out", str(tmp_path / "file" / "ppl.json")])
+
+    def full(self, *args, **kwargs):  # the disk fills up half-way through the file
+        with open(self, "w") as f:
+            f.write("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ev.Path, "write_text", full)
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(args + ["--out", str(tmp_path / "res" / "ppl.json")])
+    assert str(exit_info.value) == f"eval.py ppl: cannot write {tmp_path / 'res' / 'ppl.json'}: No space left on device"
+    assert list((tmp_path / "res").iterdir()) == []
