@@ -20,7 +20,7 @@ import torch
 from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
 from checkpoint import load_model
 from dataset_sft import encode_turns, fit_turns, render
-from precision import CHOICES, resolve
+from precision import resolve
 
 MODES = ("chat", "continue")
 DEFAULTS = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.1)
