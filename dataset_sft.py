@@ -100,7 +100,7 @@ class SFTData:
         self.seq_len, self.seed, self.pack = seq_len, seed, pack
         self.pad_id = tokenizer.pad_id
         self.dropped = Counter()
-        tokens, masks, lengths, sources = [], [], [], []
+        tokens, masks, sources = [], [], []
         rows = read_sft_csv(csv_path)  # streamed: only the token arrays are kept
         bar = tqdm(desc="tokenize SFT", unit=" conv", leave=False)
         while chunk := list(itertools.islice(rows, encode_batch)):
@@ -116,15 +116,19 @@ class SFTData:
                 ids, is_answer = render(fitted, tokenizer.bos_id, tokenizer.eos_id)
                 tokens.append(np.asarray(ids, dtype=np.uint16))
                 masks.append(np.asarray(is_answer, dtype=bool))
-                lengths.append(len(ids))
                 sources.append(source)
         bar.close()
         if not tokens:
             raise ValueError(f"{csv_path}: no conversation fits max_seq_len={seq_len} ({dict(self.dropped)})")
+        self.store(tokens, masks, sources, val_fraction)
+
+    def store(self, tokens, masks, sources, val_fraction):
+        """Keep the rendered conversations (lists of id and answer-mask arrays) and split train / validation."""
+        lengths = [len(t) for t in tokens]
         self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.sources = np.array(sources)
-        order = np.random.default_rng(seed).permutation(len(lengths))
+        order = np.random.default_rng(self.seed).permutation(len(lengths))
         n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
         self.val_ids, self.train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
         self.epoch_rows = []  # row plans of the epochs built so far, see epoch()
