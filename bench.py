@@ -3,6 +3,8 @@
     python bench.py train      # training tokens/s + MFU: our path (in dtype=auto's pick) vs a naive baseline
     python bench.py generate   # generation tokens/s with vs without the KV cache, time to first token
     python bench.py peak       # this machine's matmul FLOP/s (the MFU denominator on CPU)
+    python bench.py vlm        # vision-language: training tokens/s with and without images, projector and
+                               # tower throughput, generation with one image with and without the KV cache
 
 The host may be noisy: variants run interleaved, several rounds, and the median is reported. In
 `train`, each variant's turn starts with one untimed step: the first step after another variant
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import PretrainData
-from model import ModelArgs, Transformer
+from model import IGNORE_INDEX, ModelArgs, Transformer
 from precision import autocast, cpu_features, matmul_peak, resolve
 from trainer import make_optimizer
 
@@ -177,9 +179,125 @@ def bench_generate(args):
                   f"speed-up {rows[True][0] / rows[False][0]:.1f}x" + (" (target >= 5x)" if new == 512 else ""))
 
 
+VLM_LLM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64794, max_seq_len=256)  # pretrain_tiny
+VLM_TOWER = dict(hidden_size=192, layers=4, heads=3, image_size=224, patch_size=16)  # ViT-Ti width, 196 patches
+
+
+def vlm_model(tower_dir, pool=1, max_seq_len=VLM_LLM["max_seq_len"]):
+    import vision
+    from vlm import VLM, VLMArgs
+
+    tower, preprocess = vision.load_tower(tower_dir)
+    args = VLMArgs(**dict(VLM_LLM, max_seq_len=max_seq_len), vision=tower.config.to_dict(), preprocess=preprocess,
+                   projector_pool=pool, image_token_id=64789)
+    torch.manual_seed(0)
+    return VLM(args, tower)
+
+
+def vlm_batch(a, batch_size, with_image, generator):
+    """Rows of max_seq_len random tokens; with an image, each row starts with it and only its text is a target."""
+    x = torch.randint(3, 60000, (batch_size, a.max_seq_len), generator=generator)
+    y = torch.randint(3, 60000, (batch_size, a.max_seq_len), generator=generator)
+    if not with_image:
+        return x, y, {}
+    x[:, :a.image_tokens] = a.image_token_id
+    y[:, :a.image_tokens] = IGNORE_INDEX
+    size = a.vision["image_size"]
+    return x, y, {"images": torch.randn(batch_size, 3, size, size, generator=generator)}
+
+
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_vlm(args):
+    """Training steps: the LLM alone on text (SFT) vs the align and instruct stages with one image a row; the
+    projector's and the tower's throughput; generation after one image with and without the KV cache. Each
+    training line also gives the process's CPU time per step: other jobs on a shared host disturb it less
+    than the wall time."""
+    import vision
+    from vlm import set_trainable
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tower = vision.save_random_tower(Path(tmp) / "tower", "clip", **VLM_TOWER)
+        variants = {"text only (SFT of the LLM)": (vlm_model(tower), None),
+                    "align, 196 image tokens": (vlm_model(tower), "align"),
+                    "instruct, 196 image tokens": (vlm_model(tower), "instruct"),
+                    "instruct, pool 2: 49 image tokens": (vlm_model(tower, pool=2), "instruct")}
+        generator_model = vlm_model(tower, max_seq_len=512).to(device).eval()
+    steps = {}
+    for name, (model, stage) in variants.items():
+        if stage:
+            set_trainable(model, stage)
+        trained = model if stage else model.llm
+        steps[name] = (trained.to(device), make_optimizer(trained, 3e-4, 0.0, (0.9, 0.95), device), model.args, stage)
+    generator = torch.Generator().manual_seed(0)
+    times = {name: [] for name in variants}
+    cpu_times = {name: [] for name in variants}
+    for round_ in range(args.warmup + args.rounds):
+        for name, (model, optimizer, a, stage) in steps.items():
+            x, y, extras = vlm_batch(a, args.batch_size, stage is not None, generator)
+            extras = {k: v.to(device) for k, v in extras.items()}
+            t, cpu = time.perf_counter(), cpu_seconds()
+            with autocast(device, "bfloat16"):
+                loss = model(x.to(device), y.to(device), reduction="sum", **extras)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+                cpu_times[name].append(cpu_seconds() - cpu)
+    tokens = args.batch_size * VLM_LLM["max_seq_len"]
+    print(f"LLM {VLM_LLM}, random CLIP tower {VLM_TOWER}; batch {args.batch_size} x {VLM_LLM['max_seq_len']} tokens, "
+          f"bf16 autocast, {torch.get_num_threads()} threads on {device}")
+    text, text_cpu = (statistics.median(t["text only (SFT of the LLM)"]) for t in (times, cpu_times))
+    for name in variants:
+        step, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
+        print(f"  train {name:34s} {step * 1000:7.0f} ms/step {tokens / step:6.0f} tok/s ({text / step:.2f}x text); "
+              f"CPU {cpu * 1000:6.0f} ms/step ({text_cpu / cpu:.2f}x text)")
+
+    model = steps["instruct, 196 image tokens"][0].eval()
+    features = torch.randn(64, model.args.image_tokens, VLM_TOWER["hidden_size"], device=device)
+    pixels = torch.randn(16, 3, VLM_TOWER["image_size"], VLM_TOWER["image_size"], device=device)
+    projector, tower_times = [], []
+    with torch.no_grad(), autocast(device, "bfloat16"):
+        for _ in range(args.rounds + 1):
+            t = time.perf_counter()
+            model.projector(features)
+            projector.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            model.image_features(pixels)
+            tower_times.append(time.perf_counter() - t)
+    image_tokens = pixels.shape[0] * model.args.image_tokens
+    projected = features.shape[0] * features.shape[1]
+    print(f"  projector: {projected / statistics.median(projector[1:]):,.0f} image tokens/s "
+          f"(forward); tower + projector: {pixels.shape[0] / statistics.median(tower_times[1:]):,.1f} images/s "
+          f"= {image_tokens / statistics.median(tower_times[1:]):,.0f} image tokens/s")
+
+    a = generator_model.args
+    prompt = [[a.image_token_id] * a.image_tokens + list(range(100, 120))]
+    image = torch.randn(1, 3, VLM_TOWER["image_size"], VLM_TOWER["image_size"], device=device)
+    rows = {}
+    for use_cache in (True, False):
+        t = time.perf_counter()
+        stream = generator_model.stream(prompt, args.vlm_new_tokens, images=image, temperature=0, use_cache=use_cache)
+        next(stream)
+        first = time.perf_counter() - t
+        n = 1 + sum(1 for _ in stream)
+        rows[use_cache] = (n / (time.perf_counter() - t), first)
+    print(f"  generate after one image ({a.image_tokens} image + 20 text tokens), {args.vlm_new_tokens} new, fp32: KV "
+          f"cache {rows[True][0]:.1f} tok/s (first token {rows[True][1] * 1000:.0f} ms) | no cache "
+          f"{rows[False][0]:.1f} tok/s (first token {rows[False][1] * 1000:.0f} ms) | "
+          f"{rows[True][0] / rows[False][0]:.1f}x")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "generate", "peak"])
+    parser.add_argument("what", choices=["train", "generate", "peak", "vlm"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
@@ -187,11 +305,14 @@ def main():
     parser.add_argument("--steps-per-turn", type=int, default=2, help="train: timed steps per variant per round, after one untimed")
     parser.add_argument("--gen-rounds", type=int, default=1, help="generate: runs per measurement (each is 128-512 steps)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (its cold start is ~30 s)")
+    parser.add_argument("--vlm-new-tokens", type=int, default=128, help="vlm: tokens generated after the image")
     args = parser.parse_args()
     if args.what == "train":
         bench_train(args)
     elif args.what == "generate":
         bench_generate(args)
+    elif args.what == "vlm":
+        bench_vlm(args)
     else:
         device = torch.device(args.device)
         print(f"host: {cpu_features() if device.type == 'cpu' else torch.cuda.get_device_name(device)}")

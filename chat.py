@@ -4,13 +4,18 @@
     python chat.py --ckpt out/sft/ckpt.pt --prompt "高血压患者饮食上要注意什么？" --prompt "感冒怎么办？"
     python chat.py --ckpt out/sft/ckpt.pt --prompt-file data/sample/chat_questions.txt --temperature 0
     python chat.py --ckpt out/pretrain/clinical/ckpt.pt --prompt "高血压是"  # continues the text
+    python chat.py --ckpt out/vlm/instruct/ckpt.pt --image scan.png --prompt "这张胸片有什么异常？"
 
 Modes. An SFT checkpoint (phase "sft") answers through the chat template, dataset_sft.render: every
 earlier turn as `prompt <bos> answer <eos>`, then the new prompt and <bos>, after which the model
 writes the answer and ends it with <eos>. Any other checkpoint is a pretrained model: it continues
 the text (earlier turns, if any, are plain text in front of it). --mode chat|continue overrides.
 
-Interactive commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves, Ctrl-C stops an
+Images (vision-language checkpoints from vlm_train.py): --image PATH (repeatable) goes with every
+--prompt, or with the first message of an interactive chat; `/image PATH` attaches an image to the next
+message. Images sit in front of their message's text.
+
+Interactive commands: /reset forgets the conversation, /image PATH, /quit (or Ctrl-D) leaves, Ctrl-C stops an
 answer midway. The conversation is kept across turns; when it no longer fits in max_seq_len minus
 --max-new-tokens, its oldest turns are dropped (and the chat says so).
 
@@ -25,9 +30,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from inference import (MODES, add_sampling_args, answer, build_prompt, fit_max_new_tokens, fitted_images,
+                       image_pixels, load, number, sampling_from, sampling_kwargs, stream_answer, with_images)
 from precision import CHOICES
-from inference import (MODES, add_sampling_args, answer, build_prompt, fit_max_new_tokens, load, number,
-                       sampling_from, sampling_kwargs, stream_answer)
 
 def read_prompts(args):
     prompts = list(args.prompt or [])
@@ -49,16 +56,17 @@ def read_prompts(args):
 def one_shot(model, tok, mode, prompts, args, sampling):
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        replies = answer(model, tok, batch, None, mode, args.max_new_tokens, args.seed, **sampling)
+        replies = answer(model, tok, batch, None, mode, args.max_new_tokens, args.seed, args.image, **sampling)
         for prompt, reply in zip(batch, replies):
             print(f"用户> {prompt}\n助手> {reply}\n", flush=True)
 
 
 
 def interactive(model, tok, mode, args, sampling):
-    print(f"mode: {mode} | /reset clears the conversation, /quit leaves, Ctrl-C stops an answer")
+    print(f"mode: {mode} | /reset clears the conversation, /image PATH attaches an image, /quit leaves, "
+          "Ctrl-C stops an answer")
     sampling = sampling_kwargs(model, args.seed, sampling)  # one generator for the whole session
-    history = []
+    history, images, pending = [], [], list(args.image or [])  # images: the conversation's pixels, in order
     while True:
         try:
             line = input("用户> ").strip()
@@ -70,27 +78,47 @@ def interactive(model, tok, mode, args, sampling):
         if line in ("/quit", "/exit"):
             return
         if line == "/reset":
-            history = []
+            history, images, pending = [], [], []
             print("(conversation cleared)")
             continue
-        if line.startswith("/"):
-            print("commands: /reset, /quit")
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if Path(path).is_file():
+                pending.append(path)
+                print(f"(image {path} goes with your next message)")
+            else:
+                print(f"(no image file at {path!r})")
             continue
-        ids, dropped = build_prompt(tok, line, history, mode, model.args.max_seq_len - args.max_new_tokens)
+        if line.startswith("/"):
+            print("commands: /reset, /image PATH, /quit")
+            continue
+        try:
+            new_pixels = image_pixels(model, pending)
+            prompt = with_images(line, len(pending))
+            ids, dropped = build_prompt(tok, prompt, history, mode, model.args.max_seq_len - args.max_new_tokens, model)
+            everything = images + ([] if new_pixels is None else list(new_pixels))
+            kept = fitted_images(model, ids, everything)
+        except ValueError as err:  # a text checkpoint given images, an unreadable image, a prompt too long
+            print(f"({err})")
+            pending = []
+            continue
+        pending = []
         if dropped:
             history = history[dropped:]
             print(f"(the conversation is longer than the model's {model.args.max_seq_len}-token context: "
                   f"dropped the oldest {dropped} turn(s))")
+        images = kept
         print("助手> ", end="", flush=True)
         pieces = []
         try:
-            for piece in stream_answer(model, tok, ids, args.max_new_tokens, **sampling):
+            pixels = torch.stack(images) if images else None
+            for piece in stream_answer(model, tok, ids, args.max_new_tokens, images=pixels, **sampling):
                 print(piece, end="", flush=True)
                 pieces.append(piece)
         except KeyboardInterrupt:
             print(" (stopped)", end="")
         print()
-        history.append((line, "".join(pieces)))
+        history.append((prompt, "".join(pieces)))
 
 
 
@@ -101,6 +129,8 @@ def main(argv=None):
     parser.add_argument("--mode", choices=MODES, help="default: chat for SFT checkpoints, continue otherwise")
     parser.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
     parser.add_argument("--prompt-file", help="answer every non-empty line of this file and exit")
+    parser.add_argument("--image", action="append", help="an image for a vision-language checkpoint (repeatable): "
+                        "with every --prompt, or with the first interactive message")
     parser.add_argument("--batch-size", type=number(int, 1), default=8, help="one-shot prompts generated together")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", choices=CHOICES,
@@ -118,10 +148,13 @@ def main(argv=None):
     sampling = dict(sampling_from(args), use_cache=not args.no_cache)
     print(f"{args.ckpt}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
           f"{model.num_params() / 1e6:.1f}M parameters on {model.rope_cos.device}, mode {mode}", file=sys.stderr)
-    if prompts:
-        one_shot(model, tok, mode, prompts, args, sampling)
-    else:
-        interactive(model, tok, mode, args, sampling)
+    try:
+        if prompts:
+            one_shot(model, tok, mode, prompts, args, sampling)
+        else:
+            interactive(model, tok, mode, args, sampling)
+    except ValueError as err:  # images for a text checkpoint, an image that cannot be decoded
+        raise SystemExit(f"chat.py: {err}") from None
 
 
 

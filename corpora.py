@@ -5,13 +5,14 @@
     for text in iter_texts(source, problems): ...          # pretraining documents (raw, not cleaned)
     for turns in iter_dialogues(source, problems): ...     # SFT: [(prompt, answer), ...]
     for q in iter_questions(source, problems): ...         # evaluation: {"question", "options", "answer", ...}
+    for d in iter_image_dialogues(source, problems): ...   # vision-language: ImageDialogue(turns, images, ...)
     print(problems.summary())                              # what was skipped, why, where (file:line)
 
 Three layers, top to bottom:
   1. containers: JSON lines, JSON arrays (streamed with ijson), CSV (real quoting), plain text, XML
-     (one element per record, streamed, entity declarations refused), PDF (the text of each page);
-     transparent .gz; the encoding decided per line (UTF-8, UTF-8 with BOM, GB18030: LineDecoder),
-     a record with a line that is neither skipped and counted, never kept garbled.
+     (one element per record, streamed, entity declarations refused), PDF (the text of each page),
+     Parquet (pyarrow); transparent .gz; the encoding decided per line (UTF-8, UTF-8 with BOM, GB18030:
+     LineDecoder), a record with a line that is neither skipped and counted, never kept garbled.
   2. readers: one short generator per dataset, record -> text / turns / question. A reader raises
      BadRecord for a record it cannot use and may `yield Skipped(...)` for a part it leaves out.
   3. iter_texts / iter_dialogues / iter_questions: a source's files through its reader.
@@ -32,8 +33,8 @@ import re
 import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePath
 from typing import Callable, Iterator
 from xml.parsers import expat
 
@@ -513,12 +514,30 @@ def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
     yield None, pages
 
 
+def iter_parquet(path, problems: Problems) -> Iterator[tuple[str, dict]]:
+    """Rows of a Parquet file as {column: value}, a batch of rows at a time; "#N" is the N-th row."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        problems.add("Parquet file skipped: reading it needs pyarrow (pip install pyarrow)", path)
+        return
+    count = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                yield f"#{count}", row
+                count += 1
+    except (OSError, ValueError) as err:  # pyarrow's ArrowIOError / ArrowInvalid
+        problems.add("unreadable Parquet data, rest of file skipped", path, f"#{count}", str(err)[:200])
+
+
 def container(path) -> str | None:
-    """'json' (lines or array), 'csv', 'text', 'xml', 'pdf', or None: by extension (under .gz), else by
-    the first byte."""
+    """'json' (lines or array), 'csv', 'text', 'xml', 'pdf', 'parquet', or None: by extension (under .gz),
+    else by the first byte."""
     name = str(path).lower().removesuffix(".gz")
     for kind, extensions in (("json", (".json", ".jsonl", ".ndjson")), ("csv", (".csv",)),
-                             ("text", (".txt", ".text", ".md")), ("xml", (".xml", ".nxml")), ("pdf", (".pdf",))):
+                             ("text", (".txt", ".text", ".md")), ("xml", (".xml", ".nxml")), ("pdf", (".pdf",)),
+                             ("parquet", (".parquet",))):
         if name.endswith(extensions):
             return kind
     return "json" if _first_byte(path) in (b"{", b"[") else None
@@ -550,6 +569,8 @@ def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterat
         yield from iter_json_array(path, problems)
     elif kind == "json":
         yield from iter_jsonl(path, problems, span)
+    elif kind == "parquet":
+        yield from iter_parquet(path, problems)
 
 
 # ---------------------------------------------------------------- the registry
@@ -1155,10 +1176,157 @@ def cmexam(record, path):
                         text_field(record, "Explanation", False))
 
 
+# ---- image conversations (vision-language training, VQA evaluation)
+
+IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a prompt, in every format below
+IMAGE_FILES = ("*.jpg", "*.jpeg", "*.png", "*.bmp", "*.gif", "*.webp")  # a dataset folder's images: not records
+IMAGE_FOLDERS = {"llava": "", "minimind_v": "", "slake": "imgs", "pmc_vqa": "images",
+                 "vqa_rad": "VQA_RAD Image Folder"}  # where image paths point, relative to the data file's folder
+YES_NO = {"yes", "no", "是", "否"}
+
+
+@dataclass(frozen=True)
+class ImageDialogue:
+    """A conversation about images: turns [(prompt, answer)], every "<image>" in a prompt standing for the next
+    of `images` (a path under the image folder, or the encoded image's bytes). VQA items also carry
+    answer_type ("closed": yes/no or options; "open") and, for multiple choice, options {letter: text}
+    and the gold letter `label`. `origin` is (file, location) of the record, set by iter_image_dialogues."""
+    turns: list
+    images: list
+    answer_type: str = ""
+    options: dict = field(default_factory=dict)
+    label: str = ""
+    origin: tuple = ()
+
+
+def image_dialogue(messages, images, **vqa):
+    """[(role, text)] and the images -> yields Skipped notes, then an ImageDialogue; placeholders and images
+    must match one to one."""
+    turns = []
+    for item in dialogue(messages):
+        if isinstance(item, Skipped):
+            yield item
+        else:
+            turns = item
+    if any(IMAGE_PLACEHOLDER in answer for _, answer in turns):
+        raise BadRecord("<image> in an answer")
+    placeholders = sum(prompt.count(IMAGE_PLACEHOLDER) for prompt, _ in turns)
+    if placeholders != len(images):
+        raise BadRecord("<image> placeholders do not match the images", f"{placeholders} placeholder(s), "
+                        f"{len(images)} image(s)")
+    yield ImageDialogue(turns, list(images), **vqa)
+
+
+def image_names(value, field_name) -> list:
+    """A record's image field as a list: a path, a list of paths, or null/"" (none)."""
+    if value is None or value == "":
+        return []
+    names = value if isinstance(value, list) else [value]
+    if not all(isinstance(name, str) and name.strip() for name in names):
+        raise BadRecord(f"field '{field_name}' is not an image path or a list of them", repr(value)[:80])
+    return [name.strip() for name in names]
+
+
+def placeholders_first(text):
+    """LLaVA's preprocessing: a turn's <image> placeholders are moved to its start, one line each."""
+    count = text.count(IMAGE_PLACEHOLDER)
+    return f"{IMAGE_PLACEHOLDER}\n" * count + text.replace(IMAGE_PLACEHOLDER, "").strip() if count else text
+
+
+@register("llava", "image", companions=IMAGE_FILES)
+def llava(record):
+    """LLaVA's format (LLaVA-Pretrain's blip_laion_cc_sbu_558k.json, llava_v1_5_mix665k.json, ShareGPT4V, the
+    Chinese LLaVA caption and instruction sets; JSON array or lines): `id`, `image` (a path under the image
+    folder, or a list of them; absent: a text-only conversation), `conversations` [{from: human|gpt, value}]."""
+    images = image_names(_value(record, "image", False), "image")
+    messages = messages_field(record, "conversations", "from", "value")
+    messages = [(role, placeholders_first(text)) for role, text in messages]
+    yield from image_dialogue(messages, images)
+
+
+@register("minimind_v", "image", containers=("parquet", "json"), companions=IMAGE_FILES)
+def minimind_v(record):
+    """minimind-v. Parquet (pretrain_i2t.parquet, sft_i2t.parquet): `conversations`, a JSON string of
+    [{role, content}], and `image_bytes`, the encoded image or a list of them. The older JSON lines
+    (pretrain_vlm_data.jsonl, sft_vlm_data.jsonl, sft_vlm_data_multi.jsonl): `conversations` [{role, content}]
+    and `image`, "a.jpg" or "0.jpg, 1.jpg" under the image folder. A conversation without <image> is text-only
+    and its image is not used (minimind-v fills that column with a small black image)."""
+    conversations = _value(record, "conversations", True)
+    if isinstance(conversations, str):
+        try:
+            conversations = json.loads(conversations)
+        except json.JSONDecodeError as err:
+            raise BadRecord("field 'conversations' is not JSON", str(err)) from None
+    messages = messages_field({"conversations": conversations}, "conversations", "role", "content")
+    if not any(IMAGE_PLACEHOLDER in text for _, text in messages):
+        images = []
+    elif "image_bytes" in record:
+        images = record["image_bytes"] if isinstance(record["image_bytes"], list) else [record["image_bytes"]]
+        if not all(isinstance(image, bytes) and image for image in images):
+            raise BadRecord("field 'image_bytes' is not image data", type(record["image_bytes"]).__name__)
+    else:
+        images = [name.strip() for name in text_field(record, "image", False).split(",") if name.strip()]
+    yield from image_dialogue(messages, images)
+
+
+def vqa_item(question, answer, image, answer_type="", options=None, label=""):
+    """One VQA question as a one-turn ImageDialogue: "<image>\nquestion" (+ "A. option" lines) -> answer."""
+    if not question or not answer:
+        raise BadRecord("empty question or answer")
+    kind = {"CLOSED": "closed", "OPEN": "open"}.get(answer_type.strip().upper())
+    kind = kind or ("closed" if options or answer.strip().lower() in YES_NO else "open")
+    choices = "".join(f"\n{letter}. {text}" for letter, text in (options or {}).items())
+    prompt = f"{IMAGE_PLACEHOLDER}\n{question}{choices}"
+    return ImageDialogue([(prompt, answer)], [image], kind, dict(options or {}), label)
+
+
+@register("slake", "image", companions=IMAGE_FILES + ("detection.json", "question.json", "KG/*"))
+def slake(record):
+    """SLAKE (Slake1.0's train.json / validate.json / test.json; BoKelvin/SLAKE's validation.json): a JSON array
+    of {qid, img_id, img_name (under imgs/), question, answer, q_lang (en|zh), answer_type (OPEN|CLOSED),
+    content_type, modality, location, base_type, triple}. Both languages are kept."""
+    yield vqa_item(text_field(record, "question"), text_field(record, "answer"), text_field(record, "img_name"),
+                   text_field(record, "answer_type", False))
+
+
+PMC_CHOICE = re.compile(r"^\s*([A-D])\s*[:：]\s*")
+
+
+@register("pmc_vqa", "image", containers=("csv",), companions=IMAGE_FILES)
+def pmc_vqa(record):
+    """PMC-VQA (train.csv / test.csv and the *_2.csv versions; images under images/): Figure_path, Question,
+    Answer (spelt Anwser in an older release), Choice A-D ("A:CT", " B:MRI "), Answer_label (the gold letter).
+    Four-option questions: the prompt lists "A. CT" lines, the answer is "B. MRI"."""
+    options = {letter: PMC_CHOICE.sub("", text_field(record, f"Choice {letter}")).strip() for letter in "ABCD"}
+    answer = PMC_CHOICE.sub("", text_field(record, "Answer" if "Answer" in record else "Anwser")).strip()
+    label = text_field(record, "Answer_label", False).upper() or next(
+        (letter for letter, text in options.items() if text == answer), "")
+    if not options.get(label):
+        raise BadRecord("Answer_label is not one of the choices", repr(label))
+    yield vqa_item(text_field(record, "Question"), f"{label}. {options[label]}", text_field(record, "Figure_path"),
+                   "CLOSED", options, label)
+
+
+@register("vqa_rad", "image", containers=("json", "parquet"), companions=IMAGE_FILES)
+def vqa_rad(record):
+    """VQA-RAD. OSF: `VQA_RAD Dataset Public.json`, a JSON array of {qid, image_name (in `VQA_RAD Image Folder/`),
+    image_organ, question, answer, answer_type (CLOSED|OPEN), question_type, phrase_type, ...}. Hugging Face's
+    flaviagiammarino/vqa-rad (Parquet): image {bytes, path}, question, answer; the type is then inferred
+    (yes/no answers are closed)."""
+    image = _value(record, "image", False)
+    if isinstance(image, dict) and isinstance(image.get("bytes"), bytes):
+        image = image["bytes"]
+    else:
+        image = text_field(record, "image_name")
+    yield vqa_item(text_field(record, "question"), text_field(record, "answer"), image,
+                   text_field(record, "answer_type", False))
+
+
 # Registry key sets. Every dialogue format also reads as pretraining text (its turns flattened).
 SFT_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "dialogue")
 MCQ_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "question")
 PRETRAIN_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "text") | SFT_FORMATS
+IMAGE_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "image")
 
 # Other names a source may carry (file names, dataset names); matched after lower-casing and '-' -> '_'.
 ALIASES = {
@@ -1186,12 +1354,18 @@ ALIASES = {
     "pdf": ("medsci", "medsci_guidelines", "guidelines_pdf"),
     "ceval": ("c_eval", "ceval_exam"),
     "text": ("txt", "plain", "plaintext", "heldout", "notes"),
+    "llava": ("llava_pretrain", "llava_instruct", "llava_zh", "blip_laion_cc_sbu_558k", "llava_v1_5_mix665k",
+              "sharegpt4v"),
+    "minimind_v": ("minimind_v_dataset", "pretrain_i2t", "sft_i2t", "pretrain_vlm_data", "sft_vlm_data"),
+    "slake": ("slake1.0",),
+    "pmc_vqa": ("pmcvqa",),
+    "vqa_rad": ("vqarad", "vqa_rad_dataset_public"),
 }
 
 
 def known_formats() -> str:
-    kinds = (("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS), ("SFT (also pretraining)", SFT_FORMATS),
-             ("MCQ", MCQ_FORMATS))
+    kinds = (("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS - IMAGE_FORMATS),
+             ("SFT (also pretraining)", SFT_FORMATS), ("MCQ", MCQ_FORMATS), ("image conversations", IMAGE_FORMATS))
     return "; ".join(f"{label}: {', '.join(sorted(names))}" for label, names in kinds)
 
 
@@ -1276,7 +1450,8 @@ def _format(source: Source, wanted: str) -> Format:
     fmt = FORMATS.get(source.format)
     if fmt is None:
         raise ValueError(f"unknown format '{source.format}' for source '{source.name}'. Formats: {known_formats()}")
-    allowed = {"text": PRETRAIN_FORMATS, "dialogue": SFT_FORMATS, "question": MCQ_FORMATS}[wanted]
+    allowed = {"text": PRETRAIN_FORMATS, "dialogue": SFT_FORMATS, "question": MCQ_FORMATS,
+               "image": IMAGE_FORMATS}[wanted]
     if source.format not in allowed:
         raise ValueError(f"source '{source.name}': format '{source.format}' holds {fmt.kind}s, not {wanted}s; "
                          f"{wanted} formats: {', '.join(sorted(allowed))}")
@@ -1361,6 +1536,31 @@ def expected_input(format_name: str) -> str:
     """What a format reads, for messages about a source that yielded nothing: its reader's docstring."""
     fmt = FORMATS[format_name]
     return f"{format_name} reads {'/'.join(fmt.containers)} files: " + " ".join(fmt.read.__doc__.split())
+
+
+def iter_image_dialogues(source: Source, problems: Problems, image_folder=None) -> Iterator[ImageDialogue]:
+    """ImageDialogues whose image paths are resolved under `image_folder` (default: IMAGE_FOLDERS' folder beside
+    each data file). A path that is absolute or climbs out of the folder, or a file that is missing, drops the
+    record (counted); images are decoded only when used."""
+    fmt = _format(source, "image")
+    for path, where, item in _outputs(source, fmt, problems, None):
+        root = Path(image_folder) if image_folder else Path(path).parent / IMAGE_FOLDERS[source.format]
+        try:
+            images = [image if isinstance(image, bytes) else image_file(root, image) for image in item.images]
+        except BadRecord as err:
+            problems.add(err.reason, path, where, err.detail)
+            continue
+        yield replace(item, images=images, origin=(str(path), where))
+
+
+def image_file(root: Path, name: str) -> Path:
+    relative = PurePath(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise BadRecord("image path outside the image folder", name)
+    path = root / relative
+    if not path.is_file():
+        raise BadRecord("missing image file", str(path))
+    return path
 
 
 # ---------------------------------------------------------------- splitting big files for parallel work

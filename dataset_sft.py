@@ -78,19 +78,24 @@ def labels_for(ids, is_answer):
     return x, y
 
 
-def encode_turns(tokenizer, conversations):
-    """Conversations of text turns [(prompt, answer or None), ...] -> the same of id lists, in one
-    encode_batch call. Every turn keeps the index of its own texts, so nothing can slide from one
-    turn or conversation into the next; a turn that is not a (prompt, answer) pair raises."""
-    texts, layout = [], []
+def encode_turns(tokenizer, conversations, encode_prompts=None):
+    """Conversations of text turns [(prompt, answer or None), ...] -> the same of id lists. Prompts and
+    answers are encoded in one batch each, and every turn keeps the index of its own texts, so nothing can
+    slide from one turn or conversation into the next; a turn that is not a (prompt, answer) pair raises.
+    encode_prompts: list of texts -> list of id lists for the prompts (default tokenizer.encode_batch; a
+    vision-language model's turns each "<image>" into its image tokens)."""
+    prompts, answers, layout = [], [], []
     for turns in conversations:
         slots = []
         for prompt, answer in turns:
-            slots.append((len(texts), None if answer is None else len(texts) + 1))
-            texts += [prompt] if answer is None else [prompt, answer]
+            slots.append((len(prompts), None if answer is None else len(answers)))
+            prompts.append(prompt)
+            if answer is not None:
+                answers.append(answer)
         layout.append(slots)
-    ids = tokenizer.encode_batch(texts) if texts else []
-    return [[(ids[p], None if a is None else ids[a]) for p, a in slots] for slots in layout]
+    prompt_ids = (encode_prompts or tokenizer.encode_batch)(prompts) if prompts else []
+    answer_ids = tokenizer.encode_batch(answers) if answers else []
+    return [[(prompt_ids[p], None if a is None else answer_ids[a]) for p, a in slots] for slots in layout]
 
 
 def conversation_turns(row) -> list[tuple[str, str]]:
@@ -134,7 +139,7 @@ class SFTData:
         self.pad_id = tokenizer.pad_id
         self.dropped = Counter()
         self.problems = Problems()  # rows of the CSV that are not one conversation
-        tokens, masks, lengths, sources = [], [], [], []
+        tokens, masks, sources = [], [], []
         rows = read_sft_csv(csv_path, self.problems)  # streamed: only the token arrays are kept
         bar = tqdm(desc="tokenize SFT", unit=" conv", leave=False)
         while chunk := list(itertools.islice(rows, encode_batch)):
@@ -148,17 +153,21 @@ class SFTData:
                 ids, is_answer = render(fitted, tokenizer.bos_id, tokenizer.eos_id)
                 tokens.append(np.asarray(ids, dtype=np.uint16))
                 masks.append(np.asarray(is_answer, dtype=bool))
-                lengths.append(len(ids))
                 sources.append(source)
         bar.close()
         if not tokens:
             raise ValueError(f"{csv_path}: no usable conversation (too long for max_seq_len={seq_len}: "
                              f"{dict(self.dropped) or 'none'}; bad rows: {dict(self.problems.counts) or 'none'}, "
                              f"first: {'; '.join(self.problems.examples) or '-'})")
+        self.store(tokens, masks, sources, val_fraction)
+
+    def store(self, tokens, masks, sources, val_fraction):
+        """Keep the rendered conversations (lists of id and answer-mask arrays) and split train / validation."""
+        lengths = [len(t) for t in tokens]
         self.tokens, self.masks = np.concatenate(tokens), np.concatenate(masks)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.sources = np.array(sources)
-        order = np.random.default_rng(seed).permutation(len(lengths))
+        order = np.random.default_rng(self.seed).permutation(len(lengths))
         n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
         self.val_ids, self.train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
         self.epoch_rows = []  # row plans of the epochs built so far, see epoch()

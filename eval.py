@@ -1,4 +1,5 @@
-"""Evaluate checkpoints: perplexity and bits per character, multiple-choice accuracy, answers to read.
+"""Evaluate checkpoints: perplexity and bits per character, multiple-choice accuracy, answers to read,
+visual question answering.
 
     python eval.py ppl --ckpt out/pretrain/clinical/ckpt.pt --source heldout=data/sample/heldout/medical_heldout.txt
     python eval.py ppl --ckpt CKPT --source wiki=data/processed/wiki --max-docs 2000 --out ppl.json
@@ -6,6 +7,8 @@
         --source cmb=data/sample/eval/cmb --source cmexam=data/sample/eval/cmexam --shots 5 --out mcq.json
     python eval.py generate --ckpt out/pretrain/clinical/ckpt.pt --ckpt out/sft/ckpt.pt \
         --questions data/sample/chat_questions.txt --out answers.md
+    python eval.py vqa --ckpt out/vlm/instruct/ckpt.pt --source slake=data/raw/Slake1.0/test.json \
+        --source pmc_vqa=data/raw/PMC-VQA/test_2.csv --source vqa_rad="data/raw/VQA_RAD/VQA_RAD Dataset Public.json"
 
 ppl: perplexity on held-out text
   --source NAME=PATH is any pretraining format of corpora.py (plain text: documents separated by blank
@@ -58,6 +61,16 @@ mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: corpora.py)
 generate: answers to a file of questions (one a line) from one or more checkpoints, side by side in a
   Markdown file with the sampling settings and every checkpoint's phase and step (inference.answer()).
 
+vqa: visual question answering with a vision-language checkpoint (vlm_train.py) on SLAKE, PMC-VQA,
+  VQA-RAD (or any image format of corpora.py: the last turn is asked, earlier turns are history).
+  Answers are generated greedily (--max-new-tokens, default 32) and compared with the gold answer.
+  Closed questions (yes/no, and PMC-VQA's four options) are scored exactly, up to normalisation: NFKC,
+  lower case, whitespace and punctuation removed ("Yes." = "yes"); an option question is right when
+  the answer names the gold letter ("B", "B. MRI", "b：") or is the gold option's text. Open questions
+  are reported both ways: exact (after trimming) and normalised. Per source: closed, open and overall
+  accuracy with counts; items whose image cannot be decoded or that do not fit the context are
+  skipped and counted, as are the readers' skipped records (missing image files).
+
 Results files (--out) are written to a temporary name and renamed; an --out that cannot be written (a
 folder, a read-only place) is refused before any work, and a full disk leaves no temporary file. Every
 numeric option is checked first. A source that yields nothing (ppl: no document; mcq: no question
@@ -70,16 +83,21 @@ import itertools
 import json
 import math
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from precision import CHOICES
-from inference import add_sampling_args, answer, fit_max_new_tokens, load, sampling_from
-from corpora import Problems, Source, check_out, expected_input, iter_questions, iter_texts, parse_source
+from corpora import (Problems, Source, check_out, expected_input, iter_image_dialogues, iter_questions, iter_texts,
+                     parse_source)
 from dataset_sft import encode_turns, render
+from inference import add_sampling_args, answer, build_prompt, fit_max_new_tokens, fitted_images, load, sampling_from
+from precision import CHOICES
+from vision import ImageError, pixel_batch
+from vlm import VLM
 from model import IGNORE_INDEX
 
 NORMS = ("mean", "sum")
@@ -480,6 +498,124 @@ def run_generate(args):
     print(f"wrote {len(questions)} questions x {len(runs)} checkpoint(s) to {args.out}")
 
 
+# ---------------------------------------------------------------- visual question answering
+
+def normalise_answer(text):
+    """NFKC, lower case, whitespace and punctuation (ASCII and CJK) removed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
+
+
+OPTION_LETTER = re.compile(r"([A-Za-z])(?:$|[\s.:、)])")  # after NFKC: "B", "B. MRI", "b：MRI", "B)"
+
+
+def option_letter(prediction, options):
+    """The option a prediction picks: its leading letter, or the option whose text it is; "" if neither."""
+    text = unicodedata.normalize("NFKC", prediction).strip()
+    match = OPTION_LETTER.match(text)
+    if match and match[1].upper() in options:
+        return match[1].upper()
+    said = normalise_answer(text)
+    return next((letter for letter, option in options.items() if normalise_answer(option) == said), "")
+
+
+def judge(item, prediction):
+    """(exact, normalised) correctness of a prediction for a VQA item."""
+    if item.options:
+        right = option_letter(prediction, item.options) == item.label
+        return right, right
+    gold = item.turns[-1][1]
+    return prediction.strip() == gold.strip(), normalise_answer(prediction) == normalise_answer(gold)
+
+
+def vqa_predictor(model, tokenizer, max_new_tokens, batch_size):
+    """items -> greedy answers (None for an item that cannot be asked: undecodable image, too long)."""
+    budget = model.args.max_seq_len - max_new_tokens
+
+    def predict(items):
+        answers = [None] * len(items)
+        asked = []  # (index, ids, pixels)
+        for i, item in enumerate(items):
+            *history, (question, _) = item.turns
+            try:
+                ids = build_prompt(tokenizer, question, history, "chat", budget, model)[0]
+                asked.append((i, ids, pixel_batch(fitted_images(model, ids, item.images), model.args.preprocess)))
+            except (ImageError, ValueError) as err:
+                answers[i] = err
+        for start in tqdm(range(0, len(asked), batch_size), desc="vqa", leave=False, disable=len(asked) <= batch_size):
+            batch = asked[start:start + batch_size]
+            images = torch.cat([pixels for _, _, pixels in batch])
+            outputs = model.generate([ids for _, ids, _ in batch], max_new_tokens, eos_id=tokenizer.eos_id,
+                                     images=images, temperature=0)
+            for (i, _, _), out in zip(batch, outputs):
+                answers[i] = tokenizer.decode(out, skip_special_tokens=True)
+        return answers
+    return predict
+
+
+def accuracy(items, key):
+    return {"n": len(items), key: sum(i[key] for i in items) / len(items) if items else None}
+
+
+def evaluate_vqa(items, predict):
+    """Scores of one source's ImageDialogues; `predict` maps items to answers (or an exception: not asked)."""
+    scored, skipped = [], []
+    for item, prediction in zip(items, predict(items)):
+        where = ":".join(map(str, item.origin))
+        if isinstance(prediction, Exception):
+            skipped.append(f"{where}: {prediction}")
+            continue
+        exact, normalised = judge(item, prediction)
+        scored.append({"where": where, "question": item.turns[-1][0], "answer": item.turns[-1][1],
+                       "prediction": prediction, "type": item.answer_type or "open", "exact": exact,
+                       "normalised": normalised})
+    closed = [s for s in scored if s["type"] == "closed"]
+    opened = [s for s in scored if s["type"] != "closed"]
+    return {"closed": accuracy(closed, "normalised"),
+            "open": {**accuracy(opened, "exact"), **accuracy(opened, "normalised")},
+            "overall": accuracy(scored, "normalised"), "skipped": len(skipped), "skipped_examples": skipped[:5],
+            "items": scored}
+
+
+def print_vqa(name, r, problems):
+    def pct(value):
+        return "–" if value is None else f"{value:.1%}"
+
+    c, o, a = r["closed"], r["open"], r["overall"]
+    print(f"\n{name}: {a['n']} questions scored, {r['skipped']} could not be asked, "
+          f"{problems.total} records skipped by the reader")
+    print(f"  closed {c['n']:>5}  accuracy {pct(c['normalised'])}")
+    print(f"  open   {o['n']:>5}  exact {pct(o['exact'])}, normalised {pct(o['normalised'])}")
+    print(f"  all    {a['n']:>5}  accuracy {pct(a['normalised'])} (closed exact up to normalisation, open normalised)")
+    for example in r["skipped_examples"]:
+        print(f"  not asked: {example}")
+    if problems.total:
+        print("  " + problems.summary().replace("\n", "\n  "))
+
+
+def run_vqa(args):
+    sources = [parse_source(spec) for spec in args.source]  # a wrong path fails before the model loads
+    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+    if not isinstance(model, VLM):
+        raise ValueError(f"{args.ckpt} is a text checkpoint: vqa needs a vision-language one (vlm_train.py)")
+    folders = dict(spec.split("=", 1) for spec in args.image_folder or [])
+    predict = vqa_predictor(model, tok, fit_max_new_tokens(args.max_new_tokens, model), args.batch_size)
+    results, empty = {}, []
+    for source in sources:
+        problems = Problems()
+        items = list(itertools.islice(iter_image_dialogues(source, problems, folders.get(source.name)),
+                                      args.max_items or None))
+        r = evaluate_vqa(items, predict)
+        r["reader_skipped"] = dict(problems.counts)
+        print_vqa(source.name, r, problems)
+        results[source.name] = r
+        if not r["overall"]["n"]:
+            empty.append(f"no question scored from source '{source.name}' ({source.location}); expected "
+                         f"{expected_input(source.format)}")
+    return {"task": "vqa", **checkpoint_info(args.ckpt, ckpt), "max_new_tokens": args.max_new_tokens,
+            "sources": results}, empty
+
+
 # ---------------------------------------------------------------- command line
 
 def checkpoint_info(path, ckpt):
@@ -489,7 +625,7 @@ def checkpoint_info(path, ckpt):
 def check_numbers(parser, args):
     """Every numeric argument in range before any work (argparse checks only the type)."""
     limits = {"batch_size": 1, "max_docs": 0, "stride": 0, "shots": 0, "max_new_tokens": 1, "temperature": 0,
-              "top_k": 0}
+              "top_k": 0, "max_items": 0}
     for name, low in limits.items():
         value = getattr(args, name, None)
         if value is not None and not value >= low:  # `not >=`: NaN fails too
@@ -534,6 +670,15 @@ def main(argv=None):
     gen.add_argument("--out", required=True)
     add_sampling_args(gen)
     gen.set_defaults(seed=1337)  # reproducible side-by-side answers
+    vqa = tasks.add_parser("vqa", help="visual question answering (vision-language checkpoints)")
+    add_common(vqa, 8)
+    vqa.add_argument("--ckpt", required=True)
+    vqa.add_argument("--source", action="append", required=True, help="slake|pmc_vqa|vqa_rad|llava|minimind_v=PATH")
+    vqa.add_argument("--image-folder", action="append", metavar="NAME=DIR",
+                     help="the folder a source's image paths are relative to (default: per format, beside the file)")
+    vqa.add_argument("--max-items", type=int, default=0, help="per source; 0: all")
+    vqa.add_argument("--max-new-tokens", type=int, default=32)
+    vqa.add_argument("--out", help="results JSON (with every question, answer and prediction)")
     args = parser.parse_args(argv)
     check_numbers(parser, args)
     try:
@@ -542,7 +687,7 @@ def main(argv=None):
         if args.task == "generate":
             run_generate(args)
             return None
-        results, empty = run_ppl(args) if args.task == "ppl" else run_mcq(args)
+        results, empty = {"ppl": run_ppl, "mcq": run_mcq, "vqa": run_vqa}[args.task](args)
         if args.out:
             write_atomic(args.out, json.dumps(results, ensure_ascii=False, indent=1))
             print(f"results: {args.out}")

@@ -24,6 +24,23 @@ makes transformers tie it at load (LlamaForCausalLM._tied_weights_keys).
 The folder is written under a temporary name and renamed; an existing --out needs --force. Afterwards the
 export is loaded with transformers and its logits compared with ours (weights rounded to --dtype the
 same way) on a short input; --no-check skips that.
+
+A vision-language checkpoint (vlm_train.py) is written as a LlavaForConditionalGeneration folder instead:
+    language model  -> language_model.model.* (the Llama mapping above; lm_head tied, not written)
+    vision tower    -> vision_tower.* (the same transformers class, its keys as they are)
+    projector       -> multi_modal_projector.linear_1 / linear_2
+with LlavaConfig (image_token_id, vision_feature_layer, vision_feature_select_strategy, image_seq_length)
+and a LlavaProcessor: the tower's image processor and our tokenizer, in which the text "<image>" is the
+image id (LlavaProcessor expands it to one per image token, so it must be one token; in this export "<s>",
+"</s>" and "<unk>" typed in text are their special ids too). The check runs the processor and the model on
+an image and a prompt and compares ids, pixels and logits with ours. projector_pool > 1 has no LLaVA
+equivalent and is refused.
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
+    model = LlavaForConditionalGeneration.from_pretrained(DIR)
+    inputs = processor(images=image, text="<image>\n这张胸片有什么异常？", return_tensors="pt")
+    ids = torch.cat([inputs.input_ids, torch.tensor([[processor.tokenizer.bos_token_id]])], 1)  # our template
 """
 
 import argparse
@@ -37,7 +54,10 @@ from safetensors.torch import save_file
 
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import load_model
+from corpora import IMAGE_PLACEHOLDER
 from precision import DTYPES
+from vision import has_cls_token, pixel_batch
+from vlm import encode_texts, is_vlm_file, llm_args, load_vlm
 
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -162,6 +182,12 @@ def export(ckpt_path, out, tokenizer, dtype="float32", force=False):
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write_export(model, ckpt, ckpt_path, tokenizer, tmp, dtype)
+    swap_in(tmp, out)
+    return model, out
+
+
+def swap_in(tmp, out):
+    """Replace the folder `out` by `tmp` (renames: a kill leaves the old folder or the new one)."""
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -170,7 +196,6 @@ def export(ckpt_path, out, tokenizer, dtype="float32", force=False):
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-    return model, out
 
 
 @torch.no_grad()
@@ -187,6 +212,130 @@ def check(folder, model, dtype="float32", length=32, device="cpu"):
     return (hf(ids).logits - ours.to(device).eval()(ids)).abs().max().item()
 
 
+# ---------------------------------------------------------------------------- vision-language checkpoints
+
+def llava_state_dict(model, dtype=torch.float32):
+    def cast(tensors, prefix):
+        return {prefix + k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in tensors.items()}
+
+    out = {"language_model." + k: v for k, v in hf_state_dict(model.llm, dtype).items()}
+    out |= cast(model.vision.state_dict(), "vision_tower.")
+    return out | cast(model.projector.state_dict(), "multi_modal_projector.")
+
+
+def llava_config(model, tok, dtype):
+    from transformers import LlavaConfig
+
+    a = model.args
+    return LlavaConfig(vision_config=model.vision.config.to_dict(),
+                       text_config=hf_config(llm_args(a), tok, dtype).to_dict(), image_token_id=a.image_token_id,
+                       vision_feature_layer=a.feature_layer, vision_feature_select_strategy=a.feature_select,
+                       image_seq_length=a.image_tokens, projector_hidden_act="gelu", multimodal_projector_bias=True,
+                       tie_word_embeddings=True, architectures=["LlavaForConditionalGeneration"], dtype=dtype)
+
+
+def llava_processor(model, tok):
+    """LlavaProcessor: the tower's image processor (PIL backend: no torchvision) and our tokenizer with "<image>"
+    as the image id."""
+    import transformers
+    from transformers import AddedToken, LlavaProcessor
+
+    a, pre = model.args, model.args.preprocess
+    settings = dict(do_resize=pre["resize"] is not None, size=pre["resize"], do_center_crop=pre["crop"] is not None,
+                    resample=pre["resample"], do_rescale=pre["rescale"] is not None,
+                    do_normalize=pre["mean"] is not None, image_mean=pre["mean"], image_std=pre["std"],
+                    do_convert_rgb=pre["rgb"])
+    if pre["crop"]:
+        settings["crop_size"] = {"height": pre["crop"][0], "width": pre["crop"][1]}
+    if pre["rescale"] is not None:
+        settings["rescale_factor"] = pre["rescale"]
+    image_processor = getattr(transformers, pre["processor"] + "Pil")(
+        **{k: v for k, v in settings.items() if v is not None})
+    tokenizer = type(tok)(vocab_file=tok.vocab_file, split_special_tokens=False, added_tokens_decoder={
+        a.image_token_id: AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=a.vision["patch_size"],
+                          vision_feature_select_strategy=a.feature_select,
+                          num_additional_image_tokens=int(has_cls_token(a.vision)), image_token=IMAGE_PLACEHOLDER)
+
+
+def llava_card(ckpt_path, ckpt, model, tok, dtype):
+    a = model.args
+    return f"""---
+language:
+- zh
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags:
+- llava
+- medical
+---
+
+# Mini-Chinese-GPT vision-language model ({ckpt.get('phase')}, step {ckpt.get('step')})
+
+LLaVA-1.5-style: a {a.vision['model_type']} vision tower, a two-layer MLP projector and a small Llama
+trained from scratch with Mini-Chinese-GPT; exported from `{ckpt_path}`.
+
+| | |
+|---|---|
+| parameters | {model.num_params() / 1e6:.1f}M |
+| language model layers / width / heads | {a.n_layers} / {a.dim} / {a.n_heads} |
+| image | {a.vision['image_size']} px, patch {a.vision['patch_size']}: {a.image_tokens} tokens |
+| image features | tower layer {a.feature_layer}, {a.feature_select} |
+| context | {a.max_seq_len} tokens |
+| weights | {dtype} |
+
+Prompt: the images first, one `<image>` line each, then the question, then `<s>` (id {tok.bos_id}); the model
+answers until `</s>`. `trust_remote_code=True` loads the tokenizer.
+
+A small research model: it makes things up. Its answers are not medical advice.
+"""
+
+
+def export_llava(ckpt_path, out, tokenizer, dtype="float32", force=False):
+    """Write the LlavaForConditionalGeneration folder `out` for a VLM checkpoint; returns (our model in fp32, out)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    model, ckpt = load_vlm(ckpt_path, "cpu", tokenizer)
+    if model.args.projector_pool > 1:
+        raise ValueError(f"{ckpt_path} pools image tokens (projector_pool={model.args.projector_pool}): "
+                         "LlavaForConditionalGeneration has no pooling, so it cannot hold this model")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(llava_state_dict(model, DTYPES[dtype]), tmp / "model.safetensors", metadata={"format": "pt"})
+    llava_config(model, tokenizer, dtype).save_pretrained(tmp)
+    generation_config(tokenizer, model.args.max_seq_len).save_pretrained(tmp)
+    llava_processor(model, tokenizer).save_pretrained(tmp)
+    (tmp / "README.md").write_text(llava_card(ckpt_path, ckpt, model, tokenizer, dtype), encoding="utf-8")
+    swap_in(tmp, out)
+    return model, out
+
+
+@torch.no_grad()
+def check_llava(folder, model, tok, dtype="float32"):
+    """(max |logit difference|, whether the processor's ids equal ours, max |pixel difference|) between the exported
+    folder (transformers, fp32) and our model with its weights rounded to `dtype`, on a drawn image and a prompt."""
+    from PIL import Image, ImageDraw
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    image = Image.new("RGB", (47, 61), (20, 20, 20))
+    ImageDraw.Draw(image).ellipse((8, 10, 40, 52), fill=(200, 180, 150))
+    text = f"{IMAGE_PLACEHOLDER}\n这张图像显示什么？"
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = type(model)(model.args)
+    ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
+    ids = encode_texts(tok, [text], model.args.image_tokens, model.args.image_token_id)[0]
+    pixels = pixel_batch([image], model.args.preprocess)
+    theirs = hf(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values).logits
+    mine = ours.eval()(torch.tensor([ids]), images=pixels)
+    same_ids = inputs.input_ids[0].tolist() == ids
+    logit_diff = (theirs - mine).abs().max().item() if same_ids else float("inf")
+    return logit_diff, same_ids, (inputs.pixel_values - pixels).abs().max().item()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
@@ -196,12 +345,20 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     parser.add_argument("--no-check", action="store_true", help="skip loading the export back with transformers")
     args = parser.parse_args(argv)
+    vlm = is_vlm_file(args.ckpt)
     try:
-        model, out = export(args.ckpt, args.out, load_tokenizer(args.tokenizer), args.dtype, args.force)
+        tok = load_tokenizer(args.tokenizer)
+        model, out = (export_llava if vlm else export)(args.ckpt, args.out, tok, args.dtype, args.force)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise SystemExit(f"export_hf.py: {err}") from None
     print(f"wrote {out}: {sorted(p.name for p in out.iterdir())}")
-    if not args.no_check:
+    if vlm and not args.no_check:
+        diff, same_ids, pixel_diff = check_llava(out, model, tok, args.dtype)
+        print(f"transformers reload (LLaVA): same prompt ids {same_ids}, max |pixel difference| {pixel_diff:.2e}, "
+              f"max |logit difference| vs ours {diff:.2e}")
+        if not same_ids or pixel_diff > 1e-5 or diff > CHECK_TOLERANCE:
+            raise SystemExit("export_hf.py: the exported LLaVA model does not compute what ours does")
+    elif not args.no_check:
         diff = check(out, model, args.dtype)
         print(f"transformers reload: max |logit difference| vs ours = {diff:.2e}")
         if diff > CHECK_TOLERANCE:

@@ -9,6 +9,11 @@ the text (earlier turns, if any, are plain text in front of it).
     from inference import load, answer
     model, tok, ckpt, mode = load("out/sft/ckpt.pt")
     answer(model, tok, ["感冒了怎么办？"], mode=mode, temperature=0)      # -> ["..."]
+    model, tok, ckpt, mode = load("out/vlm/instruct/ckpt.pt")            # a vision-language checkpoint
+    answer(model, tok, ["这张胸片有什么异常？"], images=["scan.png"], temperature=0)
+
+Images (vision-language checkpoints, vlm.py) go in front of the prompt, one "<image>" line each, as
+LLaVA lays them out; each becomes the image's tokens.
 """
 
 import argparse
@@ -19,8 +24,11 @@ import torch
 
 from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
 from checkpoint import load_model
+from corpora import IMAGE_PLACEHOLDER
 from dataset_sft import encode_turns, fit_turns, render
 from precision import resolve
+from vision import pixel_batch
+from vlm import VLM, encode_texts, images_kept, is_vlm_file, load_vlm
 
 MODES = ("chat", "continue")
 DEFAULTS = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.1)
@@ -38,22 +46,52 @@ def default_mode(ckpt):
 def load(ckpt_path, tokenizer=DEFAULT_DIR, device="cpu", dtype="float32", purpose="generate"):
     """(model, tokenizer, checkpoint dict, default mode). `tokenizer` is a path or a loaded tokenizer;
     checkpoint.load_model refuses missing files, mismatched weights and a different tokenizer. dtype "auto"
-    is precision.resolve's choice for `purpose` ("generate" or "score"), announced on stderr."""
+    is precision.resolve's choice for `purpose` ("generate" or "score"), announced on stderr. A
+    vision-language checkpoint gives a vlm.VLM, which always chats."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     device = resolve_device(device)
-    model, ckpt = load_model(ckpt_path, device, tok)
+    vision = is_vlm_file(ckpt_path)
+    model, ckpt = load_vlm(ckpt_path, device, tok) if vision else load_model(ckpt_path, device, tok)
     choice = resolve(dtype, device, purpose, dim=model.args.dim, vocab=model.args.vocab_size)
     if dtype == "auto" or choice.reason != "as asked":
         print(f"dtype {choice}", file=sys.stderr)
-    return model.to(choice.torch_dtype), tok, ckpt, default_mode(ckpt)
+    return model.to(choice.torch_dtype), tok, ckpt, "chat" if vision else default_mode(ckpt)
+
+
+def with_images(prompt, n_images):
+    """The prompt with n images in front of it, one "<image>" line each (LLaVA's layout)."""
+    return f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
+
+
+def image_pixels(model, images):
+    """(n, 3, H, W) pixels of images (paths, bytes or PIL images) for a VLM; None without images."""
+    if not images:
+        return None
+    if not isinstance(model, VLM):
+        raise ValueError("images need a vision-language checkpoint (vlm_train.py); this one is a text model")
+    return pixel_batch(images, model.args.preprocess)
+
+
+def fitted_images(model, ids, images):
+    """The images `ids` still holds after fitting to the context: the latest ones (the oldest turns go first)."""
+    if not isinstance(model, VLM):
+        return []
+    kept = images_kept(ids, model.args.image_token_id, model.args.image_tokens)
+    if kept is None:
+        raise ValueError(f"the prompt is too long for the {model.args.max_seq_len}-token context: its start would cut "
+                         "an image (lower max_new_tokens, or use fewer images)")
+    if kept > len(images):
+        raise ValueError(f"the conversation has {kept} <image> placeholders but {len(images)} images")
+    return list(images)[len(images) - kept:] if kept else []
 
 
 
-def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None):
+def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None, model=None):
     """(ids fed to the model, number of oldest history turns dropped to fit `budget` ids).
 
     chat: dataset_sft.render over the history turns plus (prompt, None), so the ids end with <bos>;
-    too long, dataset_sft.fit_turns drops the oldest turns, then the start of the prompt.
+    too long, dataset_sft.fit_turns drops the oldest turns, then the start of the prompt. For a VLM
+    `model`, each "<image>" in the prompts becomes the image's tokens (vlm.encode_texts).
     continue: each earlier turn as the text "prompt+answer", then the prompt; too long, the oldest
     turns go, then the start of the text."""
     if mode not in MODES:
@@ -64,7 +102,11 @@ def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None):
     if budget is not None and budget < 2:
         raise ValueError(f"no room for a prompt: {budget} ids left (lower max_new_tokens)")
     if mode == "chat":
-        turns = encode_turns(tokenizer, [history + [(prompt, None)]])[0]
+        encode_prompts = None
+        if isinstance(model, VLM):  # only prompts hold images: each "<image>" becomes the image's tokens
+            def encode_prompts(texts):
+                return encode_texts(tokenizer, texts, model.args.image_tokens, model.args.image_token_id)
+        turns = encode_turns(tokenizer, [history + [(prompt, None)]], encode_prompts)[0]
         fitted = turns if budget is None else fit_turns(turns, budget)
         return render(fitted, tokenizer.bos_id, tokenizer.eos_id)[0], len(turns) - len(fitted)
     pieces = tokenizer.encode_batch([q + a for q, a in history] + [prompt])
@@ -87,21 +129,27 @@ def sampling_kwargs(model, seed, sampling):
 
 
 def answer_ids(model, tokenizer, prompts, history=None, mode="chat", max_new_tokens=DEFAULTS["max_new_tokens"],
-               seed=None, **sampling):
+               seed=None, images=None, **sampling):
     """New ids per prompt (cut before <eos>), the prompts generated together as one left-padded batch.
-    `history` [(prompt, answer), ...] is put before every prompt. sampling: temperature, top_k, top_p,
-    repetition_penalty, use_cache: model.stream's arguments, with its defaults (temperature 1, no
-    top-k/top-p, no penalty); the command line's defaults are DEFAULTS."""
+    `history` [(prompt, answer), ...] is put before every prompt; `images` (paths, bytes or PIL images;
+    VLM only) in front of every prompt. sampling: temperature, top_k, top_p, repetition_penalty,
+    use_cache: model.stream's arguments, with its defaults (temperature 1, no top-k/top-p, no
+    penalty); the command line's defaults are DEFAULTS."""
     budget = model.args.max_seq_len - max_new_tokens
-    ids = [build_prompt(tokenizer, p, history, mode, budget)[0] for p in prompts]
-    return model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **sampling_kwargs(model, seed, sampling))
+    pixels = image_pixels(model, images)
+    ids = [build_prompt(tokenizer, with_images(p, len(images or ())), history, mode, budget, model)[0] for p in prompts]
+    kwargs = sampling_kwargs(model, seed, sampling)
+    if pixels is not None:
+        kept = [fitted_images(model, row, range(len(pixels))) for row in ids]
+        kwargs["images"] = torch.cat([pixels[list(k)] for k in kept])
+    return model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
 
 
 
 def answer(model, tokenizer, prompts, history=None, mode="chat", max_new_tokens=DEFAULTS["max_new_tokens"],
-           seed=None, **sampling):
+           seed=None, images=None, **sampling):
     """The answers (text) to a list of prompts; see answer_ids."""
-    outputs = answer_ids(model, tokenizer, prompts, history, mode, max_new_tokens, seed, **sampling)
+    outputs = answer_ids(model, tokenizer, prompts, history, mode, max_new_tokens, seed, images, **sampling)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
 
 
@@ -125,10 +173,16 @@ def incremental_text(tokenizer, ids):
 
 
 
-def stream_answer(model, tokenizer, prompt_ids, max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, **sampling):
-    """Text pieces of the answer to one prompt (ids from build_prompt), as they are generated."""
+def stream_answer(model, tokenizer, prompt_ids, max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, images=None,
+                  **sampling):
+    """Text pieces of the answer to one prompt (ids from build_prompt), as they are generated; `images`: the
+    pixels of the images the ids hold (VLM)."""
+    kwargs = sampling_kwargs(model, seed, sampling)
+    if images is not None:
+        kwargs["images"] = images
+
     def tokens():
-        for step in model.stream([prompt_ids], max_new_tokens, eos_id=tokenizer.eos_id, **sampling_kwargs(model, seed, sampling)):
+        for step in model.stream([prompt_ids], max_new_tokens, eos_id=tokenizer.eos_id, **kwargs):
             token = int(step[0])
             if token == tokenizer.eos_id:
                 return

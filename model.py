@@ -279,23 +279,29 @@ class Transformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, tokens, mask=None, caches=None, pos=0, positions=None):
-        """Final-norm hidden states (B, T, dim) and the LM head's weight to apply to them."""
+    def hidden_states(self, tokens, mask=None, caches=None, pos=0, positions=None, embeds=None):
+        """Final-norm hidden states (B, T, dim) and the LM head's weight to apply to them.
+        embeds: (where, rows), input embeddings of another modality (image features, vlm.py) that
+        replace the token embeddings at the positions where `where` (B, T) is True, in row-major order."""
         T = tokens.shape[1]
         if positions is None:
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         else:  # per-row positions (left-padded generation batches)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         h, head_weight = TiedEmbedding.apply(self.tok_embeddings.weight, tokens)
+        if embeds is not None:
+            where, rows = embeds
+            h = h.masked_scatter(where[..., None], rows.to(h.dtype))
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, None if caches is None else caches[i], pos)
         return self.norm(h), head_weight
 
-    def forward(self, tokens, targets=None, reduction="mean"):
+    def forward(self, tokens, targets=None, reduction="mean", embeds=None):
         """No targets: logits (B, T, vocab). With targets (B, T): the loss over targets != -100,
-        reduced by "mean", "sum" (the trainer divides by the global token count) or "none" (B, T)."""
-        h, head_weight = self.hidden_states(tokens)
+        reduced by "mean", "sum" (the trainer divides by the global token count) or "none" (B, T).
+        embeds: see hidden_states."""
+        h, head_weight = self.hidden_states(tokens, embeds=embeds)
         if targets is None:
             return F.linear(h, head_weight)
         if reduction == "none":  # the LM head runs only on rows that have a target
@@ -329,10 +335,12 @@ class Transformer(nn.Module):
     # ---- generation ----
     @torch.no_grad()
     def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-               repetition_penalty=1.0, eos_id=None, use_cache=True, generator=None):
+               repetition_penalty=1.0, eos_id=None, use_cache=True, generator=None, embeds_for=None):
         """Yields a (B,) tensor of new token ids per step for a batch of prompts (lists of ids) of
         any lengths. Prompts are left-padded; a sequence that produced eos_id yields eos_id after.
-        temperature 0 is greedy. use_cache=False recomputes the whole sequence every step."""
+        temperature 0 is greedy. use_cache=False recomputes the whole sequence every step.
+        embeds_for: (token_id, rows): the prompts' positions holding token_id take these input
+        embeddings instead, in order (prompt by prompt); generated tokens never do."""
         device, B = self.rope_cos.device, len(prompts)
         width = max(len(p) for p in prompts)
         if width + max_new_tokens > self.args.max_seq_len:
@@ -359,7 +367,12 @@ class Transformer(nn.Module):
             if not use_cache:
                 start = 0
             mask = allowed[:, None, start:end, :end]  # (B, 1, T, S)
-            h, head_weight = self.hidden_states(tokens[:, start:end], mask, caches, start, positions[:, start:end])
+            embeds = None
+            if embeds_for is not None and start < width:  # the step that (re)reads the prompts
+                where = (tokens[:, start:end] == embeds_for[0]) & (torch.arange(start, end, device=device) < width)
+                embeds = (where, embeds_for[1])
+            h, head_weight = self.hidden_states(tokens[:, start:end], mask, caches, start, positions[:, start:end],
+                                                embeds)
             logits = F.linear(h[:, -1], head_weight).float()
             next_token = sample(logits, tokens[:, :end], key_ok[:, :end], temperature, top_k, top_p, repetition_penalty, generator)
             if eos_id is not None:

@@ -12,7 +12,10 @@ Stages, each one of the project's own commands run exactly as a user would run i
  5. eval        eval.py: held-out perplexity after every phase and after SFT; the sample C-Eval/CMMLU/
                 CMB/CMExam files
  6. chat        chat.py answers data/sample/chat_questions.txt
- 7. report      OUT/report.md (every number above) and OUT/loss.png (all phases + SFT)
+ 7. vlm         a vision-language model on the SFT model: a random 2-layer CLIP tower (vision.py), vlm_train.py
+                align then instruct on data/sample/vlm, eval.py vqa on the sample SLAKE and PMC-VQA test files
+ 8. vlm_chat    chat.py --image answers one question about a drawn chest film
+ 9. report      OUT/report.md (every number above) and OUT/loss.png (all phases + SFT)
 A stage whose command and inputs are unchanged since it last succeeded is skipped; once a stage
 runs, every later one runs too. Any failure stops the run with the failing command and its output.
 """
@@ -37,6 +40,8 @@ PRETRAIN_SOURCES = ["wiki", "baike", "c4_zh", "wudao", "skypile", "medical_pretr
 SFT_SOURCES = ["medical_finetune", "huatuo", "disc_med", "chatmed_consult", "chatmed_tcm", "medical_dialogue",
                "alpaca_zh", "belle", "belle_multiturn", "sharegpt"]
 MCQ_SOURCES = {"ceval": "eval/ceval/val", "cmmlu": "eval/cmmlu/test", "cmb": "eval/cmb", "cmexam": "eval/cmexam"}
+VQA_SOURCES = {"slake": "vlm/slake/test.json", "pmc_vqa": "vlm/pmc_vqa/test.csv"}
+VLM_QUESTION = ("vlm/slake/imgs/xmlab2/source.jpg", "这张胸片有什么异常吗？")  # a film with an opacity in the left lung
 SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase
     {"name": "general", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 1, "skypile": 1}},
     {"name": "refined", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 0.5}},
@@ -146,7 +151,27 @@ def main(argv=None):
                                 "--prompt-file", str(SAMPLE / "chat_questions.txt"), "--temperature", "0",
                                 "--repetition-penalty", "1.2", "--max-new-tokens", "96"]], stdout=out / "chat.txt")
 
-    # 7. report
+    # 7. the vision-language model on the SFT model, and 8. one question about an image
+    vlm = out / "vlm"
+    smoke_vlm = ["--max_iters=3", "--eval_interval=3"] if args.smoke else []
+    pipeline.run("vlm", [
+        py + ["vision.py", "--random-tower", str(out / "vision_tower")],
+        py + ["vlm_train.py", "config/vlm_align_tiny.py", f"--out_dir={vlm / 'align'}", "--overwrite=True",
+              f"--init_from={checkpoints['sft']}", f"--vision_tower={out / 'vision_tower'}",
+              f"--tokenizer={tokenizer}"] + smoke_vlm,
+        py + ["vlm_train.py", "config/vlm_instruct_tiny.py", f"--out_dir={vlm / 'instruct'}", "--overwrite=True",
+              f"--init_from={vlm / 'align' / 'ckpt.pt'}", f"--tokenizer={tokenizer}"] + smoke_vlm,
+        py + ["eval.py", "vqa", "--ckpt", str(vlm / "instruct" / "ckpt.pt"), "--tokenizer", tokenizer,
+              "--out", str(evals / "vqa.json")]
+        + [a for name, path in VQA_SOURCES.items() for a in ("--source", f"{name}={SAMPLE / path}")]],
+        inputs=["config/vlm_align_tiny.py", "config/vlm_instruct_tiny.py", SAMPLE / "vlm"])
+    image, question = VLM_QUESTION
+    pipeline.run("vlm_chat", [py + ["chat.py", "--ckpt", str(vlm / "instruct" / "ckpt.pt"), "--tokenizer", tokenizer,
+                                    "--image", str(SAMPLE / image), "--prompt", question, "--temperature", "0",
+                                    "--repetition-penalty", "1.2", "--max-new-tokens", "48"]],
+                 stdout=out / "vlm_chat.txt")
+
+    # 9. report
     write_report(out, pipeline, tokenizer, checkpoints, time.time() - started)
     print(f"quickstart finished in {time.time() - started:.0f} s: {out / 'report.md'}, {out / 'loss.png'}")
 
@@ -175,7 +200,8 @@ def write_report(out, pipeline, tokenizer, checkpoints, seconds):
         f"Tokenizer: {which}, {tok.vocab_size:,} ids (sha256 {tok.fingerprint[:12]}…).", "",
         "## Stages", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {fmt(pipeline.seconds(stage), '.0f')} |"
-              for stage in ("tokenizer", "data", "pretrain", "sft", "eval", "chat") if pipeline.seconds(stage) is not None]
+              for stage in ("tokenizer", "data", "pretrain", "sft", "eval", "chat", "vlm", "vlm_chat")
+              if pipeline.seconds(stage) is not None]
     lines += ["", "## Corpora (data_process.py)", "", "| source | documents read | kept | tokens |", "|---|---:|---:|---:|"]
     for manifest in sorted((out / "data").glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
@@ -196,8 +222,34 @@ def write_report(out, pipeline, tokenizer, checkpoints, seconds):
         o = r["overall"]
         lines.append(f"| {name} | {o['n']} | {fmt(o[f'accuracy_{norm}'], '.1%')} | {fmt(o['chance'], '.1%')} |")
     chat = (out / "chat.txt").read_text(encoding="utf-8").strip()
-    lines += ["", "## Chat (chat.py, SFT model, greedy)", "", "```", chat, "```", "", "## Loss", "", "![loss](loss.png)", ""]
+    lines += ["", "## Chat (chat.py, SFT model, greedy)", "", "```", chat, "```"]
+    lines += vlm_report(out)
+    lines += ["", "## Loss", "", "![loss](loss.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def vlm_report(out):
+    """The vision-language section: both stages' losses, VQA accuracy and the answer about an image."""
+    lines = ["", "## Vision-language model (vlm_train.py on the SFT model, a random 2-layer CLIP tower)", "",
+             "The tower is untrained (no downloads here), so the image features are random projections of the pixels:",
+             "this checks the pipeline, not vision. With a real tower (README: 'Vision-language model') the same",
+             "commands train a real model.", "", "| stage | trained | last step | last train loss | val loss |",
+             "|---|---|---:|---:|---:|"]
+    for stage, trained in (("align", "projector"), ("instruct", "projector + LLM")):
+        log = read_log(out / "vlm" / stage / "log.jsonl")
+        lines.append(f"| {stage} | {trained} | {fmt(last(log, 'step'), 'd')} | {fmt(last(log, 'loss'))} | "
+                     f"{fmt(last(log, 'val/val'))} |")
+    vqa = json.loads((out / "eval" / "vqa.json").read_text())["sources"]
+    lines += ["", "| VQA (eval.py vqa, greedy) | closed n | closed accuracy | open n | open exact | open normalised |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, r in vqa.items():
+        c, o = r["closed"], r["open"]
+        lines.append(f"| {name} | {c['n']} | {fmt(c['normalised'], '.1%')} | {o['n']} | {fmt(o['exact'], '.1%')} | "
+                     f"{fmt(o['normalised'], '.1%')} |")
+    image, _ = VLM_QUESTION
+    answer = (out / "vlm_chat.txt").read_text(encoding="utf-8").strip()
+    lines += ["", f"Image `{SAMPLE / image}`, chat.py --image, greedy:", "", "```", answer, "```"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The one training loop, shared by pretrain.py and sft.py. It knows nothing about which data it gets:
-anything with train_batches(step, micro_steps, batch_size, rank, world) and
-val_batches(batch_size, max_windows, rank, world) will do (dataset.PretrainData, dataset_sft.SFTData).
+"""The one training loop, shared by pretrain.py, sft.py and vlm_train.py. It knows nothing about which data
+it gets: anything with train_batches(step, micro_steps, batch_size, rank, world) and
+val_batches(batch_size, max_windows, rank, world) will do (dataset.PretrainData, dataset_sft.SFTData,
+dataset_vlm.VLMData). A batch is (x, y) or (x, y, extras): extras is a dict of tensors passed on as
+model(x, y, reduction="sum", **extras) (a VLM's images).
 
 What it does: torchrun/DDP/FSDP2 set-up (NCCL on GPU, gloo on CPU), autocast in the dtype asked
 for, gradient accumulation that syncs only on the last micro-step, a loss normalised by the global
@@ -187,6 +189,14 @@ class Prefetcher:
 
 
 # ---------------------------------------------------------------------------- the trainer
+def on_device(batch, device):
+    """(x, y, extras) of a batch (x, y) or (x, y, extras), on `device`."""
+    x, y, *rest = batch
+    extras = rest[0] if rest else {}
+    return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+            {k: v.to(device, non_blocking=True) for k, v in extras.items()})
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -250,17 +260,17 @@ class Trainer:
         (mean loss over all ranks' target tokens, grad norm, target tokens), or raises NonFiniteLoss."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        local_tokens = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)
         tokens = self.dist.all_sum(local_tokens)
         # sum-loss / global token count, times world because DDP/FSDP average gradients over ranks
         scale = self.dist.world / max(tokens, 1)
         loss_sum = 0.0
         self.model.train()
-        for i, (x, y) in enumerate(batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for i, batch in enumerate(batches):
+            x, y, extras = on_device(batch, self.device)
             with self.sync_gradients(i == len(batches) - 1):
                 with autocast(self.device, self.dtype):
-                    loss = self.model(x, y, reduction="sum")
+                    loss = self.model(x, y, reduction="sum", **extras)
                 self.scaler.scale(loss * scale).backward()
             loss_sum += loss.item()
         mean_loss = self.dist.all_sum(loss_sum) / max(tokens, 1)
@@ -288,9 +298,10 @@ class Trainer:
             filler = torch.zeros(1, self.model_args.max_seq_len, dtype=torch.long)
             batches = list(batches) + [(filler, torch.full_like(filler, IGNORE_INDEX))] * missing
             total, count = 0.0, 0
-            for x, y in batches:
+            for batch in batches:
+                x, y, extras = on_device(batch, self.device)
                 with autocast(self.device, self.dtype):
-                    total += float(self.model(x.to(self.device), y.to(self.device), reduction="sum"))
+                    total += float(self.model(x, y, reduction="sum", **extras))
                 count += int((y != IGNORE_INDEX).sum())
             total, count = self.dist.all_sum(total), self.dist.all_sum(count)
             if count:
@@ -470,7 +481,7 @@ class Trainer:
             data_state = next_state
             bar.update(1)
             if loss is not None:
-                tok_s = sum(y.numel() for _, y in batches) * d.world / max(dt, 1e-9)
+                tok_s = sum(batch[1].numel() for batch in batches) * d.world / max(dt, 1e-9)
                 record = {"step": self.step, "phase": phase, "loss": loss, "lr": lr, "grad_norm": norm,
                           "tokens_per_sec": tok_s, "mfu": tok_s * flops_per_token / peak, "target_tokens": int(tokens)}
                 if self.device.type == "cuda":

@@ -68,7 +68,7 @@ def test_generation_probes_a_decoding_row_against_the_head():
 
 @pytest.mark.parametrize("config", sorted((ROOT / "config").glob("*.py")), ids=lambda p: p.name)
 def test_shipped_configs_leave_dtype_on_auto(config):
-    script = "sft.py" if config.name.startswith("sft") else "pretrain.py"
+    script = {"sft": "sft.py", "vlm": "vlm_train.py", "dpo": "dpo.py"}.get(config.stem.split("_")[0], "pretrain.py")
     namespace = runpy.run_path(str(ROOT / script), run_name="config_check")
     assert configure(namespace, [str(config)])["dtype"] == "auto"
 

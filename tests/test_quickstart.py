@@ -25,7 +25,8 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
         assert f"| {phase} |" in report
     for bench in ("ceval", "cmmlu", "cmb", "cmexam"):
         assert f"| {bench} |" in report
-    assert report.count("用户>") == 3 and (out / "loss.png").stat().st_size > 10_000
+    assert report.count("用户>") == 4 and (out / "loss.png").stat().st_size > 10_000
+    assert "| instruct | projector + LLM | 3 |" in report and "| slake |" in report
     assert all((out / "pretrain" / p / "ckpt.pt").is_file() for p in ("general", "refined", "anneal", "clinical"))
     assert json.loads((out / "eval" / "ppl_sft.json").read_text())["sources"]["heldout"]["tokens"] > 1000
     log = [json.loads(line) for line in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
@@ -66,7 +67,7 @@ def test_readme_commands_name_real_scripts_and_flags():
             continue
         assert (ROOT / script).is_file(), script
         flags = [a.split("=")[0] for a in args if a.startswith("--")]
-        if script in ("pretrain.py", "sft.py"):
+        if script in ("pretrain.py", "sft.py", "vlm_train.py"):
             scope = {}
             exec(compile((ROOT / script).read_text(encoding="utf-8").split("\ndef ")[0], script, "exec"), scope)
             keys = config_keys(scope)

@@ -1,0 +1,162 @@
+"""Vision-language training (vlm.py), two stages on the shared trainer:
+
+    python vlm_train.py config/vlm_align.py        # stage 1: the projector learns captions (LLM and tower frozen)
+    python vlm_train.py config/vlm_instruct.py     # stage 2: projector + LLM on visual instructions
+    torchrun --standalone --nproc_per_node=8 vlm_train.py config/vlm_instruct.py
+    python vlm_train.py config/vlm_instruct.py --init_from=resume
+
+align: init_from is a text checkpoint (SFT or pretraining) that gives the LLM; vision_tower is a local
+transformers folder (README: "Vision-language model"); the projector starts fresh. instruct: init_from is the
+align checkpoint, whose arguments (tower, projector, image tokens) it keeps. The tower is always frozen.
+Frozen weights get no gradients and no optimizer state. Checkpoints (out_dir/ckpt.pt) hold the whole model,
+tower included, so chat.py, eval.py and export_hf.py need nothing else.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from chatglm_tokenizer import load_tokenizer
+from checkpoint import CheckpointError, checkpoint_meta, run_id_of, start_run
+from configurator import configure, overrides
+from corpora import parse_source
+from dataset_vlm import VLMData
+from plot import LogError, plot_runs, read_log
+from trainer import Dist, Trainer, check_config, wsd_lr
+from vlm import VLM, VLMArgs, build_vlm, is_vlm_checkpoint, set_trainable
+
+# ---- I/O
+out_dir = "out/vlm/align"
+stage = "align"  # align: the projector, on captions; instruct: projector + LLM, on visual instructions
+init_from = "out/sft/ckpt.pt"  # align: a text checkpoint; instruct: the align checkpoint; "resume": this run's
+overwrite = False  # a new run in an out_dir that holds one: True moves the earlier run aside (out_dir.replaced-<time>)
+stop_at = 0  # stop (with a checkpoint) after this step, e.g. for a cluster's job time limit; 0: at the end
+vision_tower = "data/models/clip-vit-base-patch16"  # align: a local transformers folder (CLIP, Chinese-CLIP, SigLIP)
+tokenizer = "chatglm_tokenizer"
+# ---- data: corpora.py image formats (llava, minimind_v, slake, pmc_vqa, vqa_rad) as NAME=PATH_OR_GLOB
+sources = ["llava=data/raw/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"]
+image_folders = {}  # NAME -> the folder its image paths are relative to; default: per format, beside the data file
+plain_prompts = True  # LLaVA's "plain" template: a prompt keeps its images only (align on captions)
+pack = False
+val_fraction = 0.02
+# ---- architecture (align only; instruct keeps its checkpoint's)
+feature_layer = -2  # the tower layer whose hidden states feed the projector
+feature_select = ""  # "default" drops the CLS token, "full" keeps it; "": default for CLIP towers, full for SigLIP
+projector_pool = 1  # 2: 2x2 average pooling of the patch grid (196 -> 49 tokens for a 224 px, patch-16 tower)
+dropout = 0.0
+# ---- optimisation (batch_size per rank per micro-step)
+epochs = 1.0
+max_iters = 0  # 0: epochs over the training rows
+batch_size = 16
+grad_accum = 2
+learning_rate = 1e-3
+min_lr_ratio = 0.0
+warmup_iters = 30
+decay_shape = "cosine"
+decay_half_life = 0
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# ---- runtime
+device = "auto"
+dtype = "auto"
+compile = False
+parallel = "ddp"
+fused_adamw = True
+seed = 1337
+eval_interval = 200
+eval_windows = 64
+log_interval = 10
+save_interval = 500
+nan_policy = "stop"
+max_nan_skips = 10
+peak_flops = 0.0
+progress = True
+tensorboard = True
+
+
+def build_model(cfg, tok, start):
+    """The model and the checkpoint the trainer loads into it (None: weights are already in place)."""
+    if cfg["stage"] == "align" and not is_vlm_checkpoint(start[1]):
+        return build_vlm(start[0], cfg["vision_tower"], tok, cfg["feature_layer"], cfg["feature_select"],
+                         cfg["projector_pool"], cfg["dropout"]), None
+    if not is_vlm_checkpoint(start[1]):
+        raise SystemExit(f"{start[0]} is a text checkpoint: the instruct stage starts from the align checkpoint")
+    return VLM(VLMArgs(**{**start[1]["model_args"], "dropout": cfg["dropout"]})), start[0]
+
+
+def main(argv):
+    cfg = configure(globals(), argv)
+    check_config(cfg)
+    if cfg["stage"] not in ("align", "instruct"):
+        raise SystemExit(f"config: stage must be align or instruct, not {cfg['stage']!r}")
+    try:
+        train(cfg)
+    except (CheckpointError, LogError, OSError) as err:
+        raise SystemExit(f"vlm_train.py: {err}") from None
+
+
+def train(cfg):
+    d = Dist(cfg["device"])
+    tok = load_tokenizer(cfg["tokenizer"])
+    out = Path(cfg["out_dir"])
+    resume = cfg["init_from"] == "resume"
+    source = out / "ckpt.pt" if resume else Path(cfg["init_from"])
+    start = checkpoint_meta(source)
+    if resume:
+        run_id = run_id_of(out)
+        if start.get("run_id") != run_id:
+            raise SystemExit(f"{source} belongs to another run than {out}/run.json: start a new run instead")
+    else:
+        run_id = d.broadcast(start_run(out, cfg["overwrite"], "vlm_train.py") if d.is_master else None)
+    if start.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+        raise SystemExit(f"{source} was trained with another tokenizer than {cfg['tokenizer']}")
+    torch.manual_seed(cfg["seed"])  # the fresh projector
+    try:
+        model, weights = build_model(cfg, tok, (source, start))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"vlm_train.py: {err}") from None
+    set_trainable(model, cfg["stage"])
+    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, start.get("dtype_trained") if resume else None)
+    if resume:
+        trainer.load(source)
+    elif weights is not None:
+        trainer.load_weights(weights)
+    args = model.args
+    sources = [parse_source(spec) for spec in cfg["sources"]]
+    data = VLMData(sources, tok, args.max_seq_len, args.image_tokens, args.image_token_id, args.preprocess, cfg["seed"],
+                   cfg["val_fraction"], cfg["plain_prompts"], cfg["pack"], cfg["image_folders"])
+    rows_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
+    rows_per_epoch = len(data.epoch(0))
+    total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
+
+    def lr_at(step):
+        return wsd_lr(step, cfg["learning_rate"], cfg["warmup_iters"], cfg["warmup_iters"], total, cfg["decay_shape"],
+                      cfg["min_lr_ratio"], cfg["decay_half_life"] or None)
+
+    log_path = out / "log.jsonl"
+    if d.is_master:
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
+        print(f"{cfg['stage']} from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
+              f"trained; {args.image_tokens} tokens per image ({args.vision['model_type']}, layer "
+              f"{args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
+              f"{d.device}, dtype {trainer.precision}")
+        epochs = total * rows_per_step / rows_per_epoch
+        print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({epochs:.2f} epochs)")
+        if data.problems.total:
+            print(data.problems.summary())
+    last = min(total, cfg["stop_at"]) if cfg["stop_at"] else total
+    trainer.run(data, trainer.step, last, lr_at, log_path, out / "ckpt.pt", phase=cfg["stage"], desc=cfg["stage"])
+    if d.is_master:
+        plot_runs({cfg["stage"]: read_log(log_path)}, out / "loss.png", title=f"VLM {cfg['stage']}: {out}")
+        if data.problems.total:
+            print(data.problems.summary())
+        print(f"saved {out / 'ckpt.pt'}")
+    d.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
