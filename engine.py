@@ -36,6 +36,25 @@ import torch.nn.functional as F
 from model import sample
 
 
+def lm_head(weight):
+    """F.linear(hidden, weight) for the LM head, the largest product of a small model's step. On CPU
+    with oneDNN, several rows go through a copy of the weight packed once for oneDNN (on the dev VM's
+    AMD EPYC, MKL's fp32 product of 4-64 rows with a 64,794-row head runs at a third to a fifth of
+    that speed); one fp32 row stays with MKL's matrix-vector product, faster still. The copy costs
+    the head's size in memory."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
+            or not torch.backends.mkldnn.is_available():
+        return lambda hidden: F.linear(hidden, weight)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+
+    def product(hidden):
+        if len(hidden) == 1 and weight.dtype == torch.float32:
+            return F.linear(hidden, weight)
+        return torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], "")
+
+    return product
+
+
 class QueueFull(Exception):
     """max_queue requests are already waiting for a slot."""
 
@@ -65,6 +84,13 @@ class Request:
 class Engine:
     def __init__(self, model, eos_id, max_batch=16, max_queue=64):
         self.model, self.eos_id = model.eval(), eos_id
+        if model.rope_cos.device.type == "cpu":
+            # matrices stored column-major, same values: a one-row step's matrix-vector products then
+            # read W^T row by row, which MKL does ~1.7x faster; batched products cost the same
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.data = p.data.t().contiguous().t()
+        self.head = lm_head(model.tok_embeddings.weight)
         self.max_batch, self.max_queue = max_batch, max_queue
         args = model.args
         self.max_seq_len = args.max_seq_len
@@ -156,8 +182,8 @@ class Engine:
         self.bias[slot] = float("-inf")
         self.bias[slot, :n] = 0.0
         caches = [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.caches]
-        hidden, head = self.model.hidden_states(prompt[None], None, caches, 0)
-        logits = F.linear(hidden[:, -1], head).float()
+        hidden, _ = self.model.hidden_states(prompt[None], None, caches, 0)
+        logits = self.head(hidden[:, -1]).float()
         token = sample(logits, self.ids[slot:slot + 1, :n], self.bias[slot:slot + 1, :n] == 0, request.temperature,
                        request.top_k, request.top_p, request.repetition_penalty, request.generator)
         request.length = n
@@ -172,8 +198,8 @@ class Engine:
         keys = max(r.length for r in rows) + 1
         caches = [(k[:n], v[:n]) for k, v in self.caches]
         bias = self.bias[:n, :keys]
-        hidden, head = self.model.hidden_states(tokens, bias[:, None, None], caches, pos[:, 0], pos)
-        logits = F.linear(hidden[:, -1], head).float()
+        hidden, _ = self.model.hidden_states(tokens, bias[:, None, None], caches, pos[:, 0], pos)
+        logits = self.head(hidden[:, -1]).float()
         chosen = sample(logits, self.ids[:n, :keys], bias == 0, **self._settings())
         for request, token in zip(rows, chosen.tolist()):
             request.length += 1

@@ -95,9 +95,12 @@ class Attention(nn.Module):
                 cache[1][:, :, pos:pos + T] = v
                 end = pos + T
             else:  # pos: (B,) a one-token step of rows at their own positions; the mask picks each row's keys
-                at = pos.view(B, 1, 1, 1).expand_as(k)
-                cache[0].scatter_(2, at, k)
-                cache[1].scatter_(2, at, v)
+                # rows of the cache seen as (B * n_kv_heads * max_len, hd): index_copy_ is the write that stays
+                # fast on CPU (bf16 scatter_ and index_put_ with two threads take milliseconds)
+                heads = torch.arange(B * self.n_kv_heads, device=x.device)
+                at = heads * cache[0].shape[2] + pos.repeat_interleave(self.n_kv_heads)
+                cache[0].view(-1, self.head_dim).index_copy_(0, at, k.flatten(0, 2))
+                cache[1].view(-1, self.head_dim).index_copy_(0, at, v.flatten(0, 2))
                 end = mask.shape[-1]
             k, v = cache[0][:, :, :end], cache[1][:, :, :end]
         y = F.scaled_dot_product_attention(
