@@ -216,9 +216,11 @@ def bench_serve(args):
             done.wait()
             return tokens
 
+        plain = Transformer(model.args).eval().to(model.tok_embeddings.weight.dtype)  # as chat.py loads it
+        plain.load_state_dict(model.state_dict())
         engine = Engine(model, eos_id=-1, max_batch=1).start()  # -1: no end of text, every run is `steps` long
         runs = {"ours: engine (serve.py's decoder)": engine_run,
-                "ours: model.generate (chat.py, eval.py)": lambda: model.generate([prompt], steps, temperature=0)[0]}
+                "ours: model.generate (chat.py, eval.py)": lambda: plain.generate([prompt], steps, temperature=0)[0]}
         llama = llama_cpp_runner(args, ckpt, tok, Path(tmp), prompt, steps, threads)
         if llama is not None:
             runs = {"llama.cpp (llama-cpp-python)": llama, **runs}

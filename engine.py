@@ -82,6 +82,10 @@ class Request:
 
 
 class Engine:
+    """Continuous batching over `max_batch` KV-cache slots, with at most `max_queue` requests waiting.
+    The engine owns `model` from then on: on CPU it lays its weight matrices out column-major (the
+    values are unchanged) and keeps a packed copy of the LM head."""
+
     def __init__(self, model, eos_id, max_batch=16, max_queue=64):
         self.model, self.eos_id = model.eval(), eos_id
         if model.rope_cos.device.type == "cpu":
