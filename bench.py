@@ -5,6 +5,7 @@
     python bench.py peak       # this machine's matmul FLOP/s (the MFU denominator on CPU)
     python bench.py vlm        # vision-language: training tokens/s with and without images, projector and
                                # tower throughput, generation with one image with and without the KV cache
+    python bench.py serve      # batch-1 decode vs llama.cpp, then serve.py under 1-64 concurrent clients
 
 The host may be noisy: variants run interleaved, several rounds, and the median is reported. In
 `train`, each variant's turn starts with one untimed step: the first step after another variant
@@ -295,9 +296,197 @@ def bench_vlm(args):
           f"{rows[True][0] / rows[False][0]:.1f}x")
 
 
+SERVE_SHAPE = dict(dim=512, n_layers=8, n_heads=8, max_seq_len=512)  # config/pretrain_25m.py; vocab: the tokenizer's
+SERVE_PROMPT = "高血压患者饮食上要注意什么？请详细说明。"
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def bench_serve(args):
+    """Batch-1 decode of ours beside llama.cpp on the same exported model, then serve.py under 1, 4, 16
+    and 64 concurrent streaming clients on loopback. Random weights of the pretrain_25m shape, greedy,
+    end of text ignored: every request decodes --serve-tokens tokens."""
+    import asyncio
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+
+    from checkpoint import atomic_save, model_checkpoint
+    from chatglm_tokenizer import load_tokenizer
+    from engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=tok.vocab_size, **SERVE_SHAPE)).eval().to(getattr(torch, args.serve_dtype))
+    prompt, steps, threads = tok.encode_batch([SERVE_PROMPT])[0], args.serve_tokens, torch.get_num_threads()
+    print(f"model: pretrain_25m shape {SERVE_SHAPE}, vocab {tok.vocab_size}, {model.num_params() / 1e6:.1f}M params, "
+          f"{args.serve_dtype}, {threads} threads; prompt {len(prompt)} tokens, {steps} greedy tokens a request")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ckpt.pt"
+        atomic_save(model_checkpoint(model, model.args, phase="sft", tokenizer_fingerprint=tok.fingerprint), ckpt)
+
+        # ---- batch 1, side by side: llama.cpp, our engine, model.generate ----
+        def engine_run():
+            done, tokens = threading.Event(), []
+            engine.submit(prompt, steps, lambda kind, value: tokens.append(value) if kind == "token" else done.set(),
+                          temperature=0)
+            done.wait()
+            return tokens
+
+        plain = Transformer(model.args).eval().to(model.tok_embeddings.weight.dtype)  # as chat.py loads it
+        plain.load_state_dict(model.state_dict())
+        engine = Engine(model, eos_id=-1, max_batch=1).start()  # -1: no end of text, every run is `steps` long
+        runs = {"ours: engine (serve.py's decoder)": engine_run,
+                "ours: model.generate (chat.py, eval.py)": lambda: plain.generate([prompt], steps, temperature=0)[0]}
+        llama = llama_cpp_runner(args, ckpt, tok, Path(tmp), prompt, steps, threads)
+        if llama is not None:
+            runs = {"llama.cpp (llama-cpp-python)": llama, **runs}
+        rates, outputs = {name: [] for name in runs}, {}
+        for run in runs.values():  # untimed: first touches of the weights (llama.cpp maps its file lazily)
+            run()
+        for _ in range(args.serve_rounds):
+            for name, run in runs.items():
+                t = time.perf_counter()
+                outputs[name] = run()
+                rates[name].append(len(outputs[name]) / (time.perf_counter() - t))
+        engine.stop()
+        print(f"batch-1 decode, {steps} tokens, {args.serve_rounds} interleaved rounds (median [range]):")
+        for name, r in rates.items():
+            print(f"  {name:42s} {statistics.median(r):7.1f} tok/s [{min(r):.1f}-{max(r):.1f}]")
+        ours_one = statistics.median(rates["ours: engine (serve.py's decoder)"])
+        if llama is not None:
+            same = outputs["llama.cpp (llama-cpp-python)"] == outputs["ours: engine (serve.py's decoder)"]
+            llama_one = statistics.median(rates["llama.cpp (llama-cpp-python)"])
+            print(f"  ours / llama.cpp: {ours_one / llama_one:.2f}x (target >= 0.5); same greedy tokens: {same}")
+
+        # ---- the server under concurrent clients ----
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--ckpt", str(ckpt),
+                                   "--tokenizer", str(args.tokenizer), "--port", str(port), "--device", "cpu",
+                                   "--dtype", args.serve_dtype, "--max-batch", str(args.serve_slots),
+                                   "--max-queue", "64"], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    httpx.get(url + "/health")
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None, "serve.py exited"
+                    time.sleep(0.1)
+            body = {"prompt": SERVE_PROMPT, "max_tokens": steps, "temperature": 0, "repetition_penalty": 1.0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            rows = {}
+            for clients in (1, 4, 16, 64):
+                rows[clients] = asyncio.run(serve_load(url, body, clients, args.serve_seconds))
+            slots = args.serve_slots
+            print(f"serve.py, {slots} slots, queue 64, {args.serve_seconds} s per row (requests started in time run to "
+                  f"the end), loopback, the clients in this process:")
+            print(f"  {'clients':>7s} {'requests':>8s} {'errors':>6s} {'TTFT p50 / p99 ms':>18s} "
+                  f"{'per-token p50 / p99 ms':>23s} {'tokens/s':>9s}")
+            for clients, row in rows.items():
+                print(f"  {clients:7d} {row['served']:8d} {row['errors']:6d} {row['ttft50']:8.0f} / "
+                      f"{row['ttft99']:6.0f}  {row['tok50']:11.1f} / {row['tok99']:7.1f} {row['rate']:9.1f}")
+            print(f"  16 clients / 1 client: {rows[16]['rate'] / rows[1]['rate']:.1f}x (target >= 4x)")
+            if llama is not None:
+                print(f"  16 clients / llama.cpp batch 1: {rows[16]['rate'] / llama_one:.1f}x (target >= 2x)")
+        finally:
+            server.terminate()
+            server.wait()
+
+
+def llama_cpp_runner(args, ckpt, tok, tmp, prompt, steps, threads):
+    """A function decoding `steps` greedy tokens with llama.cpp on our export of `ckpt`, or None (said why)."""
+    import subprocess
+    import sys
+
+    import export_hf
+
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: skipped (pip install llama-cpp-python to compare)")
+        return None
+    converter = Path(args.llama_cpp_src or ".") / "convert_hf_to_gguf.py"
+    if not converter.is_file():
+        print(f"llama.cpp: skipped (no {converter}: pass --llama-cpp-src, a llama.cpp source tree)")
+        return None
+    export_hf.export(ckpt, tmp / "hf", tok, args.serve_dtype)
+    gguf = tmp / "model.gguf"
+    outtype = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[args.serve_dtype]
+    subprocess.run([sys.executable, str(converter), str(tmp / "hf"), "--outtype", outtype, "--outfile", str(gguf)],
+                   check=True, capture_output=True)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=SERVE_SHAPE["max_seq_len"], n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+
+    def run():
+        out = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == steps:
+                return out
+
+    return run
+
+
+async def serve_load(url, body, clients, seconds):
+    """`clients` concurrent streaming clients, each sending its next request when the last one ends,
+    for `seconds`: requests served, errors, time to first token, per-token latency, aggregate tokens/s."""
+    import asyncio
+
+    import httpx
+
+    ttft, per_token, counts = [], [], {"served": 0, "errors": 0, "tokens": 0}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def one_client(deadline):
+            while time.perf_counter() < deadline:
+                start, first, last, tokens = time.perf_counter(), None, None, 0
+                try:
+                    async with client.stream("POST", "/v1/completions", json=body) as response:
+                        if response.status_code != 200:
+                            await response.aread()
+                            counts["errors"] += 1
+                            continue
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            event = json.loads(line[6:])
+                            if event.get("usage"):
+                                tokens = event["usage"]["completion_tokens"]
+                            elif event["choices"][0]["text"]:
+                                last = time.perf_counter()
+                                first = first or last
+                except httpx.HTTPError:
+                    counts["errors"] += 1
+                    continue
+                counts["served"] += 1
+                counts["tokens"] += tokens
+                ttft.append(first - start)
+                per_token.append((last - first) / max(tokens - 1, 1))
+
+        await one_client(time.perf_counter())  # nothing timed: the server's first request
+        begin = time.perf_counter()
+        await asyncio.gather(*(one_client(begin + seconds) for _ in range(clients)))
+        elapsed = time.perf_counter() - begin
+    return {**counts, "rate": counts["tokens"] / elapsed, "ttft50": 1000 * percentile(ttft, 50),
+            "ttft99": 1000 * percentile(ttft, 99), "tok50": 1000 * percentile(per_token, 50),
+            "tok99": 1000 * percentile(per_token, 99)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "generate", "peak", "vlm"])
+    parser.add_argument("what", choices=["train", "generate", "peak", "vlm", "serve"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
@@ -306,8 +495,18 @@ def main():
     parser.add_argument("--gen-rounds", type=int, default=1, help="generate: runs per measurement (each is 128-512 steps)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (its cold start is ~30 s)")
     parser.add_argument("--vlm-new-tokens", type=int, default=128, help="vlm: tokens generated after the image")
+    parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="serve: the served model's tokenizer")
+    parser.add_argument("--serve-dtype", default="float32", choices=["float32", "bfloat16"], help="serve: weights")
+    parser.add_argument("--serve-tokens", type=int, default=128, help="serve: new tokens a request")
+    parser.add_argument("--serve-seconds", type=float, default=20, help="serve: length of each concurrency row")
+    parser.add_argument("--serve-slots", type=int, default=16, help="serve: serve.py --max-batch")
+    parser.add_argument("--serve-rounds", type=int, default=3, help="serve: batch-1 rounds, interleaved")
+    parser.add_argument("--llama-cpp-src", help="serve: a llama.cpp source tree (convert_hf_to_gguf.py)")
+    parser.add_argument("--threads", type=int, help="serve: threads of ours, the server's and llama.cpp's (default: torch's)")
     args = parser.parse_args()
-    if args.what == "train":
+    if args.what == "serve":
+        bench_serve(args)
+    elif args.what == "train":
         bench_train(args)
     elif args.what == "generate":
         bench_generate(args)

@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import load_model
 from corpora import IMAGE_PLACEHOLDER
+from inference import DEFAULTS
 from precision import DTYPES
 from vision import has_cls_token, pixel_batch
 from vlm import encode_texts, is_vlm_file, llm_args, load_vlm
@@ -102,10 +103,26 @@ def hf_config(args, tok, dtype):
 
 
 def generation_config(tok, max_seq_len):
+    """Greedy, no repetition penalty: generate() with no arguments is our greedy decoding
+    (chat.py --temperature 0 --repetition-penalty 1); the model card gives chat.py's sampling."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, do_sample=True,
-                            temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_new_tokens=min(256, max_seq_len // 2))
+    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, do_sample=False,
+                            max_new_tokens=min(DEFAULTS["max_new_tokens"], max_seq_len // 2))
+
+
+def tokenizer_config(folder, tok):
+    """What tokenizer.save_pretrained writes, plus what other readers would otherwise assume:
+    nothing is added around the text (llama.cpp's converter otherwise marks the GGUF to prepend <s>,
+    our prompt/answer separator), and ChatGLM2's five specials are named control tokens (the
+    converter otherwise calls them [PAD<id>], unused)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(add_bos_token=False, add_eos_token=False)
+    config.setdefault("added_tokens_decoder", {}).update({
+        str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True} for token, i in tok.special_ids.items()})
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def model_card(ckpt_path, ckpt, model, tok, dtype):
@@ -150,9 +167,17 @@ by `<s>` (id {tok.bos_id}) and generate until `</s>`:
 
 ```python
 ids = tok.encode("高血压患者饮食上要注意什么？") + [tok.bos_token_id]
-out = model.generate(torch.tensor([ids]), max_new_tokens=256, do_sample=True, top_p=0.9, temperature=0.7)
+out = model.generate(torch.tensor([ids]))        # generation_config.json: greedy, no repetition penalty
 print(tok.decode(out[0, len(ids):], skip_special_tokens=True))
 ```
+
+`generate()` without arguments decodes greedily, token for token what Mini-Chinese-GPT's own greedy
+decoding gives. Its chat defaults sample instead: `do_sample=True, temperature={DEFAULTS['temperature']},
+top_p={DEFAULTS['top_p']}, repetition_penalty={DEFAULTS['repetition_penalty']}`.
+
+llama.cpp: `convert_hf_to_gguf.py PATH --outtype f32` converts this folder. The GGUF does not prepend
+`<s>` (`tokenizer.ggml.add_bos_token` is false): build the prompt as above, with `<s>` only where the
+template puts it.
 
 ## Limits
 
@@ -170,6 +195,7 @@ def write_export(model, ckpt, ckpt_path, tok, folder, dtype_name):
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     generation_config(tok, model.args.max_seq_len).save_pretrained(folder)
     tok.save_pretrained(folder)  # tokenizer.model, tokenizer_config.json (auto_map), tokenization_chatglm.py
+    tokenizer_config(folder, tok)
     (folder / "README.md").write_text(model_card(ckpt_path, ckpt, model, tok, dtype_name), encoding="utf-8")
 
 

@@ -154,22 +154,41 @@ def answer(model, tokenizer, prompts, history=None, mode="chat", max_new_tokens=
 
 
 
+class TextDecoder:
+    """Text pieces for a stream of token ids, given one id at a time: the decoded growing list minus
+    what was already given. A trailing U+FFFD means a multi-byte character whose bytes (byte-fallback
+    pieces) are still coming, so it waits for them instead of giving a replacement character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def _new_text(self, text):
+        if len(text) <= len(self.shown) or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+    def push(self, token):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return "" if text.endswith("\ufffd") else self._new_text(text)
+
+    def finish(self):
+        """What is still held back at the end (a generation cut inside a character)."""
+        return self._new_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+
+
 def incremental_text(tokenizer, ids):
-    """Text pieces for a stream of token ids: the decoded growing list minus what was already given.
-    A trailing U+FFFD means a multi-byte character whose bytes (byte-fallback pieces) are still
-    coming, so it waits for them instead of printing a replacement character."""
-    seen, shown = [], ""
+    """TextDecoder over an iterable of ids: yields the non-empty pieces."""
+    decoder = TextDecoder(tokenizer)
     for token in ids:
-        seen.append(token)
-        text = tokenizer.decode(seen, skip_special_tokens=True)
-        if text.endswith("\ufffd") or not text.startswith(shown):
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(seen, skip_special_tokens=True)
-    if len(text) > len(shown) and text.startswith(shown):  # a generation cut inside a character
-        yield text[len(shown):]
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    piece = decoder.finish()
+    if piece:
+        yield piece
 
 
 

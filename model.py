@@ -90,9 +90,19 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # (k_cache, v_cache): (B, n_kv_heads, max_len, hd), filled up to pos
-            cache[0][:, :, pos:pos + T] = k
-            cache[1][:, :, pos:pos + T] = v
-            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]
+            if isinstance(pos, int):  # every row at the same position; keys up to pos + T
+                cache[0][:, :, pos:pos + T] = k
+                cache[1][:, :, pos:pos + T] = v
+                end = pos + T
+            else:  # pos: (B,) a one-token step of rows at their own positions; the mask picks each row's keys
+                # rows of the cache seen as (B * n_kv_heads * max_len, hd): index_copy_ is the write that stays
+                # fast on CPU (bf16 scatter_ and index_put_ with two threads take milliseconds)
+                heads = torch.arange(B * self.n_kv_heads, device=x.device)
+                at = heads * cache[0].shape[2] + pos.repeat_interleave(self.n_kv_heads)
+                cache[0].view(-1, self.head_dim).index_copy_(0, at, k.flatten(0, 2))
+                cache[1].view(-1, self.head_dim).index_copy_(0, at, v.flatten(0, 2))
+                end = mask.shape[-1]
+            k, v = cache[0][:, :, :end], cache[1][:, :, :end]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -281,6 +291,9 @@ class Transformer(nn.Module):
 
     def hidden_states(self, tokens, mask=None, caches=None, pos=0, positions=None, embeds=None):
         """Final-norm hidden states (B, T, dim) and the LM head's weight to apply to them.
+        With caches, `pos` is where the new keys go: an int for the whole batch, or a (B,) tensor for
+        one token per row at its own position (continuous batching: `positions` = pos[:, None] and a
+        (B, 1, 1, keys) attention bias, -inf at the keys that are not the row's).
         embeds: (where, rows), input embeddings of another modality (image features, vlm.py) that
         replace the token embeddings at the positions where `where` (B, T) is True, in row-major order."""
         T = tokens.shape[1]
@@ -356,17 +369,19 @@ class Transformer(nn.Module):
         # (an all-masked row gives NaN, which would reach real rows through the cached values).
         allowed = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None] & key_ok[:, None, :]
         allowed |= torch.eye(S, dtype=torch.bool, device=device)[None]
+        # as an additive bias: SDPA on CPU is many times slower with a bool mask
+        dtype = self.tok_embeddings.weight.dtype
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         caches = None
         if use_cache:
             shape = (B, self.args.kv_heads, S, self.args.head_dim)
-            dtype = self.tok_embeddings.weight.dtype
             caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         start, end = 0, width
         for _ in range(max_new_tokens):
             if not use_cache:
                 start = 0
-            mask = allowed[:, None, start:end, :end]  # (B, 1, T, S)
+            mask = bias[:, None, start:end, :end]  # (B, 1, T, S)
             embeds = None
             if embeds_for is not None and start < width:  # the step that (re)reads the prompts
                 where = (tokens[:, start:end] == embeds_for[0]) & (torch.arange(start, end, device=device) < width)
@@ -392,19 +407,39 @@ class Transformer(nn.Module):
 
 
 def sample(logits, history, history_ok, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
-    """Next token ids (B,) from last-position logits (B, V)."""
-    if repetition_penalty != 1.0:  # CTRL: seen tokens' logits pushed towards "less likely"
+    """Next token ids (B,) from last-position logits (B, V). Every setting is one number for the batch
+    or a (B,) tensor with one per row (the serving engine's rows each have their own): temperature 0
+    is greedy, top_k 0 / None and top_p 1 / None are off, repetition_penalty 1 is off. generator: one
+    torch.Generator for the batch, or a list with one per row (None: torch's global generator)."""
+    def per_row(value, dtype):
+        return torch.as_tensor(value, dtype=dtype, device=logits.device).expand(len(logits))[:, None]
+
+    if torch.is_tensor(repetition_penalty) or repetition_penalty != 1.0:  # CTRL: seen tokens pushed towards unlikely
+        penalty = per_row(repetition_penalty, logits.dtype)
         seen = torch.zeros_like(logits).scatter_add_(1, history, history_ok.to(logits.dtype)) > 0
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
-    if temperature == 0:
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if not torch.is_tensor(temperature) and temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    temperature = per_row(temperature, logits.dtype)
+    greedy = temperature == 0
+    logits = logits / torch.where(greedy, 1.0, temperature)
+    if torch.is_tensor(top_k) or top_k:
+        k = per_row(top_k, torch.long)
+        largest = int(k.max())
+        if largest > 0:
+            kth = torch.topk(logits, min(largest, logits.shape[-1])).values.gather(1, (k.clamp(1, largest) - 1))
+            logits = logits.masked_fill((k > 0) & (logits < kth), float("-inf"))
+    if torch.is_tensor(top_p) or (top_p is not None and top_p < 1.0):
+        p = per_row(top_p, logits.dtype)
         sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs > p) & (p < 1.0)  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    # inverse-CDF sampling, so that each row can draw from its own generator
+    if isinstance(generator, (list, tuple)):
+        uniform = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generator])
+    else:
+        uniform = torch.rand(len(logits), generator=generator, device=logits.device)
+    cdf = logits.softmax(-1).cumsum(-1)
+    drawn = torch.searchsorted(cdf, (1.0 - uniform[:, None]) * cdf[:, -1:]).clamp_max(logits.shape[-1] - 1)
+    return torch.where(greedy, logits.argmax(-1, keepdim=True), drawn).squeeze(1)

@@ -43,7 +43,14 @@ def test_folder_contents_and_config(exported, tiny_tokenizer, tiny_tokenizer_dir
     assert {k: config[k] for k in expected} == expected
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 50000.0}
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == tiny_tokenizer.eos_id and generation["do_sample"] is True
+    assert generation["eos_token_id"] == tiny_tokenizer.eos_id and generation["do_sample"] is False
+    assert not {"temperature", "top_p", "top_k", "repetition_penalty"} & set(generation)  # greedy, as ours
+    tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer["add_bos_token"] is False and tokenizer["add_eos_token"] is False  # llama.cpp reads these
+    specials = {int(i): entry["content"] for i, entry in tokenizer["added_tokens_decoder"].items() if entry["special"]}
+    n = tiny_tokenizer.n_pieces
+    chatglm = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+    assert {i: specials[i] for i in range(n, n + 5)} == dict(enumerate(chatglm, n))
     with safe_open(folder / "model.safetensors", "pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: stored once
@@ -66,6 +73,11 @@ def test_transformers_round_trip(exported, tiny_tokenizer):
     text = "高血压患者应定期监测血压，遵医嘱服药。"
     ids = tiny_tokenizer.encode_batch([text])[0]
     assert tok.encode(text) == ids and tok.decode(ids) == tiny_tokenizer.decode(ids)
+    typed = "<s>[MASK] sop</s>"  # special names typed in text stay text, as with our tokenizer
+    assert tok.encode(typed) == tiny_tokenizer.encode_batch([typed])[0]
+    special = [tiny_tokenizer.n_pieces + i for i in range(5)] + ids[:3]
+    assert tok.decode(special) == tiny_tokenizer.decode(special) and "[gMASK]" in tok.decode(special)
+    assert tok.decode(special, skip_special_tokens=True) == tiny_tokenizer.decode(special, skip_special_tokens=True)
 
     x = torch.tensor([ids, ids[::-1]])
     with torch.no_grad():
@@ -97,3 +109,32 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(SystemExit, match="no checkpoint"):
         export_hf.main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "hf"), "--tokenizer",
                         str(tiny_tokenizer_dir)])
+
+
+def test_generate_with_the_exported_generation_config_is_our_greedy(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
+    """A user's plain generate() gives what our greedy decoding gives, for SFT prompts (ids, then <s>)."""
+    from transformers import LlamaForCausalLM
+
+    tok = tiny_tokenizer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=tok.vocab_size, **ARGS)).eval()
+    with torch.no_grad():  # matrices 10x the usual init: greedy output wanders, so a penalty would change it
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith("tok_embeddings"):
+                p.normal_(0, 0.2)
+    ckpt = model_checkpoint(model, model.args, phase="sft", tokenizer_fingerprint=tok.fingerprint)
+    atomic_save(ckpt, tmp_path / "c.pt")
+    export_hf.main(["--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "hf"), "--tokenizer",
+                    str(tiny_tokenizer_dir), "--no-check"])
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    steps = hf.generation_config.max_new_tokens
+    penalised_differs = False
+    for question in ("高血压患者饮食上要注意什么？", "感冒", "头痛怎么办？"):
+        ids = tok.encode_batch([question])[0] + [tok.bos_id]
+        theirs = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        theirs = theirs[0, len(ids):].tolist()
+        ours = model.generate([ids], steps, eos_id=tok.eos_id, temperature=0)[0]
+        assert theirs[:len(ours)] == ours and theirs[len(ours):] in ([], [tok.eos_id]) and len(ours) > 8
+        penalised = model.generate([ids], steps, eos_id=tok.eos_id, temperature=0, repetition_penalty=1.1)[0]
+        penalised_differs |= penalised != ours
+    assert penalised_differs  # the check above would see a penalty left in the generation config
