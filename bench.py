@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset import PretrainData
-from model import IGNORE_INDEX, ModelArgs, Transformer
+from lm_head import IGNORE_INDEX
+from model import ModelArgs, Transformer
 from precision import autocast, cpu_features, matmul_peak, resolve
 from trainer import make_optimizer
 
@@ -140,7 +141,7 @@ def bench_train(args):
         print(f"bound: every FLOP as a matmul at the {chosen.dtype} peak would take {at_peak * 1000:.0f} ms/step, "
               f"{naive / at_peak:.1f}x this naive step; the naive step's kernel time (first-touch "
               "page faults of its fresh full-logit buffers) moves with the host, and the ratio with it")
-        head_share = 6 * variants[0].model.output.weight.numel() / flops_per_token
+        head_share = 6 * variants[0].model.tok_embeddings.weight.numel() / flops_per_token
         ratio = (f"bf16 matmul {peak['bfloat16'] / peak['float32']:.1f}x its fp32 matmul at 2048^3"
                  if "bfloat16" in peak and "float32" in peak else chosen.reason)
         print(f"context: this host's {ratio}; the LM head is {head_share:.0%} of the FLOPs, all matmul")
@@ -317,8 +318,8 @@ def bench_serve(args):
 
     import httpx
 
-    from checkpoint import atomic_save, model_checkpoint
     from chatglm_tokenizer import load_tokenizer
+    from checkpoint import atomic_save, model_checkpoint
     from engine import Engine
 
     if args.threads:

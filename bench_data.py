@@ -44,8 +44,7 @@ from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample"
-SAMPLE_SOURCES = ["wiki", "baike", "c4_zh", "wudao", "medical_pretrain", "skypile", "guidelines", "cmekg", "cmedqa2",
-                  "chatmed_tcm", "medical_dialogue", "medical_finetune", "text"]
+SAMPLE_SOURCES = json.loads((SAMPLE / "sources.json").read_text(encoding="utf-8"))["pretrain"]
 # The real ChatGLM2 tokenizer: in the package, or (CI layout) in ../shared beside the checkout.
 TOKENIZERS = [DEFAULT_DIR, ROOT.parent / "shared" / "chatglm_tokenizer"]
 # data_process run as a user runs it, reporting its own peak RSS and its reaped workers' on the way out.

@@ -32,9 +32,23 @@ from pathlib import Path
 
 import torch
 
-from inference import (MODES, add_sampling_args, answer, build_prompt, fit_max_new_tokens, fitted_images,
-                       image_pixels, load, number, sampling_from, sampling_kwargs, stream_answer, with_images)
+from inference import (
+    MODES,
+    add_sampling_args,
+    answer,
+    build_prompt,
+    fit_max_new_tokens,
+    fitted_images,
+    image_pixels,
+    load,
+    number,
+    sampling_from,
+    sampling_kwargs,
+    stream_answer,
+    with_images,
+)
 from precision import CHOICES
+
 
 def read_prompts(args):
     prompts = list(args.prompt or [])

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atomic import atomic_write, atomic_write_text
 from model import ModelArgs, Transformer
 
 RUN_FILE = "run.json"
@@ -40,28 +41,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file and what to do."""
 
 
-def atomic_write(path, write):
-    """write(tmp_path) to a temporary name beside `path`, then rename: a kill leaves the old file or the
-    new one. A failed write (a full disk, a read-only folder) removes the temporary file and raises
-    OSError naming `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
-
-
 def atomic_save(obj, path):
-    """torch.save through atomic_write."""
+    """torch.save through atomic.atomic_write."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def rng_state():
@@ -128,6 +110,14 @@ def load_model(path, device="cpu", tokenizer=None):
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match the model arguments stored with them:\n{err}") from None
     return model.to(device).eval(), ckpt
+
+
+def check_model_args(ckpt, args, path):
+    """The checkpoint's model must have the shape of `args` (dropout may differ)."""
+    mine, theirs = asdict(args), dict(ckpt["model_args"])
+    mine.pop("dropout"), theirs.pop("dropout", None)
+    if mine != theirs:
+        raise CheckpointError(f"{path}: model arguments differ from the config:\n  checkpoint {theirs}\n  config     {mine}")
 
 
 def model_checkpoint(model, model_args: ModelArgs, **meta):

@@ -3,12 +3,14 @@ config files and --key=value arguments override them.
 
     python pretrain.py config/pretrain_tiny.py --batch_size=16 --dtype=float32
 
-A config file is Python run with the constants in scope (so it may compute from them); a
+The keys a script accepts are its module-level constants plus, for the training scripts, the keys they all
+share (trainer.TrainConfig, with its defaults). A config file is Python run with the constants in scope (so it may compute from them); a
 --key=value value is a Python literal, or a bare string. Unknown keys and type changes are errors:
 a typo must not train for a day with the default.
 """
 
 import ast
+from dataclasses import fields
 from pathlib import Path
 
 CONFIG_TYPES = (int, float, bool, str, list, dict, tuple, type(None))
@@ -33,9 +35,15 @@ def _check(key, value, defaults, origin):
     raise SystemExit(f"{origin}: {key} must be {type(default).__name__} like its default {default!r}, got {value!r}")
 
 
-def configure(namespace, argv):
-    """The config dict: the plain-valued public constants of `namespace` with argv's overrides."""
-    defaults = config_keys(namespace)
+def script_defaults(namespace, shared=None):
+    """`shared`'s field defaults (a dataclass of the keys several scripts share, e.g. trainer.TrainConfig),
+    overridden by the plain-valued public constants of `namespace` (the script's own keys and choices)."""
+    return ({f.name: f.default for f in fields(shared)} if shared else {}) | config_keys(namespace)
+
+
+def configure(namespace, argv, shared=None):
+    """The config dict: script_defaults(namespace, shared) with the config files' and argv's overrides."""
+    defaults = script_defaults(namespace, shared)
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
@@ -59,7 +67,7 @@ def configure(namespace, argv):
     return config
 
 
-def overrides(config, namespace):
-    """The keys whose values differ from the script's constants (for the start-up log)."""
-    defaults = config_keys(namespace)
+def overrides(config, namespace, shared=None):
+    """The keys whose values differ from the script's defaults (for the start-up log)."""
+    defaults = script_defaults(namespace, shared)
     return {k: v for k, v in config.items() if defaults.get(k) != v}

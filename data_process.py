@@ -52,6 +52,7 @@ import numpy as np
 from tqdm import tqdm
 
 import corpora
+from atomic import atomic_write_text
 from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 
 DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
@@ -441,12 +442,7 @@ def install_output(folder: Path, writer: ShardWriter, logs: list, manifest: dict
         os.replace(folder / (shard["file"] + ".tmp"), folder / shard["file"])
     for log in logs:
         os.replace(log.file.name, log.path)
-    tmp = folder / "manifest.json.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / "manifest.json")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1))
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # the renames themselves survive a power cut

@@ -14,7 +14,6 @@ Labels, shown on one turn with prompt "头痛" = [p1, p2] and answer "多休息"
 so the loss has exactly len(answer) + 1 terms: predicting every answer token (the first from <bos>)
 and the closing <eos>. Prompt tokens, the <bos> itself and padding are -100: they are neither in the
 sum nor in the denominator (the trainer divides by the number of non-ignored targets).
-baby-llama2-chinese's mask was one position off and counted a padding term.
 
 Every turn's answer is trained on, the earlier ones included (they are real answers to real
 prompts). A conversation longer than max_seq_len + 1 tokens loses its earliest turns first, then
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from corpora import BadRecord, Problems, iter_csv
 from dataset import global_rows
-from model import IGNORE_INDEX
+from lm_head import IGNORE_INDEX
 
 
 def render(turns, bos_id, eos_id):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from corpora import IMAGE_PLACEHOLDER, Problems, iter_image_dialogues
 from dataset_sft import SFTData, fit_turns, render
-from model import IGNORE_INDEX
+from lm_head import IGNORE_INDEX
 from vision import ImageError, open_image, output_size, preprocess_image
 from vlm import encode_texts, images_kept
 

@@ -38,8 +38,8 @@ from model import sample
 
 def lm_head(weight):
     """F.linear(hidden, weight) for the LM head, the largest product of a small model's step. On CPU
-    with oneDNN, several rows go through a copy of the weight packed once for oneDNN (on the dev VM's
-    AMD EPYC, MKL's fp32 product of 4-64 rows with a 64,794-row head runs at a third to a fifth of
+    with oneDNN, several rows go through a copy of the weight packed once for oneDNN (on a 2-core AMD
+    EPYC with AVX512, MKL's fp32 product of 4-64 rows with a 64,794-row head runs at a third to a fifth of
     that speed); one fp32 row stays with MKL's matrix-vector product, faster still. The copy costs
     the head's size in memory."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \

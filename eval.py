@@ -82,7 +82,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import re
 import unicodedata
 from pathlib import Path
@@ -91,32 +90,34 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpora import (Problems, Source, check_out, expected_input, iter_image_dialogues, iter_questions, iter_texts,
-                     parse_source)
+from atomic import atomic_write_text
+from corpora import (
+    Problems,
+    Source,
+    check_out,
+    expected_input,
+    iter_image_dialogues,
+    iter_questions,
+    iter_texts,
+    parse_source,
+)
 from dataset_sft import encode_turns, render
-from inference import add_sampling_args, answer, build_prompt, fit_max_new_tokens, fitted_images, load, sampling_from
+from inference import (
+    add_sampling_args,
+    answer,
+    build_prompt,
+    fit_max_new_tokens,
+    fitted_images,
+    load,
+    sampling_from,
+)
+from lm_head import IGNORE_INDEX
 from precision import CHOICES
 from vision import ImageError, pixel_batch
 from vlm import VLM
-from model import IGNORE_INDEX
 
 NORMS = ("mean", "sum")
 MAX_MULTI_OPTIONS = 8  # a multi-answer item with more options is skipped: its 2^n - 1 answer sets cost too much
-
-
-def write_atomic(path, text):
-    """text -> path through a temporary name: a kill leaves the old file or the new one. On failure (a
-    full or read-only disk) the temporary file is removed and the OSError names the file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp.is_file():
-            tmp.unlink()
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
 
 
 @torch.no_grad()
@@ -494,7 +495,7 @@ def run_generate(args):
         lines += ["", f"## {i + 1}. {question}"]
         for path, ckpt, _, _, replies in runs:
             lines += ["", f"**`{path}`** (step {ckpt.get('step')}):", "", quote(replies[i])]
-    write_atomic(args.out, "\n".join(lines) + "\n")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {len(questions)} questions x {len(runs)} checkpoint(s) to {args.out}")
 
 
@@ -689,7 +690,7 @@ def main(argv=None):
             return None
         results, empty = {"ppl": run_ppl, "mcq": run_mcq, "vqa": run_vqa}[args.task](args)
         if args.out:
-            write_atomic(args.out, json.dumps(results, ensure_ascii=False, indent=1))
+            atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=1))
             print(f"results: {args.out}")
     except ValueError as err:
         raise SystemExit(f"eval.py {args.task}: {err}") from None

@@ -69,9 +69,7 @@ CHECK_TOLERANCE = 1e-3  # max |logit difference| the export check accepts (fp32 
 
 
 def hf_name(name):
-    """Our state-dict key -> transformers' (None for the tied output layer)."""
-    if name == "output.weight":
-        return None
+    """Our state-dict key -> transformers' (the LM head is tied to embed_tokens: tie_word_embeddings)."""
     if name.startswith("tok_embeddings."):
         return "model.embed_tokens." + name.split(".", 1)[1]
     if name.startswith("norm."):

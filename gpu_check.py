@@ -36,12 +36,16 @@ import torch.nn.functional as F
 import export_hf
 import pretrain
 import train_tokenizer
+from atomic import atomic_write_text
 from chatglm_tokenizer import load_tokenizer
 from configurator import configure
 from dataset import PretrainData
-from model import ModelArgs, Transformer, chunked_cross_entropy
+from lm_head import chunked_cross_entropy
+from model import ModelArgs, Transformer
+from parallel import Dist
 from precision import autocast
-from trainer import Dist, Trainer
+from runlog import RunLog
+from trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent
 # the shapes per device: pretrain_100m's on a GPU; a model small enough for a CPU test on the CPU
@@ -115,7 +119,7 @@ def training(device, shape, compiled, work):
     argv = [shape["config"], f"--device={device.type}", f"--batch_size={shape['batch_size']}", "--grad_accum=1",
             "--progress=False", "--tensorboard=False", f"--compile={compiled}", "--log_interval=1",
             "--eval_interval=0", "--save_interval=0", *shape.get("model", [])]
-    cfg = configure(vars(pretrain), argv)
+    cfg = configure(vars(pretrain), argv, TrainConfig)
     args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None,
                      vocab_size=VOCAB, hidden_dim=cfg["hidden_dim"] or None, max_seq_len=cfg["max_seq_len"])
     random_shards(work / "train_tokens", VOCAB, "random", tokens=max(400_000, 40 * args.max_seq_len * shape["batch_size"]))
@@ -123,8 +127,9 @@ def training(device, shape, compiled, work):
     torch.manual_seed(0)
     trainer = Trainer(Transformer(args), cfg, Dist(device.type))
     steps = shape["steps"] + shape["warmup"]
-    trainer.run(data, 0, steps, lambda s: 3e-4, work / f"log_{compiled}.jsonl", work / f"ckpt_{compiled}.pt")
-    records = [r for r in trainer.log_records if "tokens_per_sec" in r][shape["warmup"]:]
+    log = RunLog(work / f"log_{compiled}.jsonl", tensorboard=False)
+    trainer.run(data, 0, steps, lambda s: 3e-4, log, work / f"ckpt_{compiled}.pt")
+    records = [r for r in log.records if "tokens_per_sec" in r][shape["warmup"]:]
     tok_s = float(np.median([r["tokens_per_sec"] for r in records]))
     mfu = float(np.median([r["mfu"] for r in records]))
     fused = bool(trainer.optimizer.defaults.get("fused"))
@@ -149,7 +154,10 @@ def pretrain_run(device, shape, work, tokenizer_dir, out, *extra, torchrun=False
     argv = ["pretrain.py", "config/pretrain_tiny.py", f"--data_dir={work / 'tokens'}", f"--out_dir={out}",
             f"--tokenizer={tokenizer_dir}", f"--device={device.type}", *shape["tiny"], f"--phases={phases!r}",
             "--warmup_iters=2", "--eval_interval=4", "--eval_windows=2", "--log_interval=1", "--dropout=0.0",
-            "--progress=False", "--tensorboard=False", *extra]
+            "--progress=False", "--tensorboard=False",
+            # on a CPU every process probes bf16's speed itself, and a busy host can sway one probe: the check
+            # compares losses across processes, so there it fixes the precision
+            f"--dtype={'auto' if device.type == 'cuda' else 'float32'}", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
         else [sys.executable]
     result = subprocess.run(launcher + argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -268,9 +276,7 @@ def main(argv=None):
     lines += [f"| {name} | {'PASS' if ok else '**FAIL**'} | {detail} | {memory} | {seconds:.0f} |"
               for name, ok, detail, memory, seconds in rows]
     out.mkdir(parents=True, exist_ok=True)
-    tmp_report = out / "report.md.tmp"
-    tmp_report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp_report, out / "report.md")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print(f"[gpu_check] {len(rows) - len(failed)}/{len(rows)} passed: {out / 'report.md'}")
     if failed:
         raise SystemExit(f"gpu_check.py: failed: {', '.join(failed)}")

@@ -1,5 +1,5 @@
-"""Llama-2 in one file: RoPE, RMSNorm, SwiGLU, grouped-query attention, tied embeddings, SDPA,
-a chunked loss that never materialises (B*T, vocab) fp32 logits, and KV-cache generation.
+"""Llama-2 in one file: RoPE, RMSNorm, SwiGLU, grouped-query attention, SDPA, tied embeddings (the
+head and its loss live in lm_head.py), and KV-cache generation.
 
 Weight names and the RoPE layout (rotate-half, as in Hugging Face's Llama) are chosen so that
 export_hf.py copies tensors one to one into LlamaForCausalLM.
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # targets with this value count neither in the loss sum nor in its denominator
+from lm_head import TiedEmbeddingHead
 
 
 @dataclass
@@ -135,158 +135,28 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class TiedEmbedding(torch.autograd.Function):
-    """(weight[tokens], an alias of weight for the LM head), so that the tied weight's two
-    gradients meet here rather than in autograd's sum: backward adds the lookup's rows into the
-    head's dense (vocab, dim) gradient in place. Autograd alone would allocate a zeroed dense
-    lookup gradient and another (vocab, dim) buffer for the sum, every step; on CPU those fresh
-    pages cost more than the rest of the embedding's backward. The in-place add relies on the
-    head's gradient being a fresh tensor, which the model's two heads (the chunked loss, F.linear)
-    and an unused head (autograd materialises zeros) hand back; an expanded one is added out of place."""
-
-    @staticmethod
-    def forward(ctx, weight, tokens):
-        ctx.save_for_backward(tokens)
-        return weight[tokens], weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad_rows, grad_head):
-        tokens, = ctx.saved_tensors
-        add = grad_head.index_add_ if grad_head.is_contiguous() else grad_head.index_add
-        return add(0, tokens.flatten(), grad_rows.flatten(0, -2).to(grad_head.dtype)), None
-
-
-_scratch = {}
-
-
-def scratch(name, shape, dtype, device):
-    """A buffer kept between calls. On CPU, allocating a fresh (chunk, vocab) tensor costs more than
-    the softmax over it (the kernel maps and zero-fills new pages), so the head reuses its buffers."""
-    key = (name, dtype, device)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < math.prod(shape):
-        buf = _scratch[key] = torch.empty(math.prod(shape), dtype=dtype, device=device)
-    return buf[:math.prod(shape)].view(shape)
-
-
-SOFTMAX_BLOCK_BYTES = 16 << 20  # CPU: fp32 rows per softmax block, sized to stay in cache across its passes
-
-
-def xent_grad_(logits, targets, valid):
-    """Summed cross-entropy of the rows of `logits` (rows with valid=False count nothing); the
-    logits are overwritten with the loss's gradient with respect to them. The softmax runs in fp32;
-    the loss is -log p(target), exact to fp32 rounding unless p underflows (a loss above 69).
-    bf16 logits are converted into fp32 a block of rows at a time; on CPU the block stays in cache,
-    so converting, softmax, gradient and converting back cost about one pass over memory, not five."""
-    if logits.dtype == torch.float32:
-        return _xent_grad_fp32_(logits, targets, valid)
-    n, vocab = logits.shape
-    block = max(1, SOFTMAX_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n
-    loss = 0.0
-    for start in range(0, n, block):
-        rows = logits[start:start + block]
-        probs = scratch("probs", rows.shape, torch.float32, logits.device).copy_(rows)
-        loss = loss + _xent_grad_fp32_(probs, targets[start:start + block], valid[start:start + block])
-        rows.copy_(probs)
-    return loss
-
-
-def _xent_grad_fp32_(probs, targets, valid):
-    torch.softmax(probs, dim=-1, out=probs)
-    rows = torch.arange(len(targets), device=targets.device)
-    loss = -(torch.log(probs[rows, targets].clamp_min(1e-30)) * valid).sum()
-    probs[rows, targets] -= 1.0  # d(-log softmax_t)/d logits = softmax - onehot(t)
-    if not valid.all():
-        probs[~valid] = 0.0
-    return loss
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), computed `chunk` rows at a time.
-
-    Only a (chunk, vocab) block of logits exists at once, in a reused buffer. The gradients are
-    formed in the same pass (softmax - onehot, times hidden / weight) and scaled by the upstream
-    scalar in backward, so the logits are never recomputed either. Matmuls run in `dtype` (bf16
-    under autocast); the softmax and the weight-gradient accumulator stay fp32. What is saved for
-    backward is freshly allocated: several forwards may precede one backward.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype):
-        device, n, vocab = hidden.device, hidden.shape[0], weight.shape[0]
-        rows = min(chunk, n)
-        w = weight if weight.dtype == dtype else scratch("weight", weight.shape, dtype, device).copy_(weight)
-        logits = scratch("logits", (rows, vocab), dtype, device)
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device)
-        grad_hidden = torch.empty_like(hidden)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, rows):
-            h = hidden[start:start + rows].to(dtype)
-            t = targets[start:start + rows]
-            g = torch.mm(h, w.t(), out=logits[:len(h)])
-            total += xent_grad_(g, t.clamp_min(0), t != IGNORE_INDEX)
-            grad_hidden[start:start + rows] = g @ w
-            if dtype == torch.float32:
-                grad_weight.addmm_(g.t(), h, beta=0 if start == 0 else 1)  # beta=0: the empty buffer is ignored
-            else:  # CPU has no bf16 x bf16 -> fp32 mm: the chunk's product is rounded, the sum over chunks is fp32
-                product = torch.mm(g.t(), h, out=scratch("grad_weight_chunk", weight.shape, dtype, device))
-                if start == 0:
-                    grad_weight.copy_(product)
-                else:  # fp32 += bf16 would allocate a converted (vocab, dim) copy: convert into a reused buffer
-                    grad_weight += scratch("grad_weight_fp32", weight.shape, torch.float32, device).copy_(product)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype, ctx.used = weight.dtype, False
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        # scaled in place: no second (vocab, dim) allocation. The price: one backward per forward
-        if ctx.used:
-            raise RuntimeError("backward through the chunked LM loss twice (retain_graph=True) is not supported")
-        ctx.used = True
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None, None
-
-
-def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum"):
-    """Cross-entropy of the LM head over (N, dim) hidden states without (N, vocab) fp32 logits.
-    reduction: "sum" (differentiable) or "none" (per-row losses, 0 at ignored rows; no grad)."""
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-    with torch.autocast(hidden.device.type, enabled=False):
-        if reduction == "sum" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
-        losses = []
-        for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).t()).float()
-            losses.append(F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE_INDEX, reduction="none"))
-        losses = torch.cat(losses)
-        return losses.sum() if reduction == "sum" else losses
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = TiedEmbeddingHead(args.vocab_size, args.dim)  # the embedding and the LM head
         self.dropout = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # tied; forward applies it through TiedEmbedding's alias. The module stays for the state-dict
-        # name output.weight, which checkpoints (loaded strictly) and export_hf.py know.
-        self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_chunk = 1024  # rows of the chunked loss; not architecture, so not in ModelArgs
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
+        # a head saved as nn.Linear keeps the tied weight a second time as output.weight: the same tensor
+        self.register_load_state_dict_pre_hook(lambda module, state, prefix, *_: state.pop(prefix + "output.weight", None))
+
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, TiedEmbeddingHead)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden_states(self, tokens, mask=None, caches=None, pos=0, positions=None, embeds=None):
@@ -301,7 +171,7 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         else:  # per-row positions (left-padded generation batches)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        h, head_weight = TiedEmbedding.apply(self.tok_embeddings.weight, tokens)
+        h, head_weight = self.tok_embeddings.embed(tokens)
         if embeds is not None:
             where, rows = embeds
             h = h.masked_scatter(where[..., None], rows.to(h.dtype))
@@ -316,21 +186,12 @@ class Transformer(nn.Module):
         embeds: see hidden_states."""
         h, head_weight = self.hidden_states(tokens, embeds=embeds)
         if targets is None:
-            return F.linear(h, head_weight)
-        if reduction == "none":  # the LM head runs only on rows that have a target
-            flat = targets.flatten()
-            keep = flat != IGNORE_INDEX
-            losses = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-            losses[keep] = chunked_cross_entropy(h.flatten(0, 1)[keep], head_weight, flat[keep], self.loss_chunk, "none")
-            return losses.view_as(targets)
-        loss = chunked_cross_entropy(h.flatten(0, 1), head_weight, targets.flatten(), self.loss_chunk, "sum")
-        if reduction == "sum":
-            return loss
-        return loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
+            return self.tok_embeddings.logits(h, head_weight)
+        return self.tok_embeddings.loss(h, head_weight, targets, reduction)
 
     def compile_for_training(self):
-        """torch.compile the blocks: one graph, reused by every layer (the loss stays eager: its
-        cost is matmuls and one softmax, already single kernels)."""
+        """torch.compile the blocks: one graph, reused by every layer (the head stays eager: its cost is
+        matmuls and one softmax, already single kernels)."""
         for layer in self.layers:
             layer.compile()
 

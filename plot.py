@@ -5,34 +5,10 @@ run, a dashed line at every phase boundary.
 """
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-
-class LogError(ValueError):
-    """A log.jsonl line that is not a record (other than a torn last line)."""
-
-
-def read_log(path):
-    """The records of a JSONL log. A torn last line (a kill in the middle of a write) is left out with a
-    note; a bad line before the last is an error naming file:line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
-    records = []
-    for i, (number, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError("not a log record")
-        except ValueError:
-            if i == len(lines) - 1:
-                print(f"note: {path}:{number}: the last line is cut short (a run killed while writing): left out",
-                      file=sys.stderr)
-                break
-            raise LogError(f"{path}:{number}: not a JSON log record: fix or delete that line") from None
-        records.append(record)
-    return records
+from atomic import atomic_write
+from runlog import read_log
 
 
 def plot_runs(runs, out_path, title="loss"):
@@ -66,11 +42,8 @@ def plot_runs(runs, out_path, title="loss"):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out_path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
-    tmp.replace(out_path)
 
 
 def main():

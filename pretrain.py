@@ -15,21 +15,27 @@ import sys
 from pathlib import Path
 
 from chatglm_tokenizer import load_tokenizer
-from checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint, run_id_of, start_run
+from checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    latest_checkpoint,
+    run_id_of,
+    start_run,
+)
 from configurator import configure, overrides
 from dataset import DataError, PretrainData
 from model import ModelArgs, Transformer
-from plot import LogError, plot_runs, read_log
-from trainer import Dist, Trainer, check_config, wsd_lr
+from parallel import Dist
+from plot import plot_runs
+from runlog import LogError, RunLog, read_log
+from trainer import TrainConfig, Trainer, check_config, wsd_lr
 
-# ---- I/O
+# ---- pretraining's own keys; the keys every training script shares (batch_size, learning_rate, dtype, ...) are
+# trainer.TrainConfig's, whose defaults are pretraining's: set any of them here, in a config file or as --key=value
 out_dir = "out/pretrain"
 data_dir = "data/processed"  # data_process.py --out: one folder of *.bin shards per source
-tokenizer = "chatglm_tokenizer"
-init_from = ""  # "": a new run (from scratch, or start_phase from out_dir's previous phase); "resume"; a checkpoint
-overwrite = False  # a new run in an out_dir that holds one: True moves the earlier run aside (out_dir.replaced-<time>)
-start_phase = ""  # start at this phase (from init_from, else from the previous phase's checkpoint)
-stop_at = 0  # stop (with a checkpoint) after this global step, e.g. for a cluster's job time limit; 0: never
+start_phase = ""  # start at this phase (from init_from, else from this run's previous phase's checkpoint)
+sampling = "random"  # random windows, or sequential (cursors are checkpointed)
 # ---- model (vocab_size 0: the tokenizer's)
 vocab_size = 0
 dim = 512
@@ -40,7 +46,6 @@ hidden_dim = 0  # 0: 8/3 * dim rounded up to multiple_of
 multiple_of = 64
 max_seq_len = 512
 rope_theta = 10000.0
-dropout = 0.0
 # ---- the phase plan: the seed's four stages; mixture weights are normalised per phase
 phases = [
     {"name": "general", "iters": 6000, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 2, "skypile": 2}},
@@ -51,36 +56,7 @@ phases = [
     {"name": "clinical", "iters": 400, "decay": True,
      "mixture": {"guidelines": 1, "medical_pretrain": 1, "cmekg": 0.3, "wiki": 0.5}},
 ]
-# ---- optimisation (batch_size per rank per micro-step; tokens/step = batch_size*grad_accum*world*max_seq_len)
-batch_size = 16
-grad_accum = 4
-learning_rate = 1e-3
-min_lr_ratio = 0.0  # the decay ends at learning_rate * min_lr_ratio
-warmup_iters = 500
-decay_shape = "1-sqrt"  # exp (MiniCPM), linear, 1-sqrt, cosine
-decay_half_life = 0  # exp only; 0: chosen so the decay reaches min_lr_ratio (or 1e-3) at the end
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-# ---- runtime
-device = "auto"  # auto, cpu, cuda
-dtype = "auto"  # auto: bf16 where this machine runs it faster than fp32 (precision.py), else fp32; or as named
-compile = False
-parallel = "ddp"  # ddp, or fsdp (FSDP2 fully_shard: for models that outgrow one GPU)
-fused_adamw = True
-seed = 1337
-sampling = "random"  # random windows, or sequential (cursors are checkpointed)
-val_fraction = 0.01  # tail of every shard held out
-eval_interval = 500
-eval_windows = 64  # per source
-log_interval = 10
-save_interval = 1000
-nan_policy = "stop"  # stop, or skip (drop the update; at most max_nan_skips in a row)
-max_nan_skips = 10
-peak_flops = 0.0  # the MFU denominator; 0: H100/H200 dense bf16 on a GPU, this CPU's measured matmul peak in dtype
-progress = True
-tensorboard = True
+phase_iters = {}  # {phase name: steps}: the plan's phases with these steps instead (a model size's budget)
 
 
 PHASE_KEYS = {"name": "a plain folder name", "iters": "steps, an int >= 1",
@@ -88,7 +64,7 @@ PHASE_KEYS = {"name": "a plain folder name", "iters": "steps, an int >= 1",
 PLAIN_NAME = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # a file name that stays in its folder: not '.', '..', no '/'
 
 
-def check_phases(phases, start_phase):
+def check_phases(phases, start_phase, phase_iters):
     """The phase plan, checked whole before step 0: one line naming the phase and the key."""
     if not isinstance(phases, list) or not phases:
         raise SystemExit("config: phases must be a non-empty list of {name, iters, mixture[, decay]} dicts")
@@ -126,6 +102,17 @@ def check_phases(phases, start_phase):
         raise SystemExit(f"config: decay phases must come last (the decay runs to the end): {list(zip(names, decays))}")
     if start_phase and start_phase not in names:
         raise SystemExit(f"config: start_phase {start_phase!r} is not a phase: {names}")
+    for name, steps in phase_iters.items():
+        if name not in names:
+            raise SystemExit(f"config: phase_iters names {name!r}, which is not a phase: {names}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise SystemExit(f"config: phase_iters[{name!r}] must be steps, an int >= 1, not {steps!r}")
+
+
+def planned_phases(cfg):
+    """The phase plan with phase_iters applied, checked."""
+    check_phases(cfg["phases"], cfg["start_phase"], cfg["phase_iters"])
+    return [dict(p, iters=cfg["phase_iters"].get(p["name"], p["iters"])) for p in cfg["phases"]]
 
 
 def phase_ranges(plan):
@@ -145,9 +132,9 @@ def find_resume(out, ranges, run_id):
 
 
 def main(argv):
-    cfg = configure(globals(), argv)
+    cfg = configure(globals(), argv, TrainConfig)
     check_config(cfg)
-    check_phases(cfg["phases"], cfg["start_phase"])
+    cfg["phases"] = planned_phases(cfg)
     try:
         train(cfg)
     except (CheckpointError, DataError, LogError, OSError) as err:
@@ -201,9 +188,9 @@ def train(cfg):
     model = Transformer(args)
     trained_dtype = checkpoint_meta(source).get("dtype_trained") if continuing else None
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype)
-    log_path = out / "log.jsonl"
+    log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
-        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
+        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items()))
         print(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
               f"world {d.world} on {d.device}, dtype {trainer.precision}, "
               f"{cfg['batch_size'] * cfg['grad_accum'] * d.world * args.max_seq_len:,} tokens/step")
@@ -241,11 +228,11 @@ def train(cfg):
         data_state = None
         if d.is_master:
             print(f"phase {i + 1}/{len(ranges)} {phase['name']}: steps {max(first, trainer.step)}..{end}, {data.describe()}")
-        trainer.run(data, max(first, trainer.step), end, lr_at, log_path, out / phase["name"] / "ckpt.pt",
+        trainer.run(data, max(first, trainer.step), end, lr_at, log, out / phase["name"] / "ckpt.pt",
                     phase=phase["name"], data_weights=dict(zip(data.names, data.weights)),
                     desc=f"{i + 1}/{len(ranges)} {phase['name']}")
         if d.is_master:
-            plot_runs({"pretrain": read_log(log_path)}, out / "loss.png", title=f"pretraining: {out}")
+            plot_runs({"pretrain": read_log(log.path)}, out / "loss.png", title=f"pretraining: {out}")
             note = " (pre-decay checkpoint)" if end == decay_start else ""
             done = "done" if end == ranges[i][2] else f"stopped at step {end} (stop_at); continue with --init_from=resume"
             print(f"phase {phase['name']} {done}: {out / phase['name'] / 'ckpt.pt'}{note}")

@@ -31,16 +31,14 @@ from pathlib import Path
 
 import torch
 
+from atomic import atomic_write_text
 from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer, tokenizer_model_path
-from plot import plot_runs, read_log
+from plot import plot_runs
+from runlog import read_log
 
 SAMPLE = Path("data/sample")
-PRETRAIN_SOURCES = ["wiki", "baike", "c4_zh", "wudao", "skypile", "medical_pretrain", "guidelines", "cmekg",
-                    "cmedqa2", "chatmed_tcm", "medical_dialogue", "medical_finetune", "text"]
-SFT_SOURCES = ["medical_finetune", "huatuo", "disc_med", "chatmed_consult", "chatmed_tcm", "medical_dialogue",
-               "alpaca_zh", "belle", "belle_multiturn", "sharegpt"]
-MCQ_SOURCES = {"ceval": "eval/ceval/val", "cmmlu": "eval/cmmlu/test", "cmb": "eval/cmb", "cmexam": "eval/cmexam"}
-VQA_SOURCES = {"slake": "vlm/slake/test.json", "pmc_vqa": "vlm/pmc_vqa/test.csv"}
+SOURCES = json.loads((SAMPLE / "sources.json").read_text(encoding="utf-8"))  # which sample folder feeds which stage
+PRETRAIN_SOURCES, SFT_SOURCES, MCQ_SOURCES, VQA_SOURCES = (SOURCES[k] for k in ("pretrain", "sft", "mcq", "vqa"))
 VLM_QUESTION = ("vlm/slake/imgs/xmlab2/source.jpg", "这张胸片有什么异常吗？")  # a film with an opacity in the left lung
 SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase
     {"name": "general", "iters": 3, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 1, "skypile": 1}},
@@ -76,11 +74,11 @@ class Pipeline:
             result = subprocess.run(command, stdout=subprocess.PIPE if stdout else None, text=True)
             if stdout:
                 print(result.stdout, end="")
-                Path(stdout).write_text(result.stdout, encoding="utf-8")
+                atomic_write_text(stdout, result.stdout)
             if result.returncode != 0:
                 sys.exit(f"quickstart: stage '{stage}' failed (exit {result.returncode}): {shlex.join(command)}")
-        (self.stamps / f"{stage}.seconds").write_text(f"{time.time() - start:.1f}")
-        stamp.write_text(digest.hexdigest())
+        atomic_write_text(self.stamps / f"{stage}.seconds", f"{time.time() - start:.1f}")
+        atomic_write_text(stamp, digest.hexdigest())
 
     def seconds(self, stage):
         path = self.stamps / f"{stage}.seconds"
@@ -225,7 +223,7 @@ def write_report(out, pipeline, tokenizer, checkpoints, seconds):
     lines += ["", "## Chat (chat.py, SFT model, greedy)", "", "```", chat, "```"]
     lines += vlm_report(out)
     lines += ["", "## Loss", "", "![loss](loss.png)", ""]
-    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    atomic_write_text(out / "report.md", "\n".join(lines))
 
 
 def vlm_report(out):

@@ -14,55 +14,39 @@ from pathlib import Path
 import torch
 
 from chatglm_tokenizer import load_tokenizer
-from checkpoint import CheckpointError, checkpoint_meta, latest_checkpoint, run_id_of, start_run
+from checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    latest_checkpoint,
+    run_id_of,
+    start_run,
+)
 from configurator import configure, overrides
 from dataset_sft import SFTData
 from model import ModelArgs, Transformer
-from plot import LogError, plot_runs, read_log
-from trainer import Dist, Trainer, check_config, wsd_lr
+from parallel import Dist
+from plot import plot_runs
+from runlog import LogError, RunLog, read_log
+from trainer import TrainConfig, Trainer, check_config, wsd_lr
 
-# ---- I/O
+# ---- SFT's own keys
 out_dir = "out/sft"
 sft_csv = "data/sft/sft_data.csv"
-tokenizer = "chatglm_tokenizer"
-pretrain_dir = "out/pretrain"
-init_from = ""  # a checkpoint; "": the latest phase's ckpt.pt of pretrain_dir's run; "resume": this run's
-stop_at = 0  # stop (with a checkpoint) after this step, e.g. for a cluster's job time limit; 0: never
-overwrite = False  # a new run in an out_dir that holds one: True moves the earlier run aside (out_dir.replaced-<time>)
-# ---- data
+pretrain_dir = "out/pretrain"  # init_from "": the latest checkpoint of this folder's run
 pack = False  # several conversations per row (throughput; see dataset_sft.py)
-val_fraction = 0.02
-dropout = 0.0  # replaces the pretrained model's dropout
-# ---- optimisation (batch_size per rank per micro-step)
 epochs = 2.0
 max_iters = 0  # 0: epochs over the training rows
-batch_size = 16
+# ---- the keys every training script shares (trainer.TrainConfig) that SFT sets otherwise
 grad_accum = 2
 learning_rate = 1e-4
 min_lr_ratio = 0.1
 warmup_iters = 50
 decay_shape = "cosine"  # after warmup, decay over the whole run
-decay_half_life = 0
 weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-# ---- runtime
-device = "auto"
-dtype = "auto"  # see pretrain.py
-compile = False  # SFT rows change length per batch: compiling would recompile often
-parallel = "ddp"
-fused_adamw = True
-seed = 1337
+val_fraction = 0.02
 eval_interval = 200
-eval_windows = 64  # validation conversations per source
-log_interval = 10
 save_interval = 500
-nan_policy = "stop"
-max_nan_skips = 10
-peak_flops = 0.0
-progress = True
-tensorboard = True
+# dropout replaces the pretrained model's; compile stays off: SFT rows change length per batch (recompiles)
 
 
 def latest_pretrain_checkpoint(pretrain_dir):
@@ -75,7 +59,7 @@ def latest_pretrain_checkpoint(pretrain_dir):
 
 
 def main(argv):
-    cfg = configure(globals(), argv)
+    cfg = configure(globals(), argv, TrainConfig)
     check_config(cfg)
     try:
         train(cfg)
@@ -120,9 +104,9 @@ def train(cfg):
         trainer.load(source)
     else:
         trainer.load_weights(source)
-    log_path = out / "log.jsonl"
+    log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
-        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
+        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items()))
         print(f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, "
               f"dtype {trainer.precision}")
         print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({total * rows_per_step / rows_per_epoch:.2f} epochs)")
@@ -132,9 +116,9 @@ def train(cfg):
             print(f"SFT already at step {trainer.step} of {end}; nothing to train")
         d.close()
         return
-    trainer.run(data, trainer.step, end, lr_at, log_path, out / "ckpt.pt", phase="sft", desc="sft")
+    trainer.run(data, trainer.step, end, lr_at, log, out / "ckpt.pt", phase="sft", desc="sft")
     if d.is_master:
-        plot_runs({"sft": read_log(log_path)}, out / "loss.png", title=f"SFT: {out}")
+        plot_runs({"sft": read_log(log.path)}, out / "loss.png", title=f"SFT: {out}")
         stopped = "" if end == total else f" (stopped at step {end} of {total}: continue with --init_from=resume)"
         print(f"saved {out / 'ckpt.pt'}{stopped}")
     d.close()

@@ -16,7 +16,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import corpora
+from atomic import atomic_write, atomic_write_text
 
 CSV_FIELDS = ["prompt", "answer", "history", "source"]
 
@@ -60,12 +60,9 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
     full or read-only disk: OSError naming the file), leaving no temporary file."""
     corpora.check_out(out_path)
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    summary_path = out_path.with_suffix(".summary.json")
-    summary_tmp = summary_path.with_name(summary_path.name + ".tmp")
     summary, seen = {}, set()
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_csv(tmp):
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             writer.writeheader()
@@ -80,22 +77,14 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
                                         "read": counts.pop("read", 0), "kept": counts.pop("kept", 0),
                                         "dropped": dict(counts), "skipped_records": dict(problems.counts),
                                         "examples": problems.examples}
-            f.flush()
-            os.fsync(f.fileno())
         empty = [f"source '{name}' yielded no conversation (read {s['read']:,}; dropped {s['dropped'] or 'none'}; "
                  f"skipped {s['skipped_records'] or 'none'}; first: {'; '.join(s['examples']) or '-'}). "
                  f"Expected: {corpora.expected_input(s['format'])}" for name, s in summary.items() if not s["kept"]]
         if empty:
             raise ValueError(f"nothing written to {out_path}: " + " | ".join(empty))
-        os.replace(tmp, out_path)
-        summary_tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-        os.replace(summary_tmp, summary_path)
-    except OSError as err:
-        raise OSError(err.errno, f"cannot write {err.filename or out_path}: {err.strerror or err}") from None
-    finally:
-        for leftover in (tmp, summary_tmp):
-            if leftover.is_file():
-                leftover.unlink()
+
+    atomic_write(out_path, write_csv)
+    atomic_write_text(out_path.with_suffix(".summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
     return summary
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from atomic import atomic_write
 from chatglm_tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 MAX_IDS = 65536  # token files are uint16
@@ -74,13 +75,7 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
                          f"character_coverage={character_coverage}: {err}") from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "tokenizer.model.tmp"
-    try:
-        tmp.write_bytes(model.getvalue())
-        tmp.replace(out_dir / "tokenizer.model")
-    finally:
-        if tmp.is_file():  # a failed write (a full disk) leaves no temporary file
-            tmp.unlink()
+    atomic_write(out_dir / "tokenizer.model", lambda tmp: Path(tmp).write_bytes(model.getvalue()))
     tokenizer = load_tokenizer(out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer

@@ -22,59 +22,36 @@ from checkpoint import CheckpointError, checkpoint_meta, run_id_of, start_run
 from configurator import configure, overrides
 from corpora import parse_source
 from dataset_vlm import VLMData
-from plot import LogError, plot_runs, read_log
-from trainer import Dist, Trainer, check_config, wsd_lr
+from parallel import Dist
+from plot import plot_runs
+from runlog import LogError, RunLog, read_log
+from trainer import TrainConfig, Trainer, check_config, wsd_lr
 from vlm import VLM, VLMArgs, build_vlm, is_vlm_checkpoint, set_trainable
 
-# ---- I/O
+# ---- the VLM's own keys
 out_dir = "out/vlm/align"
 stage = "align"  # align: the projector, on captions; instruct: projector + LLM, on visual instructions
 init_from = "out/sft/ckpt.pt"  # align: a text checkpoint; instruct: the align checkpoint; "resume": this run's
-overwrite = False  # a new run in an out_dir that holds one: True moves the earlier run aside (out_dir.replaced-<time>)
-stop_at = 0  # stop (with a checkpoint) after this step, e.g. for a cluster's job time limit; 0: at the end
 vision_tower = "data/models/clip-vit-base-patch16"  # align: a local transformers folder (CLIP, Chinese-CLIP, SigLIP)
-tokenizer = "chatglm_tokenizer"
 # ---- data: corpora.py image formats (llava, minimind_v, slake, pmc_vqa, vqa_rad) as NAME=PATH_OR_GLOB
 sources = ["llava=data/raw/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"]
 image_folders = {}  # NAME -> the folder its image paths are relative to; default: per format, beside the data file
 plain_prompts = True  # LLaVA's "plain" template: a prompt keeps its images only (align on captions)
 pack = False
-val_fraction = 0.02
+epochs = 1.0
+max_iters = 0  # 0: epochs over the training rows
 # ---- architecture (align only; instruct keeps its checkpoint's)
 feature_layer = -2  # the tower layer whose hidden states feed the projector
 feature_select = ""  # "default" drops the CLS token, "full" keeps it; "": default for CLIP towers, full for SigLIP
 projector_pool = 1  # 2: 2x2 average pooling of the patch grid (196 -> 49 tokens for a 224 px, patch-16 tower)
-dropout = 0.0
-# ---- optimisation (batch_size per rank per micro-step)
-epochs = 1.0
-max_iters = 0  # 0: epochs over the training rows
-batch_size = 16
+# ---- the keys every training script shares (trainer.TrainConfig) that the VLM sets otherwise
 grad_accum = 2
-learning_rate = 1e-3
-min_lr_ratio = 0.0
 warmup_iters = 30
 decay_shape = "cosine"
-decay_half_life = 0
 weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
-# ---- runtime
-device = "auto"
-dtype = "auto"
-compile = False
-parallel = "ddp"
-fused_adamw = True
-seed = 1337
+val_fraction = 0.02
 eval_interval = 200
-eval_windows = 64
-log_interval = 10
 save_interval = 500
-nan_policy = "stop"
-max_nan_skips = 10
-peak_flops = 0.0
-progress = True
-tensorboard = True
 
 
 def build_model(cfg, tok, start):
@@ -88,7 +65,7 @@ def build_model(cfg, tok, start):
 
 
 def main(argv):
-    cfg = configure(globals(), argv)
+    cfg = configure(globals(), argv, TrainConfig)
     check_config(cfg)
     if cfg["stage"] not in ("align", "instruct"):
         raise SystemExit(f"config: stage must be align or instruct, not {cfg['stage']!r}")
@@ -136,10 +113,10 @@ def train(cfg):
         return wsd_lr(step, cfg["learning_rate"], cfg["warmup_iters"], cfg["warmup_iters"], total, cfg["decay_shape"],
                       cfg["min_lr_ratio"], cfg["decay_half_life"] or None)
 
-    log_path = out / "log.jsonl"
+    log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals()).items()))
+        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items()))
         print(f"{cfg['stage']} from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
               f"trained; {args.image_tokens} tokens per image ({args.vision['model_type']}, layer "
               f"{args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
@@ -149,9 +126,9 @@ def train(cfg):
         if data.problems.total:
             print(data.problems.summary())
     last = min(total, cfg["stop_at"]) if cfg["stop_at"] else total
-    trainer.run(data, trainer.step, last, lr_at, log_path, out / "ckpt.pt", phase=cfg["stage"], desc=cfg["stage"])
+    trainer.run(data, trainer.step, last, lr_at, log, out / "ckpt.pt", phase=cfg["stage"], desc=cfg["stage"])
     if d.is_master:
-        plot_runs({cfg["stage"]: read_log(log_path)}, out / "loss.png", title=f"VLM {cfg['stage']}: {out}")
+        plot_runs({cfg["stage"]: read_log(log.path)}, out / "loss.png", title=f"VLM {cfg['stage']}: {out}")
         if data.problems.total:
             print(data.problems.summary())
         print(f"saved {out / 'ckpt.pt'}")

@@ -9,6 +9,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from atomic import atomic_write
+
 from . import DEFAULT_DIR, load_tokenizer
 
 
@@ -17,9 +19,7 @@ def download(dest=DEFAULT_DIR, repo="THUDM/chatglm2-6b", revision="main"):
 
     cached = hf_hub_download(repo_id=repo, filename="tokenizer.model", revision=revision)
     target = Path(dest) / "tokenizer.model"
-    tmp = target.with_suffix(".model.tmp")
-    shutil.copyfile(cached, tmp)
-    tmp.replace(target)
+    atomic_write(target, lambda tmp: shutil.copyfile(cached, tmp))
     return target
 
 

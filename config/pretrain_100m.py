@@ -12,7 +12,7 @@ grad_accum = 4
 learning_rate = 8e-4
 warmup_iters = 2000
 decay_shape = "1-sqrt"
-phases = [dict(p, iters=n) for p, n in zip(phases, [12000, 4000, 1500, 700])]  # decay: 12%
+phase_iters = {"general": 12000, "refined": 4000, "anneal": 1500, "clinical": 700}  # decay: 12% of 18,200 steps
 compile = True
 eval_interval = 1000
 save_interval = 2000

@@ -13,7 +13,7 @@ grad_accum = 4
 learning_rate = 5e-4
 warmup_iters = 2000
 decay_shape = "1-sqrt"
-phases = [dict(p, iters=n) for p, n in zip(phases, [24000, 8000, 3000, 1400])]  # decay: 12%
+phase_iters = {"general": 24000, "refined": 8000, "anneal": 3000, "clinical": 1400}  # decay: 12% of 36,400 steps
 compile = True
 eval_interval = 1000
 save_interval = 2000

@@ -12,8 +12,8 @@ grad_accum = 2
 learning_rate = 1.5e-3
 warmup_iters = 1000
 decay_shape = "1-sqrt"
-# the default four-phase mixtures of pretrain.py, with this model's budgets (decay: 13% of the steps)
-phases = [dict(p, iters=n) for p, n in zip(phases, [6000, 2000, 800, 400])]
+# the default four-phase mixtures of pretrain.py, with this model's budgets
+phase_iters = {"general": 6000, "refined": 2000, "anneal": 800, "clinical": 400}  # decay: 13% of 9,200 steps
 compile = True
 eval_interval = 500
 save_interval = 1000

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from chatglm_tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
+SAMPLE_SOURCES = json.loads((SAMPLE / "sources.json").read_text(encoding="utf-8"))  # the quickstart's too
 # CI clones the repository with ../shared beside it; a user who downloaded the file has it in-tree.
 REAL_TOKENIZER_CANDIDATES = [ROOT / "chatglm_tokenizer" / "tokenizer.model",
                              ROOT.parent / "shared" / "chatglm_tokenizer" / "tokenizer.model"]
@@ -82,3 +84,33 @@ def token_dir(tmp_path_factory, tiny_tokenizer):
     write_source(root, "medical", [5000], tokenizer_sha256=sha)
     write_source(root, "guide", [4000, 4000], tokenizer_sha256=sha)
     return root
+
+
+# ---------------------------------------------------------------------------- tiny models and checkpoints
+def tiny_model(vocab_size, **shape):
+    """A random Transformer of the tests' small shape (d64, 2 layers, 4 heads sharing 2 kv heads, context 96;
+    `shape` overrides), seed 0, in eval mode."""
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=96) | shape
+    return Transformer(ModelArgs(**args)).eval()
+
+
+def wander(model, std=0.2, keep=("tok_embeddings", "llm.tok_embeddings", "vision.")):
+    """Redraw the model's matrices (but the embedding's, and a VLM's tower) at ~10x the usual init, so that
+    greedy decoding wanders over the vocabulary: at the usual scale the tied embedding makes a fresh model
+    repeat its last token, and a test of decoding would compare repetitions."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(keep):
+                p.normal_(0, std)
+    return model
+
+
+def save(model, path, tok, step=5, **meta):
+    """The model as a checkpoint file of this project (tokenizer fingerprint, step, `meta`); its path as text."""
+    from checkpoint import atomic_save, model_checkpoint
+
+    atomic_save(model_checkpoint(model, model.args, tokenizer_fingerprint=tok.fingerprint, step=step, **meta), path)
+    return str(path)

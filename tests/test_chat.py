@@ -10,25 +10,15 @@ import inference
 from checkpoint import atomic_save, model_checkpoint
 from dataset_sft import render
 from model import ModelArgs, Transformer
+from conftest import save, tiny_model, wander
 
 
-def tiny_model(tok, **kw):
-    """Random, with matrices 10x the usual init so that greedy decoding wanders over the vocabulary
-    (at the usual scale the tied embeddings make a fresh model repeat its last token)."""
-    torch.manual_seed(0)
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, max_seq_len=96)
-    model = Transformer(ModelArgs(**{**args, **kw})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith("tok_embeddings"):
-                p.normal_(0, 0.2)
-    return model
 
 
 def echo_model(tok):
     """Blocks that add nothing (zero output projections): the logits are norm(e_t) . e_j, largest for
     j = t (random embeddings are nearly orthogonal), so greedy decoding repeats the last token."""
-    model = tiny_model(tok)
+    model = wander(tiny_model(tok.vocab_size))
     with torch.no_grad():
         for layer in model.layers:
             layer.attention.wo.weight.zero_()
@@ -36,16 +26,13 @@ def echo_model(tok):
     return model
 
 
-def save(model, path, tok, **meta):
-    atomic_save(model_checkpoint(model, model.args, tokenizer_fingerprint=tok.fingerprint, step=5, **meta), path)
-    return path
 
 
 PROMPTS = ["高血压患者饮食上要注意什么？", "感冒", "糖尿病需要控制饮食、规律运动吗？请详细说明。"]
 
 
 def test_kv_cache_greedy_equals_no_cache(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
     for mode in inference.MODES:
         cached = inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], mode=mode, max_new_tokens=24, temperature=0)
         plain = inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], mode=mode, max_new_tokens=24, temperature=0,
@@ -54,7 +41,7 @@ def test_kv_cache_greedy_equals_no_cache(tiny_tokenizer):
 
 
 def test_batch_of_different_lengths_equals_one_by_one(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
     lengths = [len(inference.build_prompt(tiny_tokenizer, p)[0]) for p in PROMPTS]
     assert len(set(lengths)) == len(PROMPTS)  # the batch really is left-padded
     for mode in inference.MODES:
@@ -65,7 +52,7 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny_tokenizer):
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
     runs = [inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], max_new_tokens=16, temperature=1.0, top_k=50, seed=s)
             for s in (1, 1, 2)]
     assert runs[0] == runs[1] != runs[2]
@@ -98,7 +85,7 @@ def test_stops_at_eos_per_sequence(tiny_tokenizer):
 
 def test_chat_template_and_history_placement(tiny_tokenizer, monkeypatch):
     tok = tiny_tokenizer
-    model = tiny_model(tok)
+    model = wander(tiny_model(tok.vocab_size))
     fed = []
     stream = model.stream
 
@@ -144,14 +131,14 @@ def test_streaming_prints_whole_characters(tiny_tokenizer):
 
 
 def test_stream_equals_answer(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
     ids = inference.build_prompt(tiny_tokenizer, PROMPTS[0])[0]
     streamed = "".join(inference.stream_answer(model, tiny_tokenizer, ids, 20, temperature=0))
     assert streamed == inference.answer(model, tiny_tokenizer, PROMPTS[:1], max_new_tokens=20, temperature=0)[0]
 
 
 def test_mode_from_checkpoint_and_cli(tiny_tokenizer, tiny_tokenizer_dir, tmp_path, capsys):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
     sft = save(model, tmp_path / "sft.pt", tiny_tokenizer, phase="sft")
     base = save(model, tmp_path / "base.pt", tiny_tokenizer, phase="clinical")
     assert inference.load(sft, tiny_tokenizer)[3] == "chat"
@@ -171,18 +158,18 @@ def test_missing_and_mismatched_checkpoints(tiny_tokenizer, tiny_tokenizer_dir, 
         return str(err.value)
 
     assert "no checkpoint" in run(tmp_path / "nothing.pt")
-    wrong = model_checkpoint(tiny_model(tiny_tokenizer, dim=32), ModelArgs(dim=64, n_layers=2, n_heads=4,
+    wrong = model_checkpoint(tiny_model(tiny_tokenizer.vocab_size, dim=32), ModelArgs(dim=64, n_layers=2, n_heads=4,
                              n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=96), phase="sft")
     atomic_save(wrong, tmp_path / "wrong.pt")
     assert "do not match" in run(tmp_path / "wrong.pt")
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
     atomic_save(model_checkpoint(model, model.args, tokenizer_fingerprint="0" * 64, phase="sft"), tmp_path / "other.pt")
     assert "different tokenizer" in run(tmp_path / "other.pt")
 
 
 def test_interactive_session_keeps_history_and_resets(tiny_tokenizer, tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
     tok = tiny_tokenizer
-    model = tiny_model(tok)
+    model = wander(tiny_model(tok.vocab_size))
     path = save(model, tmp_path / "sft.pt", tok, phase="sft")
     first = inference.answer(model, tok, ["头痛怎么办？"], max_new_tokens=6, temperature=0)[0]
     assert first

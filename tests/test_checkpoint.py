@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import checkpoint
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, start_run
-from conftest import ROOT
 from model import ModelArgs, Transformer
 
 

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 import corpora
-from corpora import Problems, Source, iter_dialogues, iter_questions, iter_texts, parse_source
+from corpora import (
+    Problems,
+    Source,
+    iter_dialogues,
+    iter_questions,
+    iter_texts,
+    parse_source,
+)
 
 
 def write_jsonl(path, records):
@@ -290,7 +297,8 @@ FIELDS = ["text", "completion", "title", "content", "summary", "sections", "clea
           "question", "option", "answer", "exam_subject", "explanation", "abstract", "body_text"]
 
 
-@pytest.mark.parametrize("fmt", sorted(name for name, f in corpora.FORMATS.items() if "json" in f.containers))
+@pytest.mark.parametrize("fmt", sorted(name for name, f in corpora.FORMATS.items()
+                                       if "json" in f.containers and f.kind != "image"))  # image: test_vlm.py
 def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
     """Every JSON reader, fed records whose fields hold numbers, booleans, lists, objects or null (and
     records that are not objects): no crash, every one counted, and no str() of a non-text value as text."""

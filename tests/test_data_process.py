@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE, SAMPLE_SOURCES
 
+import atomic
 import corpora
 import data_process as dp
 from corpora import Source
@@ -289,9 +291,7 @@ def test_a_source_that_yields_nothing_is_an_error_after_the_others_are_done(tmp_
     assert os.path.getsize(tmp_path / "out" / "skypile" / "skypile_0000.bin") == 2 * manifest["tokens"]
 
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
-PRETRAIN_SAMPLES = ["wiki", "baike", "c4_zh", "wudao", "medical_pretrain", "skypile", "guidelines", "cmekg", "cmedqa2",
-                    "chatmed_tcm", "medical_dialogue", "medical_finetune", "text"]
+PRETRAIN_SAMPLES = SAMPLE_SOURCES["pretrain"]
 
 
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="data/sample/ not present")
@@ -442,14 +442,20 @@ def test_a_full_disk_says_so_and_leaves_no_temporary_files(tmp_path, tokenizer, 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    def manifest_half_written(path, text):  # the real atomic writer, whose write stops half way on a full disk
+        def write(tmp):
+            Path(tmp).write_text(text[: len(text) // 2], encoding="utf-8")
+            full()
+        atomic.atomic_write(path, write)
+
     if where == "shards":
         monkeypatch.setattr(dp.ShardWriter, "write", full)
     else:
-        monkeypatch.setattr(dp.json, "dump", full)
+        monkeypatch.setattr(dp, "atomic_write_text", manifest_half_written)
     with pytest.raises(SystemExit) as exit_info:
         dp.main(args)
     message = str(exit_info.value)
-    assert message.startswith("data_process: source 'skypile': No space left on device while writing ")
+    assert message.startswith("data_process: source 'skypile': ") and "No space left on device" in message
     assert "\n" not in message and "temporary files were removed" in message
     leftovers = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []

@@ -10,23 +10,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE, save, tiny_model
 
 import eval as ev
-from checkpoint import atomic_save, model_checkpoint
-from conftest import SAMPLE
 from corpora import parse_source
-from model import IGNORE_INDEX, ModelArgs, Transformer
+from lm_head import IGNORE_INDEX
 
 
-def tiny_model(tok, **kw):
-    torch.manual_seed(0)
-    args = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, max_seq_len=256)
-    return Transformer(ModelArgs(**{**args, **kw})).eval()
 
 
-def save(model, path, tok, **meta):
-    atomic_save(model_checkpoint(model, model.args, tokenizer_fingerprint=tok.fingerprint, step=7, **meta), path)
-    return str(path)
 
 
 # ---------------------------------------------------------------- perplexity
@@ -53,7 +45,7 @@ def test_windows_predict_every_token_once(stride):
 def test_bits_per_char_hand_example(tiny_tokenizer):
     """A model whose weights are all zero predicts uniformly: every token costs ln V nats exactly."""
     tok = tiny_tokenizer
-    model = tiny_model(tok, max_seq_len=8)
+    model = tiny_model(tok.vocab_size, max_seq_len=8)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -76,7 +68,7 @@ def test_trained_model_has_lower_ppl_on_its_text_than_shuffled(tiny_tokenizer):
     tok = tiny_tokenizer
     text = "高血压患者应定期监测血压，遵医嘱服药。糖尿病需要控制饮食、规律运动。感冒多喝水，注意休息。"
     stream = torch.tensor((tok.encode_batch([text])[0] + [tok.eos_id]) * 40)
-    model = tiny_model(tok, dim=48, n_layers=1, max_seq_len=32).train()
+    model = tiny_model(tok.vocab_size, dim=48, n_layers=1, max_seq_len=32).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(120):
@@ -97,7 +89,7 @@ def test_trained_model_has_lower_ppl_on_its_text_than_shuffled(tiny_tokenizer):
 
 def test_ppl_cli_reads_text_and_token_folders_alike(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
     tok = tiny_tokenizer
-    ckpt = save(tiny_model(tok, max_seq_len=64), tmp_path / "ckpt.pt", tok, phase="clinical")
+    ckpt = save(tiny_model(tok.vocab_size, max_seq_len=64), tmp_path / "ckpt.pt", tok, step=7, phase="clinical")
     heldout = SAMPLE / "heldout" / "medical_heldout.txt"
     docs = ev.text_documents(parse_source(f"heldout={heldout}"), tok)
     tokens = tmp_path / "tokens"
@@ -238,7 +230,7 @@ def test_cmb_multi_answer_exact_set_and_cmexam_skips_unknown(tiny_tokenizer, tmp
 
 def test_mcq_sample_files_end_to_end(tiny_tokenizer, tiny_tokenizer_dir, tmp_path, capsys):
     tok = tiny_tokenizer
-    ckpt = save(tiny_model(tok), tmp_path / "sft.pt", tok, phase="sft")
+    ckpt = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "sft.pt", tok, step=7, phase="sft")
     out = tmp_path / "mcq.json"
     sources = [f"{name}={SAMPLE / 'eval' / name}" for name in ("ceval", "cmmlu", "cmb", "cmexam")]
     ev.main(["mcq", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--shots", "1", "--device", "cpu",
@@ -260,9 +252,9 @@ def test_mcq_sample_files_end_to_end(tiny_tokenizer, tiny_tokenizer_dir, tmp_pat
 
 def test_generate_writes_answers_side_by_side(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
     tok = tiny_tokenizer
-    base = save(tiny_model(tok), tmp_path / "base.pt", tok, phase="clinical")
+    base = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "base.pt", tok, step=7, phase="clinical")
     torch.manual_seed(1)
-    sft = save(tiny_model(tok), tmp_path / "sft.pt", tok, phase="sft")
+    sft = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "sft.pt", tok, step=7, phase="sft")
     out = tmp_path / "answers.md"
     ev.main(["generate", "--ckpt", base, "--ckpt", sft, "--tokenizer", str(tiny_tokenizer_dir), "--questions",
              str(SAMPLE / "chat_questions.txt"), "--out", str(out), "--max-new-tokens", "6", "--device", "cpu"])
@@ -279,7 +271,7 @@ def test_generate_writes_answers_side_by_side(tiny_tokenizer, tiny_tokenizer_dir
 def test_model_scorer_matches_a_hand_computed_log_likelihood(tiny_tokenizer):
     """Through eval.model_scorer with a real model: every option token, the first one included, is scored
     once, given the context and the option tokens before it (a direct forward pass, log_softmax by hand)."""
-    model = tiny_model(tiny_tokenizer, max_seq_len=64)
+    model = tiny_model(tiny_tokenizer.vocab_size, max_seq_len=64)
     g = torch.Generator().manual_seed(0)
     requests = []
     for context_len, option_len in [(5, 1), (9, 4), (1, 3), (20, 7), (12, 2)]:  # mixed lengths: sorted, padded
@@ -339,7 +331,7 @@ def test_every_skipped_question_is_counted_by_reason(tiny_tokenizer, tmp_path):
 def test_a_benchmark_with_nothing_scorable_is_an_error_with_its_reasons(tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
                                                                        capsys):
     tok = tiny_tokenizer
-    ckpt = save(tiny_model(tok), tmp_path / "sft.pt", tok, phase="sft")
+    ckpt = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "sft.pt", tok, step=7, phase="sft")
     bad = cmb_file(tmp_path, [{"question": f"题{i}", "option": {"A": "甲", "B": "乙"}, "answer": "D"} for i in range(3)])
     out = tmp_path / "mcq.json"
     with pytest.raises(SystemExit) as exit_info:
@@ -358,7 +350,7 @@ def test_a_benchmark_with_nothing_scorable_is_an_error_with_its_reasons(tiny_tok
 
 def test_ppl_with_nothing_to_score_is_an_error(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
     tok = tiny_tokenizer
-    ckpt = save(tiny_model(tok, max_seq_len=64), tmp_path / "ckpt.pt", tok, phase="clinical")
+    ckpt = save(tiny_model(tok.vocab_size, max_seq_len=64), tmp_path / "ckpt.pt", tok, step=7, phase="clinical")
     junk = tmp_path / "junk.jsonl"
     junk.write_text('{"txt": "wrong field"}\n[1]\n', encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
@@ -388,7 +380,7 @@ def test_mcq_numeric_arguments_are_checked_first(tmp_path, capsys, args, message
 def test_out_problems_are_one_line_and_leave_no_temporary_file(tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
                                                                monkeypatch):
     tok = tiny_tokenizer
-    ckpt = save(tiny_model(tok, max_seq_len=64), tmp_path / "ckpt.pt", tok, phase="clinical")
+    ckpt = save(tiny_model(tok.vocab_size, max_seq_len=64), tmp_path / "ckpt.pt", tok, step=7, phase="clinical")
     args = ["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source",
             f"heldout={SAMPLE / 'heldout'}", "--max-docs", "1"]
     with pytest.raises(SystemExit, match="is a folder: give a file"):

@@ -8,6 +8,7 @@ from safetensors import safe_open
 
 import export_hf
 from checkpoint import atomic_save, model_checkpoint
+from conftest import wander
 from model import ModelArgs, Transformer
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, rope_theta=50000.0, norm_eps=1e-6)
@@ -118,10 +119,7 @@ def test_generate_with_the_exported_generation_config_is_our_greedy(tiny_tokeniz
     tok = tiny_tokenizer
     torch.manual_seed(0)
     model = Transformer(ModelArgs(vocab_size=tok.vocab_size, **ARGS)).eval()
-    with torch.no_grad():  # matrices 10x the usual init: greedy output wanders, so a penalty would change it
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith("tok_embeddings"):
-                p.normal_(0, 0.2)
+    wander(model)  # greedy output wanders, so a repetition penalty would change it
     ckpt = model_checkpoint(model, model.args, phase="sft", tokenizer_fingerprint=tok.fingerprint)
     atomic_save(ckpt, tmp_path / "c.pt")
     export_hf.main(["--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "hf"), "--tokenizer",

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 ITEMS = ["loss kernel", "train eager", "train compiled", "fused AdamW", "plain pretrain.py", "torchrun DDP",

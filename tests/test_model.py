@@ -1,10 +1,13 @@
 """model.py: shapes, GQA, the chunked loss, generation with and without the KV cache."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import IGNORE_INDEX, ModelArgs, Transformer, chunked_cross_entropy, sample
+from lm_head import IGNORE_INDEX, TiedEmbedding, chunked_cross_entropy, xent_grad_
+from model import ModelArgs, Transformer, sample
 
 
 def tiny(**kw):
@@ -19,7 +22,10 @@ def test_gqa_shapes_and_tied_embeddings():
     att = m.layers[0].attention
     assert att.wq.weight.shape == (64, 64)
     assert att.wk.weight.shape == (2 * 16, 64) and att.wv.weight.shape == (2 * 16, 64)  # 2 kv heads of 16
-    assert m.output.weight is m.tok_embeddings.weight
+    x = torch.randint(0, 300, (3, 10))
+    h, _ = m.hidden_states(x)
+    torch.testing.assert_close(m(x), h @ m.tok_embeddings.weight.t())  # the head is the embedding's weight
+    assert [k for k, v in m.state_dict().items() if v.shape[0] == 300] == ["tok_embeddings.weight"]  # stored once
     full = tiny(n_kv_heads=None)
     assert full.layers[0].attention.wk.weight.shape == (64, 64)
     assert m.num_params() < full.num_params()
@@ -50,23 +56,39 @@ def test_causality():
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
-def test_chunked_loss_equals_full_loss_and_grads(chunk):
+def test_chunked_loss_equals_the_reference_path(chunk):
+    """The chunked head against loss_path="reference" (F.cross_entropy over full fp32 logits): the oracle."""
     m = tiny()
-    m.loss_chunk = chunk
+    m.tok_embeddings.chunk = chunk
+    ref_model = copy.deepcopy(m)
+    ref_model.tok_embeddings.loss_path = "reference"
     x, y = torch.randint(0, 300, (3, 20)), torch.randint(0, 300, (3, 20))
     y[0, :5] = IGNORE_INDEX
-    loss = m(x, y)
+    loss, ref = m(x, y), ref_model(x, y)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    ref = F.cross_entropy(m(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7)
-    per_token = m(x, y, reduction="none")
+    torch.testing.assert_close(ref, F.cross_entropy(ref_model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX))
+    for (name, p), q in zip(m.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    per_token, ref_per_token = m(x, y, reduction="none"), ref_model(x, y, reduction="none")
     assert per_token.shape == (3, 20) and (per_token[0, :5] == 0).all()
-    torch.testing.assert_close(per_token.sum() / (y != IGNORE_INDEX).sum(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_token, ref_per_token, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m(x, y, reduction="sum"), ref_model(x, y, reduction="sum"), rtol=1e-6, atol=1e-5)
+
+
+def test_the_head_owns_its_buffers_and_old_checkpoints_load():
+    """Reused buffers live on the head (two models never share them; they go with the model), and a state
+    dict that also holds the tied weight as output.weight (an nn.Linear head) loads strictly."""
+    a, b = tiny(), tiny()
+    x, y = torch.randint(0, 300, (2, 8)), torch.randint(0, 300, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a(x, y).backward()
+    assert a.tok_embeddings.scratch.buffers and not b.tok_embeddings.scratch.buffers
+    state = a.state_dict()
+    state["output.weight"] = state["tok_embeddings.weight"].clone()
+    b.load_state_dict(state, strict=True)
+    torch.testing.assert_close(b(x), a(x))
 
 
 def test_chunked_loss_under_bf16_autocast_matches_fp32_on_the_rounded_inputs():
@@ -150,7 +172,6 @@ def test_prompt_too_long_is_an_error():
 
 
 def test_loss_kernel_gradient_in_place():
-    from model import xent_grad_
 
     logits = torch.randn(6, 50, dtype=torch.float64).float()
     targets = torch.randint(0, 50, (6,))
@@ -191,7 +212,6 @@ def test_tied_weight_gradient_equals_plain_autograd():
 def test_tied_embedding_gradient_with_unused_or_expanded_head_gradient():
     """The in-place add needs a fresh head gradient; an unused head (zeros) or one autograd
     expands from a scalar (head.sum()) must still give the right sum."""
-    from model import TiedEmbedding
 
     w = torch.randn(10, 4, requires_grad=True)
     tokens = torch.tensor([[1, 1, 3]])
@@ -238,18 +258,19 @@ def test_backward_allocates_no_vocab_sized_tensor(autocast):
 
 def test_bf16_softmax_blocks_give_the_same_gradient(monkeypatch):
     """bf16 logits go through the fp32 softmax a few rows at a time: any block size, same result."""
-    import model
-    from model import xent_grad_
+    import lm_head
 
+    torch.manual_seed(0)
     logits = (torch.randn(7, 50) * 3).bfloat16()
     targets = torch.randint(0, 50, (7,))
     valid = torch.tensor([True, False, True, True, True, False, True])
     whole = logits.clone()
     whole_loss = xent_grad_(whole, targets, valid)
-    monkeypatch.setattr(model, "SOFTMAX_BLOCK_BYTES", 2 * 4 * 50)  # 2 rows per block: 4 blocks, the last one short
+    monkeypatch.setattr(lm_head, "SOFTMAX_BLOCK_BYTES", 2 * 4 * 50)  # 2 rows per block: 4 blocks, the last one short
     blocked = logits.clone()
     blocked_loss = xent_grad_(blocked, targets, valid)
-    assert torch.equal(blocked, whole) and torch.equal(blocked_loss, whole_loss)
+    assert torch.equal(blocked, whole)  # each row's gradient is its own: bit for bit
+    torch.testing.assert_close(blocked_loss, whole_loss, rtol=1e-6, atol=0)  # the sum only in another order
     ref = F.cross_entropy(logits.float()[valid], targets[valid], reduction="sum")
     torch.testing.assert_close(blocked_loss, ref)
     assert (blocked[~valid] == 0).all()

@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import ROOT
 
 import precision
 from configurator import configure
-from conftest import ROOT
+from trainer import TrainConfig
 
 
 @pytest.mark.parametrize("speedup,expected", [(0.02, "float32"), (0.9, "float32"), (1.05, "float32"),
@@ -70,13 +71,14 @@ def test_generation_probes_a_decoding_row_against_the_head():
 def test_shipped_configs_leave_dtype_on_auto(config):
     script = {"sft": "sft.py", "vlm": "vlm_train.py", "dpo": "dpo.py"}.get(config.stem.split("_")[0], "pretrain.py")
     namespace = runpy.run_path(str(ROOT / script), run_name="config_check")
-    assert configure(namespace, [str(config)])["dtype"] == "auto"
+    assert configure(namespace, [str(config)], TrainConfig)["dtype"] == "auto"
 
 
 def test_pretrain_with_auto_on_a_cpu_without_fast_bf16_trains_in_float32(tmp_path, monkeypatch, capsys,
                                                                           tiny_tokenizer_dir, token_dir):
-    import pretrain
     from test_pretrain import tiny_args
+
+    import pretrain
 
     monkeypatch.setattr(precision, "bf16_speedup", lambda rows, dim, cols: 1 / 60)
     args = [a for a in tiny_args(tmp_path, token_dir, tiny_tokenizer_dir) if not a.startswith("--dtype=")]

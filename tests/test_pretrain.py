@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, write_source
 
 from configurator import configure
 from dataset import DataError, PretrainData, TokenSource
 from model import ModelArgs, Transformer
-from trainer import Dist, NonFiniteLoss, Trainer, wsd_lr
-
-from conftest import ROOT, write_source
+from parallel import Dist
+from runlog import RunLog
+from trainer import NonFiniteLoss, Trainer, default_config, wsd_lr
 
 PHASES = [{"name": "one", "iters": 6, "mixture": {"general": 1}},
           {"name": "two", "iters": 6, "decay": True, "mixture": {"general": 1, "medical": 1, "guide": 1}}]
@@ -137,9 +138,8 @@ def test_configurator_overrides_and_rejects(tmp_path):
 
 # ---------------------------------------------------------------------------- trainer
 def make_trainer(dropout=0.1, **cfg_over):
-    cfg = dict(dtype="float32", batch_size=4, grad_accum=1, learning_rate=1e-2, weight_decay=0.1, beta1=0.9,
-               beta2=0.95, grad_clip=1.0, eval_interval=0, eval_windows=2, log_interval=1, save_interval=0,
-               progress=False, tensorboard=False)
+    cfg = default_config(dtype="float32", batch_size=4, grad_accum=1, learning_rate=1e-2, eval_interval=0,
+                         eval_windows=2, log_interval=1, save_interval=0, progress=False, tensorboard=False)
     cfg.update(cfg_over)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=400, max_seq_len=32, dropout=dropout))
@@ -151,36 +151,40 @@ def test_grad_accumulation_equals_large_batch(token_dir, tmp_path):
     runs = []
     for bs, accum in [(8, 1), (4, 2), (2, 4)]:
         t = make_trainer(dropout=0.0, batch_size=bs, grad_accum=accum)  # same math, only the split differs
-        t.run(data, 0, 4, lambda s: 1e-3, tmp_path / f"log{bs}.jsonl", tmp_path / f"c{bs}.pt")
-        runs.append(([r["loss"] for r in t.log_records if "loss" in r], t.raw_model.state_dict()))
+        log = RunLog(tmp_path / f"log{bs}.jsonl")
+        t.run(data, 0, 4, lambda s: 1e-3, log, tmp_path / f"c{bs}.pt")
+        runs.append(([r["loss"] for r in log.records if "loss" in r], t.raw_model.state_dict()))
     for losses, state in runs[1:]:
         np.testing.assert_allclose(losses, runs[0][0], rtol=1e-5)
+        # AdamW moves a weight by about lr per step whatever its gradient's size, so where a gradient is near
+        # zero the summation order's noise can change that step: weights agree to a fraction of lr (1e-3)
         for k in state:
-            torch.testing.assert_close(state[k], runs[0][1][k], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(state[k], runs[0][1][k], rtol=1e-4, atol=1e-5)
 
 
 def test_nan_guard_stops_without_overwriting_checkpoint(token_dir, tmp_path):
     data = PretrainData(token_dir, {"general": 1}, seq_len=32, seed=0)
     t = make_trainer()
-    t.run(data, 0, 2, lambda s: 1e-3, tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    t.run(data, 0, 2, lambda s: 1e-3, RunLog(tmp_path / "log.jsonl"), tmp_path / "ckpt.pt")
     before = (tmp_path / "ckpt.pt").read_bytes()
     with torch.no_grad():
         t.raw_model.tok_embeddings.weight[5:400] = float("nan")
     with pytest.raises(NonFiniteLoss, match="step 2"):
-        t.run(data, 2, 4, lambda s: 1e-3, tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+        t.run(data, 2, 4, lambda s: 1e-3, RunLog(tmp_path / "log.jsonl"), tmp_path / "ckpt.pt")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     skipping = make_trainer(nan_policy="skip", max_nan_skips=5)
     with torch.no_grad():
         skipping.raw_model.tok_embeddings.weight[5:400] = float("nan")
+    skipped_log = RunLog(tmp_path / "log2.jsonl")
     with pytest.raises(NonFiniteLoss, match="non-finite weights"):  # skipped steps, but never saves NaNs
-        skipping.run(data, 0, 3, lambda s: 1e-3, tmp_path / "log2.jsonl", tmp_path / "ckpt2.pt")
-    assert sum("skipped" in r for r in skipping.log_records) == 3
+        skipping.run(data, 0, 3, lambda s: 1e-3, skipped_log, tmp_path / "ckpt2.pt")
+    assert sum("skipped" in r for r in skipped_log.records) == 3
 
 
 def test_checkpoint_is_fp32_and_complete(token_dir, tmp_path):
     data = PretrainData(token_dir, {"general": 1}, seq_len=32, seed=0)
     t = make_trainer(dtype="bfloat16")
-    t.run(data, 0, 2, lambda s: 1e-3, tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    t.run(data, 0, 2, lambda s: 1e-3, RunLog(tmp_path / "log.jsonl"), tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
     assert {"optimizer", "scaler", "step", "phase", "data_state", "rng", "config", "model_args"} <= set(ckpt)

@@ -1,15 +1,17 @@
 """The main job end to end (quickstart.py --smoke: every stage, 3 steps a phase), and README's commands."""
 
 import json
+from pathlib import Path
 import re
 import shlex
 import subprocess
 import sys
 
 import pytest
-
-from configurator import config_keys
 from conftest import ROOT
+
+from configurator import script_defaults
+from trainer import TrainConfig
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -70,7 +72,7 @@ def test_readme_commands_name_real_scripts_and_flags():
         if script in ("pretrain.py", "sft.py", "vlm_train.py"):
             scope = {}
             exec(compile((ROOT / script).read_text(encoding="utf-8").split("\ndef ")[0], script, "exec"), scope)
-            keys = config_keys(scope)
+            keys = script_defaults(scope, TrainConfig)
             assert all(f[2:] in keys for f in flags), (script, flags)
             assert all((ROOT / a).is_file() for a in args if a.startswith("config/")), args
             continue
@@ -88,3 +90,28 @@ def test_readme_shell_entry_points_exist():
     for script in set(re.findall(r"bash (script/\S+\.sh)", README)):
         assert (ROOT / script).is_file(), script
     assert "bash script/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+REPO_PATH = re.compile(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.(?:py|md|sh|json|txt|csv|html|png))(?![\w/])")
+REPO_FOLDERS = ("config/", "data/sample/", "script/", "tests/", "chatglm_tokenizer/", "docs/")  # not data/raw, out/
+
+
+def docstring_paths():
+    """(module, path) for every file of the repository a module docstring names: paths under its folders
+    (config/sft_tiny.py, data/sample/...) and bare module names (tokenization_chatglm.py)."""
+    import ast
+
+    for source in sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("chatglm_tokenizer/*.py")):
+        doc = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or ""
+        for path in REPO_PATH.findall(doc):
+            if path.startswith(REPO_FOLDERS) or ("/" not in path and path.endswith(".py")):
+                yield source.name, path
+
+
+def test_paths_named_in_docstrings_exist():
+    """A docstring that sends the reader to a file must name one the repository has: no docs/ users do not
+    get, no config that was renamed, no module that is gone (example paths of user data are not checked)."""
+    named = sorted(docstring_paths())
+    missing = [(name, path) for name, path in named
+               if not ((ROOT / path).exists() or ("/" not in path and any(ROOT.glob(f"**/{path}"))))]
+    assert len(named) > 20 and not missing, missing

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 import inference
 import serve
+from conftest import tiny_model, wander
 from engine import Engine, QueueFull, Request
-from model import ModelArgs, Transformer
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,16 +24,6 @@ GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 GREEDY_ARGS = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}  # the same, as the openai client takes it
 
 
-def tiny_model(tok):
-    """Random, with matrices 10x the usual init so that greedy decoding wanders over the vocabulary."""
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
-                                  max_seq_len=CONTEXT)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith("tok_embeddings"):
-                p.normal_(0, 0.2)
-    return model
 
 
 def greedy_text(model, tok, ids, max_tokens):
@@ -70,7 +59,7 @@ def start_server(model, tok, mode="chat", api_key=KEY, **engine_args):
 
 @pytest.fixture(scope="module")
 def served(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size, max_seq_len=CONTEXT))
     running, engine = start_server(model, tiny_tokenizer, max_batch=4, max_queue=16)
     yield running, model, engine
     running.close()
@@ -80,7 +69,7 @@ def served(tiny_tokenizer):
 def slow(tiny_tokenizer):
     """One slot, one place in the queue, a model slowed to 20 ms a forward and no end of text: a request
     runs its max_tokens and stays active meanwhile."""
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size, max_seq_len=CONTEXT))
     forward = model.hidden_states
 
     def slowed(*args, **kwargs):
@@ -124,7 +113,7 @@ class Collector:
 
 def test_engine_greedy_equals_alone_with_joins_and_leaves(tiny_tokenizer):
     tok = tiny_tokenizer
-    model = tiny_model(tok)
+    model = wander(tiny_model(tok.vocab_size, max_seq_len=CONTEXT))
     questions = ("高血压患者饮食上要注意什么？", "感冒", "糖尿病需要控制饮食、规律运动吗？请详细说明。",
                  "头痛怎么办？", "发烧")
     prompts = [inference.build_prompt(tok, q)[0] for q in questions]
@@ -152,7 +141,7 @@ def test_engine_greedy_equals_alone_with_joins_and_leaves(tiny_tokenizer):
 def test_engine_per_row_sampling_settings(tiny_tokenizer):
     """A seeded sampled row gives the same tokens alone and beside rows with other settings."""
     tok = tiny_tokenizer
-    model = tiny_model(tok)
+    model = wander(tiny_model(tok.vocab_size, max_seq_len=CONTEXT))
     prompt = inference.build_prompt(tok, "高血压患者饮食上要注意什么？")[0]
     settings = dict(temperature=0.9, top_k=50, top_p=0.8, repetition_penalty=1.3)
     engine = Engine(model, tok.eos_id, max_batch=4).start()
@@ -174,7 +163,7 @@ def test_engine_per_row_sampling_settings(tiny_tokenizer):
 
 
 def test_engine_refuses_what_does_not_fit(tiny_tokenizer):
-    model = tiny_model(tiny_tokenizer)
+    model = wander(tiny_model(tiny_tokenizer.vocab_size, max_seq_len=CONTEXT))
     engine = Engine(model, tiny_tokenizer.eos_id, max_batch=1, max_queue=1)  # not started: requests stay queued
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.submit(list(range(3, 90)), 10, Collector())

@@ -10,17 +10,16 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE, SAMPLE_SOURCES, tiny_model
 
 import corpora
 import sft_data_process
-from dataset_sft import IGNORE_INDEX, SFTData, encode_turns, fit_turns, labels_for, render
+from dataset_sft import SFTData, encode_turns, fit_turns, labels_for, render
+from lm_head import IGNORE_INDEX
 from model import ModelArgs, Transformer
 
-from conftest import ROOT, SAMPLE
-
 BOS, EOS = 1, 2
-SFT_SOURCES = ["medical_finetune", "huatuo", "disc_med", "chatmed_consult", "chatmed_tcm", "medical_dialogue",
-               "alpaca_zh", "belle", "belle_multiturn", "sharegpt"]
+SFT_SOURCES = SAMPLE_SOURCES["sft"]
 
 
 def test_labels_hand_computed():
@@ -50,13 +49,10 @@ def test_truncation_keeps_answers_whole():
     assert fit_turns(turns, 8) is None  # the answer (6 + <eos>) and one prompt token + <bos> don't fit
 
 
-def tiny_model(vocab):
-    torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=vocab, max_seq_len=64))
 
 
 def test_prompt_targets_do_not_change_the_loss():
-    model = tiny_model(100)
+    model = tiny_model(100, dim=32, n_heads=2, n_kv_heads=None, max_seq_len=64)
     ids, is_answer = render([([10, 11, 12, 13], [20, 21, 22])], BOS, EOS)
     x, y = map(torch.tensor, labels_for(ids, is_answer))
     other_ids, other_mask = render([([50, 51, 52, 53], [20, 21, 22])], BOS, EOS)  # other prompt tokens
@@ -70,7 +66,7 @@ def test_prompt_targets_do_not_change_the_loss():
 
 
 def test_padding_rows_contribute_nothing():
-    model = tiny_model(100)
+    model = tiny_model(100, dim=32, n_heads=2, n_kv_heads=None, max_seq_len=64)
     x = torch.randint(3, 100, (1, 12))
     y = torch.randint(3, 100, (1, 12))
     y[0, :4] = IGNORE_INDEX
@@ -163,9 +159,8 @@ def test_sft_data_batches_mask_answers(sft_csv, tokenizer, tmp_path):
 @pytest.mark.slow
 def test_sft_lowers_answer_loss(tmp_path, sft_csv, tiny_tokenizer_dir):
     """A random model fine-tuned on the sample SFT sets: the held-out answer loss falls well below a fresh model's."""
-    from checkpoint import atomic_save, model_checkpoint
-
     from chatglm_tokenizer import load_tokenizer
+    from checkpoint import atomic_save, model_checkpoint
     tok = load_tokenizer(tiny_tokenizer_dir)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=512)
     torch.manual_seed(0)

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from checkpoint import atomic_save, model_checkpoint
 from conftest import ROOT
-from model import IGNORE_INDEX, ModelArgs, Transformer
 from test_pretrain import cli, run_pretrain, train_losses
 
-CFG = dict(dtype="float32", batch_size=2, grad_accum=1, learning_rate=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95,
-           grad_clip=0.0, eval_interval=0, eval_windows=2, log_interval=1, save_interval=0, progress=False,
-           tensorboard=False)
+from checkpoint import atomic_save, model_checkpoint
+from lm_head import IGNORE_INDEX
+from model import ModelArgs, Transformer
+from trainer import default_config
+
+CFG = default_config(dtype="float32", batch_size=2, grad_accum=1, learning_rate=1e-2, grad_clip=0.0, eval_interval=0,
+                     eval_windows=2, log_interval=1, save_interval=0, progress=False, tensorboard=False)
 ARGS = dict(dim=32, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=16)
 
 
@@ -45,7 +46,8 @@ def step_on_ranks(rank, world, init_file, micro_steps, result_file):
     """One optimizer step of a DDP trainer: (loss, grad norm, all-reduce calls) from rank 0."""
     import torch.distributed as dist
 
-    from trainer import Dist, Trainer
+    from parallel import Dist
+    from trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
@@ -53,7 +55,9 @@ def step_on_ranks(rank, world, init_file, micro_steps, result_file):
     trainer = Trainer(Transformer(ModelArgs(**ARGS)), dict(CFG, grad_accum=micro_steps), Dist("cpu"))
     calls = []
     if world > 1:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+            allreduce_hook,
+        )
 
         def counting(state, bucket):
             calls.append(bucket.index())

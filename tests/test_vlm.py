@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import ROOT, SAMPLE, save, wander
 from PIL import Image, ImageDraw
 
 import chat
@@ -19,13 +21,12 @@ import export_hf
 import inference
 import vision
 import vlm_train
-from checkpoint import atomic_save, model_checkpoint
 from dataset_vlm import VLMData
-from model import IGNORE_INDEX, ModelArgs, Transformer
-from trainer import Dist, Trainer
+from lm_head import IGNORE_INDEX
+from model import ModelArgs, Transformer
+from parallel import Dist
+from trainer import Trainer, default_config
 from vlm import build_vlm, images_kept, set_trainable
-
-from conftest import ROOT, SAMPLE
 
 VLM_SAMPLE = SAMPLE / "vlm"
 TOKENS = 16  # the random tower: 32 px images, 8 px patches, CLS dropped
@@ -42,13 +43,10 @@ def text_ckpt(tmp_path_factory, tiny_tokenizer):
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size,
                                   max_seq_len=128))
     path = tmp_path_factory.mktemp("text") / "sft.pt"
-    save(model, path, tiny_tokenizer, phase="sft")
+    save(model, path, tiny_tokenizer, step=1, phase="sft")
     return path
 
 
-def save(model, path, tok, **meta):
-    atomic_save(model_checkpoint(model, model.args, tokenizer_fingerprint=tok.fingerprint, step=1, **meta), path)
-    return path
 
 
 def tiny_vlm(tok, tower_dir, text_ckpt, **kw):
@@ -196,6 +194,22 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     assert items == [] and list(problems.counts) == ["unreadable Parquet data, rest of file skipped"]
 
 
+def test_values_that_are_not_text_never_become_text(tmp_path):
+    """Image-text readers take only strings as questions, answers and image names: a number, a list, an
+    object or a boolean makes the record a counted bad one, never "5" or "None" as text."""
+    (tmp_path / "imgs").mkdir()
+    drawn().save(tmp_path / "imgs" / "a.png")
+    good = {"qid": 1, "img_name": "a.png", "question": "有异常吗？", "answer": "没有", "q_lang": "zh", "answer_type": "CLOSED"}
+    not_text = [5, 3.5, True, ["文本"], {"text": "文本"}]
+    records = [good] + [{**good, field: value} for field in ("question", "answer", "img_name") for value in not_text]
+    (tmp_path / "slake.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    items, problems = read(f"slake={tmp_path / 'slake.json'}")
+    assert [i.turns[0][1] for i in items] == ["没有"]
+    assert problems.total == 3 * len(not_text)
+    strings = [text for i in items for turn in i.turns for text in turn] + [str(p) for i in items for p in i.images]
+    assert not any(leaked in s for s in strings for leaked in ("5", "True", "[", "{"))
+
+
 # ---------------------------------------------------------------------------- splicing and labels
 
 def test_image_tokens_and_labels(tmp_path, tiny_tokenizer):
@@ -241,12 +255,12 @@ def test_model_puts_image_features_at_the_placeholders(tiny_tokenizer, tower_dir
         got = model(x, images=pixels)
         # by hand: the tower's second-to-last layer without CLS, the projector, in place of the token embeddings
         features = model.projector(model.vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
-        h = model.llm.tok_embeddings(x).clone()
+        h = F.embedding(x, model.llm.tok_embeddings.weight).clone()
         h[x == image_id] = features.flatten(0, 1)
         cos, sin = model.llm.rope_cos[:x.shape[1]], model.llm.rope_sin[:x.shape[1]]
         for layer in model.llm.layers:
             h = layer(h, cos, sin)
-        expected = model.llm.output(model.llm.norm(h))
+        expected = F.linear(model.llm.norm(h), model.llm.tok_embeddings.weight)
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError, match="2 image"):
         model(x[:, :-1], images=pixels[:1])
@@ -268,10 +282,7 @@ def test_pooling_averages_2x2_patches(tiny_tokenizer, tower_dir, text_ckpt):
 
 def test_generation_with_images_cache_and_batch(tiny_tokenizer, tower_dir, text_ckpt):
     model = tiny_vlm(tiny_tokenizer, tower_dir, text_ckpt)
-    with torch.no_grad():
-        for name, p in model.llm.named_parameters():  # large weights: greedy decoding wanders (see test_chat.py)
-            if p.dim() == 2 and not name.startswith("tok_embeddings"):
-                p.normal_(0, 0.3)
+    wander(model.llm, std=0.3)
     images = [drawn(seed=3)]
     kw = dict(max_new_tokens=16, temperature=0)
     cached = inference.answer_ids(model, tiny_tokenizer, ["图里有什么？"], images=images, **kw)
@@ -294,8 +305,7 @@ def data_for(tok, model, sources, plain=True):
                    plain_prompts=plain, image_folders={"minimind_v": VLM_SAMPLE / "minimind_v" / "sft_images"})
 
 
-CFG = dict(dtype="float32", learning_rate=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, batch_size=4,
-           grad_accum=1, eval_windows=4)
+CFG = default_config(dtype="float32", learning_rate=1e-2, batch_size=4, grad_accum=1, eval_windows=4)
 
 
 @pytest.mark.parametrize("stage, trained", [("align", {"projector"}), ("instruct", {"projector", "llm"})])
@@ -389,10 +399,7 @@ def test_undecodable_image_is_counted_and_its_row_left_out(tmp_path, tiny_tokeni
 @pytest.fixture(scope="module")
 def vlm_ckpt(tmp_path_factory, tiny_tokenizer, tower_dir, text_ckpt):
     model = tiny_vlm(tiny_tokenizer, tower_dir, text_ckpt)
-    with torch.no_grad():  # large weights: greedy answers wander, and the image moves them
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith(("llm.tok_embeddings", "vision.")):
-                p.normal_(0, 0.3)
+    wander(model, std=0.3)  # greedy answers wander, and the image moves them
     return save(model, tmp_path_factory.mktemp("vlm") / "ckpt.pt", tiny_tokenizer, phase="instruct")
 
 
@@ -436,7 +443,7 @@ def test_llava_export_round_trip(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, t
                 p.uniform_(0.5, 1.5)
         for p in model.projector.parameters():
             p.normal_(0, 0.5)
-    ckpt = save(model, tmp_path / "ckpt.pt", tiny_tokenizer, phase="instruct")
+    ckpt = save(model, tmp_path / "ckpt.pt", tiny_tokenizer, step=1, phase="instruct")
     export_hf.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--tokenizer", str(tiny_tokenizer_dir)])
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["vision_feature_select_strategy"] == ("default" if model_type == "clip" else "full")
@@ -458,7 +465,7 @@ def test_llava_export_round_trip(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, t
 
 def test_export_refuses_a_pooled_model(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, tower_dir, text_ckpt):
     model = tiny_vlm(tiny_tokenizer, tower_dir, text_ckpt, projector_pool=2)
-    ckpt = save(model, tmp_path / "c.pt", tiny_tokenizer)
+    ckpt = save(model, tmp_path / "c.pt", tiny_tokenizer, step=1)
     with pytest.raises(SystemExit, match="no pooling"):
         export_hf.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "hf"), "--tokenizer", str(tiny_tokenizer_dir)])
     assert not (tmp_path / "hf").exists()
