@@ -42,6 +42,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field

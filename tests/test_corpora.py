@@ -300,6 +300,8 @@ def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
                                                                   {"role": "assistant", "content": "文本"}],
                                                  "conversations": [{"from": "human", "value": "文本"},
                                                                    {"from": "gpt", "value": "文本"}]}
+    if fmt.startswith("s2orc"):  # a text `content` would be the datasets layout's object: use the classic one
+        good = {key: value for key, value in good.items() if key != "content"} | {"abstract": "文本"}
     records = [value for value in NOT_TEXT] + [{**good, field: value} for field in FIELDS for value in NOT_TEXT]
     records += [{**good, "data": ["问：文本", value]} for value in NOT_TEXT]
     records += [{**good, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "文本"}]}
@@ -658,8 +660,8 @@ def test_json_array_in_gb18030_with_a_bad_byte_loses_only_that_item(tmp_path, lo
     path.write_bytes(good[:cut].encode("gb18030") + b"\xff" + good[cut:].encode("gb18030"))
     assert (path.stat().st_size > corpora.LINE_PIECE) == long_line
     docs, problems = texts("wiki", path)
-    assert docs == ["中文百科" * 3000, "第二条"]
-    assert problems.counts == {"undecodable bytes dropped": 1} and ":byte " in problems.examples[0]
+    assert docs == [first, "第三条"]
+    assert problems.examples == [f"{path}:#1: {corpora.UNDECODABLE}"]
 
 
 # ---------------------------------------------------------------- medical literature: S2ORC, PMC, PubMed, PDF
@@ -898,10 +900,6 @@ def test_pdf_textless_pages_and_damaged_files_are_counted(tmp_path):
     assert docs == ["First page text.\nThird page text."]
     assert problems.counts == {"page without a text layer: needs OCR": 1, "unreadable PDF": 2}
     assert f"{mixed}: page without a text layer: needs OCR (page 2)" in problems.examples
-
-
-    assert docs == [first, "第三条"]
-    assert problems.examples == [f"{path}:#1: {corpora.UNDECODABLE}"]
 
 
 BINARY_LINE = bytes(b for b in range(256) if b != 0x0A) * 32  # 8 KiB of every byte value but a newline
