@@ -116,11 +116,28 @@ def test_minhash_drops_near_duplicates_only(tmp_path, tokenizer):
     assert decoded_documents(tmp_path / "fuzzy" / "n", fuzzy, tokenizer) == cleaned([long, DOCS[1] * 3])
 
 
+def write_dialogue_csv(path, docs, stray_quote_at):
+    """Toyhom layout in GB18030: quoted multi-line asks, and one title with a quote inside an unquoted field,
+    which csv reads as a character but which fools the split's quote count (later cuts land inside rows)."""
+    rows = ["department,title,ask,answer"]
+    for i, doc in enumerate(docs):
+        title = f'标题{i}5\'11"' if i == stray_quote_at else f"标题{i}"
+        rows.append(f'内科,{title},"{doc[:20]}\n{doc[20:]}",回答{i}')
+    path.write_bytes(("\n".join(rows) + "\n").encode("gb18030"))
+    return path
+
+
 def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokenizer):
     path = write_corpus(tmp_path / "big.jsonl", random_docs(400) + random_docs(50), bad_lines=[(100, "{oops")])
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(random_docs(120, seed=1)), encoding="utf-8")
-    sources = [Source("big", "skypile", [path]), Source("notes", "text", [text])]
+    dialogues = write_dialogue_csv(tmp_path / "dialogue.csv", random_docs(200, seed=2), stray_quote_at=120)
+    sources = [Source("big", "skypile", [path]), Source("notes", "text", [text]),
+               Source("dialogue", "medical_dialogue", [dialogues])]
+    units = corpora.split_source(sources[2], 2000)
+    for unit, span in units:  # the CSV is cut into pieces, one of which reads on to the end of the file
+        list(corpora.iter_texts(unit, corpora.Problems(), span))
+    assert len(units) > 5 and any(span.read_to_end for _, span in units[:-1])
     runs = {}
     for name, workers, unit_bytes in [("one", 1, 1 << 30), ("two", 2, 2000)]:
         manifests = process(sources, tmp_path / name, tokenizer, workers=workers, unit_bytes=unit_bytes,
@@ -136,6 +153,7 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
                    (tmp_path / "two" / source.name / shard["file"]).read_bytes()
     assert runs["one"][0]["skipped"] == {"exact duplicate of an earlier document": 50, "malformed JSON line": 1}
     assert runs["one"][1]["documents_kept"] == 120
+    assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
 
 
 def test_shards_hold_whole_documents_and_sort_in_order(tmp_path, tokenizer):
