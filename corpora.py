@@ -45,7 +45,7 @@ SNIFF_BYTES = 1 << 16  # how much of a file's first non-ASCII text gives its enc
 PRIOR_SCAN_BYTES = 1 << 26  # ... looked for this far into a file whose head is ASCII
 STRONG_UTF8_BYTES = 16  # a valid UTF-8 line with this many extra bytes of multi-byte characters is UTF-8
 LINE_PIECE = 1 << 20  # a JSON array line longer than this is decoded piece by piece
-LINE_BLOCK = 1 << 20  # lines are read and decoded this many bytes at a time (one decode call, not one per line)
+LINE_BLOCK = 1 << 18  # lines are read and decoded this many bytes at a time (one decode call, not one per line)
 XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
@@ -216,18 +216,24 @@ class LineDecoder:
         return raw.decode(encoding) if encoding else None
 
     def decode_block(self, block: bytes) -> tuple[str, list[int]]:
-        """Whole lines, each decoded as decode() decodes it, in one call where that gives the same text:
-        a UTF-8 file's block that is all valid UTF-8, or a GB18030 file's block that is all valid GB18030
-        and has no line of valid UTF-8 with multi-byte characters (which decode() may read as UTF-8).
-        Returns the text and the indices of the undecodable lines, which read as _with_replacements."""
+        """Whole lines, each decoded as decode() decodes it, a stretch of lines per call where that gives
+        the same text: in a UTF-8 file, a block that is all valid UTF-8; in a GB18030 file, the valid
+        GB18030 between the lines that are also valid UTF-8 with multi-byte characters (which decode()
+        may read as UTF-8: they are decided one by one). Returns the text and the indices of the
+        undecodable lines, which read as _with_replacements."""
         if self.utf8:
             try:
                 return block.decode("utf-8"), []
             except UnicodeDecodeError:
                 pass
-        elif not UTF8_MULTIBYTE_LINE.search(block):
+        else:
             try:
-                return block.decode("gb18030"), []
+                pieces, done = [], 0
+                for line in UTF8_MULTIBYTE_LINE.finditer(b"\n" + block):  # its offsets are one more than block's
+                    start, end = line.start(1) - 1, line.end(1) - 1
+                    pieces += [block[done:start].decode("gb18030"), self.decode(block[start:end])]
+                    done = end
+                return "".join(pieces) + block[done:].decode("gb18030"), []
             except UnicodeDecodeError:
                 pass
         lines, bad = [], []
@@ -252,11 +258,12 @@ class LineDecoder:
         return "gb18030"
 
 
-# A line of valid UTF-8 that holds at least one multi-byte character (RFC 3629's well-formed sequences).
+# After a newline, a line of valid UTF-8 that holds at least one multi-byte character (RFC 3629's
+# well-formed sequences); the pattern starts with the newline so that the search jumps from line to line.
 UTF8_MULTIBYTE_LINE = re.compile(
-    rb"^[\x00-\x09\x0b-\x7f]*(?:(?:[\xc2-\xdf]|\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]"
-    rb"|\xf0[\x90-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf][\x00-\x09\x0b-\x7f]*)+$",
-    re.MULTILINE)
+    rb"\n([\x00-\x09\x0b-\x7f]*(?:(?:[\xc2-\xdf]|\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf][\x00-\x09\x0b-\x7f]*)+)"
+    rb"(?=\n|\Z)")
 
 
 def _mostly_utf8(raw: bytes) -> bool:
@@ -275,19 +282,20 @@ def _with_replacements(raw: bytes) -> str:
 
 
 def line_blocks(path, span: Span | None = None) -> Iterator[bytes]:
-    """The file (or the span's range) as blocks of whole lines, about LINE_BLOCK bytes each; the UTF-8 BOM
-    at the start of a file removed. Blocks are read with read1, so a truncated .gz yields every block
-    before the damage, then raises."""
+    """The file (or the span's range) as blocks of whole lines, growing from SNIFF_BYTES to LINE_BLOCK
+    bytes (a reader that wants only the first lines reads little); the UTF-8 BOM at the start of a file
+    removed. Blocks are read with read1, so a truncated .gz yields every block before the damage, then
+    raises."""
     start, end = (span.start, span.end) if span else (0, None)
     with open_binary(path) as f:
         f.seek(start)
-        position, rest = start, b""
+        position, rest, size = start, b"", SNIFF_BYTES
         while end is None or position < end:
-            data = f.read1(LINE_BLOCK if end is None else min(LINE_BLOCK, end - position))
+            data = f.read1(size if end is None else min(size, end - position))
             if not data:
                 break
             rest += data.removeprefix(codecs.BOM_UTF8) if position == 0 else data
-            position += len(data)
+            position, size = position + len(data), min(2 * size, LINE_BLOCK)
             cut = rest.rfind(b"\n") + 1
             if cut:
                 yield rest[:cut]

@@ -61,8 +61,8 @@ SHARD_TOKENS = 1 << 28  # a shard is closed after the document that brings it to
 UNIT_MB = 64  # JSON-lines / CSV / text files are split into work units of at most about this size ...
 MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at UNITS_PER_WORKER units per worker: output is the
 UNITS_PER_WORKER = 16  # same for any size; many units keep the last ones short, so no worker idles long at the end
-BATCH_BYTES = 1 << 20  # UTF-8 bytes of text per encode call inside a worker (its ids: 4 bytes each, ~1.3 MB)
-COPY_TOKENS = 1 << 22  # tokens the parent moves from a part file to the shards at a time (8 MiB)
+BATCH_BYTES = 1 << 18  # UTF-8 bytes of text per encode call inside a worker: its ids take about as much
+COPY_TOKENS = 1 << 20  # tokens the parent moves from a part file to the shards at a time (2 MiB)
 MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only cost memory
 MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
 MINHASH_PARTITION_BITS = 8  # band keys are filed on disk by their top bits: 256 partitions, one in memory at a time
@@ -88,7 +88,7 @@ def clean_text(text: str) -> str:
         text = SPACES.sub(" ", CONTROLS.sub("", LINE_BREAKS.sub("\n", text)))
     elif "  " in text:
         text = SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
+    text = "\n".join(map(str.strip, text.split("\n")))
     if "\n\n\n" in text:
         text = BLANK_LINES.sub("\n\n", text)
     return text.strip("\n")
