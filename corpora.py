@@ -22,11 +22,13 @@ holds a small file of each.
 """
 
 import codecs
+import collections
 import csv
 import functools
 import glob
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -44,6 +46,7 @@ SNIFF_BYTES = 1 << 16  # how much of a file's first non-ASCII text gives its enc
 PRIOR_SCAN_BYTES = 1 << 26  # ... looked for this far into a file whose head is ASCII
 STRONG_UTF8_BYTES = 16  # a valid UTF-8 line with this many extra bytes of multi-byte characters is UTF-8
 LINE_PIECE = 1 << 20  # a JSON array line longer than this is decoded piece by piece
+LINE_BLOCK = 1 << 18  # lines are read and decoded this many bytes at a time (one decode call, not one per line)
 XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
@@ -58,6 +61,19 @@ class Source:
     format: str
     files: list[Path]
     location: str = ""
+
+
+@dataclass
+class Span:
+    """A byte range [start, end) of one file that starts at a record start (see split_source); first_line
+    is the number of the line at start. The records that start in the span are its own. A CSV row that
+    starts in it but runs past `end` (the split's quote count was fooled, e.g. by a stray quote in an
+    unquoted field) is read whole, and so is the rest of the file: the reader sets read_to_end, and the
+    file's later spans, which were cut inside that row, must be dropped."""
+    start: int
+    end: int | None  # None: the end of the file
+    first_line: int
+    read_to_end: bool = False
 
 
 class Problems:
@@ -200,6 +216,36 @@ class LineDecoder:
         encoding = self.choose(raw)
         return raw.decode(encoding) if encoding else None
 
+    def decode_block(self, block: bytes) -> tuple[str, list[int]]:
+        """Whole lines, each decoded as decode() decodes it, a stretch of lines per call where that gives
+        the same text: in a UTF-8 file, a block that is all valid UTF-8; in a GB18030 file, the valid
+        GB18030 between the lines that are also valid UTF-8 with multi-byte characters (which decode()
+        may read as UTF-8: they are decided one by one). Returns the text and the indices of the
+        undecodable lines, which read as _with_replacements."""
+        if self.utf8:
+            try:
+                return block.decode("utf-8"), []
+            except UnicodeDecodeError:
+                pass
+        else:
+            try:
+                pieces, done = [], 0
+                for line in UTF8_MULTIBYTE_LINE.finditer(b"\n" + block):  # its offsets are one more than block's
+                    start, end = line.start(1) - 1, line.end(1) - 1
+                    pieces += [block[done:start].decode("gb18030"), self.decode(block[start:end])]
+                    done = end
+                return "".join(pieces) + block[done:].decode("gb18030"), []
+            except UnicodeDecodeError:
+                pass
+        lines, bad = [], []
+        for index, raw in enumerate(io.BytesIO(block)):  # lines end at b"\n" only
+            line = self.decode(raw)
+            if line is None:
+                bad.append(index)
+                line = _with_replacements(raw)
+            lines.append(line)
+        return "".join(lines), bad
+
     def choose(self, raw: bytes, final: bool = True) -> str | None:
         """The encoding of a line, or of the first piece of a long one (final=False: it may end inside a
         character)."""
@@ -211,6 +257,14 @@ class LineDecoder:
         if as_utf8 is None and self.utf8 and _mostly_utf8(raw):
             return None
         return "gb18030"
+
+
+# After a newline, a line of valid UTF-8 that holds at least one multi-byte character (RFC 3629's
+# well-formed sequences); the pattern starts with the newline so that the search jumps from line to line.
+UTF8_MULTIBYTE_LINE = re.compile(
+    rb"\n([\x00-\x09\x0b-\x7f]*(?:(?:[\xc2-\xdf]|\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf][\x00-\x09\x0b-\x7f]*)+)"
+    rb"(?=\n|\Z)")
 
 
 def _mostly_utf8(raw: bytes) -> bool:
@@ -228,28 +282,49 @@ def _with_replacements(raw: bytes) -> str:
     return raw.decode(detect_encoding(raw), "replace")
 
 
-def read_lines(path, problems: Problems, span=None) -> Iterator[tuple[int, str, bool]]:
+def line_blocks(path, span: Span | None = None) -> Iterator[bytes]:
+    """The file (or the span's range) as blocks of whole lines, growing from SNIFF_BYTES to LINE_BLOCK
+    bytes (a reader that wants only the first lines reads little); the UTF-8 BOM at the start of a file
+    removed. Blocks are read with read1, so a truncated .gz yields every block before the damage, then
+    raises."""
+    start, end = (span.start, span.end) if span else (0, None)
+    with open_binary(path) as f:
+        f.seek(start)
+        position, rest, size = start, b"", SNIFF_BYTES
+        while end is None or position < end:
+            data = f.read1(size if end is None else min(size, end - position))
+            if not data:
+                break
+            rest += data.removeprefix(codecs.BOM_UTF8) if position == 0 else data
+            position, size = position + len(data), min(2 * size, LINE_BLOCK)
+            cut = rest.rfind(b"\n") + 1
+            if cut:
+                yield rest[:cut]
+                rest = rest[cut:]
+        if rest:
+            yield rest
+
+
+def decoded_blocks(path, span: Span | None = None) -> Iterator[tuple[str, list[int], int]]:
+    """(text, indices of its undecodable lines, its line count) per line block, each line decoded on its
+    own by LineDecoder's rule (see LineDecoder.decode_block)."""
+    decoder = LineDecoder(file_encoding(path))
+    for block in line_blocks(path, span):
+        text, bad = decoder.decode_block(block)
+        yield text, bad, block.count(b"\n") + (not block.endswith(b"\n"))
+
+
+def read_lines(path, problems: Problems, span: Span | None = None) -> Iterator[tuple[int, str, bool]]:
     """(line number, line with its line ending, clean). A line LineDecoder cannot decode comes with
     clean=False and U+FFFD for its bad bytes (quotes, commas and newlines intact, so a CSV row keeps its
-    shape): the caller skips the record that holds it and counts it (UNDECODABLE).
-    span=(start, end, first_line) reads only that byte range, which must start at a line start (see
-    split_source)."""
-    start, end, lineno = span or (0, None, 1)
-    position = start
+    shape): the caller skips the record that holds it and counts it (UNDECODABLE). With a span, only
+    that byte range is read (see split_source)."""
+    lineno = span.first_line if span else 1
     try:
-        decoder = LineDecoder(file_encoding(path))
-        with open_binary(path) as f:
-            f.seek(start)
-            for raw in f:
-                if end is not None and position >= end:
-                    break
-                if position == 0 and raw.startswith(codecs.BOM_UTF8):
-                    raw = raw[len(codecs.BOM_UTF8):]
-                    position = len(codecs.BOM_UTF8)
-                position += len(raw)
-                line = decoder.decode(raw)
-                yield (lineno, line, True) if line is not None else (lineno, _with_replacements(raw), False)
-                lineno += 1
+        for text, bad, count in decoded_blocks(path, span):
+            for index, line in enumerate(io.StringIO(text, newline="\n")):  # lines end at "\n" only
+                yield lineno + index, line, index not in bad
+            lineno += count
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         problems.add("truncated or corrupt gzip file", path, lineno, str(err))
 
@@ -314,19 +389,9 @@ class _Utf8Reader:
         return "".join(out)
 
     def _lines(self, block: bytes) -> str:
-        if self.lines.utf8:
-            try:
-                return block.decode("utf-8")  # every line valid UTF-8 in a UTF-8 file: the common case
-            except UnicodeDecodeError:
-                pass
-        out = []
-        for raw in io.BytesIO(block):  # lines end at b"\n" only, as in read_lines
-            text = self.lines.decode(raw)
-            if text is None:
-                self.bad_lines += 1
-                text = _with_replacements(raw)
-            out.append(text)
-        return "".join(out)
+        text, bad = self.lines.decode_block(block)
+        self.bad_lines += len(bad)
+        return text
 
     def _piece(self, piece: bytes, final: bool) -> str:
         """The next piece of a long line; final: its last."""
@@ -368,43 +433,67 @@ def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
         problems.add("truncated or corrupt gzip file", path, f"#{count}", str(err))
 
 
-def iter_csv(path, problems: Problems) -> Iterator[tuple[int, dict]]:
-    """Rows as {header: value}; quoted fields may hold commas and newlines (the line is where a row starts)."""
-    undecodable = []  # line numbers of undecodable lines in the row being read
+def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tuple[int, dict]]:
+    """Rows as {header: value}; quoted fields may hold commas and newlines (the line is where a row starts).
+    With a span: the rows that start in it (see Span), under the file's header."""
+    header = None
+    if span is not None and span.start:  # the header is the file's first row, read before the span
+        before = _csv_rows(path, Problems(), Span(0, span.start, 1))
+        header = next(([name.strip() for name in row] for _, row, _ in before), None)
+    for where, row, last in _csv_rows(path, problems, span):
+        if header is None:
+            header = [name.strip() for name in row]
+        elif len(row) != len(header):
+            spans = f"; the row runs over lines {where}-{last} (an unterminated quote?)" if last > where else ""
+            problems.add("CSV row with the wrong number of fields", path, where,
+                         f"{len(row)} fields, header has {len(header)}{spans}")
+        else:
+            yield where, dict(zip(header, row))
+
+
+def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int, list, int]]:
+    """(first line, fields, last line) of every non-empty row that starts in the span (None: the file);
+    rows holding an undecodable line and malformed rows are counted, not yielded. The csv module reads
+    the lines straight from each decoded block (no Python step per line)."""
+    first_line = span.first_line if span else 1
+    bad_lines = collections.deque()  # numbers of the undecodable lines not yet passed, ascending
+    row_began = 0  # reader.line_num when the row being read began
 
     def lines():
-        for lineno, line, clean in read_lines(path, problems):
-            if not clean:
-                undecodable.append(lineno)
-            yield line
+        lineno = first_line
+        blocks = decoded_blocks(path, span)
+        try:
+            while True:
+                for text, bad, count in blocks:
+                    bad_lines.extend(lineno + index for index in bad)
+                    lineno += count
+                    yield io.StringIO(text, newline="\n")  # lines end at "\n" only
+                if span is None or span.read_to_end or reader.line_num == row_began:
+                    return  # the end of the file, or of the span between two rows
+                span.read_to_end = True  # a row runs past the span's end: read it, and the rest of the file
+                blocks = decoded_blocks(path, Span(span.end, None, lineno))
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            problems.add("truncated or corrupt gzip file", path, lineno, str(err))
 
-    reader = csv.reader(lines())
-    header, row_start = None, 1
+    reader = csv.reader(itertools.chain.from_iterable(lines()))
     while True:
+        row_began = reader.line_num
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as err:
-            problems.add(UNDECODABLE if undecodable else "malformed CSV row", path, row_start, str(err))
-            row_start = reader.line_num + 1
-            undecodable.clear()
-            continue
-        where, row_start = row_start, reader.line_num + 1
+            row = err
+        where, last = first_line + row_began, first_line + reader.line_num - 1
+        undecodable = bool(bad_lines) and bad_lines[0] <= last
+        while bad_lines and bad_lines[0] <= last:
+            bad_lines.popleft()
         if undecodable:
-            problems.add(UNDECODABLE, path, where)
-            undecodable.clear()
-        elif not row:
-            continue
-        elif header is None:
-            header = [name.strip() for name in row]
-        elif len(row) != len(header):
-            spans = f"; the row runs over lines {where}-{row_start - 1} (an unterminated quote?)" \
-                if row_start - 1 > where else ""
-            problems.add("CSV row with the wrong number of fields", path, where,
-                         f"{len(row)} fields, header has {len(header)}{spans}")
-        else:
-            yield where, dict(zip(header, row))
+            problems.add(UNDECODABLE, path, where, str(row) if isinstance(row, csv.Error) else "")
+        elif isinstance(row, csv.Error):
+            problems.add("malformed CSV row", path, where, str(row))
+        elif row:
+            yield where, row, last
 
 
 def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int, str]]:
@@ -554,7 +643,7 @@ def _first_byte(path) -> bytes:
 
 
 def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterator[tuple[object, object]]:
-    """(location, record) for any container; span only for JSON lines and plain text, record_tag (the
+    """(location, record) for any container; span only for JSON lines, CSV and plain text, record_tag (the
     element that is one record) only for XML."""
     kind = container(path)
     if kind == "xml":
@@ -562,7 +651,7 @@ def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterat
     elif kind == "pdf":
         yield from iter_pdf(path, problems)
     elif kind == "csv":
-        yield from iter_csv(path, problems)
+        yield from iter_csv(path, problems, span)
     elif kind == "text":
         yield from iter_text_blocks(path, problems, span)
     elif kind == "json" and _first_byte(path) == b"[":
@@ -1565,13 +1654,15 @@ def image_file(root: Path, name: str) -> Path:
 
 # ---------------------------------------------------------------- splitting big files for parallel work
 
-def split_source(source: Source, target_bytes: int) -> list[tuple[Source, tuple | None]]:
-    """Independently readable pieces of a source, in reading order: (one-file Source, span or None).
-    Plain JSON-lines and text files larger than target_bytes are cut into byte ranges
-    span=(start, end, first_line) that begin at a record start (a line; for text, after a blank line),
-    so reading the pieces one after another gives exactly what reading the file gives. Everything else
-    (JSON arrays, a pretty-printed JSON object, CSV, .gz, files the format does not read, formats that
-    join files) is one piece per file or per source: what is counted once per file stays counted once."""
+def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span | None]]:
+    """Independently readable pieces of a source, in reading order: (one-file Source, Span or None).
+    Plain JSON-lines, CSV and text files larger than target_bytes are cut into byte ranges that begin at
+    a record start: a line; for text, one after a blank line; for CSV, one where the quotes before it
+    pair up (a newline inside a quoted field is not a row end). Reading the pieces one after another
+    gives exactly what reading the file gives (a CSV cut that the quote count got wrong is caught as
+    it is read: see Span). Everything else (JSON arrays, a pretty-printed JSON object, .gz, files the
+    format does not read, formats that join files) is one piece per file or per source: what is counted
+    once per file stays counted once."""
     fmt = FORMATS[source.format]
     if fmt.whole_source:
         return [(source, None)]
@@ -1581,9 +1672,9 @@ def split_source(source: Source, target_bytes: int) -> list[tuple[Source, tuple 
         single = Source(source.name, source.format, [path], source.location)
         kind = container(path)
         splittable = kind in fmt.containers and not str(path).endswith(".gz") and (
-            kind == "text" or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path)))
+            kind in ("text", "csv") or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path)))
         if splittable and os.path.getsize(path) > target_bytes:
-            pieces += [(single, span) for span in _spans(path, target_bytes, blank_line=kind == "text")]
+            pieces += [(single, span) for span in _spans(path, target_bytes, kind)]
         else:
             pieces.append((single, None))
     return pieces
@@ -1595,27 +1686,42 @@ def _one_json_object(path) -> bool:
         return f.readline(64).removeprefix(codecs.BOM_UTF8).strip() == b"{"
 
 
-def _spans(path, target_bytes: int, blank_line: bool) -> list[tuple[int, int, int]]:
+def _spans(path, target_bytes: int, kind: str) -> list[Span]:
     size = os.path.getsize(path)
     spans, start, first_line = [], 0, 1
     with open(path, "rb") as f:
         while start < size:
-            end = size if start + target_bytes >= size else _boundary(f, start + target_bytes, blank_line, size)
-            f.seek(start)
-            lines, left = 0, end - start
-            while left:
-                block = f.read(min(left, 1 << 20))
-                lines, left = lines + block.count(b"\n"), left - len(block)
-            spans.append((start, end, first_line))
-            start, first_line = end, first_line + lines
+            end = size if start + target_bytes >= size else _boundary(f, start, start + target_bytes, kind, size)
+            spans.append(Span(start, end, first_line))
+            start, first_line = end, first_line + _count(f, start, end, b"\n")
     return spans
 
 
-def _boundary(f, offset: int, blank_line: bool, size: int) -> int:
-    """The first line start at or after offset; for text, the first one right after a blank line."""
+def _count(f, start: int, end: int, byte: bytes) -> int:
+    """How often byte occurs in [start, end) of the open file."""
+    f.seek(start)
+    found, left = 0, end - start
+    while left > 0:
+        block = f.read(min(left, 1 << 20))
+        if not block:
+            break
+        found, left = found + block.count(byte), left - len(block)
+    return found
+
+
+def _boundary(f, start: int, offset: int, kind: str, size: int) -> int:
+    """The first line start at or after offset; for text, the first one right after a blank line; for
+    CSV, the first one with an even number of quote bytes since start (a row start: '"' is one byte in
+    UTF-8 and GB18030 alike and never part of another character)."""
     f.seek(offset - 1)
     position = offset - 1 + len(f.readline())
-    while blank_line and position < size:
+    if kind == "csv":
+        quotes = _count(f, start, position, b'"')
+        f.seek(position)
+        while quotes % 2 and position < size:
+            line = f.readline()
+            position, quotes = position + len(line), quotes + line.count(b'"')
+    while kind == "text" and position < size:
         line = f.readline()
         position += len(line)
         if not line.strip():

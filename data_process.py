@@ -16,9 +16,10 @@ Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py):
 
 How it works:
   1. corpora.split_source cuts every source into work units: whole files, and byte ranges (at record
-     boundaries) of JSON-lines / text files, about 16 per worker and at most --unit-mb each.
+     boundaries) of JSON-lines / CSV / text files, about 16 per worker and at most --unit-mb each.
   2. Workers, one unit at a time: read records, clean, drop short documents, hash, encode in batches and
-     append the tokens to a part file. Nothing holds a corpus in memory.
+     append the tokens to a part file (ids come from SentencePiece as numpy arrays: no Python object per
+     token). Nothing holds a corpus in memory.
   3. The parent takes the units' results in unit order, so the output is the same bytes for any
      --workers. It drops documents whose text hash it has already seen in this run (every source of one
      invocation; the first occurrence wins) and copies the rest into shards. With --minhash (MinHash +
@@ -58,11 +59,11 @@ from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
 MIN_CHARS = 10  # documents shorter than this after cleaning are dropped
 SHARD_TOKENS = 1 << 28  # a shard is closed after the document that brings it to this many tokens (512 MiB)
-UNIT_MB = 64  # JSON-lines / text files are split into work units of at most about this size ...
+UNIT_MB = 64  # JSON-lines / CSV / text files are split into work units of at most about this size ...
 MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at UNITS_PER_WORKER units per worker: output is the
 UNITS_PER_WORKER = 16  # same for any size; many units keep the last ones short, so no worker idles long at the end
-BATCH_CHARS = 1 << 20  # characters per encode_batch call inside a worker
-COPY_TOKENS = 1 << 22  # tokens the parent moves from a part file to the shards at a time (8 MiB)
+BATCH_BYTES = 1 << 18  # UTF-8 bytes of text per encode call inside a worker: its ids take about as much
+COPY_TOKENS = 1 << 20  # tokens the parent moves from a part file to the shards at a time (2 MiB)
 MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only cost memory
 MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
 MINHASH_PARTITION_BITS = 8  # band keys are filed on disk by their top bits: 256 partitions, one in memory at a time
@@ -88,14 +89,15 @@ def clean_text(text: str) -> str:
         text = SPACES.sub(" ", CONTROLS.sub("", LINE_BREAKS.sub("\n", text)))
     elif "  " in text:
         text = SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
+    text = "\n".join(map(str.strip, text.split("\n")))
     if "\n\n\n" in text:
         text = BLANK_LINES.sub("\n\n", text)
     return text.strip("\n")
 
 
-def text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+def text_hash(data: bytes) -> int:
+    """A document's identity for exact dedup: blake2b-64 of its cleaned text's UTF-8 bytes."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 _rng = np.random.default_rng(20240601)  # fixed: band keys must agree across processes and runs
@@ -121,7 +123,7 @@ def minhash_bands(text: str) -> np.ndarray:
         block = shingles[start:start + 4096]
         signature = np.minimum(signature, (MINHASH_A[:, None] * block + MINHASH_B[:, None]).min(axis=1))
     bands = signature.reshape(MINHASH["bands"], -1)
-    return np.array([text_hash(f"{i}:{band.tobytes().hex()}") for i, band in enumerate(bands)], np.uint64)
+    return np.array([text_hash(f"{i}:{band.tobytes().hex()}".encode()) for i, band in enumerate(bands)], np.uint64)
 
 
 class SeenHashes:
@@ -241,6 +243,7 @@ class UnitResult:
     bands: np.ndarray | None  # (documents, bands) LSH keys, with --minhash
     documents_read: int
     problems: corpora.Problems
+    read_to_end: bool  # a CSV unit read on to the end of its file (corpora.Span): the file's later units are void
 
 
 _tokenizer = None  # set in each worker by _init_worker
@@ -256,16 +259,14 @@ def encode_unit(task) -> UnitResult:
     source, span, part, min_chars, minhash = task
     label = source.files[0] if len(source.files) == 1 else source.location
     problems = corpora.Problems()
-    eos = np.array([_tokenizer.eos_id], DTYPE)
-    lengths, hashes, bands, batch, batch_chars, read = [], [], [], [], 0, 0
+    eos = np.array([_tokenizer.eos_id], np.int32)
+    lengths, hashes, bands, batch, batch_bytes, read = [], [], [], [], 0, 0
 
     def flush(out):
-        pieces = []
-        for ids in _tokenizer.encode_batch(batch, num_threads=1):  # the processes are the parallelism
-            pieces += [np.array(ids, DTYPE), eos]
-            lengths.append(len(ids) + 1)
-        if pieces:
-            np.concatenate(pieces).tofile(out)
+        ids = _tokenizer.encode_arrays(batch, num_threads=1)  # the processes are the parallelism
+        lengths.extend(len(document) + 1 for document in ids)
+        if ids:
+            np.concatenate([piece for document in ids for piece in (document, eos)]).astype(DTYPE).tofile(out)
         batch.clear()
 
     with open(part, "wb") as out:
@@ -275,17 +276,19 @@ def encode_unit(task) -> UnitResult:
             if len(text) < min_chars:
                 problems.add("shorter than --min-chars after cleaning" if text else "empty after cleaning", label)
                 continue
-            hashes.append(text_hash(text))
+            data = text.encode("utf-8")  # hashed, and what SentencePiece reads (it would encode the str itself)
+            hashes.append(text_hash(data))
             if minhash:
                 bands.append(minhash_bands(text))
-            batch.append(text)
-            batch_chars += len(text)
-            if batch_chars >= BATCH_CHARS:
+            batch.append(data)
+            batch_bytes += len(data)
+            if batch_bytes >= BATCH_BYTES:
                 flush(out)
-                batch_chars = 0
+                batch_bytes = 0
         flush(out)
     band_keys = np.array(bands, np.uint64).reshape(-1, MINHASH["bands"]) if minhash else None
-    return UnitResult(part, np.array(lengths, np.int64), np.array(hashes, np.uint64), band_keys, read, problems)
+    return UnitResult(part, np.array(lengths, np.int64), np.array(hashes, np.uint64), band_keys, read, problems,
+                      span is not None and span.read_to_end)
 
 
 # ---------------------------------------------------------------- the parent: shards
@@ -485,19 +488,26 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
     clear_leftovers(folder)
     parts = folder / "parts.tmp"
     parts.mkdir()
-    sizes = [(span[1] - span[0]) if span else sum(p.stat().st_size for p in unit.files) for unit, span in units]
+    sizes = [(span.end - span.start) if span else sum(p.stat().st_size for p in unit.files) for unit, span in units]
     tasks = [(unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
              for i, (unit, span) in enumerate(units)]
     writer = ShardWriter(folder, source.name, run.settings["shard_tokens"])
     logs = []
     problems, read, kept = corpora.Problems(), 0, 0
     deferred, staged = [], 0  # --minhash: units wait for the source's near duplicates: (result, keep, first, label)
+    void_file = None  # a file one of whose units read on to its end: its later units were cut inside a row
     try:
         logs.append(HashLog(folder / "dedup_hashes.u64"))
         if run.settings["minhash"]:
             logs.append(HashLog(folder / "dedup_bands.u64"))
         with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=source.name) as bar:
             for (unit, _), size, result in zip(units, sizes, encode(encode_unit, tasks)):
+                bar.update(size)
+                if unit.files[0] == void_file:
+                    remove_owned(result.part, folder)
+                    continue
+                if result.read_to_end:
+                    void_file = unit.files[0]
                 label = unit.files[0] if len(unit.files) == 1 else source.location
                 keep = exact_dedup(result, run.dedup, logs[0], label)
                 if result.bands is None:
@@ -509,7 +519,6 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
                     result.bands = result.hashes = None
                 problems.merge(result.problems)
                 read += result.documents_read
-                bar.update(size)
         if deferred:
             near = run.dedup.bands.near_duplicates(staged, logs[1])
             for result, keep, first, label in tqdm(deferred, desc=f"{source.name} near duplicates dropped, copying"):
@@ -663,7 +672,7 @@ def main(argv=None):
     parser.add_argument("--minhash", action="store_true", help="also drop near-duplicates (MinHash + LSH)")
     parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (about)")
     parser.add_argument("--unit-mb", type=float, default=UNIT_MB, help="largest work unit in MiB that JSON-lines/"
-                        "text files are split into (any value gives the same output)")
+                        "CSV/text files are split into (any value gives the same output)")
     parser.add_argument("--force", action="store_true", help="redo sources that are up to date")
     args = parser.parse_args(argv)
     for flag, value, low in (("--workers", args.workers, 1), ("--min-chars", args.min_chars, 0),

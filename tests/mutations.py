@@ -136,6 +136,22 @@ MUTATIONS = [
              "new = dedup.exact.add(result.hashes)",
              "new = dedup.exact.add(result.hashes) | True",
              ["tests/test_data_process.py", "-k", "duplicate"]),
+    Mutation("csv_cut_ignores_quotes", "corpora.py",
+             "        while quotes % 2 and position < size:",
+             "        while False:",
+             ["tests/test_corpora.py", "-k", "split_pieces"]),
+    Mutation("csv_unit_stops_inside_a_row", "corpora.py",
+             "                span.read_to_end = True  # a row",
+             "                return  # a row",
+             ["tests/test_corpora.py", "-k", "cut_inside"]),
+    Mutation("csv_units_cut_inside_rows_kept", "data_process.py",
+             "                if unit.files[0] == void_file:",
+             "                if False:",
+             ["tests/test_data_process.py", "-k", "same_bytes"]),
+    Mutation("gb18030_block_reads_utf8_lines_as_gb", "corpora.py",
+             "self.decode(block[start:end])]",
+             "block[start:end].decode('gb18030')]",
+             ["tests/test_corpora.py", "-k", "decode_as_their"]),
 ]
 
 

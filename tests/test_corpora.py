@@ -423,29 +423,82 @@ def test_parse_source_glob_and_folder_are_sorted(tmp_path):
 
 # ---------------------------------------------------------------- splitting for workers
 
+def toyhom_csv(rows: int, encoding: str, stray_quote_at=None) -> bytes:
+    """A Toyhom-layout CSV: quoted fields with newlines, commas and doubled quotes, lines that are also
+    valid UTF-8 ("什", "时为") in GB18030, a row with undecodable bytes, one with too few fields, a blank
+    line; stray_quote_at puts a quote inside an unquoted field of that row (csv reads it as a character)."""
+    import csv
+    import io
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["department", "title", "ask", "answer"])
+    for i in range(rows):
+        title = f'标题{i}身高5\'11"' if i == stray_quote_at else f"标题{i}"
+        ask = f"第{i}问，" + "续行\n" * (i % 3) + ('他说"疼"，' if i % 4 == 0 else "") + ("\n什\n时为" if i % 5 == 0 else "")
+        writer.writerow(["内科", title, ask, f"回答{i}" + "\n补充" * (i % 2)])
+        if i == 40:
+            text.write("外科,只有三列,没有回答\n\n")
+    data = text.getvalue().replace(f'"标题{stray_quote_at}身高5\'11"""', f'标题{stray_quote_at}身高5\'11"').encode(encoding)
+    row = data.index("第60问".encode(encoding))
+    return data[:row] + b"\xff" + data[row:]
+
+
+def read_split(pieces):
+    """The pieces' texts read one after another, as data_process's parent takes them: the pieces of a
+    file after one that read on to its end are dropped."""
+    problems, texts_read, done = Problems(), [], set()
+    for piece, span in pieces:
+        if piece.files[0] in done:
+            continue
+        texts_read += list(iter_texts(piece, problems, span))
+        if span is not None and span.read_to_end:
+            done.add(piece.files[0])
+    return texts_read, problems
+
+
 @pytest.mark.parametrize("fmt,suffix,encoding", [("skypile", ".jsonl", "utf-8"), ("text", ".txt", "utf-8"),
-                                                 ("text", ".txt", "gb18030")])
+                                                 ("text", ".txt", "gb18030"), ("medical_dialogue", ".csv", "utf-8"),
+                                                 ("medical_dialogue", ".csv", "gb18030")])
 def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix, encoding):
     path = tmp_path / f"big{suffix}"
     if fmt == "skypile":
         lines = [json.dumps({"text": f"文档{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(300)]
         lines[150] = "{broken"
         path.write_text("\n".join(lines) + "\n", encoding=encoding)
-    else:  # GB18030: "什" and "时为" are also valid UTF-8, so every piece must read them as the whole file does
+    elif fmt == "text":  # GB18030: "什" and "时为" are also valid UTF-8, so every piece must read them as the whole file does
         path.write_text("".join(f"第{i}段\n" + "续行\n" * (i % 3) + "什\n时为\n" * (i % 2) + "\n" * (1 + i % 2)
                                 for i in range(300)), encoding=encoding)
+    else:
+        path.write_bytes(toyhom_csv(300, encoding))
     source = Source("big", fmt, [path])
     whole_problems = Problems()
     whole = list(iter_texts(source, whole_problems))
     pieces = corpora.split_source(source, 500)
-    assert len(pieces) > 5 and all(span[0] < span[1] for _, span in pieces)
-    split_problems, split = Problems(), []
-    for piece, span in pieces:
-        split += list(iter_texts(piece, split_problems, span))
+    assert len(pieces) > 5 and all(span.start < span.end for _, span in pieces)
+    split, split_problems = read_split(pieces)
     assert split == whole
     assert split_problems.examples == whole_problems.examples  # line numbers survive the split
+    assert not any(span.read_to_end for _, span in pieces)  # every cut was a record start
     if encoding == "gb18030":
-        assert "什\n时为" in whole[1] and not whole_problems.counts
+        assert any("什\n时为" in text for text in whole) and "\ufffd" not in "".join(whole)
+    if fmt == "medical_dialogue":
+        assert len(whole) == 299 and whole[1] == "标题1\n第1问，续行\n回答1\n补充"
+        assert whole_problems.counts == {corpora.UNDECODABLE: 1, "CSV row with the wrong number of fields": 1}
+
+
+def test_a_csv_cut_inside_a_row_reads_that_row_and_the_rest_of_the_file(tmp_path):
+    """A quote inside an unquoted field is a plain character to csv, but the split counts it: later cuts
+    land inside quoted fields. The piece whose row runs past its end reads on to the end of the file."""
+    path = tmp_path / "stray.csv"
+    path.write_bytes(toyhom_csv(300, "gb18030", stray_quote_at=20))
+    source = Source("big", "medical_dialogue", [path])
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    assert any("身高5'11\"" in text for text in whole)
+    pieces = corpora.split_source(source, 500)
+    split, split_problems = read_split(pieces)
+    assert split == whole and split_problems.examples == whole_problems.examples
+    assert any(span.read_to_end for _, span in pieces)
 
 
 def test_files_the_format_does_not_read_are_counted_once_each_however_big(tmp_path):
@@ -994,3 +1047,19 @@ def test_line_decoder_decides_every_line_on_its_own():
     bad_pair = ("中文" * 5).encode() + b"\x81\x40" + ("中文" * 5).encode()  # a UTF-8 line with two bad bytes ...
     assert bad_pair.decode("gb18030")  # ... that GB18030 would read without an error, as mojibake
     assert utf8.decode(bad_pair) is None
+
+
+def test_line_blocks_decode_as_their_lines_one_by_one():
+    """decode_block takes a whole block in one call only where that reads every line as decode() does."""
+    lines = ["高血压患者应定期监测血压。\n".encode(), "高血压患者应定期监测血压。\n".encode("gb18030"),
+             "什\n".encode("gb18030"), ("中文" * 10 + "\n").encode(), b"plain ascii\r\n", BINARY_LINE + b"\n",
+             "末行".encode("gb18030")]
+    for encoding in ("utf-8", "gb18030"):
+        decoder = corpora.LineDecoder(encoding)
+        for chosen in ([0, 4], [1, 2, 4], [1, 3, 6], [3, 1], [0, 1, 5, 4], [2, 4, 6], list(range(7))):
+            block = b"".join(lines[i] for i in chosen)
+            expected = [decoder.decode(lines[i]) for i in chosen]
+            text, bad = decoder.decode_block(block)
+            assert bad == [index for index, line in enumerate(expected) if line is None]
+            assert text == "".join(line if line is not None else corpora._with_replacements(lines[i])
+                                   for i, line in zip(chosen, expected))

@@ -65,6 +65,25 @@ def test_clean_text_normalises_whitespace_and_controls_but_not_chinese_punctuati
     assert dp.clean_text(" \n\x07\n ") == ""
 
 
+def reference_clean_text(text):
+    """CLEANING, rule by rule, with no shortcut: what clean_text must return for any text."""
+    import re
+    text = re.sub(r"\r\n|[\r\x0b\x0c\x85\u2028\u2029]", "\n", text)
+    text = re.sub(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\ufeff\u200b]", "", text)
+    text = re.sub(r"[ \u00a0\u2000-\u200a\u202f\u205f]+", " ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+def test_clean_text_agrees_with_the_rules_on_random_texts():
+    rng = np.random.default_rng(0)
+    whitespace = [chr(c) for c in range(0x110000) if chr(c).isspace()]  # every character str.strip removes
+    alphabet = np.array(whitespace + list("\x00\x07\x1b\x7f\x9f\ufeff\u200b") + list("血压，。ab1") * 4)
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet, rng.integers(0, 12)))
+        assert dp.clean_text(text) == reference_clean_text(text), repr(text)
+
+
 def test_shards_decode_back_to_the_cleaned_documents(tmp_path, tokenizer):
     texts = DOCS + ["短", "  \x00 "] + many_docs(30)
     source = Source("medical_pretrain", "medical_pretrain", [write_corpus(tmp_path / "m.json", texts)])
@@ -118,11 +137,28 @@ def test_minhash_drops_near_duplicates_only(tmp_path, tokenizer):
     assert decoded_documents(tmp_path / "fuzzy" / "n", fuzzy, tokenizer) == cleaned([long, DOCS[1] * 3])
 
 
+def write_dialogue_csv(path, docs, stray_quote_at):
+    """Toyhom layout in GB18030: quoted multi-line asks, and one title with a quote inside an unquoted field,
+    which csv reads as a character but which fools the split's quote count (later cuts land inside rows)."""
+    rows = ["department,title,ask,answer"]
+    for i, doc in enumerate(docs):
+        title = f'标题{i}5\'11"' if i == stray_quote_at else f"标题{i}"
+        rows.append(f'内科,{title},"{doc[:20]}\n{doc[20:]}",回答{i}')
+    path.write_bytes(("\n".join(rows) + "\n").encode("gb18030"))
+    return path
+
+
 def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokenizer):
     path = write_corpus(tmp_path / "big.jsonl", random_docs(400) + random_docs(50), bad_lines=[(100, "{oops")])
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(random_docs(120, seed=1)), encoding="utf-8")
-    sources = [Source("big", "skypile", [path]), Source("notes", "text", [text])]
+    dialogues = write_dialogue_csv(tmp_path / "dialogue.csv", random_docs(200, seed=2), stray_quote_at=120)
+    sources = [Source("big", "skypile", [path]), Source("notes", "text", [text]),
+               Source("dialogue", "medical_dialogue", [dialogues])]
+    units = corpora.split_source(sources[2], 2000)
+    for unit, span in units:  # the CSV is cut into pieces, one of which reads on to the end of the file
+        list(corpora.iter_texts(unit, corpora.Problems(), span))
+    assert len(units) > 5 and any(span.read_to_end for _, span in units[:-1])
     runs = {}
     for name, workers, unit_bytes in [("one", 1, 1 << 30), ("two", 2, 2000)]:
         manifests = process(sources, tmp_path / name, tokenizer, workers=workers, unit_bytes=unit_bytes,
@@ -138,6 +174,7 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
                    (tmp_path / "two" / source.name / shard["file"]).read_bytes()
     assert runs["one"][0]["skipped"] == {"exact duplicate of an earlier document": 50, "malformed JSON line": 1}
     assert runs["one"][1]["documents_kept"] == 120
+    assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
 
 
 def test_shards_hold_whole_documents_and_sort_in_order(tmp_path, tokenizer):
