@@ -737,6 +737,17 @@ def sample_generator():
     return module
 
 
+@needs_sample
+def test_sample_files_are_what_the_generator_writes(tmp_path):
+    """Every file under data/sample/ but vlm/ (which has its own script) is byte for byte what
+    make_sample_data.py writes, and it writes nothing else: after editing the generator, regenerate."""
+    written = sample_generator().build(str(tmp_path)).written
+    skip = ("README.md", "make_sample_data.py", "vlm", "__pycache__")
+    on_disk = [p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.is_file()]
+    assert sorted(written) == sorted(rel for rel in on_disk if rel.split("/")[0] not in skip)
+    assert [rel for rel in written if (tmp_path / rel).read_bytes() != (SAMPLE / rel).read_bytes()] == []
+
+
 def test_literature_formats_are_inferred_from_source_names():
     found = {name: corpora.infer_format(name) for name in ("s2orc", "s2orc_full", "pmc", "pmc_full", "pubmed", "pdf",
                                                              "pubmed_central_2024", "medline_2024", "medsci")}
