@@ -70,24 +70,31 @@ def train_variants(device, chosen, compile_blocks):
     short = {"bfloat16": "bf16 autocast", "float16": "fp16 autocast", "float32": "fp32"}
     variants = [Variant(f"ours ({short[chosen]}, chunked loss, fused AdamW)", device, chosen, True, True, False)]
     if compile_blocks:
-        variants.append(Variant(f"ours ({short[chosen]}) + torch.compile of the blocks", device, chosen, True, True, True))
+        variants.append(
+            Variant(f"ours ({short[chosen]}) + torch.compile of the blocks", device, chosen, True, True, True)
+        )
     if chosen != "float32":
         variants.append(Variant("ours (fp32, chunked loss, fused AdamW)", device, "float32", True, True, False))
-    variants.append(Variant("naive (fp32, full-logit CE, for-loop AdamW, no compile)", device, "float32", False, False,
-                            False))
+    variants.append(
+        Variant("naive (fp32, full-logit CE, for-loop AdamW, no compile)", device, "float32", False, False, False)
+    )
     return variants
 
 
 def bench_train(args):
     device = torch.device(args.device)
     chosen = resolve("auto", device, "train", dim=REFERENCE["dim"])
-    print(f"host: {cpu_features() if device.type == 'cpu' else torch.cuda.get_device_name(device)}; "
-          f"dtype=auto picks {chosen}")
+    print(
+        f"host: {cpu_features() if device.type == 'cpu' else torch.cuda.get_device_name(device)}; "
+        f"dtype=auto picks {chosen}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "bench"
         shard.mkdir()
         n = 2_000_000
-        np.random.default_rng(0).integers(0, REFERENCE["vocab_size"], n, dtype=np.uint16).tofile(shard / "bench_0000.bin")
+        np.random.default_rng(0).integers(0, REFERENCE["vocab_size"], n, dtype=np.uint16).tofile(
+            shard / "bench_0000.bin"
+        )
         manifest = {"tokenizer": {"sha256": "random tokens"}, "shards": [{"file": "bench_0000.bin", "tokens": n}]}
         (shard / "manifest.json").write_text(json.dumps(manifest))
         data = PretrainData(tmp, {"bench": 1}, REFERENCE["max_seq_len"], seed=0)
@@ -104,7 +111,7 @@ def bench_train(args):
             for v in variants:
                 for turn_step in range(1 + args.steps_per_turn):
                     t = time.perf_counter()
-                    (x, y), = data.train_batches(step, 1, args.batch_size)
+                    ((x, y),) = data.train_batches(step, 1, args.batch_size)
                     data_times.append(time.perf_counter() - t)
                     x, y = x.to(device), y.to(device)
                     before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -114,12 +121,20 @@ def bench_train(args):
                     if round_ >= args.warmup and turn_step > 0:
                         times[v.name].append(time.perf_counter() - t)
                         after = resource.getrusage(resource.RUSAGE_SELF)
-                        usage[v.name].append((after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime,
-                                              after.ru_utime - before.ru_utime))
+                        usage[v.name].append(
+                            (
+                                after.ru_minflt - before.ru_minflt,
+                                after.ru_stime - before.ru_stime,
+                                after.ru_utime - before.ru_utime,
+                            )
+                        )
                     step += 1
         flops_per_token = variants[0].model.flops_per_token(REFERENCE["max_seq_len"])
-        print(f"reference model: {REFERENCE}, batch {args.batch_size}, {variants[0].model.num_params() / 1e6:.1f}M params, "
-              f"{torch.get_num_threads()} threads on {device}")
+        print(
+            f"reference model: {REFERENCE}, batch {args.batch_size}, "
+            f"{variants[0].model.num_params() / 1e6:.1f}M params, "
+            f"{torch.get_num_threads()} threads on {device}"
+        )
         print("measured matmul peak: " + ", ".join(f"{d} {p / 1e12:.2f} TFLOP/s" for d, p in peak.items()))
         step_flops = tokens_per_step * flops_per_token
         step_times = {name: statistics.median(t) for name, t in times.items()}
@@ -127,30 +142,42 @@ def bench_train(args):
             step_time = step_times[v.name]
             faults, system, user = (sum(column) for column in zip(*usage[v.name]))
             target = " (target >= 70%)" if v.dtype == chosen.dtype and v is not variants[-1] else ""
-            print(f"  {v.name:62s} {step_time * 1000:8.1f} ms/step {tokens_per_step / step_time:9.0f} tok/s  "
-                  f"MFU {step_flops / peak[v.dtype] / step_time:6.1%} of the {v.dtype} peak{target}  "
-                  f"{faults / len(usage[v.name]) / 1000:5.0f}k page faults/step, "
-                  f"kernel {system / (system + user):4.0%} of CPU time")
+            print(
+                f"  {v.name:62s} {step_time * 1000:8.1f} ms/step {tokens_per_step / step_time:9.0f} tok/s  "
+                f"MFU {step_flops / peak[v.dtype] / step_time:6.1%} of the {v.dtype} peak{target}  "
+                f"{faults / len(usage[v.name]) / 1000:5.0f}k page faults/step, "
+                f"kernel {system / (system + user):4.0%} of CPU time"
+            )
         naive = step_times[variants[-1].name]
         target = 3.0 if chosen.dtype == "bfloat16" else 1.3
         for v in variants[:-1]:
             label = v.name.split(", chunked")[0] + ("" if "compile" in v.name else ")")
-            print(f"speed-up {label} / naive: {naive / step_times[v.name]:.2f}x"
-                  + (f" (target >= {target}x where dtype=auto is {chosen.dtype})" if v.dtype == chosen.dtype else ""))
+            print(
+                f"speed-up {label} / naive: {naive / step_times[v.name]:.2f}x"
+                + (f" (target >= {target}x where dtype=auto is {chosen.dtype})" if v.dtype == chosen.dtype else "")
+            )
         at_peak = step_flops / peak[chosen.dtype]  # s/step with every FLOP a matmul at the chosen precision's peak
-        print(f"bound: every FLOP as a matmul at the {chosen.dtype} peak would take {at_peak * 1000:.0f} ms/step, "
-              f"{naive / at_peak:.1f}x this naive step; the naive step's kernel time (first-touch "
-              "page faults of its fresh full-logit buffers) moves with the host, and the ratio with it")
+        print(
+            f"bound: every FLOP as a matmul at the {chosen.dtype} peak would take {at_peak * 1000:.0f} ms/step, "
+            f"{naive / at_peak:.1f}x this naive step; the naive step's kernel time (first-touch "
+            "page faults of its fresh full-logit buffers) moves with the host, and the ratio with it"
+        )
         head_share = 6 * variants[0].model.tok_embeddings.weight.numel() / flops_per_token
-        ratio = (f"bf16 matmul {peak['bfloat16'] / peak['float32']:.1f}x its fp32 matmul at 2048^3"
-                 if "bfloat16" in peak and "float32" in peak else chosen.reason)
+        ratio = (
+            f"bf16 matmul {peak['bfloat16'] / peak['float32']:.1f}x its fp32 matmul at 2048^3"
+            if "bfloat16" in peak and "float32" in peak
+            else chosen.reason
+        )
         print(f"context: this host's {ratio}; the LM head is {head_share:.0%} of the FLOPs, all matmul")
         data_time = statistics.median(data_times)
-        print(f"dataloader: {data_time * 1000:.2f} ms per batch = "
-              f"{data_time / step_times[variants[0].name]:.2%} of our step time (target < 5%)")
+        print(
+            f"dataloader: {data_time * 1000:.2f} ms per batch = "
+            f"{data_time / step_times[variants[0].name]:.2%} of our step time (target < 5%)"
+        )
 
 
-GENERATION_MODELS = {  # KV caching saves the body's work; with a 64,793 vocabulary the LM head costs the same either way
+# KV caching saves the body's work; with a 64,793 vocabulary the LM head costs the same either way
+GENERATION_MODELS = {
     "config/pretrain_25m.py shape (d512 L8)": dict(dim=512, n_layers=8, n_heads=8, vocab_size=64794),
     "training reference (d256 L4)": dict(REFERENCE),
 }
@@ -162,8 +189,10 @@ def bench_generate(args):
     for label, shape in GENERATION_MODELS.items():
         torch.manual_seed(0)
         model = Transformer(ModelArgs(**dict(shape, max_seq_len=1024))).to(device).eval()
-        print(f"{label}: {model.num_params() / 1e6:.1f}M params, fp32, greedy, batch 1, prompt 64 tokens, "
-              f"{torch.get_num_threads()} threads on {device}")
+        print(
+            f"{label}: {model.num_params() / 1e6:.1f}M params, fp32, greedy, batch 1, prompt 64 tokens, "
+            f"{torch.get_num_threads()} threads on {device}"
+        )
         for new in (128, 512):
             rows = {}
             for use_cache in (True, False):
@@ -176,9 +205,12 @@ def bench_generate(args):
                     n = 1 + sum(1 for _ in stream)
                     times.append(time.perf_counter() - t)
                 rows[use_cache] = (n / statistics.median(times), statistics.median(ttft))
-            print(f"  {new} new tokens: KV cache {rows[True][0]:7.1f} tok/s (first token {rows[True][1] * 1000:.0f} ms) | "
-                  f"no cache {rows[False][0]:7.1f} tok/s (first token {rows[False][1] * 1000:.0f} ms) | "
-                  f"speed-up {rows[True][0] / rows[False][0]:.1f}x" + (" (target >= 5x)" if new == 512 else ""))
+            print(
+                f"  {new} new tokens: KV cache {rows[True][0]:7.1f} tok/s "
+                f"(first token {rows[True][1] * 1000:.0f} ms) | "
+                f"no cache {rows[False][0]:7.1f} tok/s (first token {rows[False][1] * 1000:.0f} ms) | "
+                f"speed-up {rows[True][0] / rows[False][0]:.1f}x" + (" (target >= 5x)" if new == 512 else "")
+            )
 
 
 VLM_LLM = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64794, max_seq_len=256)  # pretrain_tiny
@@ -190,8 +222,13 @@ def vlm_model(tower_dir, pool=1, max_seq_len=VLM_LLM["max_seq_len"]):
     from vlm import VLM, VLMArgs
 
     tower, preprocess = vision.load_tower(tower_dir)
-    args = VLMArgs(**dict(VLM_LLM, max_seq_len=max_seq_len), vision=tower.config.to_dict(), preprocess=preprocess,
-                   projector_pool=pool, image_token_id=64789)
+    args = VLMArgs(
+        **dict(VLM_LLM, max_seq_len=max_seq_len),
+        vision=tower.config.to_dict(),
+        preprocess=preprocess,
+        projector_pool=pool,
+        image_token_id=64789,
+    )
     torch.manual_seed(0)
     return VLM(args, tower)
 
@@ -202,8 +239,8 @@ def vlm_batch(a, batch_size, with_image, generator):
     y = torch.randint(3, 60000, (batch_size, a.max_seq_len), generator=generator)
     if not with_image:
         return x, y, {}
-    x[:, :a.image_tokens] = a.image_token_id
-    y[:, :a.image_tokens] = IGNORE_INDEX
+    x[:, : a.image_tokens] = a.image_token_id
+    y[:, : a.image_tokens] = IGNORE_INDEX
     size = a.vision["image_size"]
     return x, y, {"images": torch.randn(batch_size, 3, size, size, generator=generator)}
 
@@ -224,10 +261,12 @@ def bench_vlm(args):
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tower = vision.save_random_tower(Path(tmp) / "tower", "clip", **VLM_TOWER)
-        variants = {"text only (SFT of the LLM)": (vlm_model(tower), None),
-                    "align, 196 image tokens": (vlm_model(tower), "align"),
-                    "instruct, 196 image tokens": (vlm_model(tower), "instruct"),
-                    "instruct, pool 2: 49 image tokens": (vlm_model(tower, pool=2), "instruct")}
+        variants = {
+            "text only (SFT of the LLM)": (vlm_model(tower), None),
+            "align, 196 image tokens": (vlm_model(tower), "align"),
+            "instruct, 196 image tokens": (vlm_model(tower), "instruct"),
+            "instruct, pool 2: 49 image tokens": (vlm_model(tower, pool=2), "instruct"),
+        }
         generator_model = vlm_model(tower, max_seq_len=512).to(device).eval()
     steps = {}
     for name, (model, stage) in variants.items():
@@ -254,13 +293,17 @@ def bench_vlm(args):
                 times[name].append(time.perf_counter() - t)
                 cpu_times[name].append(cpu_seconds() - cpu)
     tokens = args.batch_size * VLM_LLM["max_seq_len"]
-    print(f"LLM {VLM_LLM}, random CLIP tower {VLM_TOWER}; batch {args.batch_size} x {VLM_LLM['max_seq_len']} tokens, "
-          f"bf16 autocast, {torch.get_num_threads()} threads on {device}")
+    print(
+        f"LLM {VLM_LLM}, random CLIP tower {VLM_TOWER}; batch {args.batch_size} x {VLM_LLM['max_seq_len']} tokens, "
+        f"bf16 autocast, {torch.get_num_threads()} threads on {device}"
+    )
     text, text_cpu = (statistics.median(t["text only (SFT of the LLM)"]) for t in (times, cpu_times))
     for name in variants:
         step, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
-        print(f"  train {name:34s} {step * 1000:7.0f} ms/step {tokens / step:6.0f} tok/s ({text / step:.2f}x text); "
-              f"CPU {cpu * 1000:6.0f} ms/step ({text_cpu / cpu:.2f}x text)")
+        print(
+            f"  train {name:34s} {step * 1000:7.0f} ms/step {tokens / step:6.0f} tok/s ({text / step:.2f}x text); "
+            f"CPU {cpu * 1000:6.0f} ms/step ({text_cpu / cpu:.2f}x text)"
+        )
 
     model = steps["instruct, 196 image tokens"][0].eval()
     features = torch.randn(64, model.args.image_tokens, VLM_TOWER["hidden_size"], device=device)
@@ -276,9 +319,11 @@ def bench_vlm(args):
             tower_times.append(time.perf_counter() - t)
     image_tokens = pixels.shape[0] * model.args.image_tokens
     projected = features.shape[0] * features.shape[1]
-    print(f"  projector: {projected / statistics.median(projector[1:]):,.0f} image tokens/s "
-          f"(forward); tower + projector: {pixels.shape[0] / statistics.median(tower_times[1:]):,.1f} images/s "
-          f"= {image_tokens / statistics.median(tower_times[1:]):,.0f} image tokens/s")
+    print(
+        f"  projector: {projected / statistics.median(projector[1:]):,.0f} image tokens/s "
+        f"(forward); tower + projector: {pixels.shape[0] / statistics.median(tower_times[1:]):,.1f} images/s "
+        f"= {image_tokens / statistics.median(tower_times[1:]):,.0f} image tokens/s"
+    )
 
     a = generator_model.args
     prompt = [[a.image_token_id] * a.image_tokens + list(range(100, 120))]
@@ -291,10 +336,12 @@ def bench_vlm(args):
         first = time.perf_counter() - t
         n = 1 + sum(1 for _ in stream)
         rows[use_cache] = (n / (time.perf_counter() - t), first)
-    print(f"  generate after one image ({a.image_tokens} image + 20 text tokens), {args.vlm_new_tokens} new, fp32: KV "
-          f"cache {rows[True][0]:.1f} tok/s (first token {rows[True][1] * 1000:.0f} ms) | no cache "
-          f"{rows[False][0]:.1f} tok/s (first token {rows[False][1] * 1000:.0f} ms) | "
-          f"{rows[True][0] / rows[False][0]:.1f}x")
+    print(
+        f"  generate after one image ({a.image_tokens} image + 20 text tokens), {args.vlm_new_tokens} new, fp32: KV "
+        f"cache {rows[True][0]:.1f} tok/s (first token {rows[True][1] * 1000:.0f} ms) | no cache "
+        f"{rows[False][0]:.1f} tok/s (first token {rows[False][1] * 1000:.0f} ms) | "
+        f"{rows[True][0] / rows[False][0]:.1f}x"
+    )
 
 
 SERVE_SHAPE = dict(dim=512, n_layers=8, n_heads=8, max_seq_len=512)  # config/pretrain_25m.py; vocab: the tokenizer's
@@ -328,8 +375,10 @@ def bench_serve(args):
     torch.manual_seed(0)
     model = Transformer(ModelArgs(vocab_size=tok.vocab_size, **SERVE_SHAPE)).eval().to(getattr(torch, args.serve_dtype))
     prompt, steps, threads = tok.encode_batch([SERVE_PROMPT])[0], args.serve_tokens, torch.get_num_threads()
-    print(f"model: pretrain_25m shape {SERVE_SHAPE}, vocab {tok.vocab_size}, {model.num_params() / 1e6:.1f}M params, "
-          f"{args.serve_dtype}, {threads} threads; prompt {len(prompt)} tokens, {steps} greedy tokens a request")
+    print(
+        f"model: pretrain_25m shape {SERVE_SHAPE}, vocab {tok.vocab_size}, {model.num_params() / 1e6:.1f}M params, "
+        f"{args.serve_dtype}, {threads} threads; prompt {len(prompt)} tokens, {steps} greedy tokens a request"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt.pt"
         atomic_save(model_checkpoint(model, model.args, phase="sft", tokenizer_fingerprint=tok.fingerprint), ckpt)
@@ -337,16 +386,22 @@ def bench_serve(args):
         # ---- batch 1, side by side: llama.cpp, our engine, model.generate ----
         def engine_run():
             done, tokens = threading.Event(), []
-            engine.submit(prompt, steps, lambda kind, value: tokens.append(value) if kind == "token" else done.set(),
-                          temperature=0)
+            engine.submit(
+                prompt,
+                steps,
+                lambda kind, value: tokens.append(value) if kind == "token" else done.set(),
+                temperature=0,
+            )
             done.wait()
             return tokens
 
         plain = Transformer(model.args).eval().to(model.tok_embeddings.weight.dtype)  # as chat.py loads it
         plain.load_state_dict(model.state_dict())
         engine = Engine(model, eos_id=-1, max_batch=1).start()  # -1: no end of text, every run is `steps` long
-        runs = {"ours: engine (serve.py's decoder)": engine_run,
-                "ours: model.generate (chat.py, eval.py)": lambda: plain.generate([prompt], steps, temperature=0)[0]}
+        runs = {
+            "ours: engine (serve.py's decoder)": engine_run,
+            "ours: model.generate (chat.py, eval.py)": lambda: plain.generate([prompt], steps, temperature=0)[0],
+        }
         llama = llama_cpp_runner(args, ckpt, tok, Path(tmp), prompt, steps, threads)
         if llama is not None:
             runs = {"llama.cpp (llama-cpp-python)": llama, **runs}
@@ -372,10 +427,27 @@ def bench_serve(args):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--ckpt", str(ckpt),
-                                   "--tokenizer", str(args.tokenizer), "--port", str(port), "--device", "cpu",
-                                   "--dtype", args.serve_dtype, "--max-batch", str(args.serve_slots),
-                                   "--max-queue", "64"], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("serve.py")),
+                "--ckpt",
+                str(ckpt),
+                "--tokenizer",
+                str(args.tokenizer),
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--dtype",
+                args.serve_dtype,
+                "--max-batch",
+                str(args.serve_slots),
+                "--max-queue",
+                "64",
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             for _ in range(600):
@@ -385,19 +457,31 @@ def bench_serve(args):
                 except httpx.TransportError:
                     assert server.poll() is None, "serve.py exited"
                     time.sleep(0.1)
-            body = {"prompt": SERVE_PROMPT, "max_tokens": steps, "temperature": 0, "repetition_penalty": 1.0,
-                    "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "prompt": SERVE_PROMPT,
+                "max_tokens": steps,
+                "temperature": 0,
+                "repetition_penalty": 1.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             rows = {}
             for clients in (1, 4, 16, 64):
                 rows[clients] = asyncio.run(serve_load(url, body, clients, args.serve_seconds))
             slots = args.serve_slots
-            print(f"serve.py, {slots} slots, queue 64, {args.serve_seconds} s per row (requests started in time run to "
-                  f"the end), loopback, the clients in this process:")
-            print(f"  {'clients':>7s} {'requests':>8s} {'errors':>6s} {'TTFT p50 / p99 ms':>18s} "
-                  f"{'per-token p50 / p99 ms':>23s} {'tokens/s':>9s}")
+            print(
+                f"serve.py, {slots} slots, queue 64, {args.serve_seconds} s per row (requests started in time run to "
+                f"the end), loopback, the clients in this process:"
+            )
+            print(
+                f"  {'clients':>7s} {'requests':>8s} {'errors':>6s} {'TTFT p50 / p99 ms':>18s} "
+                f"{'per-token p50 / p99 ms':>23s} {'tokens/s':>9s}"
+            )
             for clients, row in rows.items():
-                print(f"  {clients:7d} {row['served']:8d} {row['errors']:6d} {row['ttft50']:8.0f} / "
-                      f"{row['ttft99']:6.0f}  {row['tok50']:11.1f} / {row['tok99']:7.1f} {row['rate']:9.1f}")
+                print(
+                    f"  {clients:7d} {row['served']:8d} {row['errors']:6d} {row['ttft50']:8.0f} / "
+                    f"{row['ttft99']:6.0f}  {row['tok50']:11.1f} / {row['tok99']:7.1f} {row['rate']:9.1f}"
+                )
             print(f"  16 clients / 1 client: {rows[16]['rate'] / rows[1]['rate']:.1f}x (target >= 4x)")
             if llama is not None:
                 print(f"  16 clients / llama.cpp batch 1: {rows[16]['rate'] / llama_one:.1f}x (target >= 2x)")
@@ -425,10 +509,18 @@ def llama_cpp_runner(args, ckpt, tok, tmp, prompt, steps, threads):
     export_hf.export(ckpt, tmp / "hf", tok, args.serve_dtype)
     gguf = tmp / "model.gguf"
     outtype = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[args.serve_dtype]
-    subprocess.run([sys.executable, str(converter), str(tmp / "hf"), "--outtype", outtype, "--outfile", str(gguf)],
-                   check=True, capture_output=True)
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=SERVE_SHAPE["max_seq_len"], n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    subprocess.run(
+        [sys.executable, str(converter), str(tmp / "hf"), "--outtype", outtype, "--outfile", str(gguf)],
+        check=True,
+        capture_output=True,
+    )
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=SERVE_SHAPE["max_seq_len"],
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
     def run():
         out = []
@@ -450,6 +542,7 @@ async def serve_load(url, body, clients, seconds):
     ttft, per_token, counts = [], [], {"served": 0, "errors": 0, "tokens": 0}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
         async def one_client(deadline):
             while time.perf_counter() < deadline:
                 start, first, last, tokens = time.perf_counter(), None, None, 0
@@ -480,9 +573,14 @@ async def serve_load(url, body, clients, seconds):
         begin = time.perf_counter()
         await asyncio.gather(*(one_client(begin + seconds) for _ in range(clients)))
         elapsed = time.perf_counter() - begin
-    return {**counts, "rate": counts["tokens"] / elapsed, "ttft50": 1000 * percentile(ttft, 50),
-            "ttft99": 1000 * percentile(ttft, 99), "tok50": 1000 * percentile(per_token, 50),
-            "tok99": 1000 * percentile(per_token, 99)}
+    return {
+        **counts,
+        "rate": counts["tokens"] / elapsed,
+        "ttft50": 1000 * percentile(ttft, 50),
+        "ttft99": 1000 * percentile(ttft, 99),
+        "tok50": 1000 * percentile(per_token, 50),
+        "tok99": 1000 * percentile(per_token, 99),
+    }
 
 
 def main():
@@ -492,8 +590,12 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps-per-turn", type=int, default=2, help="train: timed steps per variant per round, after one untimed")
-    parser.add_argument("--gen-rounds", type=int, default=1, help="generate: runs per measurement (each is 128-512 steps)")
+    parser.add_argument(
+        "--steps-per-turn", type=int, default=2, help="train: timed steps per variant per round, after one untimed"
+    )
+    parser.add_argument(
+        "--gen-rounds", type=int, default=1, help="generate: runs per measurement (each is 128-512 steps)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (its cold start is ~30 s)")
     parser.add_argument("--vlm-new-tokens", type=int, default=128, help="vlm: tokens generated after the image")
     parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="serve: the served model's tokenizer")
@@ -503,7 +605,9 @@ def main():
     parser.add_argument("--serve-slots", type=int, default=16, help="serve: serve.py --max-batch")
     parser.add_argument("--serve-rounds", type=int, default=3, help="serve: batch-1 rounds, interleaved")
     parser.add_argument("--llama-cpp-src", help="serve: a llama.cpp source tree (convert_hf_to_gguf.py)")
-    parser.add_argument("--threads", type=int, help="serve: threads of ours, the server's and llama.cpp's (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, help="serve: threads of ours, the server's and llama.cpp's (default: torch's)"
+    )
     args = parser.parse_args()
     if args.what == "serve":
         bench_serve(args)

@@ -80,8 +80,11 @@ RAW_DOCUMENTS = 6000  # documents per raw measurement around an end-to-end run (
 
 def sample_documents() -> list[str]:
     problems = corpora.Problems()
-    return [text for name in SAMPLE_SOURCES
-            for text in corpora.iter_texts(corpora.parse_source(f"{name}={SAMPLE / name}"), problems)]
+    return [
+        text
+        for name in SAMPLE_SOURCES
+        for text in corpora.iter_texts(corpora.parse_source(f"{name}={SAMPLE / name}"), problems)
+    ]
 
 
 def synthetic_documents(documents: list[str], join: int):
@@ -111,9 +114,11 @@ def array_item(text: str, index: int) -> bytes:
 
 def medline_article(text: str, index: int) -> bytes:
     title, _, abstract = text.partition("\n")
-    return (f"<PubmedArticle><MedlineCitation><PMID>{index + 1}</PMID><Article><ArticleTitle>{escape(title)}"
-            f"</ArticleTitle><Abstract><AbstractText>{escape(abstract)}</AbstractText></Abstract></Article>"
-            "</MedlineCitation></PubmedArticle>\n").encode()
+    return (
+        f"<PubmedArticle><MedlineCitation><PMID>{index + 1}</PMID><Article><ArticleTitle>{escape(title)}"
+        f"</ArticleTitle><Abstract><AbstractText>{escape(abstract)}</AbstractText></Abstract></Article>"
+        "</MedlineCitation></PubmedArticle>\n"
+    ).encode()
 
 
 # layout -> (file name, header, one record's bytes, footer): what data_process reads for that format
@@ -195,16 +200,36 @@ def stage_seconds(path: Path, layout: str, tokenizer) -> dict:
                 np.concatenate([piece for doc in batch for piece in (doc, eos)]).astype(data_process.DTYPE).tofile(out)
 
     _, seconds_write = cpu_timed(write)
-    return {"read": seconds_read, "parse": seconds_container - seconds_read, "reader": seconds_texts - seconds_container,
-            "clean": seconds_clean, "hash": seconds_hash, "encode": seconds_encode, "write": seconds_write,
-            "tokens": sum(len(doc) + 1 for batch in ids for doc in batch)}
+    return {
+        "read": seconds_read,
+        "parse": seconds_container - seconds_read,
+        "reader": seconds_texts - seconds_container,
+        "clean": seconds_clean,
+        "hash": seconds_hash,
+        "encode": seconds_encode,
+        "write": seconds_write,
+        "tokens": sum(len(doc) + 1 for batch in ids for doc in batch),
+    }
 
 
 def end_to_end(script: Path, corpus: Path, layout: str, out: Path, tokenizer_path, workers: int, minhash: bool):
     """One `python data_process.py` run (script: this checkout's or another's): tokens, wall seconds,
     parent and workers' CPU seconds, peak RSS (KiB) of the parent and of the largest worker."""
-    command = [sys.executable, "-c", RUN_MEASURED, str(script), "--source", f"{layout}={corpus}", "--out", str(out),
-               "--tokenizer", str(tokenizer_path), "--workers", str(workers), "--force"]
+    command = [
+        sys.executable,
+        "-c",
+        RUN_MEASURED,
+        str(script),
+        "--source",
+        f"{layout}={corpus}",
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(tokenizer_path),
+        "--workers",
+        str(workers),
+        "--force",
+    ]
     command += ["--minhash"] if minhash else []
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=script.parent, check=False)
@@ -212,59 +237,82 @@ def end_to_end(script: Path, corpus: Path, layout: str, out: Path, tokenizer_pat
     if result.returncode:
         sys.exit(f"bench_data: {script} failed:\n{result.stderr[-2000:]}")
     _, rss_parent, rss_worker, cpu_parent, cpu_workers = next(
-        line.split() for line in result.stderr.splitlines() if line.startswith("MEASURED "))
+        line.split() for line in result.stderr.splitlines() if line.startswith("MEASURED ")
+    )
     manifest = json.loads((out / layout / "manifest.json").read_text(encoding="utf-8"))
-    return {"tokens": manifest["tokens"], "seconds": seconds, "cpu_parent": float(cpu_parent),
-            "cpu": float(cpu_parent) + float(cpu_workers), "rss_parent": int(rss_parent),
-            "rss_worker": int(rss_worker), "manifest": manifest}
+    return {
+        "tokens": manifest["tokens"],
+        "seconds": seconds,
+        "cpu_parent": float(cpu_parent),
+        "cpu": float(cpu_parent) + float(cpu_workers),
+        "rss_parent": int(rss_parent),
+        "rss_worker": int(rss_worker),
+        "manifest": manifest,
+    }
 
 
 def print_raw(tokenizer, documents: list[str], workers: int):
     print(f"raw SentencePiece on {len(documents):,} documents (tokens per wall second / per CPU second)")
     for name, encode in (("ids as arrays", tokenizer.encode_arrays), ("ids as lists", tokenizer.encode_batch)):
         one, many = raw_rates(encode, documents, 1), raw_rates(encode, documents, workers)
-        print(f"  {name:14} 1 thread {one[0]:>11,.0f} / {one[1]:>11,.0f}   {workers} threads {many[0]:>11,.0f} / "
-              f"{many[1]:>11,.0f} ({many[0] / one[0]:.2f}x)")
+        print(
+            f"  {name:14} 1 thread {one[0]:>11,.0f} / {one[1]:>11,.0f}   {workers} threads {many[0]:>11,.0f} / "
+            f"{many[1]:>11,.0f} ({many[0] / one[0]:.2f}x)"
+        )
 
 
 def print_stages(layouts: list[str], tmp: Path, documents: list[str], args, tokenizer):
     print(f"\nwhere one worker's time goes ({args.mb:g} MiB per layout, one thread, CPU seconds; shares of the sum)")
     names = ("read", "parse", "reader", "clean", "hash", "encode", "write")
-    print(f"{'layout':17} " + " ".join(f"{name:>6}" for name in names) + f" {'pipeline tok/CPU-s':>19} "
-          f"{'encode alone':>13}")
+    print(
+        f"{'layout':17} " + " ".join(f"{name:>6}" for name in names) + f" {'pipeline tok/CPU-s':>19} "
+        f"{'encode alone':>13}"
+    )
     for layout in layouts:
         path = write_layout(tmp / "stages" / layout, layout, documents, args.join, int(args.mb * (1 << 20)))
         seconds = stage_seconds(path, layout, tokenizer)
         tokens = seconds.pop("tokens")
         total = sum(seconds.values())
-        print(f"{layout:17} " + " ".join(f"{seconds[name] / total:>6.0%}" for name in names)
-              + f" {tokens / total:>19,.0f} {tokens / seconds['encode']:>13,.0f}")
+        print(
+            f"{layout:17} "
+            + " ".join(f"{seconds[name] / total:>6.0%}" for name in names)
+            + f" {tokens / total:>19,.0f} {tokens / seconds['encode']:>13,.0f}"
+        )
 
 
 def print_end_to_end(tmp: Path, documents: list[str], raw_documents: list[str], args, tokenizer, tokenizer_path):
     scripts = [("this", ROOT / "data_process.py")]
     if args.against:
         scripts.append(("against", Path(args.against).resolve() / "data_process.py"))
-    print(f"\ndata_process.py end to end{' --minhash' if args.minhash else ''}, {args.workers} workers; ratio: to raw "
-          f"SentencePiece on {args.workers} threads (arrays) measured just before and after; CPU ratio: tokens per "
-          f"CPU second over raw's")
-    print(f"{'code':8} {'layout':17} {'input':>5} {'MiB':>6} {'tokens':>11} {'seconds':>7} {'tokens/s':>10} "
-          f"{'raw tok/s':>10} {'ratio':>5} {'CPU ratio':>9} {'parent CPU':>10} {'RSS parent':>10} {'RSS worker':>10}")
+    print(
+        f"\ndata_process.py end to end{' --minhash' if args.minhash else ''}, {args.workers} workers; ratio: to raw "
+        f"SentencePiece on {args.workers} threads (arrays) measured just before and after; CPU ratio: tokens per "
+        f"CPU second over raw's"
+    )
+    print(
+        f"{'code':8} {'layout':17} {'input':>5} {'MiB':>6} {'tokens':>11} {'seconds':>7} {'tokens/s':>10} "
+        f"{'raw tok/s':>10} {'ratio':>5} {'CPU ratio':>9} {'parent CPU':>10} {'RSS parent':>10} {'RSS worker':>10}"
+    )
     for layout in [s for s in args.layouts.split(",") if s]:
         for scale in (1, 10):
-            corpus = write_layout(tmp / f"{layout}_{scale}x", layout, documents, args.join,
-                                  int(scale * args.mb * (1 << 20)))
+            corpus = write_layout(
+                tmp / f"{layout}_{scale}x", layout, documents, args.join, int(scale * args.mb * (1 << 20))
+            )
             for _, (code, script) in itertools.product(range(args.repeat), scripts):
                 before = raw_rates(tokenizer.encode_arrays, raw_documents, args.workers)
-                run = end_to_end(script, corpus, layout, tmp / f"out_{code}", tokenizer_path, args.workers,
-                                 args.minhash)
+                run = end_to_end(
+                    script, corpus, layout, tmp / f"out_{code}", tokenizer_path, args.workers, args.minhash
+                )
                 after = raw_rates(tokenizer.encode_arrays, raw_documents, args.workers)
                 raw, raw_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                 rate = run["tokens"] / run["seconds"]
-                print(f"{code:8} {layout:17} {f'{scale}x':>5} {corpus.stat().st_size / (1 << 20):>6.0f} "
-                      f"{run['tokens']:>11,} {run['seconds']:>7.1f} {rate:>10,.0f} {raw:>10,.0f} {rate / raw:>5.2f} "
-                      f"{run['tokens'] / run['cpu'] / raw_cpu:>9.2f} {run['cpu_parent']:>9.1f}s "
-                      f"{run['rss_parent'] / 1024:>8.0f}Mi {run['rss_worker'] / 1024:>8.0f}Mi", flush=True)
+                print(
+                    f"{code:8} {layout:17} {f'{scale}x':>5} {corpus.stat().st_size / (1 << 20):>6.0f} "
+                    f"{run['tokens']:>11,} {run['seconds']:>7.1f} {rate:>10,.0f} {raw:>10,.0f} {rate / raw:>5.2f} "
+                    f"{run['tokens'] / run['cpu'] / raw_cpu:>9.2f} {run['cpu_parent']:>9.1f}s "
+                    f"{run['rss_parent'] / 1024:>8.0f}Mi {run['rss_worker'] / 1024:>8.0f}Mi",
+                    flush=True,
+                )
             corpus.unlink()
 
 
@@ -295,6 +343,7 @@ def planted_documents(documents: list[str], join: int):
 
 class CharacterTokenizer:
     """datatrove word tokenizer that makes every character a word, so its 5-grams are our shingles."""
+
     language = "zh"
 
     def word_tokenize(self, text):
@@ -323,23 +372,36 @@ def datatrove_minhash(corpus: str, work: str, workers: int, words: str):
     from datatrove.utils.word_tokenizers import WordTokenizer
 
     tokenizer = type("Characters", (CharacterTokenizer, WordTokenizer), {})() if words == "characters" else "zh"
-    config = MinhashConfig(n_grams=MINHASH["shingle_chars"], num_buckets=MINHASH["bands"],
-                           hashes_per_bucket=MINHASH["permutations"] // MINHASH["bands"])
+    config = MinhashConfig(
+        n_grams=MINHASH["shingle_chars"],
+        num_buckets=MINHASH["bands"],
+        hashes_per_bucket=MINHASH["permutations"] // MINHASH["bands"],
+    )
     work = Path(work)
     reader = JsonlReader(corpus)
     stages = [
         ([reader, MinhashDedupSignature(str(work / "signatures"), config=config, language=tokenizer)], workers),
         ([MinhashDedupBuckets(str(work / "signatures"), str(work / "buckets"), config=config)], config.num_buckets),
         ([MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=config)], 1),
-        ([reader, MinhashDedupFilter(str(work / "remove")), JsonlWriter(str(work / "kept"), compression=None)], workers),
+        (
+            [reader, MinhashDedupFilter(str(work / "remove")), JsonlWriter(str(work / "kept"), compression=None)],
+            workers,
+        ),
     ]
     for index, (pipeline, tasks) in enumerate(stages):
-        LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work / f"logs_{index}"),
-                              start_method="fork").run()  # fork: its workers are reaped children, so their CPU counts
+        LocalPipelineExecutor(
+            pipeline,
+            tasks=tasks,
+            workers=min(workers, tasks),
+            logging_dir=str(work / f"logs_{index}"),
+            start_method="fork",
+        ).run()  # fork: its workers are reaped children, so their CPU counts
 
 
-RUN_DATATROVE = RUN_MEASURED.replace('runpy.run_path(sys.argv[0], run_name="__main__")',
-                                     'import bench_data; bench_data.datatrove_minhash(*sys.argv[:2], int(sys.argv[2]), sys.argv[3])')
+RUN_DATATROVE = RUN_MEASURED.replace(
+    'runpy.run_path(sys.argv[0], run_name="__main__")',
+    "import bench_data; bench_data.datatrove_minhash(*sys.argv[:2], int(sys.argv[2]), sys.argv[3])",
+)
 MINHASH = data_process.MINHASH
 DOCUMENT_NUMBER = re.compile(r"^第(\d+)份资料")
 
@@ -350,16 +412,21 @@ def kept_numbers_in_shards(run: dict, folder: Path, tokenizer) -> set[int]:
     for shard in run["manifest"]["shards"]:
         tokens = np.fromfile(folder / shard["file"], data_process.DTYPE)
         starts = np.concatenate([[0], np.flatnonzero(tokens == tokenizer.eos_id)[:-1] + 1])
-        heads = tokenizer.sp.decode([tokens[start:start + 12].tolist() for start in starts])
+        heads = tokenizer.sp.decode([tokens[start : start + 12].tolist() for start in starts])
         kept.update(int(DOCUMENT_NUMBER.match(head).group(1)) for head in heads)
     return kept
 
 
 def compare_with_datatrove(tmp: Path, documents: list[str], args, tokenizer, tokenizer_path):
-    print(f"\nnear duplicates: data_process --minhash vs datatrove MinHash, {args.workers} workers; planted near copies "
-          f"with {', '.join(f'{edit:.0%}' for edit in NEAR_COPY_EDITS)} of their characters replaced")
-    print(f"{'method':34} {'input':>5} {'docs':>7} {'seconds':>7} {'CPU s':>6} {'RSS max':>8} {'dropped':>7} "
-          + " ".join(f"{f'{edit:.0%} copies':>11}" for edit in NEAR_COPY_EDITS) + f" {'unplanted':>9} {'also ours':>9}")
+    print(
+        f"\nnear duplicates: data_process --minhash vs datatrove MinHash, {args.workers} workers; planted near copies "
+        f"with {', '.join(f'{edit:.0%}' for edit in NEAR_COPY_EDITS)} of their characters replaced"
+    )
+    print(
+        f"{'method':34} {'input':>5} {'docs':>7} {'seconds':>7} {'CPU s':>6} {'RSS max':>8} {'dropped':>7} "
+        + " ".join(f"{f'{edit:.0%} copies':>11}" for edit in NEAR_COPY_EDITS)
+        + f" {'unplanted':>9} {'also ours':>9}"
+    )
     for scale in (1, 10):
         corpus = tmp / f"near_{scale}x"  # datatrove parallelises over files: as many as there are workers, 4 times
         corpus.mkdir()
@@ -374,18 +441,36 @@ def compare_with_datatrove(tmp: Path, documents: list[str], args, tokenizer, tok
                     break
         planted = {level: {n for n, lv in levels.items() if lv == level} for level in range(len(NEAR_COPY_EDITS))}
         dropped_by = {}
-        for method in ("data_process (no --minhash)", "data_process --minhash", "datatrove, character 5-grams",
-                       "datatrove, jieba words"):
+        for method in (
+            "data_process (no --minhash)",
+            "data_process --minhash",
+            "datatrove, character 5-grams",
+            "datatrove, jieba words",
+        ):
             if method.startswith("data_process"):
                 out = tmp / f"near_out_{scale}x"
-                run = end_to_end(ROOT / "data_process.py", corpus, "skypile", out, tokenizer_path, args.workers,
-                                 method.endswith("--minhash"))
+                run = end_to_end(
+                    ROOT / "data_process.py",
+                    corpus,
+                    "skypile",
+                    out,
+                    tokenizer_path,
+                    args.workers,
+                    method.endswith("--minhash"),
+                )
                 seconds, cpu, rss = run["seconds"], run["cpu"], max(run["rss_parent"], run["rss_worker"])
                 dropped = set(levels) - kept_numbers_in_shards(run, out / "skypile", tokenizer)
             else:
                 work = tmp / f"datatrove_{scale}x_{len(dropped_by)}"
-                command = [sys.executable, "-c", RUN_DATATROVE, str(corpus), str(work), str(args.workers),
-                           "characters" if "character" in method else "jieba"]
+                command = [
+                    sys.executable,
+                    "-c",
+                    RUN_DATATROVE,
+                    str(corpus),
+                    str(work),
+                    str(args.workers),
+                    "characters" if "character" in method else "jieba",
+                ]
                 start = time.perf_counter()
                 result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
                 seconds = time.perf_counter() - start
@@ -400,10 +485,15 @@ def compare_with_datatrove(tmp: Path, documents: list[str], args, tokenizer, tok
                 dropped = set(levels) - kept
             dropped_by[method] = dropped
             ours = dropped_by.get("data_process --minhash", dropped)
-            print(f"{method:34} {f'{scale}x':>5} {len(levels):>7,} {seconds:>7.1f} {cpu:>6.1f} {rss / 1024:>6.0f}Mi "
-                  f"{len(dropped):>7,} " + " ".join(f"{len(dropped & planted[k]):>5,}/{len(planted[k]):<5,}"
-                                                     for k in range(len(NEAR_COPY_EDITS)))
-                  + f" {len(dropped - set().union(*planted.values())):>9,} {len(dropped & ours):>9,}", flush=True)
+            print(
+                f"{method:34} {f'{scale}x':>5} {len(levels):>7,} {seconds:>7.1f} {cpu:>6.1f} {rss / 1024:>6.0f}Mi "
+                f"{len(dropped):>7,} "
+                + " ".join(
+                    f"{len(dropped & planted[k]):>5,}/{len(planted[k]):<5,}" for k in range(len(NEAR_COPY_EDITS))
+                )
+                + f" {len(dropped - set().union(*planted.values())):>9,} {len(dropped & ours):>9,}",
+                flush=True,
+            )
 
 
 def main():
@@ -414,20 +504,27 @@ def main():
     parser.add_argument("--layouts", default="skypile,medical_dialogue", help="layouts run end to end at 1x and 10x")
     parser.add_argument("--stages", default=",".join(LAYOUTS), help="layouts whose stage shares are measured")
     parser.add_argument("--repeat", type=int, default=1, help="end-to-end runs of each code per layout and size")
-    parser.add_argument("--against", default=None, metavar="DIR", help="another checkout whose data_process.py "
-                        "runs alternately with this one's")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="DIR",
+        help="another checkout whose data_process.py runs alternately with this one's",
+    )
     parser.add_argument("--minhash", action="store_true", help="end-to-end runs with --minhash")
     parser.add_argument("--datatrove", action="store_true", help="only the --minhash vs datatrove comparison")
     parser.add_argument("--tokenizer", default=None, help="default: the ChatGLM2 tokenizer where it is found")
     args = parser.parse_args()
-    tokenizer_path = args.tokenizer or next((p for p in TOKENIZERS if (Path(p) / "tokenizer.model").is_file()),
-                                            DEFAULT_DIR)
+    tokenizer_path = args.tokenizer or next(
+        (p for p in TOKENIZERS if (Path(p) / "tokenizer.model").is_file()), DEFAULT_DIR
+    )
     tokenizer = load_encoder(tokenizer_path)
     documents = sample_documents()
     raw_documents = [text for text, _ in zip(synthetic_documents(documents, args.join), range(RAW_DOCUMENTS))]
-    print(f"tokenizer {tokenizer_path} (vocab {tokenizer.vocab_size}); documents of {args.join} sample documents, "
-          f"{sum(map(len, raw_documents)) / len(raw_documents):,.0f} characters on average; {os.cpu_count()} cores, "
-          "load average " + " ".join(f"{load:.1f}" for load in os.getloadavg()))
+    print(
+        f"tokenizer {tokenizer_path} (vocab {tokenizer.vocab_size}); documents of {args.join} sample documents, "
+        f"{sum(map(len, raw_documents)) / len(raw_documents):,.0f} characters on average; {os.cpu_count()} cores, "
+        "load average " + " ".join(f"{load:.1f}" for load in os.getloadavg())
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if args.datatrove:
             compare_with_datatrove(Path(tmp), documents, args, tokenizer, tokenizer_path)

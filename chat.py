@@ -58,27 +58,29 @@ def read_prompts(args):
         except OSError as err:
             raise SystemExit(f"chat.py: cannot read --prompt-file {args.prompt_file}: {err.strerror or err}") from None
         except UnicodeDecodeError as err:
-            raise SystemExit(f"chat.py: --prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}): "
-                             "give a text file with one prompt per line") from None
+            raise SystemExit(
+                f"chat.py: --prompt-file {args.prompt_file} is not UTF-8 text (byte {err.start}): "
+                "give a text file with one prompt per line"
+            ) from None
         prompts += [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise SystemExit(f"chat.py: --prompt-file {args.prompt_file} holds no prompt (one per line)")
     return prompts
 
 
-
 def one_shot(model, tok, mode, prompts, args, sampling):
     for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start:start + args.batch_size]
+        batch = prompts[start : start + args.batch_size]
         replies = answer(model, tok, batch, None, mode, args.max_new_tokens, args.seed, args.image, **sampling)
         for prompt, reply in zip(batch, replies):
             print(f"用户> {prompt}\n助手> {reply}\n", flush=True)
 
 
-
 def interactive(model, tok, mode, args, sampling):
-    print(f"mode: {mode} | /reset clears the conversation, /image PATH attaches an image, /quit leaves, "
-          "Ctrl-C stops an answer")
+    print(
+        f"mode: {mode} | /reset clears the conversation, /image PATH attaches an image, /quit leaves, "
+        "Ctrl-C stops an answer"
+    )
     sampling = sampling_kwargs(model, args.seed, sampling)  # one generator for the whole session
     history, images, pending = [], [], list(args.image or [])  # images: the conversation's pixels, in order
     while True:
@@ -96,7 +98,7 @@ def interactive(model, tok, mode, args, sampling):
             print("(conversation cleared)")
             continue
         if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+            path = line[len("/image") :].strip()
             if Path(path).is_file():
                 pending.append(path)
                 print(f"(image {path} goes with your next message)")
@@ -119,8 +121,10 @@ def interactive(model, tok, mode, args, sampling):
         pending = []
         if dropped:
             history = history[dropped:]
-            print(f"(the conversation is longer than the model's {model.args.max_seq_len}-token context: "
-                  f"dropped the oldest {dropped} turn(s))")
+            print(
+                f"(the conversation is longer than the model's {model.args.max_seq_len}-token context: "
+                f"dropped the oldest {dropped} turn(s))"
+            )
         images = kept
         print("助手> ", end="", flush=True)
         pieces = []
@@ -135,7 +139,6 @@ def interactive(model, tok, mode, args, sampling):
         history.append((prompt, "".join(pieces)))
 
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint file (pretrain or SFT)")
@@ -143,12 +146,20 @@ def main(argv=None):
     parser.add_argument("--mode", choices=MODES, help="default: chat for SFT checkpoints, continue otherwise")
     parser.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
     parser.add_argument("--prompt-file", help="answer every non-empty line of this file and exit")
-    parser.add_argument("--image", action="append", help="an image for a vision-language checkpoint (repeatable): "
-                        "with every --prompt, or with the first interactive message")
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="an image for a vision-language checkpoint (repeatable): "
+        "with every --prompt, or with the first interactive message",
+    )
     parser.add_argument("--batch-size", type=number(int, 1), default=8, help="one-shot prompts generated together")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=CHOICES,
-                        help="auto: bfloat16 where this machine decodes faster in it (precision.py), else float32")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=CHOICES,
+        help="auto: bfloat16 where this machine decodes faster in it (precision.py), else float32",
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
     add_sampling_args(parser)
     args = parser.parse_args(argv)
@@ -160,8 +171,11 @@ def main(argv=None):
     mode = args.mode or mode
     args.max_new_tokens = fit_max_new_tokens(args.max_new_tokens, model)
     sampling = dict(sampling_from(args), use_cache=not args.no_cache)
-    print(f"{args.ckpt}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
-          f"{model.num_params() / 1e6:.1f}M parameters on {model.rope_cos.device}, mode {mode}", file=sys.stderr)
+    print(
+        f"{args.ckpt}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
+        f"{model.num_params() / 1e6:.1f}M parameters on {model.rope_cos.device}, mode {mode}",
+        file=sys.stderr,
+    )
     try:
         if prompts:
             one_shot(model, tok, mode, prompts, args, sampling)
@@ -169,7 +183,6 @@ def main(argv=None):
             interactive(model, tok, mode, args, sampling)
     except ValueError as err:  # images for a text checkpoint, an image that cannot be decoded
         raise SystemExit(f"chat.py: {err}") from None
-
 
 
 if __name__ == "__main__":

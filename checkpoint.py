@@ -49,8 +49,11 @@ def atomic_save(obj, path):
 def rng_state():
     """Every RNG as tensors and plain lists (loadable with weights_only=True)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -77,10 +80,14 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises pickle, zip and OS errors alike for a bad file
         if "GLOBAL" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(f"{path} holds objects other than tensors and plain containers, which would run "
-                                  "code when loaded: refused (use a checkpoint this project wrote)") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, or not a torch file: "
-                              f"{type(err).__name__}); use another one, e.g. an earlier phase's") from None
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers, which would run "
+                "code when loaded: refused (use a checkpoint this project wrote)"
+            ) from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, or not a torch file: "
+            f"{type(err).__name__}); use another one, e.g. an earlier phase's"
+        ) from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_args)")
     return ckpt
@@ -99,9 +106,11 @@ def load_model(path, device="cpu", tokenizer=None):
         raise CheckpointError(f"{path} holds no model weights")
     args = ModelArgs(**ckpt["model_args"])
     if tokenizer is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
-        raise CheckpointError(f"{path} was trained with a different tokenizer (sha256 "
-                              f"{ckpt['tokenizer_fingerprint'][:12]}…, given {tokenizer.fingerprint[:12]}…): "
-                              "pass the tokenizer it was trained with")
+        raise CheckpointError(
+            f"{path} was trained with a different tokenizer (sha256 "
+            f"{ckpt['tokenizer_fingerprint'][:12]}…, given {tokenizer.fingerprint[:12]}…): "
+            "pass the tokenizer it was trained with"
+        )
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model embeds only {args.vocab_size}")
     model = Transformer(args)
@@ -117,16 +126,22 @@ def check_model_args(ckpt, args, path):
     mine, theirs = asdict(args), dict(ckpt["model_args"])
     mine.pop("dropout"), theirs.pop("dropout", None)
     if mine != theirs:
-        raise CheckpointError(f"{path}: model arguments differ from the config:\n  checkpoint {theirs}\n  config     {mine}")
+        raise CheckpointError(
+            f"{path}: model arguments differ from the config:\n  checkpoint {theirs}\n  config     {mine}"
+        )
 
 
 def model_checkpoint(model, model_args: ModelArgs, **meta):
     """A checkpoint dict: the model's weights in fp32 on CPU, its arguments, and `meta`."""
-    return {"model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
-            "model_args": asdict(model_args), **meta}
+    return {
+        "model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+        "model_args": asdict(model_args),
+        **meta,
+    }
 
 
 # ---------------------------------------------------------------------------- runs
+
 
 def run_id_of(out_dir):
     """The id in out_dir/run.json; None for a folder without one (written before run ids existed: then
@@ -137,8 +152,10 @@ def run_id_of(out_dir):
     try:
         return json.loads(path.read_text(encoding="utf-8"))["run_id"]
     except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is not a run file (expected {{\"run_id\": ...}}): restore it, or start "
-                              "the run again with --overwrite=True") from None
+        raise CheckpointError(
+            f'{path} is not a run file (expected {{"run_id": ...}}): restore it, or start '
+            "the run again with --overwrite=True"
+        ) from None
 
 
 def holds_a_run(out_dir):
@@ -159,8 +176,10 @@ def start_run(out_dir, overwrite, script):
     earlier = holds_a_run(out)
     if earlier and not overwrite:
         shown = ", ".join(str(p) for p in earlier[:3]) + (" ..." if len(earlier) > 3 else "")
-        raise CheckpointError(f"{out} holds an earlier run ({shown}): continue it with --init_from=resume, pass "
-                              "--overwrite=True to move it aside, or choose another --out_dir")
+        raise CheckpointError(
+            f"{out} holds an earlier run ({shown}): continue it with --init_from=resume, pass "
+            "--overwrite=True to move it aside, or choose another --out_dir"
+        )
     if earlier:
         aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(out, aside)

@@ -4,9 +4,9 @@ config files and --key=value arguments override them.
     python pretrain.py config/pretrain_tiny.py --batch_size=16 --dtype=float32
 
 The keys a script accepts are its module-level constants plus, for the training scripts, the keys they all
-share (trainer.TrainConfig, with its defaults). A config file is Python run with the constants in scope (so it may compute from them); a
---key=value value is a Python literal, or a bare string. Unknown keys and type changes are errors:
-a typo must not train for a day with the default.
+share (trainer.TrainConfig, with its defaults). A config file is Python run with the constants in scope
+(so it may compute from them); a --key=value value is a Python literal, or a bare string. Unknown keys
+and type changes are errors: a typo must not train for a day with the default.
 """
 
 import ast
@@ -17,8 +17,9 @@ CONFIG_TYPES = (int, float, bool, str, list, dict, tuple, type(None))
 
 
 def config_keys(namespace):
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not k.isupper()}
+    return {
+        k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES) and not k.isupper()
+    }
 
 
 def _check(key, value, defaults, origin):
@@ -27,7 +28,9 @@ def _check(key, value, defaults, origin):
         raise SystemExit(f"{origin}: unknown config key {key!r}" + (f" (did you mean {close}?)" if close else ""))
     default = defaults[key]
     if isinstance(value, bool) and not isinstance(default, bool) and default is not None:
-        raise SystemExit(f"{origin}: {key} must be {type(default).__name__} like its default {default!r}, got {value!r}")
+        raise SystemExit(
+            f"{origin}: {key} must be {type(default).__name__} like its default {default!r}, got {value!r}"
+        )
     if default is None or value is None or isinstance(value, type(default)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -54,9 +54,11 @@ csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB defaul
 
 # ---------------------------------------------------------------- sources and problems
 
+
 @dataclass
 class Source:
     """A named corpus: which reader (format) and which files. `location` is the PATH_OR_GLOB as given."""
+
     name: str
     format: str
     files: list[Path]
@@ -70,6 +72,7 @@ class Span:
     starts in it but runs past `end` (the split's quote count was fooled, e.g. by a stray quote in an
     unquoted field) is read whole, and so is the rest of the file: the reader sets read_to_end, and the
     file's later spans, which were cut inside that row, must be dropped."""
+
     start: int
     end: int | None  # None: the end of the file
     first_line: int
@@ -89,7 +92,9 @@ class Problems:
         """count > 1 records a bulk drop (e.g. all duplicates of one work unit) under one example."""
         self.counts[reason] += count
         examples = self._examples.setdefault(reason, [])
-        example = (f"{file}:{line}" if line is not None else f"{file}") + f": {reason}" + (f" ({detail})" if detail else "")
+        example = (
+            (f"{file}:{line}" if line is not None else f"{file}") + f": {reason}" + (f" ({detail})" if detail else "")
+        )
         if len(examples) < MAX_EXAMPLES and example not in examples:
             examples.append(example)
 
@@ -105,7 +110,7 @@ class Problems:
         self.counts.update(other.counts)
         for reason, examples in other._examples.items():
             mine = self._examples.setdefault(reason, [])
-            mine.extend([e for e in examples if e not in mine][:MAX_EXAMPLES - len(mine)])
+            mine.extend([e for e in examples if e not in mine][: MAX_EXAMPLES - len(mine)])
 
     def summary(self) -> str:
         if not self.counts:
@@ -127,6 +132,7 @@ class BadRecord(Exception):
 @dataclass(frozen=True)
 class Skipped:
     """Yielded by a reader for a part of a record it leaves out (the rest of the record is kept)."""
+
     reason: str
     detail: str = ""
 
@@ -180,13 +186,13 @@ def _file_encoding(path: str, size: int, mtime_ns: int) -> str:
         head = f.read(SNIFF_BYTES)
         scanned = len(head)
         while head.isascii() and scanned < PRIOR_SCAN_BYTES:  # ASCII tells nothing: sniff from the first
-            block = f.read(1 << 20)                           # line that holds something else
+            block = f.read(1 << 20)  # line that holds something else
             if not block:
                 break
             scanned += len(block)
             first = re.search(rb"[\x80-\xff]", block)
             if first:
-                head = block[block.rfind(b"\n", 0, first.start()) + 1:]
+                head = block[block.rfind(b"\n", 0, first.start()) + 1 :]
                 head += f.read(max(0, SNIFF_BYTES - len(head)))
     return detect_encoding(head)
 
@@ -264,7 +270,8 @@ class LineDecoder:
 UTF8_MULTIBYTE_LINE = re.compile(
     rb"\n([\x00-\x09\x0b-\x7f]*(?:(?:[\xc2-\xdf]|\xe0[\xa0-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]|\xed[\x80-\x9f]"
     rb"|\xf0[\x90-\xbf][\x80-\xbf]|[\xf1-\xf3][\x80-\xbf]{2}|\xf4[\x80-\x8f][\x80-\xbf])[\x80-\xbf][\x00-\x09\x0b-\x7f]*)+)"
-    rb"(?=\n|\Z)")
+    rb"(?=\n|\Z)"
+)
 
 
 def _mostly_utf8(raw: bytes) -> bool:
@@ -445,8 +452,12 @@ def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tup
             header = [name.strip() for name in row]
         elif len(row) != len(header):
             spans = f"; the row runs over lines {where}-{last} (an unterminated quote?)" if last > where else ""
-            problems.add("CSV row with the wrong number of fields", path, where,
-                         f"{len(row)} fields, header has {len(header)}{spans}")
+            problems.add(
+                "CSV row with the wrong number of fields",
+                path,
+                where,
+                f"{len(row)} fields, header has {len(header)}{spans}",
+            )
         else:
             yield where, dict(zip(header, row))
 
@@ -575,8 +586,12 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
                 done.clear()
             parser.Parse(b"", True)
     except RefusedXML as err:
-        problems.add("XML declares entities (XXE / billion laughs risk), file refused", path,
-                     parser.CurrentLineNumber, f"entity {err}")
+        problems.add(
+            "XML declares entities (XXE / billion laughs risk), file refused",
+            path,
+            parser.CurrentLineNumber,
+            f"entity {err}",
+        )
     except expat.ExpatError as err:
         problems.add("malformed XML, rest of file skipped", path, err.lineno, expat.errors.messages[err.code])
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
@@ -589,6 +604,7 @@ def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
     import logging
 
     import pypdf
+
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings about sloppy files are not ours to print
     try:
         with open_binary(path) as f:
@@ -624,9 +640,14 @@ def container(path) -> str | None:
     """'json' (lines or array), 'csv', 'text', 'xml', 'pdf', 'parquet', or None: by extension (under .gz),
     else by the first byte."""
     name = str(path).lower().removesuffix(".gz")
-    for kind, extensions in (("json", (".json", ".jsonl", ".ndjson")), ("csv", (".csv",)),
-                             ("text", (".txt", ".text", ".md")), ("xml", (".xml", ".nxml")), ("pdf", (".pdf",)),
-                             ("parquet", (".parquet",))):
+    for kind, extensions in (
+        ("json", (".json", ".jsonl", ".ndjson")),
+        ("csv", (".csv",)),
+        ("text", (".txt", ".text", ".md")),
+        ("xml", (".xml", ".nxml")),
+        ("pdf", (".pdf",)),
+        ("parquet", (".parquet",)),
+    ):
         if name.endswith(extensions):
             return kind
     return "json" if _first_byte(path) in (b"{", b"[") else None
@@ -664,6 +685,7 @@ def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterat
 
 # ---------------------------------------------------------------- the registry
 
+
 @dataclass(frozen=True)
 class Format:
     kind: str  # "text" | "dialogue" | "question": what the reader yields
@@ -681,6 +703,7 @@ def register(name, kind="text", containers=("json",), companions=(), whole_sourc
     def add(read):
         FORMATS[name] = Format(kind, read, containers, companions, whole_source, record_tag)
         return read
+
     return add
 
 
@@ -714,6 +737,7 @@ def list_field(record, name: str, required: bool = True) -> list:
 
 
 # ---- pretraining documents
+
 
 @register("wiki")
 def wiki(record):
@@ -819,6 +843,7 @@ def plain_text(block):
 # A document is its title, abstract, then section headings and paragraphs in reading order, one per line.
 # Figure and table captions and the reference list are left out; the NAME_full formats keep them.
 
+
 def paragraph_texts(record, name: str) -> list[str]:
     """The `text` of each paragraph object in record[name] (a list; missing or null: none)."""
     paragraphs = record.get(name) or []
@@ -832,8 +857,14 @@ def s2orc_classic(record, full: bool) -> list[str]:
     string marks its breaks with ':::'), paragraphs {section, text} in `body_text` at the top or in
     `pdf_parse` / `latex_parse` / `grobid_parse`; captions in `ref_entries`, the bibliography in `bib_entries`."""
     metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    parse = next((record[key] for key in ("pdf_parse", "latex_parse", "grobid_parse")
-                  if isinstance(record.get(key), dict) and record[key].get("body_text")), record)
+    parse = next(
+        (
+            record[key]
+            for key in ("pdf_parse", "latex_parse", "grobid_parse")
+            if isinstance(record.get(key), dict) and record[key].get("body_text")
+        ),
+        record,
+    )
     lines = [text_field(record, "title", False) or text_field(metadata, "title", False)]
     abstract = record.get("abstract") or metadata.get("abstract") or parse.get("abstract")
     if isinstance(abstract, str):
@@ -853,9 +884,12 @@ def s2orc_classic(record, full: bool) -> list[str]:
         if not isinstance(captions, dict) or not isinstance(bibliography, dict):
             raise BadRecord("field 'ref_entries' or 'bib_entries' is not an object")
         lines += [text_field(entry, "text", False) for entry in captions.values() if isinstance(entry, dict)]
-        lines += [text_field(entry, "raw_text", False) or ", ".join(filter(None, (
-            text_field(entry, key, False) for key in ("title", "venue", "year")))) for entry in bibliography.values()
-            if isinstance(entry, dict)]
+        lines += [
+            text_field(entry, "raw_text", False)
+            or ", ".join(filter(None, (text_field(entry, key, False) for key in ("title", "venue", "year"))))
+            for entry in bibliography.values()
+            if isinstance(entry, dict)
+        ]
     if not body and not abstract:
         raise BadRecord("no abstract and no body_text", text_field(record, "paper_id", False))
     return lines
@@ -896,12 +930,18 @@ def s2orc_datasets(content, full: bool) -> list[str]:
     annotations = content.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise BadRecord("field 'annotations' is not an object", type(annotations).__name__)
-    spans = {name: annotation_spans(annotations, name, len(text)) for name in
-             ("title", "abstract", "sectionheader", "paragraph", "figure", "figurecaption", "table", "bibentry")}
+    spans = {
+        name: annotation_spans(annotations, name, len(text))
+        for name in ("title", "abstract", "sectionheader", "paragraph", "figure", "figurecaption", "table", "bibentry")
+    }
     head = spans["title"][:1] + spans["abstract"][:1]
     not_body = head + spans["figure"] + spans["table"] + spans["bibentry"]
-    body = sorted((start, end, name) for name in ("sectionheader", "paragraph") for start, end in spans[name]
-                  if not any(outer <= start and end <= outer_end for outer, outer_end in not_body))
+    body = sorted(
+        (start, end, name)
+        for name in ("sectionheader", "paragraph")
+        for start, end in spans[name]
+        if not any(outer <= start and end <= outer_end for outer, outer_end in not_body)
+    )
     while body and body[-1][2] == "sectionheader":
         body.pop()
     if not body and not spans["abstract"]:
@@ -1016,8 +1056,11 @@ def pubmed(record):
     paragraphs = article.findall("Abstract/AbstractText")
     if not paragraphs:
         raise BadRecord("no abstract (title only)", pmid)
-    lines = [inline_text(article.find(name)) for name in ("ArticleTitle", "VernacularTitle")
-             if article.find(name) is not None]
+    lines = [
+        inline_text(article.find(name))
+        for name in ("ArticleTitle", "VernacularTitle")
+        if article.find(name) is not None
+    ]
     for paragraph in paragraphs:
         label, text = paragraph.get("Label", "").strip(), inline_text(paragraph)
         lines.append(f"{label}: {text}" if label and label != "UNLABELLED" and text else text)
@@ -1064,8 +1107,17 @@ def pdf(pages):
 
 # ---- SFT dialogues
 
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
-         "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 def dialogue(messages):
@@ -1097,8 +1149,7 @@ def dialogue(messages):
 
 
 def instruction_turn(record, answer_field="output"):
-    prompt = "\n".join(part for part in (text_field(record, "instruction"), text_field(record, "input", False))
-                       if part)
+    prompt = "\n".join(part for part in (text_field(record, "instruction"), text_field(record, "input", False)) if part)
     return [(prompt, text_field(record, answer_field))]
 
 
@@ -1145,11 +1196,13 @@ def huatuo(record):
     question without answer dropped (and counted)."""
     utterances = list_field(record, "data")
     if not all(isinstance(u, str) for u in utterances):
-        raise BadRecord("field 'data' holds a non-text utterance",
-                        next(type(u).__name__ for u in utterances if not isinstance(u, str)))
+        raise BadRecord(
+            "field 'data' holds a non-text utterance",
+            next(type(u).__name__ for u in utterances if not isinstance(u, str)),
+        )
     if len(utterances) % 2:
         yield Skipped("last question without an answer")
-    texts = [re.sub(r"^\s*[问答][:：]\s*", "", u).strip() for u in utterances[:len(utterances) // 2 * 2]]
+    texts = [re.sub(r"^\s*[问答][:：]\s*", "", u).strip() for u in utterances[: len(utterances) // 2 * 2]]
     yield list(zip(texts[0::2], texts[1::2]))
 
 
@@ -1200,6 +1253,7 @@ def medical_dialogue(record):
 
 # ---- multiple-choice questions
 
+
 def make_question(question, options, answer, subject, explanation):
     odd = [letter for letter in options if not re.fullmatch("[A-Z]", letter)]
     if odd:
@@ -1212,8 +1266,7 @@ def make_question(question, options, answer, subject, explanation):
         raise BadRecord("fewer than two options", ", ".join(options))
     if not set(answer) <= set(options):
         raise BadRecord("answer is not one of the options", f"{answer!r} not in {''.join(options)}")
-    return {"question": question, "options": options, "answer": answer, "subject": subject,
-            "explanation": explanation}
+    return {"question": question, "options": options, "answer": answer, "subject": subject, "explanation": explanation}
 
 
 def letter_options(record, letters="ABCD"):
@@ -1224,15 +1277,25 @@ def letter_options(record, letters="ABCD"):
 def ceval(record, path):
     """C-Eval {subject}_{split}.csv: id, question, A-D, answer (empty in test), explanation."""
     subject = re.sub(r"_(dev|val|test)$", "", Path(path).name.split(".")[0])
-    yield make_question(text_field(record, "question"), letter_options(record), text_field(record, "answer", False),
-                        subject, text_field(record, "explanation", False))
+    yield make_question(
+        text_field(record, "question"),
+        letter_options(record),
+        text_field(record, "answer", False),
+        subject,
+        text_field(record, "explanation", False),
+    )
 
 
 @register("cmmlu", "question", containers=("csv",))
 def cmmlu(record, path):
     """CMMLU {split}/{subject}.csv: an unnamed index column, Question, A-D, Answer."""
-    yield make_question(text_field(record, "Question"), letter_options(record), text_field(record, "Answer", False),
-                        Path(path).name.split(".")[0], "")
+    yield make_question(
+        text_field(record, "Question"),
+        letter_options(record),
+        text_field(record, "Answer", False),
+        Path(path).name.split(".")[0],
+        "",
+    )
 
 
 @register("cmb", "question")
@@ -1242,9 +1305,13 @@ def cmb(record, path):
     options = _value(record, "option", True)
     if not isinstance(options, dict):
         raise BadRecord("field 'option' is not an object", type(options).__name__)
-    yield make_question(text_field(record, "question"), {k.strip(): text_field(options, k) for k in options},
-                        text_field(record, "answer", False), text_field(record, "exam_subject", False),
-                        text_field(record, "explanation", False))
+    yield make_question(
+        text_field(record, "question"),
+        {k.strip(): text_field(options, k) for k in options},
+        text_field(record, "answer", False),
+        text_field(record, "exam_subject", False),
+        text_field(record, "explanation", False),
+    )
 
 
 CMEXAM_OPTION = re.compile(r"([A-Z])(?:[\s.．、:：]+(.*))?")
@@ -1261,16 +1328,26 @@ def cmexam(record, path):
             raise BadRecord("Options line is not '<LETTER> <text>'", line[:40])
         options[match[1]] = (match[2] or "").strip()
     subject = text_field(record, "Clinical Department", False) or text_field(record, "Medical Discipline", False)
-    yield make_question(text_field(record, "Question"), options, text_field(record, "Answer", False), subject,
-                        text_field(record, "Explanation", False))
+    yield make_question(
+        text_field(record, "Question"),
+        options,
+        text_field(record, "Answer", False),
+        subject,
+        text_field(record, "Explanation", False),
+    )
 
 
 # ---- image conversations (vision-language training, VQA evaluation)
 
 IMAGE_PLACEHOLDER = "<image>"  # marks where an image goes in a prompt, in every format below
 IMAGE_FILES = ("*.jpg", "*.jpeg", "*.png", "*.bmp", "*.gif", "*.webp")  # a dataset folder's images: not records
-IMAGE_FOLDERS = {"llava": "", "minimind_v": "", "slake": "imgs", "pmc_vqa": "images",
-                 "vqa_rad": "VQA_RAD Image Folder"}  # where image paths point, relative to the data file's folder
+IMAGE_FOLDERS = {
+    "llava": "",
+    "minimind_v": "",
+    "slake": "imgs",
+    "pmc_vqa": "images",
+    "vqa_rad": "VQA_RAD Image Folder",
+}  # where image paths point, relative to the data file's folder
 YES_NO = {"yes", "no", "是", "否"}
 
 
@@ -1280,6 +1357,7 @@ class ImageDialogue:
     of `images` (a path under the image folder, or the encoded image's bytes). VQA items also carry
     answer_type ("closed": yes/no or options; "open") and, for multiple choice, options {letter: text}
     and the gold letter `label`. `origin` is (file, location) of the record, set by iter_image_dialogues."""
+
     turns: list
     images: list
     answer_type: str = ""
@@ -1301,8 +1379,9 @@ def image_dialogue(messages, images, **vqa):
         raise BadRecord("<image> in an answer")
     placeholders = sum(prompt.count(IMAGE_PLACEHOLDER) for prompt, _ in turns)
     if placeholders != len(images):
-        raise BadRecord("<image> placeholders do not match the images", f"{placeholders} placeholder(s), "
-                        f"{len(images)} image(s)")
+        raise BadRecord(
+            "<image> placeholders do not match the images", f"{placeholders} placeholder(s), {len(images)} image(s)"
+        )
     yield ImageDialogue(turns, list(images), **vqa)
 
 
@@ -1374,8 +1453,12 @@ def slake(record):
     """SLAKE (Slake1.0's train.json / validate.json / test.json; BoKelvin/SLAKE's validation.json): a JSON array
     of {qid, img_id, img_name (under imgs/), question, answer, q_lang (en|zh), answer_type (OPEN|CLOSED),
     content_type, modality, location, base_type, triple}. Both languages are kept."""
-    yield vqa_item(text_field(record, "question"), text_field(record, "answer"), text_field(record, "img_name"),
-                   text_field(record, "answer_type", False))
+    yield vqa_item(
+        text_field(record, "question"),
+        text_field(record, "answer"),
+        text_field(record, "img_name"),
+        text_field(record, "answer_type", False),
+    )
 
 
 PMC_CHOICE = re.compile(r"^\s*([A-D])\s*[:：]\s*")
@@ -1389,11 +1472,18 @@ def pmc_vqa(record):
     options = {letter: PMC_CHOICE.sub("", text_field(record, f"Choice {letter}")).strip() for letter in "ABCD"}
     answer = PMC_CHOICE.sub("", text_field(record, "Answer" if "Answer" in record else "Anwser")).strip()
     label = text_field(record, "Answer_label", False).upper() or next(
-        (letter for letter, text in options.items() if text == answer), "")
+        (letter for letter, text in options.items() if text == answer), ""
+    )
     if not options.get(label):
         raise BadRecord("Answer_label is not one of the choices", repr(label))
-    yield vqa_item(text_field(record, "Question"), f"{label}. {options[label]}", text_field(record, "Figure_path"),
-                   "CLOSED", options, label)
+    yield vqa_item(
+        text_field(record, "Question"),
+        f"{label}. {options[label]}",
+        text_field(record, "Figure_path"),
+        "CLOSED",
+        options,
+        label,
+    )
 
 
 @register("vqa_rad", "image", containers=("json", "parquet"), companions=IMAGE_FILES)
@@ -1407,8 +1497,9 @@ def vqa_rad(record):
         image = image["bytes"]
     else:
         image = text_field(record, "image_name")
-    yield vqa_item(text_field(record, "question"), text_field(record, "answer"), image,
-                   text_field(record, "answer_type", False))
+    yield vqa_item(
+        text_field(record, "question"), text_field(record, "answer"), image, text_field(record, "answer_type", False)
+    )
 
 
 # Registry key sets. Every dialogue format also reads as pretraining text (its turns flattened).
@@ -1443,8 +1534,14 @@ ALIASES = {
     "pdf": ("medsci", "medsci_guidelines", "guidelines_pdf"),
     "ceval": ("c_eval", "ceval_exam"),
     "text": ("txt", "plain", "plaintext", "heldout", "notes"),
-    "llava": ("llava_pretrain", "llava_instruct", "llava_zh", "blip_laion_cc_sbu_558k", "llava_v1_5_mix665k",
-              "sharegpt4v"),
+    "llava": (
+        "llava_pretrain",
+        "llava_instruct",
+        "llava_zh",
+        "blip_laion_cc_sbu_558k",
+        "llava_v1_5_mix665k",
+        "sharegpt4v",
+    ),
     "minimind_v": ("minimind_v_dataset", "pretrain_i2t", "sft_i2t", "pretrain_vlm_data", "sft_vlm_data"),
     "slake": ("slake1.0",),
     "pmc_vqa": ("pmcvqa",),
@@ -1453,8 +1550,12 @@ ALIASES = {
 
 
 def known_formats() -> str:
-    kinds = (("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS - IMAGE_FORMATS),
-             ("SFT (also pretraining)", SFT_FORMATS), ("MCQ", MCQ_FORMATS), ("image conversations", IMAGE_FORMATS))
+    kinds = (
+        ("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS - IMAGE_FORMATS),
+        ("SFT (also pretraining)", SFT_FORMATS),
+        ("MCQ", MCQ_FORMATS),
+        ("image conversations", IMAGE_FORMATS),
+    )
     return "; ".join(f"{label}: {', '.join(sorted(names))}" for label, names in kinds)
 
 
@@ -1466,8 +1567,10 @@ def infer_format(name: str) -> str:
     for candidate in sorted(names, key=len, reverse=True):
         if key == candidate or key.startswith(candidate + "_"):
             return names[candidate]
-    raise ValueError(f"cannot tell the format of source '{name}': name it after a format or pass --format. "
-                     f"Formats: {known_formats()}")
+    raise ValueError(
+        f"cannot tell the format of source '{name}': name it after a format or pass --format. "
+        f"Formats: {known_formats()}"
+    )
 
 
 def is_plain_name(name: str) -> bool:
@@ -1477,7 +1580,7 @@ def is_plain_name(name: str) -> bool:
 
 
 def parse_source(spec: str, fmt: str | None = None) -> Source:
-    """"NAME=PATH_OR_GLOB" -> Source. PATH may be a file, a folder (every file below it, sorted; hidden
+    """ "NAME=PATH_OR_GLOB" -> Source. PATH may be a file, a folder (every file below it, sorted; hidden
     ones skipped) or a glob. A missing or unreadable path raises now, before any work; a glob that
     matches nothing gives files=[] (callers report it and go on)."""
     name, sep, location = spec.partition("=")
@@ -1485,8 +1588,10 @@ def parse_source(spec: str, fmt: str | None = None) -> Source:
     if not sep or not name or not location:
         raise ValueError(f"--source {spec!r}: expected NAME=PATH_OR_GLOB, e.g. wiki=data/raw/wiki/*.json")
     if not is_plain_name(name):
-        raise ValueError(f"--source {spec!r}: NAME names the output folder, so it is a plain name: letters, "
-                         "digits, '_', '-' and '.', not starting with '.' (no '.', '..', hidden names or paths)")
+        raise ValueError(
+            f"--source {spec!r}: NAME names the output folder, so it is a plain name: letters, "
+            "digits, '_', '-' and '.', not starting with '.' (no '.', '..', hidden names or paths)"
+        )
     fmt = fmt or infer_format(name)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}' for source '{name}'. Formats: {known_formats()}")
@@ -1535,15 +1640,19 @@ def _files_below(folder) -> list[Path]:
 
 # ---------------------------------------------------------------- reading a source
 
+
 def _format(source: Source, wanted: str) -> Format:
     fmt = FORMATS.get(source.format)
     if fmt is None:
         raise ValueError(f"unknown format '{source.format}' for source '{source.name}'. Formats: {known_formats()}")
-    allowed = {"text": PRETRAIN_FORMATS, "dialogue": SFT_FORMATS, "question": MCQ_FORMATS,
-               "image": IMAGE_FORMATS}[wanted]
+    allowed = {"text": PRETRAIN_FORMATS, "dialogue": SFT_FORMATS, "question": MCQ_FORMATS, "image": IMAGE_FORMATS}[
+        wanted
+    ]
     if source.format not in allowed:
-        raise ValueError(f"source '{source.name}': format '{source.format}' holds {fmt.kind}s, not {wanted}s; "
-                         f"{wanted} formats: {', '.join(sorted(allowed))}")
+        raise ValueError(
+            f"source '{source.name}': format '{source.format}' holds {fmt.kind}s, not {wanted}s; "
+            f"{wanted} formats: {', '.join(sorted(allowed))}"
+        )
     return fmt
 
 
@@ -1556,8 +1665,12 @@ def _readable_files(source: Source, fmt: Format, problems: Problems) -> Iterator
         if kind in fmt.containers:
             yield path
         else:
-            problems.add("file of a kind this format does not read", path, None,
-                         f"{kind or 'unknown'} file; {source.format} reads {'/'.join(fmt.containers)}")
+            problems.add(
+                "file of a kind this format does not read",
+                path,
+                None,
+                f"{kind or 'unknown'} file; {source.format} reads {'/'.join(fmt.containers)}",
+            )
 
 
 def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[tuple[Path, object, object]]:
@@ -1565,7 +1678,7 @@ def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[
     for path in _readable_files(source, fmt, problems):
         for where, record in iter_records(path, problems, span, fmt.record_tag):
             try:
-                for output in (fmt.read(record, path) if fmt.kind == "question" else fmt.read(record)):
+                for output in fmt.read(record, path) if fmt.kind == "question" else fmt.read(record):
                     if isinstance(output, Skipped):
                         problems.add(output.reason, path, where, output.detail)
                     else:
@@ -1654,6 +1767,7 @@ def image_file(root: Path, name: str) -> Path:
 
 # ---------------------------------------------------------------- splitting big files for parallel work
 
+
 def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span | None]]:
     """Independently readable pieces of a source, in reading order: (one-file Source, Span or None).
     Plain JSON-lines, CSV and text files larger than target_bytes are cut into byte ranges that begin at
@@ -1671,8 +1785,13 @@ def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span |
     for path in source.files:
         single = Source(source.name, source.format, [path], source.location)
         kind = container(path)
-        splittable = kind in fmt.containers and not str(path).endswith(".gz") and (
-            kind in ("text", "csv") or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path)))
+        splittable = (
+            kind in fmt.containers
+            and not str(path).endswith(".gz")
+            and (
+                kind in ("text", "csv") or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path))
+            )
+        )
         if splittable and os.path.getsize(path) > target_bytes:
             pieces += [(single, span) for span in _spans(path, target_bytes, kind)]
         else:

@@ -68,8 +68,10 @@ MAX_WORKERS = 4 * (os.cpu_count() or 1)  # more processes than this only cost me
 MINHASH = {"permutations": 128, "bands": 16, "shingle_chars": 5}  # 16 bands x 8 rows: Jaccard ~0.7 and up
 MINHASH_PARTITION_BITS = 8  # band keys are filed on disk by their top bits: 256 partitions, one in memory at a time
 MINHASH_PARTITIONS = 1 << MINHASH_PARTITION_BITS
-CLEANING = ("control characters removed except \\n and \\t; line breaks -> \\n; runs of spaces -> one; lines "
-            "trimmed; at most one blank line; Chinese punctuation untouched")
+CLEANING = (
+    "control characters removed except \\n and \\t; line breaks -> \\n; runs of spaces -> one; lines "
+    "trimmed; at most one blank line; Chinese punctuation untouched"
+)
 
 
 # ---------------------------------------------------------------- cleaning, hashing
@@ -116,11 +118,11 @@ def minhash_bands(text: str) -> np.ndarray:
     count = max(len(codes) - k + 1, 1)
     shingles = np.zeros(count, np.uint64)
     for j in range(min(k, len(codes))):  # polynomial hash of every k-character window, wrapping mod 2^64
-        shingles = shingles * SHINGLE_BASE + codes[j:j + count]
+        shingles = shingles * SHINGLE_BASE + codes[j : j + count]
     shingles = np.unique(shingles)
     signature = np.full(MINHASH["permutations"], np.iinfo(np.uint64).max, np.uint64)
     for start in range(0, len(shingles), 4096):  # (a*x + b) mod 2^64 per permutation, in bounded memory
-        block = shingles[start:start + 4096]
+        block = shingles[start : start + 4096]
         signature = np.minimum(signature, (MINHASH_A[:, None] * block + MINHASH_B[:, None]).min(axis=1))
     bands = signature.reshape(MINHASH["bands"], -1)
     return np.array([text_hash(f"{i}:{band.tobytes().hex()}".encode()) for i, band in enumerate(bands)], np.uint64)
@@ -176,7 +178,7 @@ class BandKeys:
         rows = rows[order]
         for p in np.flatnonzero(np.diff(bounds)):
             with open(self.path(kind, p), "ab") as f:
-                rows[bounds[p]:bounds[p + 1]].tofile(f)
+                rows[bounds[p] : bounds[p + 1]].tofile(f)
 
     def seen(self, partition: int) -> np.ndarray:
         path = self.path("seen", partition)
@@ -215,7 +217,7 @@ class BandKeys:
             return
         keys = np.memmap(log_path, "<u8", mode="r")
         for start in range(0, len(keys), COPY_TOKENS):
-            chunk = np.array(keys[start:start + COPY_TOKENS], np.uint64)
+            chunk = np.array(keys[start : start + COPY_TOKENS], np.uint64)
             self.file("incoming", chunk, chunk)
         for partition in range(MINHASH_PARTITIONS):
             incoming = self.path("incoming", partition)
@@ -228,12 +230,14 @@ class BandKeys:
 class Dedup:
     """The run's memory of documents: exact text hashes (in RAM, 8 bytes a document), LSH band keys (on
     disk, with --minhash), and which sources filled them."""
+
     exact: SeenHashes = field(default_factory=SeenHashes)
     bands: BandKeys | None = None
     sources: list = field(default_factory=list)  # [{"name", "dedup_sha256"}] in processing order
 
 
 # ---------------------------------------------------------------- workers: one work unit each
+
 
 @dataclass
 class UnitResult:
@@ -287,11 +291,19 @@ def encode_unit(task) -> UnitResult:
                 batch_bytes = 0
         flush(out)
     band_keys = np.array(bands, np.uint64).reshape(-1, MINHASH["bands"]) if minhash else None
-    return UnitResult(part, np.array(lengths, np.int64), np.array(hashes, np.uint64), band_keys, read, problems,
-                      span is not None and span.read_to_end)
+    return UnitResult(
+        part,
+        np.array(lengths, np.int64),
+        np.array(hashes, np.uint64),
+        band_keys,
+        read,
+        problems,
+        span is not None and span.read_to_end,
+    )
 
 
 # ---------------------------------------------------------------- the parent: shards
+
 
 class ShardWriter:
     """Appends whole documents to NAME_0000.bin.tmp, NAME_0001.bin.tmp, ...; a shard is closed (flushed,
@@ -309,13 +321,14 @@ class ShardWriter:
         done_docs = done_tokens = 0
         while done_docs < len(lengths):
             if self.file is None:
-                self.shards.append({"file": f"{self.name}_{len(self.shards):04d}.bin", "tokens": 0, "documents": 0,
-                                    "max_token_id": 0})
+                self.shards.append(
+                    {"file": f"{self.name}_{len(self.shards):04d}.bin", "tokens": 0, "documents": 0, "max_token_id": 0}
+                )
                 self.file = open(self.folder / (self.shards[-1]["file"] + ".tmp"), "wb")
             shard = self.shards[-1]
             filling = int(np.searchsorted(ends, done_tokens + self.shard_tokens - shard["tokens"]))
             stop = min(filling + 1, len(lengths))
-            piece = tokens[done_tokens:ends[stop - 1]]
+            piece = tokens[done_tokens : ends[stop - 1]]
             piece.tofile(self.file)
             shard["max_token_id"] = max(shard["max_token_id"], int(piece.max()))  # training checks it against vocab
             shard["tokens"] += int(ends[stop - 1]) - done_tokens
@@ -380,9 +393,11 @@ def copy_unit(result: UnitResult, keep: np.ndarray, writer: ShardWriter) -> int:
 
 # ---------------------------------------------------------------- one source
 
+
 @dataclass
 class Run:
     """What every source of one invocation shares."""
+
     tokenizer: dict  # {"path", "sha256", "vocab_size", "eos_id"}
     settings: dict
     workers: int
@@ -471,9 +486,13 @@ class NothingKept(ValueError):
 
 def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict:
     folder = Path(out_dir) / source.name  # source.name is a plain name (corpora.parse_source)
-    expected = {"format": source.format, "inputs": inputs_of(source),
-                "tokenizer_sha256": run.tokenizer["sha256"], "settings": run.settings,
-                "dedup_against": list(run.dedup.sources)}
+    expected = {
+        "format": source.format,
+        "inputs": inputs_of(source),
+        "tokenizer_sha256": run.tokenizer["sha256"],
+        "settings": run.settings,
+        "dedup_against": list(run.dedup.sources),
+    }
     manifest = read_manifest(folder)
     if not run.force and up_to_date(manifest, expected, folder):
         print(f"{source.name}: up to date, skipped ({manifest['tokens']:,} tokens; --force redoes it)")
@@ -489,8 +508,10 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
     parts = folder / "parts.tmp"
     parts.mkdir()
     sizes = [(span.end - span.start) if span else sum(p.stat().st_size for p in unit.files) for unit, span in units]
-    tasks = [(unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
-             for i, (unit, span) in enumerate(units)]
+    tasks = [
+        (unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
+        for i, (unit, span) in enumerate(units)
+    ]
     writer = ShardWriter(folder, source.name, run.settings["shard_tokens"])
     logs = []
     problems, read, kept = corpora.Problems(), 0, 0
@@ -523,7 +544,7 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
             near = run.dedup.bands.near_duplicates(staged, logs[1])
             for result, keep, first, label in tqdm(deferred, desc=f"{source.name} near duplicates dropped, copying"):
                 exact = np.flatnonzero(keep)
-                dropped = near[first:first + len(exact)]
+                dropped = near[first : first + len(exact)]
                 keep[exact[dropped]] = False
                 if dropped.any():
                     problems.add("near duplicate (MinHash) of an earlier document", label, count=int(dropped.sum()))
@@ -534,18 +555,27 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         parts.rmdir()
         if not kept:
             print(problems.summary())
-            raise NothingKept(f"source '{source.name}' yielded no document ({read:,} read from "
-                              f"{len(source.files)} file(s) at {source.location}; skipped: "
-                              f"{dict(problems.counts) or 'nothing'}). "
-                              f"Expected: {corpora.expected_input(source.format)}")
+            raise NothingKept(
+                f"source '{source.name}' yielded no document ({read:,} read from "
+                f"{len(source.files)} file(s) at {source.location}; skipped: "
+                f"{dict(problems.counts) or 'nothing'}). "
+                f"Expected: {corpora.expected_input(source.format)}"
+            )
         dedup_sha = hashlib.sha256("".join(log.sha.hexdigest() for log in logs).encode()).hexdigest()
         manifest = {
-            "name": source.name, **expected, "location": source.location,
-            "tokenizer": run.tokenizer, "dtype": np.dtype(DTYPE).name, "eos_id": run.tokenizer["eos_id"],
+            "name": source.name,
+            **expected,
+            "location": source.location,
+            "tokenizer": run.tokenizer,
+            "dtype": np.dtype(DTYPE).name,
+            "eos_id": run.tokenizer["eos_id"],
             "vocab_size": run.tokenizer["vocab_size"],
             "max_token_id": max(s["max_token_id"] for s in writer.shards),
-            "documents_read": read, "documents_kept": kept, "tokens": sum(s["tokens"] for s in writer.shards),
-            "skipped": dict(problems.counts.most_common()), "skipped_examples": problems.examples,
+            "documents_read": read,
+            "documents_kept": kept,
+            "tokens": sum(s["tokens"] for s in writer.shards),
+            "skipped": dict(problems.counts.most_common()),
+            "skipped_examples": problems.examples,
             "shards": writer.shards,
             "dedup_files": {log.path.name: log.bytes for log in logs},
             "dedup_sha256": dedup_sha,
@@ -559,12 +589,17 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         clear_leftovers(folder)
         if isinstance(err, OSError):
             where = f" ({err.filename})" if err.filename else ""
-            raise OSError(err.errno, f"source '{source.name}': {err.strerror or err}{where} while writing {folder}; "
-                                     "its temporary files were removed, re-run to redo it") from None
+            raise OSError(
+                err.errno,
+                f"source '{source.name}': {err.strerror or err}{where} while writing {folder}; "
+                "its temporary files were removed, re-run to redo it",
+            ) from None
         raise
     run.dedup.sources.append({"name": source.name, "dedup_sha256": dedup_sha})
-    print(f"{source.name}: {read:,} documents read, {kept:,} kept, {manifest['tokens']:,} tokens in "
-          f"{len(writer.shards)} shard(s) -> {folder}")
+    print(
+        f"{source.name}: {read:,} documents read, {kept:,} kept, {manifest['tokens']:,} tokens in "
+        f"{len(writer.shards)} shard(s) -> {folder}"
+    )
     if problems.counts:
         print(problems.summary())
     return manifest
@@ -572,20 +607,36 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
 
 # ---------------------------------------------------------------- the run
 
+
 def check_tokenizer(tokenizer, path):
     if tokenizer.vocab_size > np.iinfo(DTYPE).max + 1:
-        raise ValueError(f"tokenizer {path} has vocab_size {tokenizer.vocab_size}: ids up to "
-                         f"{tokenizer.vocab_size - 1} do not fit uint16 token files (largest id must be <= 65535)")
+        raise ValueError(
+            f"tokenizer {path} has vocab_size {tokenizer.vocab_size}: ids up to "
+            f"{tokenizer.vocab_size - 1} do not fit uint16 token files (largest id must be <= 65535)"
+        )
 
 
-def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min_chars=MIN_CHARS, minhash=False,
-                    shard_tokens=SHARD_TOKENS, force=False, unit_bytes=UNIT_MB << 20) -> list[dict]:
+def process_sources(
+    sources,
+    out_dir,
+    tokenizer_path=DEFAULT_DIR,
+    workers=1,
+    min_chars=MIN_CHARS,
+    minhash=False,
+    shard_tokens=SHARD_TOKENS,
+    force=False,
+    unit_bytes=UNIT_MB << 20,
+) -> list[dict]:
     """Every source into OUT/NAME/, deduplicated across all of them; a manifest per source.
     Everything that can be checked is checked before any work. A source that yields no document (no
     file matched, none of the right kind, every record rejected) gets no output; the others are done,
     then NothingKept names them all."""
-    for name, value, low in (("workers", workers, 1), ("min_chars", min_chars, 0), ("shard_tokens", shard_tokens, 1),
-                             ("unit_bytes", unit_bytes, 1)):
+    for name, value, low in (
+        ("workers", workers, 1),
+        ("min_chars", min_chars, 0),
+        ("shard_tokens", shard_tokens, 1),
+        ("unit_bytes", unit_bytes, 1),
+    ):
         if not value >= low:
             raise ValueError(f"{name} must be >= {low}, not {value}")
     if workers > MAX_WORKERS:
@@ -599,17 +650,34 @@ def process_sources(sources, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, min
             raise ValueError(f"source name {source.name!r} is not a plain folder name")
         folder = Path(out_dir) / source.name
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}: the run writes and "
-                             "cleans only a real folder OUT/NAME; move it away")
+            raise ValueError(
+                f"{folder} is {'a link' if folder.is_symlink() else 'a file'}: the run writes and "
+                "cleans only a real folder OUT/NAME; move it away"
+            )
         if source.format not in corpora.PRETRAIN_FORMATS:
-            raise ValueError(f"source '{source.name}': format '{source.format}' is not pretraining text; "
-                             f"use one of {', '.join(sorted(corpora.PRETRAIN_FORMATS))}")
+            raise ValueError(
+                f"source '{source.name}': format '{source.format}' is not pretraining text; "
+                f"use one of {', '.join(sorted(corpora.PRETRAIN_FORMATS))}"
+            )
         if names.count(source.name) > 1:
             raise ValueError(f"source name '{source.name}' given twice: each names its own output folder")
-    run = Run({"path": str(tokenizer_path), "sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-               "eos_id": tokenizer.eos_id},
-              {"min_chars": min_chars, "minhash": MINHASH if minhash else None, "shard_tokens": shard_tokens,
-               "cleaning": CLEANING}, workers, unit_bytes, force)
+    run = Run(
+        {
+            "path": str(tokenizer_path),
+            "sha256": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+        },
+        {
+            "min_chars": min_chars,
+            "minhash": MINHASH if minhash else None,
+            "shard_tokens": shard_tokens,
+            "cleaning": CLEANING,
+        },
+        workers,
+        unit_bytes,
+        force,
+    )
     manifests, failed, bands_folder = [], [], None
     if minhash:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -661,9 +729,14 @@ class worker_pool:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
-                        help="a corpus (repeatable); PATH a file, a folder or a quoted glob; the format comes "
-                             "from NAME unless --format. Formats: " + ", ".join(sorted(corpora.PRETRAIN_FORMATS)))
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME=PATH_OR_GLOB",
+        help="a corpus (repeatable); PATH a file, a folder or a quoted glob; the format comes "
+        "from NAME unless --format. Formats: " + ", ".join(sorted(corpora.PRETRAIN_FORMATS)),
+    )
     parser.add_argument("--out", required=True, help="output folder: OUT/NAME/ per source")
     parser.add_argument("--format", default=None, help="reader for every --source (default: inferred from NAME)")
     parser.add_argument("--tokenizer", default=str(DEFAULT_DIR), help="tokenizer folder or .model file")
@@ -671,12 +744,19 @@ def main(argv=None):
     parser.add_argument("--min-chars", type=int, default=MIN_CHARS, help="drop shorter documents (after cleaning)")
     parser.add_argument("--minhash", action="store_true", help="also drop near-duplicates (MinHash + LSH)")
     parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard (about)")
-    parser.add_argument("--unit-mb", type=float, default=UNIT_MB, help="largest work unit in MiB that JSON-lines/"
-                        "CSV/text files are split into (any value gives the same output)")
+    parser.add_argument(
+        "--unit-mb",
+        type=float,
+        default=UNIT_MB,
+        help="largest work unit in MiB that JSON-lines/CSV/text files are split into (any value gives the same output)",
+    )
     parser.add_argument("--force", action="store_true", help="redo sources that are up to date")
     args = parser.parse_args(argv)
-    for flag, value, low in (("--workers", args.workers, 1), ("--min-chars", args.min_chars, 0),
-                             ("--shard-tokens", args.shard_tokens, 1)):
+    for flag, value, low in (
+        ("--workers", args.workers, 1),
+        ("--min-chars", args.min_chars, 0),
+        ("--shard-tokens", args.shard_tokens, 1),
+    ):
         if value < low:
             parser.error(f"{flag} must be >= {low}, not {value}")
     if args.workers > MAX_WORKERS:
@@ -685,8 +765,17 @@ def main(argv=None):
         parser.error(f"--unit-mb must be a positive size in MiB, not {args.unit_mb}")
     try:
         sources = [corpora.parse_source(spec, args.format) for spec in args.source]
-        process_sources(sources, args.out, args.tokenizer, args.workers, args.min_chars, args.minhash,
-                        args.shard_tokens, args.force, int(args.unit_mb * (1 << 20)))
+        process_sources(
+            sources,
+            args.out,
+            args.tokenizer,
+            args.workers,
+            args.min_chars,
+            args.minhash,
+            args.shard_tokens,
+            args.force,
+            int(args.unit_mb * (1 << 20)),
+        )
     except ValueError as err:
         sys.exit(f"data_process: {err}")
     except OSError as err:  # a missing input, a full or read-only disk

@@ -1,9 +1,9 @@
 """Pretraining windows over uint16 token shards, mixed across sources with per-phase weights.
 
 A source is a folder written by data_process.py: every shard its manifest.json lists is
-memory-mapped (all of them; never just the first). Each shard keeps its tail as that source's validation slice. A batch is a pure
-function of (seed, phase, step): every rank draws the same global batch and takes its own rows, so
-DDP, gradient accumulation and resume all see exactly the rows a single process would, with no
+memory-mapped (all of them; never just the first). Each shard keeps its tail as that source's validation
+slice. A batch is a pure function of (seed, phase, step): every rank draws the same global batch and
+takes its own rows, so DDP, gradient accumulation and resume all see exactly the rows a single process would, with no
 DistributedSampler and no iterator state to save (sequential mode saves its cursors).
 """
 
@@ -30,16 +30,19 @@ def read_manifest(directory):
     manifest_path = directory / "manifest.json"
     # data_process.py writes the manifest last: without it the folder is incomplete (or not ours)
     if not manifest_path.is_file():
-        raise DataError(f"{directory}: no manifest.json, so no complete data_process.py output: run it (again) "
-                        "for this source")
+        raise DataError(
+            f"{directory}: no manifest.json, so no complete data_process.py output: run it (again) for this source"
+        )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         shards = manifest["shards"]
         files = [(str(shard["file"]), int(shard["tokens"])) for shard in shards]
         tokenizer_sha256 = manifest["tokenizer"]["sha256"]
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{manifest_path} is not a data_process.py manifest ({type(err).__name__}: {err}): "
-                        "re-run data_process.py for this source") from None
+        raise DataError(
+            f"{manifest_path} is not a data_process.py manifest ({type(err).__name__}: {err}): "
+            "re-run data_process.py for this source"
+        ) from None
     for name, _ in files:
         if Path(name).name != name or name in (".", "..") or not name:
             raise DataError(f"{manifest_path}: shard {name!r} is not a file name inside {directory}: refused")
@@ -62,12 +65,13 @@ class TokenSource:
         for (name, n_tokens), shard in zip(files, manifest["shards"]):
             path = directory / name
             if not path.is_file() or path.stat().st_size != 2 * n_tokens:
-                raise DataError(f"{path}: missing, or not the {n_tokens:,} tokens manifest.json records: re-run "
-                                "data_process.py for this source")
+                raise DataError(
+                    f"{path}: missing, or not the {n_tokens:,} tokens manifest.json records: re-run "
+                    "data_process.py for this source"
+                )
             tokens = np.memmap(path, dtype=np.uint16, mode="r")
             if vocab_size is not None:
-                max_ids.append(int(shard["max_token_id"]) if "max_token_id" in shard else
-                               int(tokens.max(initial=0)))
+                max_ids.append(int(shard["max_token_id"]) if "max_token_id" in shard else int(tokens.max(initial=0)))
             n_val = max(self.window, int(len(tokens) * val_fraction))
             if len(tokens) < self.window + n_val:  # not enough for a train window and a val window
                 self.too_small.append(path.name)
@@ -78,9 +82,11 @@ class TokenSource:
             train_windows.append(len(tokens) - n_val - self.window + 1)
             self.val_slices.append((len(self.shards) - 1, len(tokens) - n_val, len(tokens)))
         if vocab_size is not None and max_ids and max(max_ids) >= vocab_size:
-            raise DataError(f"{directory}: token id {max(max_ids)} is beyond the model's vocabulary ({vocab_size} ids): "
-                            "these shards were made with a larger tokenizer; re-run data_process.py with the "
-                            "model's --tokenizer, or raise vocab_size")
+            raise DataError(
+                f"{directory}: token id {max(max_ids)} is beyond the model's vocabulary ({vocab_size} ids): "
+                "these shards were made with a larger tokenizer; re-run data_process.py with the "
+                "model's --tokenizer, or raise vocab_size"
+            )
         if not self.shards:
             raise DataError(f"{directory}: no .bin shard holds a window of {self.window} tokens")
         self.cumulative = np.cumsum(train_windows)  # window index -> shard by searchsorted
@@ -96,14 +102,14 @@ class TokenSource:
     def train_window(self, index):
         shard = int(np.searchsorted(self.cumulative, index, side="right"))
         offset = int(index - (self.cumulative[shard - 1] if shard else 0))
-        return self.shards[shard][offset:offset + self.window]
+        return self.shards[shard][offset : offset + self.window]
 
     def val_windows(self, max_windows):
         """Non-overlapping windows of the held-out slices, evenly spread, at most max_windows."""
         starts = [(s, p) for s, lo, hi in self.val_slices for p in range(lo, hi - self.window + 1, self.window)]
         if len(starts) > max_windows:
             starts = [starts[i] for i in np.linspace(0, len(starts) - 1, max_windows).astype(int)]
-        return [self.shards[s][p:p + self.window] for s, p in starts]
+        return [self.shards[s][p : p + self.window] for s, p in starts]
 
 
 def to_batch(windows):
@@ -121,8 +127,18 @@ class PretrainData:
     which needs the cursors in the checkpoint (state_dict).
     """
 
-    def __init__(self, data_dir, mixture, seq_len, seed=1337, phase=0, val_fraction=0.01, sampling="random",
-                 tokenizer_fingerprint=None, vocab_size=None):
+    def __init__(
+        self,
+        data_dir,
+        mixture,
+        seq_len,
+        seed=1337,
+        phase=0,
+        val_fraction=0.01,
+        sampling="random",
+        tokenizer_fingerprint=None,
+        vocab_size=None,
+    ):
         if not mixture:
             raise DataError("empty data mixture")
         missing = [n for n in mixture if not (Path(data_dir) / n).is_dir()]
@@ -138,14 +154,18 @@ class PretrainData:
         self.sources = [TokenSource(Path(data_dir) / n, seq_len, val_fraction, vocab_size) for n in self.names]
         for src in self.sources:
             if tokenizer_fingerprint and src.tokenizer_sha256 != tokenizer_fingerprint:
-                raise DataError(f"{Path(data_dir) / src.name}: tokens made by tokenizer sha256 {src.tokenizer_sha256[:12]}…, "
-                                 f"but training uses {tokenizer_fingerprint[:12]}…: re-run data_process.py with this --tokenizer")
+                raise DataError(
+                    f"{Path(data_dir) / src.name}: tokens made by tokenizer sha256 {src.tokenizer_sha256[:12]}…, "
+                    f"but training uses {tokenizer_fingerprint[:12]}…: re-run data_process.py with this --tokenizer"
+                )
         self.seed, self.phase, self.sampling, self.vocab_size = seed, phase, sampling, vocab_size
         self.cursors = np.zeros(len(self.sources), dtype=np.int64)  # sequential mode only
         self.next_step = None
 
     def describe(self):
-        return ", ".join(f"{n} {w:.0%} ({s.n_tokens:,} tokens)" for n, w, s in zip(self.names, self.weights, self.sources))
+        return ", ".join(
+            f"{n} {w:.0%} ({s.n_tokens:,} tokens)" for n, w, s in zip(self.names, self.weights, self.sources)
+        )
 
     def plan(self, step, n_rows):
         """(source, window index) for each of the step's global rows."""
@@ -172,10 +192,15 @@ class PretrainData:
             rows = global_rows(m, rank, world, batch_size)
             batches.append(to_batch([self.sources[s].train_window(i) for s, i in zip(source[rows], index[rows])]))
             if self.vocab_size is not None and int(batches[-1][0].max()) >= self.vocab_size:  # a manifest that lied
-                bad = next(self.names[s] for s, i in zip(source[rows], index[rows])
-                           if int(self.sources[s].train_window(i).max()) >= self.vocab_size)
-                raise DataError(f"{bad}: a token id beyond the model's vocabulary ({self.vocab_size}) at step {step}, "
-                                "although manifest.json says otherwise: re-run data_process.py for this source")
+                bad = next(
+                    self.names[s]
+                    for s, i in zip(source[rows], index[rows])
+                    if int(self.sources[s].train_window(i).max()) >= self.vocab_size
+                )
+                raise DataError(
+                    f"{bad}: a token id beyond the model's vocabulary ({self.vocab_size}) at step {step}, "
+                    "although manifest.json says otherwise: re-run data_process.py for this source"
+                )
         return batches
 
     def val_batches(self, batch_size, max_windows=64, rank=0, world=1):
@@ -183,7 +208,7 @@ class PretrainData:
         out = {}
         for name, src in zip(self.names, self.sources):
             windows = src.val_windows(max_windows)[rank::world]
-            out[name] = [to_batch(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+            out[name] = [to_batch(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size)]
         return out
 
     def state_dict(self):

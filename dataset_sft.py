@@ -55,6 +55,7 @@ def render(turns, bos_id, eos_id):
 def fit_turns(turns, budget):
     """Drop the earliest turns, then the start of the last prompt, until the rendered conversation
     has at most `budget` ids. None when the last answer can't fit whole with one prompt token."""
+
     def size(ts):
         return sum(len(p) + 1 + (len(a) + 1 if a is not None else 0) for p, a in ts)
 
@@ -155,9 +156,11 @@ class SFTData:
                 sources.append(source)
         bar.close()
         if not tokens:
-            raise ValueError(f"{csv_path}: no usable conversation (too long for max_seq_len={seq_len}: "
-                             f"{dict(self.dropped) or 'none'}; bad rows: {dict(self.problems.counts) or 'none'}, "
-                             f"first: {'; '.join(self.problems.examples) or '-'})")
+            raise ValueError(
+                f"{csv_path}: no usable conversation (too long for max_seq_len={seq_len}: "
+                f"{dict(self.dropped) or 'none'}; bad rows: {dict(self.problems.counts) or 'none'}, "
+                f"first: {'; '.join(self.problems.examples) or '-'})"
+            )
         self.store(tokens, masks, sources, val_fraction)
 
     def store(self, tokens, masks, sources, val_fraction):
@@ -176,10 +179,18 @@ class SFTData:
 
     def describe(self):
         drops = f", dropped {dict(self.dropped)}" if self.dropped else ""
-        bad = (f", {self.problems.total:,} bad CSV row(s) skipped: {dict(self.problems.counts)} "
-               f"(first: {'; '.join(self.problems.examples)})") if self.problems.counts else ""
-        return (f"{len(self.train_ids)} train / {len(self.val_ids)} val conversations, "
-                f"{len(self.tokens):,} tokens{', packed' if self.pack else ''}{drops}{bad}")
+        bad = (
+            (
+                f", {self.problems.total:,} bad CSV row(s) skipped: {dict(self.problems.counts)} "
+                f"(first: {'; '.join(self.problems.examples)})"
+            )
+            if self.problems.counts
+            else ""
+        )
+        return (
+            f"{len(self.train_ids)} train / {len(self.val_ids)} val conversations, "
+            f"{len(self.tokens):,} tokens{', packed' if self.pack else ''}{drops}{bad}"
+        )
 
     def sample(self, i):
         lo, hi = self.offsets[i], self.offsets[i + 1]
@@ -224,8 +235,8 @@ class SFTData:
         X = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
         Y = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
         for r, (x, y) in enumerate(pairs):
-            X[r, :len(x)] = torch.tensor(x)
-            Y[r, :len(y)] = torch.tensor(y)
+            X[r, : len(x)] = torch.tensor(x)
+            Y[r, : len(y)] = torch.tensor(y)
         return X, Y
 
     def train_batches(self, step, micro_steps, batch_size, rank=0, world=1):
@@ -244,7 +255,9 @@ class SFTData:
         out = {}
         for source, ids in sorted(by_source.items()):
             ids = ids[:max_windows][rank::world]
-            out[source] = [self.to_batch([[i] for i in ids[k:k + batch_size]]) for k in range(0, len(ids), batch_size)]
+            out[source] = [
+                self.to_batch([[i] for i in ids[k : k + batch_size]]) for k in range(0, len(ids), batch_size)
+            ]
         return out
 
     def state_dict(self):

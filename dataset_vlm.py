@@ -35,8 +35,21 @@ from vlm import encode_texts, images_kept
 class VLMData(SFTData):
     """Image conversations of several corpora.Sources, tokenized once; images kept as paths or bytes."""
 
-    def __init__(self, sources, tokenizer, seq_len, image_tokens, image_token_id, preprocess, seed=1337,
-                 val_fraction=0.02, plain_prompts=False, pack=False, image_folders=None, encode_batch=1024):
+    def __init__(
+        self,
+        sources,
+        tokenizer,
+        seq_len,
+        image_tokens,
+        image_token_id,
+        preprocess,
+        seed=1337,
+        val_fraction=0.02,
+        plain_prompts=False,
+        pack=False,
+        image_folders=None,
+        encode_batch=1024,
+    ):
         self.seq_len, self.seed, self.pack = seq_len, seed, pack
         self.pad_id = tokenizer.pad_id
         self.preprocess = preprocess
@@ -49,11 +62,15 @@ class VLMData(SFTData):
             bar = tqdm(desc=f"tokenize {source.name}", unit=" conv", leave=False)
             while chunk := list(itertools.islice(items, encode_batch)):
                 bar.update(len(chunk))
-                texts = [IMAGE_PLACEHOLDER * prompt.count(IMAGE_PLACEHOLDER) if plain_prompts else prompt
-                         for item in chunk for prompt, _ in item.turns]
+                texts = [
+                    IMAGE_PLACEHOLDER * prompt.count(IMAGE_PLACEHOLDER) if plain_prompts else prompt
+                    for item in chunk
+                    for prompt, _ in item.turns
+                ]
                 answers = [answer for item in chunk for _, answer in item.turns]
-                encoded = iter(zip(encode_texts(tokenizer, texts, image_tokens, image_token_id),
-                                   tokenizer.encode_batch(answers)))
+                encoded = iter(
+                    zip(encode_texts(tokenizer, texts, image_tokens, image_token_id), tokenizer.encode_batch(answers))
+                )
                 for item in chunk:
                     if plain_prompts and not item.images:  # nothing left to learn from: no image, no prompt text
                         self.dropped["no image, and plain prompts keep only images"] += 1
@@ -72,13 +89,19 @@ class VLMData(SFTData):
                     tokens.append(np.asarray(ids, dtype=np.uint16))
                     masks.append(np.asarray(is_answer, dtype=bool))
                     names.append(source.name)
-                    self.images.append([str(image) if not isinstance(image, bytes) else image
-                                        for image in item.images[len(item.images) - kept:]])
+                    self.images.append(
+                        [
+                            str(image) if not isinstance(image, bytes) else image
+                            for image in item.images[len(item.images) - kept :]
+                        ]
+                    )
                     self.origins.append(item.origin)
             bar.close()
         if not tokens:
-            raise ValueError(f"no usable image conversation in {', '.join(s.name for s in sources)} "
-                             f"({dict(self.dropped)}; {self.problems.summary()})")
+            raise ValueError(
+                f"no usable image conversation in {', '.join(s.name for s in sources)} "
+                f"({dict(self.dropped)}; {self.problems.summary()})"
+            )
         self.store(tokens, masks, names, val_fraction)
 
     def describe(self):

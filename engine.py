@@ -42,8 +42,11 @@ def lm_head(weight):
     EPYC with AVX512, MKL's fp32 product of 4-64 rows with a 64,794-row head runs at a third to a fifth of
     that speed); one fp32 row stays with MKL's matrix-vector product, faster still. The copy costs
     the head's size in memory."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) \
-            or not torch.backends.mkldnn.is_available():
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype not in (torch.float32, torch.bfloat16)
+        or not torch.backends.mkldnn.is_available()
+    ):
         return lambda hidden: F.linear(hidden, weight)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
 
@@ -100,8 +103,10 @@ class Engine:
         self.max_seq_len = args.max_seq_len
         self.device, dtype = model.rope_cos.device, model.tok_embeddings.weight.dtype
         shape = (max_batch, args.kv_heads, args.max_seq_len, args.head_dim)
-        self.caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                        torch.zeros(shape, dtype=dtype, device=self.device)) for _ in model.layers]
+        self.caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in model.layers
+        ]
         self.ids = torch.zeros(max_batch, args.max_seq_len, dtype=torch.long, device=self.device)  # penalty history
         # attention bias: 0 at the row's own keys, -inf elsewhere (SDPA on CPU is far slower with a bool mask)
         self.bias = torch.full((max_batch, args.max_seq_len), float("-inf"), dtype=dtype, device=self.device)
@@ -128,8 +133,10 @@ class Engine:
         """Queue a generation; returns its Request. Raises QueueFull, or ValueError for a prompt that
         does not fit (at least one id, and prompt + max_new_tokens <= max_seq_len)."""
         if not prompt or max_new_tokens < 1 or len(prompt) + max_new_tokens > self.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt)} ids) + max_new_tokens ({max_new_tokens}) must fit in "
-                             f"max_seq_len {self.max_seq_len}, with at least one id each")
+            raise ValueError(
+                f"prompt ({len(prompt)} ids) + max_new_tokens ({max_new_tokens}) must fit in "
+                f"max_seq_len {self.max_seq_len}, with at least one id each"
+            )
         request = Request(list(prompt), max_new_tokens, on_event, **sampling)
         if request.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(request.seed)
@@ -141,8 +148,14 @@ class Engine:
         return request
 
     def stats(self):
-        return {"active": len(self.rows), "waiting": len(self.waiting), "slots": self.max_batch,
-                "max_queue": self.max_queue, "served": self.served, "tokens": self.tokens_out}
+        return {
+            "active": len(self.rows),
+            "waiting": len(self.waiting),
+            "slots": self.max_batch,
+            "max_queue": self.max_queue,
+            "served": self.served,
+            "tokens": self.tokens_out,
+        }
 
     # ---- the scheduler thread ----
     def _run(self):
@@ -185,11 +198,19 @@ class Engine:
         self.ids[slot, :n] = prompt
         self.bias[slot] = float("-inf")
         self.bias[slot, :n] = 0.0
-        caches = [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.caches]
+        caches = [(k[slot : slot + 1], v[slot : slot + 1]) for k, v in self.caches]
         hidden, _ = self.model.hidden_states(prompt[None], None, caches, 0)
         logits = self.head(hidden[:, -1]).float()
-        token = sample(logits, self.ids[slot:slot + 1, :n], self.bias[slot:slot + 1, :n] == 0, request.temperature,
-                       request.top_k, request.top_p, request.repetition_penalty, request.generator)
+        token = sample(
+            logits,
+            self.ids[slot : slot + 1, :n],
+            self.bias[slot : slot + 1, :n] == 0,
+            request.temperature,
+            request.top_k,
+            request.top_p,
+            request.repetition_penalty,
+            request.generator,
+        )
         request.length = n
         self._emit(request, int(token))
 
@@ -213,6 +234,7 @@ class Engine:
         """model.sample's per-row arguments; a setting that is the same plain value on every row
         (all greedy, no penalty...) is passed as that value, which takes sample's cheaper path."""
         if self.settings is None:
+
             def column(name, dtype):
                 values = [getattr(r, name) for r in self.rows]
                 if len(set(values)) == 1:
@@ -220,10 +242,13 @@ class Engine:
                 return torch.tensor(values, dtype=dtype, device=self.device)
 
             generators = [r.generator for r in self.rows]
-            self.settings = dict(temperature=column("temperature", torch.float32), top_k=column("top_k", torch.long),
-                                 top_p=column("top_p", torch.float32),
-                                 repetition_penalty=column("repetition_penalty", torch.float32),
-                                 generator=generators if any(g is not None for g in generators) else None)
+            self.settings = dict(
+                temperature=column("temperature", torch.float32),
+                top_k=column("top_k", torch.long),
+                top_p=column("top_p", torch.float32),
+                repetition_penalty=column("repetition_penalty", torch.float32),
+                generator=generators if any(g is not None for g in generators) else None,
+            )
         return self.settings
 
     def _emit(self, request, token):

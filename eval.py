@@ -3,8 +3,9 @@ visual question answering.
 
     python eval.py ppl --ckpt out/pretrain/clinical/ckpt.pt --source heldout=data/sample/heldout/medical_heldout.txt
     python eval.py ppl --ckpt CKPT --source wiki=data/processed/wiki --max-docs 2000 --out ppl.json
-    python eval.py mcq --ckpt out/sft/ckpt.pt --source ceval=data/sample/eval/ceval --source cmmlu=data/sample/eval/cmmlu \
-        --source cmb=data/sample/eval/cmb --source cmexam=data/sample/eval/cmexam --shots 5 --out mcq.json
+    python eval.py mcq --ckpt out/sft/ckpt.pt --source ceval=data/sample/eval/ceval \
+        --source cmmlu=data/sample/eval/cmmlu --source cmb=data/sample/eval/cmb \
+        --source cmexam=data/sample/eval/cmexam --shots 5 --out mcq.json
     python eval.py generate --ckpt out/pretrain/clinical/ckpt.pt --ckpt out/sft/ckpt.pt \
         --questions data/sample/chat_questions.txt --out answers.md
     python eval.py vqa --ckpt out/vlm/instruct/ckpt.pt --source slake=data/raw/Slake1.0/test.json \
@@ -130,14 +131,14 @@ def summed_losses(model, rows, pad_id, batch_size=16, desc="scoring"):
     device = model.rope_cos.device
     out = [0.0] * len(rows)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         width = len(rows[batch[0]][0])
         x = torch.full((len(batch), width), pad_id, dtype=torch.long)
         y = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for r, i in enumerate(batch):
             inputs, targets = rows[i]
-            x[r, :len(inputs)] = torch.tensor(inputs)
-            y[r, :len(targets)] = torch.tensor(targets)
+            x[r, : len(inputs)] = torch.tensor(inputs)
+            y[r, : len(targets)] = torch.tensor(targets)
         per_row = model(x.to(device), y.to(device), reduction="none").sum(dim=1).tolist()
         for r, i in enumerate(batch):
             out[i] = per_row[r]
@@ -145,6 +146,7 @@ def summed_losses(model, rows, pad_id, batch_size=16, desc="scoring"):
 
 
 # ---------------------------------------------------------------- perplexity
+
 
 def is_token_source(path):
     path = Path(path)
@@ -163,17 +165,22 @@ def token_documents(path, tokenizer, max_docs=None):
             info = json.loads(manifest.read_text(encoding="utf-8"))
             sha = info.get("tokenizer", {}).get("sha256")
         except (ValueError, AttributeError) as err:
-            raise ValueError(f"{manifest} is not a readable data_process.py manifest ({type(err).__name__}): "
-                             "re-run data_process.py for this source") from None
+            raise ValueError(
+                f"{manifest} is not a readable data_process.py manifest ({type(err).__name__}): "
+                "re-run data_process.py for this source"
+            ) from None
         if sha not in (None, tokenizer.fingerprint):
-            raise ValueError(f"{folder} was tokenized with another tokenizer (sha256 {str(sha)[:12]}…) "
-                             "than the one given")
+            raise ValueError(
+                f"{folder} was tokenized with another tokenizer (sha256 {str(sha)[:12]}…) than the one given"
+            )
     docs = []
-    for file in ([path] if path.is_file() else sorted(path.glob("*.bin"))):
+    for file in [path] if path.is_file() else sorted(path.glob("*.bin")):
         tokens = np.memmap(file, dtype=np.uint16, mode="r") if file.stat().st_size >= 2 else np.zeros(0, np.uint16)
         if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:
-            raise ValueError(f"{file} holds token id {int(tokens.max())}, beyond the tokenizer's "
-                             f"{tokenizer.vocab_size} ids: these are not tokens of this tokenizer")
+            raise ValueError(
+                f"{file} holds token id {int(tokens.max())}, beyond the tokenizer's "
+                f"{tokenizer.vocab_size} ids: these are not tokens of this tokenizer"
+            )
         bounds = np.flatnonzero(tokens == tokenizer.eos_id) + 1
         start = 0
         for end in [*bounds.tolist(), len(tokens)]:
@@ -205,14 +212,21 @@ def windows(ids, eos_id, max_len, stride=None):
     while first < len(seq):
         end = min(first + (max_len if first == 1 else stride), len(seq))  # targets seq[first:end]
         begin = max(0, end - 1 - max_len)  # inputs seq[begin:end-1], at most max_len of them
-        rows.append((seq[begin:end - 1], [IGNORE_INDEX] * (first - 1 - begin) + seq[first:end]))
+        rows.append((seq[begin : end - 1], [IGNORE_INDEX] * (first - 1 - begin) + seq[first:end]))
         first = end
     return rows
 
 
 def ppl_summary(nats, tokens, chars, documents):
-    return {"documents": documents, "tokens": tokens, "chars": chars, "loss_per_token": nats / tokens,
-            "ppl": math.exp(nats / tokens), "bits_per_char": nats / math.log(2) / chars, "nats": nats}
+    return {
+        "documents": documents,
+        "tokens": tokens,
+        "chars": chars,
+        "loss_per_token": nats / tokens,
+        "ppl": math.exp(nats / tokens),
+        "bits_per_char": nats / math.log(2) / chars,
+        "nats": nats,
+    }
 
 
 def perplexity(model, tokenizer, documents, stride=None, batch_size=16, desc="ppl"):
@@ -253,15 +267,22 @@ def run_ppl(args):
         r = perplexity(model, tok, docs, args.stride, args.batch_size, desc=name)
         r["skipped"] = dict(problems.counts)
         results[name] = r
-        print(f"{name:<20} {r['documents']:>7,} {r['tokens']:>10,} {r['chars']:>10,} {r['loss_per_token']:>9.4f} "
-              f"{r['ppl']:>10.2f} {r['bits_per_char']:>9.4f}")
+        print(
+            f"{name:<20} {r['documents']:>7,} {r['tokens']:>10,} {r['chars']:>10,} {r['loss_per_token']:>9.4f} "
+            f"{r['ppl']:>10.2f} {r['bits_per_char']:>9.4f}"
+        )
         if problems.counts:
             print(problems.summary())
-    return {"task": "ppl", **checkpoint_info(args.ckpt, ckpt), "stride": args.stride or model.args.max_seq_len,
-            "sources": results}, empty
+    return {
+        "task": "ppl",
+        **checkpoint_info(args.ckpt, ckpt),
+        "stride": args.stride or model.args.max_seq_len,
+        "sources": results,
+    }, empty
 
 
 # ---------------------------------------------------------------- multiple choice
+
 
 def candidates(q):
     """[(letters, answer text)]: the options; for a multi-answer item every non-empty combination."""
@@ -336,9 +357,11 @@ def read_questions(path, fmt, problems):
 
 def model_scorer(model, tokenizer, batch_size):
     """requests [(context, continuation)] -> summed log-probs of the continuations."""
+
     def score(requests):
         rows = [((c + a)[:-1], [IGNORE_INDEX] * (len(c) - 1) + list(a)) for c, a in requests]
         return [-nats for nats in summed_losses(model, rows, tokenizer.pad_id, batch_size, desc="mcq")]
+
     return score
 
 
@@ -380,15 +403,23 @@ def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
                 problems.add(TOO_LONG, path, q["where"])
                 continue
             truncated += cut
-            items.append({"file": str(path), "where": q["where"], "subject": q["subject"] or source.name,
-                          "answer": q["answer"], "shots": used, "candidates": [c for c, _ in candidates(q)],
-                          "first": len(requests)})
+            items.append(
+                {
+                    "file": str(path),
+                    "where": q["where"],
+                    "subject": q["subject"] or source.name,
+                    "answer": q["answer"],
+                    "shots": used,
+                    "candidates": [c for c, _ in candidates(q)],
+                    "first": len(requests),
+                }
+            )
             requests += reqs
     scores = score(requests) if requests else []
     for item in items:
         first, n = item.pop("first"), len(item["candidates"])
-        sums = scores[first:first + n]
-        lengths = [len(a) for _, a in requests[first:first + n]]
+        sums = scores[first : first + n]
+        lengths = [len(a) for _, a in requests[first : first + n]]
         by_norm = {"sum": sums, "mean": [s / max(1, k) for s, k in zip(sums, lengths)]}
         item["predicted"] = {norm: item["candidates"][max(range(n), key=by_norm[norm].__getitem__)] for norm in NORMS}
         item["correct"] = {norm: set(item["predicted"][norm]) == set(item["answer"]) for norm in NORMS}
@@ -397,11 +428,19 @@ def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
         del item["candidates"]
     subjects = sorted({i["subject"] for i in items})
     shots_used = sum(i["shots"] for i in items) / len(items) if items else 0
-    return {"files": files, "skipped": dict(problems.counts.most_common()), "skipped_examples": problems.examples,
-            "shot_pool_skipped": dict(pool_problems.counts), "truncated": truncated, "shots_used": shots_used,
-            "overall": summarise(items), "single": summarise([i for i in items if not i["multi"]]),
-            "multi": summarise([i for i in items if i["multi"]]),
-            "subjects": {s: summarise([i for i in items if i["subject"] == s]) for s in subjects}, "items": items}
+    return {
+        "files": files,
+        "skipped": dict(problems.counts.most_common()),
+        "skipped_examples": problems.examples,
+        "shot_pool_skipped": dict(pool_problems.counts),
+        "truncated": truncated,
+        "shots_used": shots_used,
+        "overall": summarise(items),
+        "single": summarise([i for i in items if not i["multi"]]),
+        "multi": summarise([i for i in items if i["multi"]]),
+        "subjects": {s: summarise([i for i in items if i["subject"] == s]) for s in subjects},
+        "items": items,
+    }
 
 
 NO_ANSWER = "no answer given (a test split, or NaN)"
@@ -421,8 +460,10 @@ def print_mcq(name, r, norm, mode, shots):
     other = NORMS[1 - NORMS.index(norm)]
     fit = f", {r['shots_used']:.1f} fit max_seq_len on average" if r["shots_used"] < shots else ""
     skipped = sum(r["skipped"].values())
-    print(f"\n{name} ({mode} prompt, {shots}-shot{fit}): {r['overall']['n']} questions scored, "
-          f"{skipped} skipped, {r['truncated']} truncated")
+    print(
+        f"\n{name} ({mode} prompt, {shots}-shot{fit}): {r['overall']['n']} questions scored, "
+        f"{skipped} skipped, {r['truncated']} truncated"
+    )
     for reason, count in r["skipped"].items():
         print(f"  skipped {count:>6,}  {reason}")
     for example in r["skipped_examples"]:
@@ -435,7 +476,10 @@ def print_mcq(name, r, norm, mode, shots):
         rows += [("  single-answer", r["single"]), ("  multi-answer (exact set)", r["multi"])]
     for label, s in rows:
         if s["n"]:
-            print(f"  {label:<28} {s['n']:>5} {s['accuracy_' + norm]:>12.1%} {s['accuracy_' + other]:>11.1%} {s['chance']:>7.1%}")
+            print(
+                f"  {label:<28} {s['n']:>5} {s['accuracy_' + norm]:>12.1%} "
+                f"{s['accuracy_' + other]:>11.1%} {s['chance']:>7.1%}"
+            )
 
 
 def run_mcq(args):
@@ -449,13 +493,22 @@ def run_mcq(args):
         print_mcq(source.name, r, args.norm, mode, args.shots)
         results[source.name] = r
         if not r["overall"]["n"]:
-            empty.append(f"no question of source '{source.name}' ({source.location}) could be scored "
-                         f"(skipped: {r['skipped'] or 'nothing read'}); expected {expected_input(source.format)}")
-    return {"task": "mcq", **checkpoint_info(args.ckpt, ckpt), "mode": mode, "shots": args.shots,
-            "norm": args.norm, "sources": results}, empty
+            empty.append(
+                f"no question of source '{source.name}' ({source.location}) could be scored "
+                f"(skipped: {r['skipped'] or 'nothing read'}); expected {expected_input(source.format)}"
+            )
+    return {
+        "task": "mcq",
+        **checkpoint_info(args.ckpt, ckpt),
+        "mode": mode,
+        "shots": args.shots,
+        "norm": args.norm,
+        "sources": results,
+    }, empty
 
 
 # ---------------------------------------------------------------- answers for review
+
 
 def quote(text):
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
@@ -483,14 +536,24 @@ def run_generate(args):
         max_new = fit_max_new_tokens(args.max_new_tokens, model)
         replies = []
         for start in tqdm(range(0, len(questions), args.batch_size), desc=Path(path).parent.name, leave=False):
-            replies += answer(model, tok, questions[start:start + args.batch_size], None, mode, max_new, args.seed, **sampling)
+            replies += answer(
+                model, tok, questions[start : start + args.batch_size], None, mode, max_new, args.seed, **sampling
+            )
         runs.append((path, ckpt, mode, max_new, replies))
         del model
     settings = ", ".join(f"{k} {'off' if v is None else v}" for k, v in dict(sampling, seed=args.seed).items())
-    lines = ["# Answers for review", "", f"Sampling: {settings}.", "",
-             "| checkpoint | phase | step | mode | max_new_tokens |", "|---|---|---|---|---|"]
-    lines += [f"| `{path}` | {ckpt.get('phase')} | {ckpt.get('step')} | {mode} | {max_new} |"
-              for path, ckpt, mode, max_new, _ in runs]
+    lines = [
+        "# Answers for review",
+        "",
+        f"Sampling: {settings}.",
+        "",
+        "| checkpoint | phase | step | mode | max_new_tokens |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{path}` | {ckpt.get('phase')} | {ckpt.get('step')} | {mode} | {max_new} |"
+        for path, ckpt, mode, max_new, _ in runs
+    ]
     for i, question in enumerate(questions):
         lines += ["", f"## {i + 1}. {question}"]
         for path, ckpt, _, _, replies in runs:
@@ -500,6 +563,7 @@ def run_generate(args):
 
 
 # ---------------------------------------------------------------- visual question answering
+
 
 def normalise_answer(text):
     """NFKC, lower case, whitespace and punctuation (ASCII and CJK) removed."""
@@ -544,13 +608,15 @@ def vqa_predictor(model, tokenizer, max_new_tokens, batch_size):
             except (ImageError, ValueError) as err:
                 answers[i] = err
         for start in tqdm(range(0, len(asked), batch_size), desc="vqa", leave=False, disable=len(asked) <= batch_size):
-            batch = asked[start:start + batch_size]
+            batch = asked[start : start + batch_size]
             images = torch.cat([pixels for _, _, pixels in batch])
-            outputs = model.generate([ids for _, ids, _ in batch], max_new_tokens, eos_id=tokenizer.eos_id,
-                                     images=images, temperature=0)
+            outputs = model.generate(
+                [ids for _, ids, _ in batch], max_new_tokens, eos_id=tokenizer.eos_id, images=images, temperature=0
+            )
             for (i, _, _), out in zip(batch, outputs):
                 answers[i] = tokenizer.decode(out, skip_special_tokens=True)
         return answers
+
     return predict
 
 
@@ -567,15 +633,27 @@ def evaluate_vqa(items, predict):
             skipped.append(f"{where}: {prediction}")
             continue
         exact, normalised = judge(item, prediction)
-        scored.append({"where": where, "question": item.turns[-1][0], "answer": item.turns[-1][1],
-                       "prediction": prediction, "type": item.answer_type or "open", "exact": exact,
-                       "normalised": normalised})
+        scored.append(
+            {
+                "where": where,
+                "question": item.turns[-1][0],
+                "answer": item.turns[-1][1],
+                "prediction": prediction,
+                "type": item.answer_type or "open",
+                "exact": exact,
+                "normalised": normalised,
+            }
+        )
     closed = [s for s in scored if s["type"] == "closed"]
     opened = [s for s in scored if s["type"] != "closed"]
-    return {"closed": accuracy(closed, "normalised"),
-            "open": {**accuracy(opened, "exact"), **accuracy(opened, "normalised")},
-            "overall": accuracy(scored, "normalised"), "skipped": len(skipped), "skipped_examples": skipped[:5],
-            "items": scored}
+    return {
+        "closed": accuracy(closed, "normalised"),
+        "open": {**accuracy(opened, "exact"), **accuracy(opened, "normalised")},
+        "overall": accuracy(scored, "normalised"),
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:5],
+        "items": scored,
+    }
 
 
 def print_vqa(name, r, problems):
@@ -583,8 +661,10 @@ def print_vqa(name, r, problems):
         return "–" if value is None else f"{value:.1%}"
 
     c, o, a = r["closed"], r["open"], r["overall"]
-    print(f"\n{name}: {a['n']} questions scored, {r['skipped']} could not be asked, "
-          f"{problems.total} records skipped by the reader")
+    print(
+        f"\n{name}: {a['n']} questions scored, {r['skipped']} could not be asked, "
+        f"{problems.total} records skipped by the reader"
+    )
     print(f"  closed {c['n']:>5}  accuracy {pct(c['normalised'])}")
     print(f"  open   {o['n']:>5}  exact {pct(o['exact'])}, normalised {pct(o['normalised'])}")
     print(f"  all    {a['n']:>5}  accuracy {pct(a['normalised'])} (closed exact up to normalisation, open normalised)")
@@ -604,20 +684,28 @@ def run_vqa(args):
     results, empty = {}, []
     for source in sources:
         problems = Problems()
-        items = list(itertools.islice(iter_image_dialogues(source, problems, folders.get(source.name)),
-                                      args.max_items or None))
+        items = list(
+            itertools.islice(iter_image_dialogues(source, problems, folders.get(source.name)), args.max_items or None)
+        )
         r = evaluate_vqa(items, predict)
         r["reader_skipped"] = dict(problems.counts)
         print_vqa(source.name, r, problems)
         results[source.name] = r
         if not r["overall"]["n"]:
-            empty.append(f"no question scored from source '{source.name}' ({source.location}); expected "
-                         f"{expected_input(source.format)}")
-    return {"task": "vqa", **checkpoint_info(args.ckpt, ckpt), "max_new_tokens": args.max_new_tokens,
-            "sources": results}, empty
+            empty.append(
+                f"no question scored from source '{source.name}' ({source.location}); expected "
+                f"{expected_input(source.format)}"
+            )
+    return {
+        "task": "vqa",
+        **checkpoint_info(args.ckpt, ckpt),
+        "max_new_tokens": args.max_new_tokens,
+        "sources": results,
+    }, empty
 
 
 # ---------------------------------------------------------------- command line
+
 
 def checkpoint_info(path, ckpt):
     return {"checkpoint": str(path), "phase": ckpt.get("phase"), "step": ckpt.get("step")}
@@ -625,8 +713,16 @@ def checkpoint_info(path, ckpt):
 
 def check_numbers(parser, args):
     """Every numeric argument in range before any work (argparse checks only the type)."""
-    limits = {"batch_size": 1, "max_docs": 0, "stride": 0, "shots": 0, "max_new_tokens": 1, "temperature": 0,
-              "top_k": 0, "max_items": 0}
+    limits = {
+        "batch_size": 1,
+        "max_docs": 0,
+        "stride": 0,
+        "shots": 0,
+        "max_new_tokens": 1,
+        "temperature": 0,
+        "top_k": 0,
+        "max_items": 0,
+    }
     for name, low in limits.items():
         value = getattr(args, name, None)
         if value is not None and not value >= low:  # `not >=`: NaN fails too
@@ -644,8 +740,12 @@ def main(argv=None):
     def add_common(parser, batch_size):
         parser.add_argument("--tokenizer", default="chatglm_tokenizer")
         parser.add_argument("--device", default="auto")
-        parser.add_argument("--dtype", default="auto", choices=CHOICES,
-                            help="auto: bfloat16 where this machine scores faster in it (precision.py), else float32")
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=CHOICES,
+            help="auto: bfloat16 where this machine scores faster in it (precision.py), else float32",
+        )
         parser.add_argument("--batch-size", type=int, default=batch_size, help="rows per forward pass")
 
     ppl = tasks.add_parser("ppl", help="perplexity and bits/char on held-out text")
@@ -675,8 +775,12 @@ def main(argv=None):
     add_common(vqa, 8)
     vqa.add_argument("--ckpt", required=True)
     vqa.add_argument("--source", action="append", required=True, help="slake|pmc_vqa|vqa_rad|llava|minimind_v=PATH")
-    vqa.add_argument("--image-folder", action="append", metavar="NAME=DIR",
-                     help="the folder a source's image paths are relative to (default: per format, beside the file)")
+    vqa.add_argument(
+        "--image-folder",
+        action="append",
+        metavar="NAME=DIR",
+        help="the folder a source's image paths are relative to (default: per format, beside the file)",
+    )
     vqa.add_argument("--max-items", type=int, default=0, help="per source; 0: all")
     vqa.add_argument("--max-new-tokens", type=int, default=32)
     vqa.add_argument("--out", help="results JSON (with every question, answer and prediction)")
@@ -695,8 +799,9 @@ def main(argv=None):
     except ValueError as err:
         raise SystemExit(f"eval.py {args.task}: {err}") from None
     except OSError as err:  # a missing input, a full or read-only disk
-        raise SystemExit(f"eval.py {args.task}: {err.strerror or err}"
-                         + (f": {err.filename}" if err.filename else "")) from None
+        raise SystemExit(
+            f"eval.py {args.task}: {err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        ) from None
     if empty:
         raise SystemExit(f"eval.py {args.task}: " + "; ".join(empty))
     return results

@@ -1,7 +1,8 @@
 """Export a checkpoint as a Hugging Face LlamaForCausalLM folder: config, safetensors, tokenizer, card.
 
     python export_hf.py --ckpt out/sft/ckpt.pt --out out/hf/mini-chinese-gpt-sft
-    python export_hf.py --ckpt out/pretrain/clinical/ckpt.pt --out out/hf/base --dtype bfloat16 --tokenizer out/tokenizer
+    python export_hf.py --ckpt out/pretrain/clinical/ckpt.pt --out out/hf/base --dtype bfloat16 \
+        --tokenizer out/tokenizer
 
 and then, with nothing of this repository:
 
@@ -61,9 +62,15 @@ from vision import has_cls_token, pixel_batch
 from vlm import encode_texts, is_vlm_file, llm_args, load_vlm
 
 LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
 CHECK_TOLERANCE = 1e-3  # max |logit difference| the export check accepts (fp32 matches to ~1e-5)
 
@@ -92,12 +99,26 @@ def hf_config(args, tok, dtype):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(args.rope_theta)}, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=True, bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, architectures=["LlamaForCausalLM"], dtype=dtype)
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(args.rope_theta)},
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        architectures=["LlamaForCausalLM"],
+        dtype=dtype,
+    )
 
 
 def generation_config(tok, max_seq_len):
@@ -105,8 +126,13 @@ def generation_config(tok, max_seq_len):
     (chat.py --temperature 0 --repetition-penalty 1); the model card gives chat.py's sampling."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, do_sample=False,
-                            max_new_tokens=min(DEFAULTS["max_new_tokens"], max_seq_len // 2))
+    return GenerationConfig(
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+        do_sample=False,
+        max_new_tokens=min(DEFAULTS["max_new_tokens"], max_seq_len // 2),
+    )
 
 
 def tokenizer_config(folder, tok):
@@ -117,9 +143,19 @@ def tokenizer_config(folder, tok):
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config.update(add_bos_token=False, add_eos_token=False)
-    config.setdefault("added_tokens_decoder", {}).update({
-        str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                 "special": True} for token, i in tok.special_ids.items()})
+    config.setdefault("added_tokens_decoder", {}).update(
+        {
+            str(i): {
+                "content": token,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for token, i in tok.special_ids.items()
+        }
+    )
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -135,7 +171,7 @@ tags:
 - medical
 ---
 
-# Mini-Chinese-GPT ({ckpt.get('phase')}, step {ckpt.get('step')})
+# Mini-Chinese-GPT ({ckpt.get("phase")}, step {ckpt.get("step")})
 
 A small Chinese language model with a medical focus, trained from scratch with Mini-Chinese-GPT and
 exported from `{ckpt_path}`.
@@ -170,8 +206,8 @@ print(tok.decode(out[0, len(ids):], skip_special_tokens=True))
 ```
 
 `generate()` without arguments decodes greedily, token for token what Mini-Chinese-GPT's own greedy
-decoding gives. Its chat defaults sample instead: `do_sample=True, temperature={DEFAULTS['temperature']},
-top_p={DEFAULTS['top_p']}, repetition_penalty={DEFAULTS['repetition_penalty']}`.
+decoding gives. Its chat defaults sample instead: `do_sample=True, temperature={DEFAULTS["temperature"]},
+top_p={DEFAULTS["top_p"]}, repetition_penalty={DEFAULTS["repetition_penalty"]}`.
 
 llama.cpp: `convert_hf_to_gguf.py PATH --outtype f32` converts this folder. The GGUF does not prepend
 `<s>` (`tokenizer.ggml.add_bos_token` is false): build the prompt as above, with `<s>` only where the
@@ -231,12 +267,14 @@ def check(folder, model, dtype="float32", length=32, device="cpu"):
     hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     ours = type(model)(model.args)
     ours.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
-    ids = torch.randint(0, model.args.vocab_size, (2, min(length, model.args.max_seq_len)),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        0, model.args.vocab_size, (2, min(length, model.args.max_seq_len)), generator=torch.Generator().manual_seed(0)
+    ).to(device)
     return (hf(ids).logits - ours.to(device).eval()(ids)).abs().max().item()
 
 
 # ---------------------------------------------------------------------------- vision-language checkpoints
+
 
 def llava_state_dict(model, dtype=torch.float32):
     def cast(tensors, prefix):
@@ -251,11 +289,19 @@ def llava_config(model, tok, dtype):
     from transformers import LlavaConfig
 
     a = model.args
-    return LlavaConfig(vision_config=model.vision.config.to_dict(),
-                       text_config=hf_config(llm_args(a), tok, dtype).to_dict(), image_token_id=a.image_token_id,
-                       vision_feature_layer=a.feature_layer, vision_feature_select_strategy=a.feature_select,
-                       image_seq_length=a.image_tokens, projector_hidden_act="gelu", multimodal_projector_bias=True,
-                       tie_word_embeddings=True, architectures=["LlavaForConditionalGeneration"], dtype=dtype)
+    return LlavaConfig(
+        vision_config=model.vision.config.to_dict(),
+        text_config=hf_config(llm_args(a), tok, dtype).to_dict(),
+        image_token_id=a.image_token_id,
+        vision_feature_layer=a.feature_layer,
+        vision_feature_select_strategy=a.feature_select,
+        image_seq_length=a.image_tokens,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=True,
+        architectures=["LlavaForConditionalGeneration"],
+        dtype=dtype,
+    )
 
 
 def llava_processor(model, tok):
@@ -265,21 +311,37 @@ def llava_processor(model, tok):
     from transformers import AddedToken, LlavaProcessor
 
     a, pre = model.args, model.args.preprocess
-    settings = dict(do_resize=pre["resize"] is not None, size=pre["resize"], do_center_crop=pre["crop"] is not None,
-                    resample=pre["resample"], do_rescale=pre["rescale"] is not None,
-                    do_normalize=pre["mean"] is not None, image_mean=pre["mean"], image_std=pre["std"],
-                    do_convert_rgb=pre["rgb"])
+    settings = dict(
+        do_resize=pre["resize"] is not None,
+        size=pre["resize"],
+        do_center_crop=pre["crop"] is not None,
+        resample=pre["resample"],
+        do_rescale=pre["rescale"] is not None,
+        do_normalize=pre["mean"] is not None,
+        image_mean=pre["mean"],
+        image_std=pre["std"],
+        do_convert_rgb=pre["rgb"],
+    )
     if pre["crop"]:
         settings["crop_size"] = {"height": pre["crop"][0], "width": pre["crop"][1]}
     if pre["rescale"] is not None:
         settings["rescale_factor"] = pre["rescale"]
     image_processor = getattr(transformers, pre["processor"] + "Pil")(
-        **{k: v for k, v in settings.items() if v is not None})
-    tokenizer = type(tok)(vocab_file=tok.vocab_file, split_special_tokens=False, added_tokens_decoder={
-        a.image_token_id: AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=a.vision["patch_size"],
-                          vision_feature_select_strategy=a.feature_select,
-                          num_additional_image_tokens=int(has_cls_token(a.vision)), image_token=IMAGE_PLACEHOLDER)
+        **{k: v for k, v in settings.items() if v is not None}
+    )
+    tokenizer = type(tok)(
+        vocab_file=tok.vocab_file,
+        split_special_tokens=False,
+        added_tokens_decoder={a.image_token_id: AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=a.vision["patch_size"],
+        vision_feature_select_strategy=a.feature_select,
+        num_additional_image_tokens=int(has_cls_token(a.vision)),
+        image_token=IMAGE_PLACEHOLDER,
+    )
 
 
 def llava_card(ckpt_path, ckpt, model, tok, dtype):
@@ -294,16 +356,16 @@ tags:
 - medical
 ---
 
-# Mini-Chinese-GPT vision-language model ({ckpt.get('phase')}, step {ckpt.get('step')})
+# Mini-Chinese-GPT vision-language model ({ckpt.get("phase")}, step {ckpt.get("step")})
 
-LLaVA-1.5-style: a {a.vision['model_type']} vision tower, a two-layer MLP projector and a small Llama
+LLaVA-1.5-style: a {a.vision["model_type"]} vision tower, a two-layer MLP projector and a small Llama
 trained from scratch with Mini-Chinese-GPT; exported from `{ckpt_path}`.
 
 | | |
 |---|---|
 | parameters | {model.num_params() / 1e6:.1f}M |
 | language model layers / width / heads | {a.n_layers} / {a.dim} / {a.n_heads} |
-| image | {a.vision['image_size']} px, patch {a.vision['patch_size']}: {a.image_tokens} tokens |
+| image | {a.vision["image_size"]} px, patch {a.vision["patch_size"]}: {a.image_tokens} tokens |
 | image features | tower layer {a.feature_layer}, {a.feature_select} |
 | context | {a.max_seq_len} tokens |
 | weights | {dtype} |
@@ -322,8 +384,10 @@ def export_llava(ckpt_path, out, tokenizer, dtype="float32", force=False):
         raise FileExistsError(f"{out} exists: pass --force to replace it")
     model, ckpt = load_vlm(ckpt_path, "cpu", tokenizer)
     if model.args.projector_pool > 1:
-        raise ValueError(f"{ckpt_path} pools image tokens (projector_pool={model.args.projector_pool}): "
-                         "LlavaForConditionalGeneration has no pooling, so it cannot hold this model")
+        raise ValueError(
+            f"{ckpt_path} pools image tokens (projector_pool={model.args.projector_pool}): "
+            "LlavaForConditionalGeneration has no pooling, so it cannot hold this model"
+        )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -378,8 +442,10 @@ def main(argv=None):
     print(f"wrote {out}: {sorted(p.name for p in out.iterdir())}")
     if vlm and not args.no_check:
         diff, same_ids, pixel_diff = check_llava(out, model, tok, args.dtype)
-        print(f"transformers reload (LLaVA): same prompt ids {same_ids}, max |pixel difference| {pixel_diff:.2e}, "
-              f"max |logit difference| vs ours {diff:.2e}")
+        print(
+            f"transformers reload (LLaVA): same prompt ids {same_ids}, max |pixel difference| {pixel_diff:.2e}, "
+            f"max |logit difference| vs ours {diff:.2e}"
+        )
         if not same_ids or pixel_diff > 1e-5 or diff > CHECK_TOLERANCE:
             raise SystemExit("export_hf.py: the exported LLaVA model does not compute what ours does")
     elif not args.no_check:

@@ -50,13 +50,27 @@ from trainer import TrainConfig, Trainer
 ROOT = Path(__file__).resolve().parent
 # the shapes per device: pretrain_100m's on a GPU; a model small enough for a CPU test on the CPU
 SHAPES = {
-    "cuda": dict(config="config/pretrain_100m.py", batch_size=16, steps=30, warmup=5, loss_rows=8192, gen_tokens=256,
-                 generate=dict(dim=512, n_layers=8, n_heads=8),  # pretrain_25m's shape
-                 tiny=["--dim=256", "--n_layers=4", "--n_heads=4", "--max_seq_len=256", "--batch_size=8"]),
-    "cpu": dict(config="config/pretrain_100m.py", batch_size=2, steps=3, warmup=1, loss_rows=512, gen_tokens=16,
-                generate=dict(dim=64, n_layers=2, n_heads=2),
-                tiny=["--dim=32", "--n_layers=2", "--n_heads=2", "--max_seq_len=32", "--batch_size=4"],
-                model=["--dim=64", "--n_layers=2", "--n_heads=2", "--hidden_dim=0", "--max_seq_len=64"]),
+    "cuda": dict(
+        config="config/pretrain_100m.py",
+        batch_size=16,
+        steps=30,
+        warmup=5,
+        loss_rows=8192,
+        gen_tokens=256,
+        generate=dict(dim=512, n_layers=8, n_heads=8),  # pretrain_25m's shape
+        tiny=["--dim=256", "--n_layers=4", "--n_heads=4", "--max_seq_len=256", "--batch_size=8"],
+    ),
+    "cpu": dict(
+        config="config/pretrain_100m.py",
+        batch_size=2,
+        steps=3,
+        warmup=1,
+        loss_rows=512,
+        gen_tokens=16,
+        generate=dict(dim=64, n_layers=2, n_heads=2),
+        tiny=["--dim=32", "--n_layers=2", "--n_heads=2", "--max_seq_len=32", "--batch_size=4"],
+        model=["--dim=64", "--n_layers=2", "--n_heads=2", "--hidden_dim=0", "--max_seq_len=64"],
+    ),
 }
 VOCAB = 64794  # ChatGLM2's: the LM head at its real size
 
@@ -71,6 +85,7 @@ def synchronize(device):
 
 
 # ---------------------------------------------------------------- the items
+
 
 def loss_kernel(device, shape):
     """Tolerances: fp32 is the same arithmetic in another order (loss within 1e-5 relative, gradients within
@@ -95,11 +110,14 @@ def loss_kernel(device, shape):
         ref.backward()
         loss_err = abs(loss.item() - ref.item()) / abs(ref.item())
         if dtype == "float32":
-            grad_err = max(((a.grad - b.grad).abs().max() / b.grad.abs().max()).item()
-                           for a, b in ((h, h_ref), (w, w_ref)))
+            grad_err = max(
+                ((a.grad - b.grad).abs().max() / b.grad.abs().max()).item() for a, b in ((h, h_ref), (w, w_ref))
+            )
             ok = loss_err < 1e-5 and grad_err < 1e-4
         else:
-            grad_err = max(((a.grad.float() - b.grad).norm() / b.grad.norm()).item() for a, b in ((h, h_ref), (w, w_ref)))
+            grad_err = max(
+                ((a.grad.float() - b.grad).norm() / b.grad.norm()).item() for a, b in ((h, h_ref), (w, w_ref))
+            )
             ok = loss_err < 1e-2 and grad_err < 2e-2
         results.append((ok, f"{dtype}: loss rel. error {loss_err:.1e}, gradient error {grad_err:.1e}"))
     return all(ok for ok, _ in results), "; ".join(text for _, text in results)
@@ -108,34 +126,60 @@ def loss_kernel(device, shape):
 def random_shards(folder, vocab, fingerprint, tokens=400_000, seed=0):
     """One source of random ids with the manifest data_process.py would write."""
     (folder / "random").mkdir(parents=True, exist_ok=True)
-    np.random.default_rng(seed).integers(3, vocab, tokens, dtype=np.uint16).tofile(folder / "random" / "random_0000.bin")
-    manifest = {"name": "random", "tokenizer": {"sha256": fingerprint}, "shards": [{"file": "random_0000.bin",
-                                                                                   "tokens": tokens}]}
+    np.random.default_rng(seed).integers(3, vocab, tokens, dtype=np.uint16).tofile(
+        folder / "random" / "random_0000.bin"
+    )
+    manifest = {
+        "name": "random",
+        "tokenizer": {"sha256": fingerprint},
+        "shards": [{"file": "random_0000.bin", "tokens": tokens}],
+    }
     (folder / "random" / "manifest.json").write_text(json.dumps(manifest))
 
 
 def training(device, shape, compiled, work):
     """pretrain.py's trainer on the 100m config (or the CPU's small model), random tokens: tokens/s and MFU."""
-    argv = [shape["config"], f"--device={device.type}", f"--batch_size={shape['batch_size']}", "--grad_accum=1",
-            "--progress=False", "--tensorboard=False", f"--compile={compiled}", "--log_interval=1",
-            "--eval_interval=0", "--save_interval=0", *shape.get("model", [])]
+    argv = [
+        shape["config"],
+        f"--device={device.type}",
+        f"--batch_size={shape['batch_size']}",
+        "--grad_accum=1",
+        "--progress=False",
+        "--tensorboard=False",
+        f"--compile={compiled}",
+        "--log_interval=1",
+        "--eval_interval=0",
+        "--save_interval=0",
+        *shape.get("model", []),
+    ]
     cfg = configure(vars(pretrain), argv, TrainConfig)
-    args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None,
-                     vocab_size=VOCAB, hidden_dim=cfg["hidden_dim"] or None, max_seq_len=cfg["max_seq_len"])
-    random_shards(work / "train_tokens", VOCAB, "random", tokens=max(400_000, 40 * args.max_seq_len * shape["batch_size"]))
+    args = ModelArgs(
+        dim=cfg["dim"],
+        n_layers=cfg["n_layers"],
+        n_heads=cfg["n_heads"],
+        n_kv_heads=cfg["n_kv_heads"] or None,
+        vocab_size=VOCAB,
+        hidden_dim=cfg["hidden_dim"] or None,
+        max_seq_len=cfg["max_seq_len"],
+    )
+    random_shards(
+        work / "train_tokens", VOCAB, "random", tokens=max(400_000, 40 * args.max_seq_len * shape["batch_size"])
+    )
     data = PretrainData(work / "train_tokens", {"random": 1}, args.max_seq_len, seed=0)
     torch.manual_seed(0)
     trainer = Trainer(Transformer(args), cfg, Dist(device.type))
     steps = shape["steps"] + shape["warmup"]
     log = RunLog(work / f"log_{compiled}.jsonl", tensorboard=False)
     trainer.run(data, 0, steps, lambda s: 3e-4, log, work / f"ckpt_{compiled}.pt")
-    records = [r for r in log.records if "tokens_per_sec" in r][shape["warmup"]:]
+    records = [r for r in log.records if "tokens_per_sec" in r][shape["warmup"] :]
     tok_s = float(np.median([r["tokens_per_sec"] for r in records]))
     mfu = float(np.median([r["mfu"] for r in records]))
     fused = bool(trainer.optimizer.defaults.get("fused"))
     loss = records[-1]["loss"]
-    detail = (f"d{args.dim} L{args.n_layers} seq {args.max_seq_len} batch {shape['batch_size']}, {trainer.precision}: "
-              f"{tok_s:,.0f} tokens/s, MFU {mfu:.1%} (median of {len(records)} steps), last loss {loss:.3f}")
+    detail = (
+        f"d{args.dim} L{args.n_layers} seq {args.max_seq_len} batch {shape['batch_size']}, {trainer.precision}: "
+        f"{tok_s:,.0f} tokens/s, MFU {mfu:.1%} (median of {len(records)} steps), last loss {loss:.3f}"
+    )
     ok = math.isfinite(loss) and (device.type != "cuda" or mfu > 0)
     return ok, detail, fused
 
@@ -149,17 +193,36 @@ def tokenizer_for_runs(work):
 
 def pretrain_run(device, shape, work, tokenizer_dir, out, *extra, torchrun=False):
     """pretrain.py on the tiny shape over two 4-step phases; its losses by step."""
-    phases = [{"name": "one", "iters": 4, "mixture": {"random": 1}},
-              {"name": "two", "iters": 4, "decay": True, "mixture": {"random": 1}}]
-    argv = ["pretrain.py", "config/pretrain_tiny.py", f"--data_dir={work / 'tokens'}", f"--out_dir={out}",
-            f"--tokenizer={tokenizer_dir}", f"--device={device.type}", *shape["tiny"], f"--phases={phases!r}",
-            "--warmup_iters=2", "--eval_interval=4", "--eval_windows=2", "--log_interval=1", "--dropout=0.0",
-            "--progress=False", "--tensorboard=False",
-            # on a CPU every process probes bf16's speed itself, and a busy host can sway one probe: the check
-            # compares losses across processes, so there it fixes the precision
-            f"--dtype={'auto' if device.type == 'cuda' else 'float32'}", *extra]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
+    phases = [
+        {"name": "one", "iters": 4, "mixture": {"random": 1}},
+        {"name": "two", "iters": 4, "decay": True, "mixture": {"random": 1}},
+    ]
+    argv = [
+        "pretrain.py",
+        "config/pretrain_tiny.py",
+        f"--data_dir={work / 'tokens'}",
+        f"--out_dir={out}",
+        f"--tokenizer={tokenizer_dir}",
+        f"--device={device.type}",
+        *shape["tiny"],
+        f"--phases={phases!r}",
+        "--warmup_iters=2",
+        "--eval_interval=4",
+        "--eval_windows=2",
+        "--log_interval=1",
+        "--dropout=0.0",
+        "--progress=False",
+        "--tensorboard=False",
+        # on a CPU every process probes bf16's speed itself, and a busy host can sway one probe: the check
+        # compares losses across processes, so there it fixes the precision
+        f"--dtype={'auto' if device.type == 'cuda' else 'float32'}",
+        *extra,
+    ]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+        if torchrun
         else [sys.executable]
+    )
     result = subprocess.run(launcher + argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:2])} {' '.join(extra)} failed:\n{result.stderr[-2000:]}")
@@ -174,6 +237,7 @@ def largest_difference(a, b):
 
 
 # ---------------------------------------------------------------- the report
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,6 +273,7 @@ def main(argv=None):
         def train(compiled):
             ok, detail, fused[compiled] = training(device, shape, compiled, work)
             return ok, detail
+
         item("train eager", lambda: train(False))
         item("train compiled", lambda: train(True))
         item("fused AdamW", lambda: (bool(fused.get(False)), f"the trainer's AdamW: fused={fused.get(False)}"))
@@ -218,18 +283,29 @@ def main(argv=None):
 
         def single():
             plain["losses"], _, memory = pretrain_run(device, shape, work, tokenizer_dir, work / "plain")
-            return True, f"{len(plain['losses'])} steps, last loss {plain['losses'][max(plain['losses'])]:.4f}", \
-                f"{memory:.2f} GiB" if memory else "-"
+            return (
+                True,
+                f"{len(plain['losses'])} steps, last loss {plain['losses'][max(plain['losses'])]:.4f}",
+                f"{memory:.2f} GiB" if memory else "-",
+            )
 
         def launched(parallel):
-            losses, stdout, memory = pretrain_run(device, shape, work, tokenizer_dir, work / parallel,
-                                                  f"--parallel={parallel}", torchrun=True)
+            losses, stdout, memory = pretrain_run(
+                device, shape, work, tokenizer_dir, work / parallel, f"--parallel={parallel}", torchrun=True
+            )
             diff = largest_difference(plain["losses"], losses)
             # FSDP2's MixedPrecisionPolicy rounds the parameters themselves to bf16 (autocast rounds only the
             # matmuls' inputs), and GPU reductions may run in another order: bf16-sized differences
             tolerance = 1e-4 if device.type == "cpu" and parallel == "ddp" else 2e-2
-            return diff <= tolerance, (f"world 1 via torchrun, losses vs a plain process: largest difference "
-                                       f"{diff:.1e} (tolerance {tolerance:g})"), f"{memory:.2f} GiB" if memory else "-"
+            return (
+                diff <= tolerance,
+                (
+                    f"world 1 via torchrun, losses vs a plain process: largest difference "
+                    f"{diff:.1e} (tolerance {tolerance:g})"
+                ),
+                f"{memory:.2f} GiB" if memory else "-",
+            )
+
         item("plain pretrain.py", single)
         item("torchrun DDP", lambda: launched("ddp"))
         item("torchrun FSDP2", lambda: launched("fsdp"))
@@ -240,8 +316,11 @@ def main(argv=None):
             losses, _, _ = pretrain_run(device, shape, work, tokenizer_dir, run, "--init_from=resume")
             diff = largest_difference(plain["losses"], losses)
             tolerance = 0.0 if device.type == "cpu" else 1e-3  # CUDA's index_add_ and SDPA backward may reorder sums
-            return diff <= tolerance, (f"6 steps + resume + 2 vs 8 steps: largest loss difference {diff:.1e} "
-                                       f"({'bit-exact' if diff == 0 else 'not bit-exact'}; tolerance {tolerance:g})")
+            return diff <= tolerance, (
+                f"6 steps + resume + 2 vs 8 steps: largest loss difference {diff:.1e} "
+                f"({'bit-exact' if diff == 0 else 'not bit-exact'}; tolerance {tolerance:g})"
+            )
+
         item("resume", resume)
 
         def generation():
@@ -257,24 +336,38 @@ def main(argv=None):
                 synchronize(device)
                 speed[cache] = n / (time.perf_counter() - t)
             size = shape["generate"]
-            return True, (f"d{size['dim']} L{size['n_layers']}, fp32, batch 1, {shape['gen_tokens']} new tokens: KV cache "
-                          f"{speed[True]:.0f} tokens/s, no cache {speed[False]:.0f} tokens/s")
+            return True, (
+                f"d{size['dim']} L{size['n_layers']}, fp32, batch 1, {shape['gen_tokens']} new tokens: KV cache "
+                f"{speed[True]:.0f} tokens/s, no cache {speed[False]:.0f} tokens/s"
+            )
+
         item("generation", generation)
 
         def export():
             ckpt = work / "plain" / "two" / "ckpt.pt"
             model, folder = export_hf.export(ckpt, work / "hf", tok)
             diff = export_hf.check(folder, model, device=device)
-            return diff < 1e-4, f"transformers' LlamaForCausalLM vs ours on {device.type}: largest logit difference {diff:.1e}"
+            return (
+                diff < 1e-4,
+                f"transformers' LlamaForCausalLM vs ours on {device.type}: largest logit difference {diff:.1e}",
+            )
+
         item("export", export)
 
     failed = [name for name, ok, *_ in rows if not ok]
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (plumbing check, tiny shapes)"
-    lines = ["# GPU check", "", f"{time.strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}, "
-             f"{time.time() - started:.0f} s in all.", "", "| item | result | measured | peak GPU memory | seconds |",
-             "|---|---|---|---:|---:|"]
-    lines += [f"| {name} | {'PASS' if ok else '**FAIL**'} | {detail} | {memory} | {seconds:.0f} |"
-              for name, ok, detail, memory, seconds in rows]
+    lines = [
+        "# GPU check",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M')}, {gpu}, torch {torch.__version__}, {time.time() - started:.0f} s in all.",
+        "",
+        "| item | result | measured | peak GPU memory | seconds |",
+        "|---|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {name} | {'PASS' if ok else '**FAIL**'} | {detail} | {memory} | {seconds:.0f} |"
+        for name, ok, detail, memory, seconds in rows
+    ]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     print(f"[gpu_check] {len(rows) - len(failed)}/{len(rows)} passed: {out / 'report.md'}")

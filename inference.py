@@ -42,7 +42,6 @@ def default_mode(ckpt):
     return "chat" if ckpt.get("phase") == "sft" else "continue"
 
 
-
 def load(ckpt_path, tokenizer=DEFAULT_DIR, device="cpu", dtype="float32", purpose="generate"):
     """(model, tokenizer, checkpoint dict, default mode). `tokenizer` is a path or a loaded tokenizer;
     checkpoint.load_model refuses missing files, mismatched weights and a different tokenizer. dtype "auto"
@@ -78,12 +77,13 @@ def fitted_images(model, ids, images):
         return []
     kept = images_kept(ids, model.args.image_token_id, model.args.image_tokens)
     if kept is None:
-        raise ValueError(f"the prompt is too long for the {model.args.max_seq_len}-token context: its start would cut "
-                         "an image (lower max_new_tokens, or use fewer images)")
+        raise ValueError(
+            f"the prompt is too long for the {model.args.max_seq_len}-token context: its start would cut "
+            "an image (lower max_new_tokens, or use fewer images)"
+        )
     if kept > len(images):
         raise ValueError(f"the conversation has {kept} <image> placeholders but {len(images)} images")
-    return list(images)[len(images) - kept:] if kept else []
-
+    return list(images)[len(images) - kept :] if kept else []
 
 
 def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None, model=None):
@@ -104,8 +104,10 @@ def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None, model=
     if mode == "chat":
         encode_prompts = None
         if isinstance(model, VLM):  # only prompts hold images: each "<image>" becomes the image's tokens
+
             def encode_prompts(texts):
                 return encode_texts(tokenizer, texts, model.args.image_tokens, model.args.image_token_id)
+
         turns = encode_turns(tokenizer, [history + [(prompt, None)]], encode_prompts)[0]
         fitted = turns if budget is None else fit_turns(turns, budget)
         return render(fitted, tokenizer.bos_id, tokenizer.eos_id)[0], len(turns) - len(fitted)
@@ -118,7 +120,6 @@ def build_prompt(tokenizer, prompt, history=(), mode="chat", budget=None, model=
     return (ids if budget is None else ids[-budget:]), dropped
 
 
-
 def sampling_kwargs(model, seed, sampling):
     """The keyword arguments of Transformer.stream: a seeded generator on the model's device."""
     sampling = {k: v for k, v in sampling.items() if v is not None}
@@ -127,9 +128,17 @@ def sampling_kwargs(model, seed, sampling):
     return sampling
 
 
-
-def answer_ids(model, tokenizer, prompts, history=None, mode="chat", max_new_tokens=DEFAULTS["max_new_tokens"],
-               seed=None, images=None, **sampling):
+def answer_ids(
+    model,
+    tokenizer,
+    prompts,
+    history=None,
+    mode="chat",
+    max_new_tokens=DEFAULTS["max_new_tokens"],
+    seed=None,
+    images=None,
+    **sampling,
+):
     """New ids per prompt (cut before <eos>), the prompts generated together as one left-padded batch.
     `history` [(prompt, answer), ...] is put before every prompt; `images` (paths, bytes or PIL images;
     VLM only) in front of every prompt. sampling: temperature, top_k, top_p, repetition_penalty,
@@ -145,13 +154,20 @@ def answer_ids(model, tokenizer, prompts, history=None, mode="chat", max_new_tok
     return model.generate(ids, max_new_tokens, eos_id=tokenizer.eos_id, **kwargs)
 
 
-
-def answer(model, tokenizer, prompts, history=None, mode="chat", max_new_tokens=DEFAULTS["max_new_tokens"],
-           seed=None, images=None, **sampling):
+def answer(
+    model,
+    tokenizer,
+    prompts,
+    history=None,
+    mode="chat",
+    max_new_tokens=DEFAULTS["max_new_tokens"],
+    seed=None,
+    images=None,
+    **sampling,
+):
     """The answers (text) to a list of prompts; see answer_ids."""
     outputs = answer_ids(model, tokenizer, prompts, history, mode, max_new_tokens, seed, images, **sampling)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
-
 
 
 class TextDecoder:
@@ -165,7 +181,7 @@ class TextDecoder:
     def _new_text(self, text):
         if len(text) <= len(self.shown) or not text.startswith(self.shown):
             return ""
-        piece, self.shown = text[len(self.shown):], text
+        piece, self.shown = text[len(self.shown) :], text
         return piece
 
     def push(self, token):
@@ -176,7 +192,6 @@ class TextDecoder:
     def finish(self):
         """What is still held back at the end (a generation cut inside a character)."""
         return self._new_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
 
 
 def incremental_text(tokenizer, ids):
@@ -191,9 +206,9 @@ def incremental_text(tokenizer, ids):
         yield piece
 
 
-
-def stream_answer(model, tokenizer, prompt_ids, max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, images=None,
-                  **sampling):
+def stream_answer(
+    model, tokenizer, prompt_ids, max_new_tokens=DEFAULTS["max_new_tokens"], seed=None, images=None, **sampling
+):
     """Text pieces of the answer to one prompt (ids from build_prompt), as they are generated; `images`: the
     pixels of the images the ids hold (VLM)."""
     kwargs = sampling_kwargs(model, seed, sampling)
@@ -206,13 +221,14 @@ def stream_answer(model, tokenizer, prompt_ids, max_new_tokens=DEFAULTS["max_new
             if token == tokenizer.eos_id:
                 return
             yield token
-    yield from incremental_text(tokenizer, tokens())
 
+    yield from incremental_text(tokenizer, tokens())
 
 
 def number(kind, low=None, high=None, low_open=False):
     """An argparse type: `kind` (int or float) within [low, high] ((low, high] with low_open), so that a
     value such as --max-new-tokens -5 is one line of usage error, not a traceback later."""
+
     def parse(text):
         try:
             value = kind(text)
@@ -223,30 +239,44 @@ def number(kind, low=None, high=None, low_open=False):
             span = f"{'(' if low_open else '['}{'' if low is None else low}, {'' if high is None else high}]"
             raise argparse.ArgumentTypeError(f"{text} is outside {span}")
         return value
+
     return parse
 
 
 def add_sampling_args(parser):
-    parser.add_argument("--max-new-tokens", type=number(int, 1), default=DEFAULTS["max_new_tokens"],
-                        help="at most max_seq_len // 2 (reduced with a note)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=number(int, 1),
+        default=DEFAULTS["max_new_tokens"],
+        help="at most max_seq_len // 2 (reduced with a note)",
+    )
     parser.add_argument("--temperature", type=number(float, 0), default=DEFAULTS["temperature"], help="0: greedy")
     parser.add_argument("--top-k", type=number(int, 0), default=DEFAULTS["top_k"], help="0: off")
     parser.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=DEFAULTS["top_p"], help="1: off")
-    parser.add_argument("--repetition-penalty", type=number(float, 0, low_open=True),
-                        default=DEFAULTS["repetition_penalty"], help="1: off")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=number(float, 0, low_open=True),
+        default=DEFAULTS["repetition_penalty"],
+        help="1: off",
+    )
     parser.add_argument("--seed", type=int, default=None)
 
 
 def sampling_from(args):
-    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty)
-
+    return dict(
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+    )
 
 
 def fit_max_new_tokens(max_new_tokens, model):
     """At most half the context, so that the other half is left for the prompt."""
     limit = model.args.max_seq_len // 2
     if max_new_tokens > limit:
-        print(f"note: --max-new-tokens {max_new_tokens} reduced to {limit} (max_seq_len {model.args.max_seq_len})",
-              file=sys.stderr)
+        print(
+            f"note: --max-new-tokens {max_new_tokens} reduced to {limit} (max_seq_len {model.args.max_seq_len})",
+            file=sys.stderr,
+        )
     return min(max_new_tokens, limit)

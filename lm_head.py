@@ -47,7 +47,7 @@ class TiedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, grad_head):
-        tokens, = ctx.saved_tensors
+        (tokens,) = ctx.saved_tensors
         add = grad_head.index_add_ if grad_head.is_contiguous() else grad_head.index_add
         return add(0, tokens.flatten(), grad_rows.flatten(0, -2).to(grad_head.dtype)), None
 
@@ -65,7 +65,7 @@ class Scratch:
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < math.prod(shape):
             buf = self.buffers[key] = torch.empty(math.prod(shape), dtype=dtype, device=device)
-        return buf[:math.prod(shape)].view(shape)
+        return buf[: math.prod(shape)].view(shape)
 
 
 SOFTMAX_BLOCK_BYTES = 16 << 20  # CPU: fp32 rows per softmax block, sized to stay in cache across its passes
@@ -84,9 +84,9 @@ def xent_grad_(logits, targets, valid, scratch=None):
     block = max(1, SOFTMAX_BLOCK_BYTES // (4 * vocab)) if logits.device.type == "cpu" else n
     loss = 0.0
     for start in range(0, n, block):
-        rows = logits[start:start + block]
+        rows = logits[start : start + block]
         probs = scratch("probs", rows.shape, torch.float32, logits.device).copy_(rows)
-        loss = loss + _xent_grad_fp32_(probs, targets[start:start + block], valid[start:start + block])
+        loss = loss + _xent_grad_fp32_(probs, targets[start : start + block], valid[start : start + block])
         rows.copy_(probs)
     return loss
 
@@ -121,11 +121,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, rows):
-            h = hidden[start:start + rows].to(dtype)
-            t = targets[start:start + rows]
-            g = torch.mm(h, w.t(), out=logits[:len(h)])
+            h = hidden[start : start + rows].to(dtype)
+            t = targets[start : start + rows]
+            g = torch.mm(h, w.t(), out=logits[: len(h)])
             total += xent_grad_(g, t.clamp_min(0), t != IGNORE_INDEX, scratch)
-            grad_hidden[start:start + rows] = g @ w
+            grad_hidden[start : start + rows] = g @ w
             if dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h, beta=0 if start == 0 else 1)  # beta=0: the empty buffer is ignored
             else:  # CPU has no bf16 x bf16 -> fp32 mm: the chunk's product is rounded, the sum over chunks is fp32
@@ -153,14 +153,18 @@ def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum", 
     reduction: "sum" (differentiable) or "none" (per-row losses, 0 at ignored rows; no grad).
     scratch: the caller's reused buffers (default: fresh ones)."""
     scratch = scratch or Scratch()
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    dtype = (
+        torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    )
     with torch.autocast(hidden.device.type, enabled=False):
         if reduction == "sum" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, scratch)
         losses = []
         for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start:start + chunk].to(dtype) @ weight.to(dtype).t()).float()
-            losses.append(F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE_INDEX, reduction="none"))
+            logits = (hidden[start : start + chunk].to(dtype) @ weight.to(dtype).t()).float()
+            losses.append(
+                F.cross_entropy(logits, targets[start : start + chunk], ignore_index=IGNORE_INDEX, reduction="none")
+            )
         losses = torch.cat(losses)
         return losses.sum() if reduction == "sum" else losses
 

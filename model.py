@@ -91,8 +91,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # (k_cache, v_cache): (B, n_kv_heads, max_len, hd), filled up to pos
             if isinstance(pos, int):  # every row at the same position; keys up to pos + T
-                cache[0][:, :, pos:pos + T] = k
-                cache[1][:, :, pos:pos + T] = v
+                cache[0][:, :, pos : pos + T] = k
+                cache[1][:, :, pos : pos + T] = v
                 end = pos + T
             else:  # pos: (B,) a one-token step of rows at their own positions; the mask picks each row's keys
                 # rows of the cache seen as (B * n_kv_heads * max_len, hd): index_copy_ is the write that stays
@@ -104,8 +104,14 @@ class Attention(nn.Module):
                 end = mask.shape[-1]
             k, v = cache[0][:, :, :end], cache[1][:, :, :end]
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y))
 
@@ -152,7 +158,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
 
         # a head saved as nn.Linear keeps the tied weight a second time as output.weight: the same tensor
-        self.register_load_state_dict_pre_hook(lambda module, state, prefix, *_: state.pop(prefix + "output.weight", None))
+        self.register_load_state_dict_pre_hook(
+            lambda module, state, prefix, *_: state.pop(prefix + "output.weight", None)
+        )
 
     @staticmethod
     def _init_weights(module):
@@ -168,7 +176,7 @@ class Transformer(nn.Module):
         replace the token embeddings at the positions where `where` (B, T) is True, in row-major order."""
         T = tokens.shape[1]
         if positions is None:
-            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
         else:  # per-row positions (left-padded generation batches)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         h, head_weight = self.tok_embeddings.embed(tokens)
@@ -208,8 +216,19 @@ class Transformer(nn.Module):
 
     # ---- generation ----
     @torch.no_grad()
-    def stream(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-               repetition_penalty=1.0, eos_id=None, use_cache=True, generator=None, embeds_for=None):
+    def stream(
+        self,
+        prompts,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        repetition_penalty=1.0,
+        eos_id=None,
+        use_cache=True,
+        generator=None,
+        embeds_for=None,
+    ):
         """Yields a (B,) tensor of new token ids per step for a batch of prompts (lists of ids) of
         any lengths. Prompts are left-padded; a sequence that produced eos_id yields eos_id after.
         temperature 0 is greedy. use_cache=False recomputes the whole sequence every step.
@@ -218,12 +237,14 @@ class Transformer(nn.Module):
         device, B = self.rope_cos.device, len(prompts)
         width = max(len(p) for p in prompts)
         if width + max_new_tokens > self.args.max_seq_len:
-            raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {self.args.max_seq_len}")
+            raise ValueError(
+                f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {self.args.max_seq_len}"
+            )
         S = width + max_new_tokens
         pad = torch.tensor([width - len(p) for p in prompts], device=device)
         tokens = torch.zeros(B, S, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
-            tokens[i, pad[i]:width] = torch.tensor(p, dtype=torch.long, device=device)
+            tokens[i, pad[i] : width] = torch.tensor(p, dtype=torch.long, device=device)
         positions = (torch.arange(S, device=device)[None] - pad[:, None]).clamp_min(0)
         key_ok = torch.arange(S, device=device)[None] >= pad[:, None]  # (B, S): not left padding
         # causal, minus the left padding; a padding row sees itself so that no softmax row is empty
@@ -236,7 +257,10 @@ class Transformer(nn.Module):
         caches = None
         if use_cache:
             shape = (B, self.args.kv_heads, S, self.args.head_dim)
-            caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in self.layers]
+            caches = [
+                (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in self.layers
+            ]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         start, end = 0, width
         for _ in range(max_new_tokens):
@@ -247,10 +271,13 @@ class Transformer(nn.Module):
             if embeds_for is not None and start < width:  # the step that (re)reads the prompts
                 where = (tokens[:, start:end] == embeds_for[0]) & (torch.arange(start, end, device=device) < width)
                 embeds = (where, embeds_for[1])
-            h, head_weight = self.hidden_states(tokens[:, start:end], mask, caches, start, positions[:, start:end],
-                                                embeds)
+            h, head_weight = self.hidden_states(
+                tokens[:, start:end], mask, caches, start, positions[:, start:end], embeds
+            )
             logits = F.linear(h[:, -1], head_weight).float()
-            next_token = sample(logits, tokens[:, :end], key_ok[:, :end], temperature, top_k, top_p, repetition_penalty, generator)
+            next_token = sample(
+                logits, tokens[:, :end], key_ok[:, :end], temperature, top_k, top_p, repetition_penalty, generator
+            )
             if eos_id is not None:
                 next_token = torch.where(done, torch.full_like(next_token, eos_id), next_token)
                 done |= next_token == eos_id
@@ -264,14 +291,17 @@ class Transformer(nn.Module):
         """Lists of new ids per prompt, cut before eos_id."""
         steps = [t.tolist() for t in self.stream(prompts, max_new_tokens, eos_id=eos_id, **sampling)]
         outputs = [list(seq) for seq in zip(*steps)] if steps else [[] for _ in prompts]
-        return [seq[:seq.index(eos_id)] if eos_id in seq else seq for seq in outputs]
+        return [seq[: seq.index(eos_id)] if eos_id in seq else seq for seq in outputs]
 
 
-def sample(logits, history, history_ok, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
+def sample(
+    logits, history, history_ok, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None
+):
     """Next token ids (B,) from last-position logits (B, V). Every setting is one number for the batch
     or a (B,) tensor with one per row (the serving engine's rows each have their own): temperature 0
     is greedy, top_k 0 / None and top_p 1 / None are off, repetition_penalty 1 is off. generator: one
     torch.Generator for the batch, or a list with one per row (None: torch's global generator)."""
+
     def per_row(value, dtype):
         return torch.as_tensor(value, dtype=dtype, device=logits.device).expand(len(logits))[:, None]
 

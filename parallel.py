@@ -147,8 +147,16 @@ class Parallel:
             if shards.exists():
                 shutil.rmtree(shards)
             os.replace(tmp, shards)
-            atomic_save({**model_checkpoint(self.raw, self.raw.args, **meta), "model": full, "rng": rngs,
-                         "optimizer": None, "sharded": shards.name}, path)
+            atomic_save(
+                {
+                    **model_checkpoint(self.raw, self.raw.args, **meta),
+                    "model": full,
+                    "rng": rngs,
+                    "optimizer": None,
+                    "sharded": shards.name,
+                },
+                path,
+            )
             for old in path.parent.glob(f"{path.name}.dcp*"):
                 if old.name != shards.name and old.is_dir():
                     shutil.rmtree(old)
@@ -173,8 +181,9 @@ class Parallel:
             return
         self.raw.load_state_dict(ckpt["model"], strict=True)
         if ckpt.get("optimizer") is None:
-            raise CheckpointError(f"{path} holds no optimizer state to resume from (an FSDP2 checkpoint? resume with "
-                                  "parallel=fsdp)")
+            raise CheckpointError(
+                f"{path} holds no optimizer state to resume from (an FSDP2 checkpoint? resume with parallel=fsdp)"
+            )
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"] if isinstance(ckpt["rng"], dict) else ckpt["rng"][self.dist.rank])
 

@@ -46,8 +46,15 @@ class Precision:
 def cpu_features():
     """The bf16-relevant flags of this CPU (Linux /proc/cpuinfo), or the machine name elsewhere."""
     try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
+        flags = set(
+            next(
+                line
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith(("flags", "Features"))
+            )
+            .split(":", 1)[1]
+            .split()
+        )
     except (OSError, StopIteration):
         return platform.machine() or "unknown CPU"
     found = [f for f in CPU_FLAGS if f in flags]
@@ -122,8 +129,10 @@ def resolve(name, device, purpose="train", dim=512, vocab=None, speedup=None):
         global _warned_slow_bf16
         if factor < 1 and not _warned_slow_bf16:
             _warned_slow_bf16 = True
-            warnings.warn(f"dtype bfloat16 as asked, but {verdict} ({cpu_features()}); dtype=auto would pick "
-                          "float32", stacklevel=2)
+            warnings.warn(
+                f"dtype bfloat16 as asked, but {verdict} ({cpu_features()}); dtype=auto would pick float32",
+                stacklevel=2,
+            )
         return Precision("bfloat16", f"as asked; {verdict}")
     return Precision("bfloat16" if factor >= BF16_MARGIN else "float32", f"auto: {verdict}")
 
@@ -148,7 +157,7 @@ def matmul_peak(device, dtype, n=2048, repeats=5):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)
+    return 2 * n**3 / min(times)
 
 
 def autocast(device, dtype):

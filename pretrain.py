@@ -51,16 +51,35 @@ phases = [
     {"name": "general", "iters": 6000, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 2, "skypile": 2}},
     {"name": "refined", "iters": 3000, "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 0.5}},
     # MiniCPM anneals with high-quality data mixed INTO the general mixture, not instead of it
-    {"name": "anneal", "iters": 800, "decay": True,
-     "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 1, "cmedqa2": 0.5, "chatmed_tcm": 0.3, "medical_dialogue": 0.3}},
-    {"name": "clinical", "iters": 400, "decay": True,
-     "mixture": {"guidelines": 1, "medical_pretrain": 1, "cmekg": 0.3, "wiki": 0.5}},
+    {
+        "name": "anneal",
+        "iters": 800,
+        "decay": True,
+        "mixture": {
+            "wiki": 1,
+            "baike": 1,
+            "medical_pretrain": 1,
+            "cmedqa2": 0.5,
+            "chatmed_tcm": 0.3,
+            "medical_dialogue": 0.3,
+        },
+    },
+    {
+        "name": "clinical",
+        "iters": 400,
+        "decay": True,
+        "mixture": {"guidelines": 1, "medical_pretrain": 1, "cmekg": 0.3, "wiki": 0.5},
+    },
 ]
 phase_iters = {}  # {phase name: steps}: the plan's phases with these steps instead (a model size's budget)
 
 
-PHASE_KEYS = {"name": "a plain folder name", "iters": "steps, an int >= 1",
-              "mixture": "{source folder under data_dir: weight >= 0}", "decay": "True/False (default False)"}
+PHASE_KEYS = {
+    "name": "a plain folder name",
+    "iters": "steps, an int >= 1",
+    "mixture": "{source folder under data_dir: weight >= 0}",
+    "decay": "True/False (default False)",
+}
 PLAIN_NAME = re.compile(r"(?!\.{1,2}$)[\w.-]+")  # a file name that stays in its folder: not '.', '..', no '/'
 
 
@@ -151,13 +170,29 @@ def train(cfg):
     decay_start = decaying[0] if decaying else total
 
     def lr_at(step):
-        return wsd_lr(step, cfg["learning_rate"], cfg["warmup_iters"], decay_start, total, cfg["decay_shape"],
-                      cfg["min_lr_ratio"], cfg["decay_half_life"] or None)
+        return wsd_lr(
+            step,
+            cfg["learning_rate"],
+            cfg["warmup_iters"],
+            decay_start,
+            total,
+            cfg["decay_shape"],
+            cfg["min_lr_ratio"],
+            cfg["decay_half_life"] or None,
+        )
 
-    args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"] or None,
-                     vocab_size=cfg["vocab_size"] or tok.vocab_size, hidden_dim=cfg["hidden_dim"] or None,
-                     multiple_of=cfg["multiple_of"], max_seq_len=cfg["max_seq_len"], rope_theta=cfg["rope_theta"],
-                     dropout=cfg["dropout"])
+    args = ModelArgs(
+        dim=cfg["dim"],
+        n_layers=cfg["n_layers"],
+        n_heads=cfg["n_heads"],
+        n_kv_heads=cfg["n_kv_heads"] or None,
+        vocab_size=cfg["vocab_size"] or tok.vocab_size,
+        hidden_dim=cfg["hidden_dim"] or None,
+        multiple_of=cfg["multiple_of"],
+        max_seq_len=cfg["max_seq_len"],
+        rope_theta=cfg["rope_theta"],
+        dropout=cfg["dropout"],
+    )
     if args.vocab_size < tok.vocab_size:
         raise SystemExit(f"vocab_size {args.vocab_size} < the tokenizer's {tok.vocab_size}")
     out = Path(cfg["out_dir"])
@@ -178,8 +213,9 @@ def train(cfg):
     elif from_previous_phase:
         source = out / names[first_phase - 1] / "ckpt.pt"
         if checkpoint_meta(source).get("run_id") != run_id:
-            raise SystemExit(f"{source} belongs to another run than {out}/run.json: pass it as --init_from "
-                             "with a new --out_dir")
+            raise SystemExit(
+                f"{source} belongs to another run than {out}/run.json: pass it as --init_from with a new --out_dir"
+            )
     else:
         source = cfg["init_from"] or None
     import torch
@@ -190,11 +226,19 @@ def train(cfg):
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
-        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items()))
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
-              f"world {d.world} on {d.device}, dtype {trainer.precision}, "
-              f"{cfg['batch_size'] * cfg['grad_accum'] * d.world * args.max_seq_len:,} tokens/step")
-        print(f"schedule: {total} steps, warmup {cfg['warmup_iters']}, decay ({cfg['decay_shape']}) from step {decay_start}")
+        print(
+            "config overrides: "
+            + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items())
+        )
+        print(
+            f"model: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(True) / 1e6:.2f}M non-embedding), "
+            f"world {d.world} on {d.device}, dtype {trainer.precision}, "
+            f"{cfg['batch_size'] * cfg['grad_accum'] * d.world * args.max_seq_len:,} tokens/step"
+        )
+        print(
+            f"schedule: {total} steps, warmup {cfg['warmup_iters']}, "
+            f"decay ({cfg['decay_shape']}) from step {decay_start}"
+        )
 
     data_state = None
     if cfg["init_from"] == "resume":
@@ -222,19 +266,41 @@ def train(cfg):
             if trainer.step >= cfg["stop_at"]:
                 break
             end = min(end, cfg["stop_at"])
-        data = PretrainData(cfg["data_dir"], phase["mixture"], args.max_seq_len, cfg["seed"], i, cfg["val_fraction"],
-                            cfg["sampling"], tok.fingerprint, args.vocab_size)
+        data = PretrainData(
+            cfg["data_dir"],
+            phase["mixture"],
+            args.max_seq_len,
+            cfg["seed"],
+            i,
+            cfg["val_fraction"],
+            cfg["sampling"],
+            tok.fingerprint,
+            args.vocab_size,
+        )
         data.load_state_dict(data_state)
         data_state = None
         if d.is_master:
-            print(f"phase {i + 1}/{len(ranges)} {phase['name']}: steps {max(first, trainer.step)}..{end}, {data.describe()}")
-        trainer.run(data, max(first, trainer.step), end, lr_at, log, out / phase["name"] / "ckpt.pt",
-                    phase=phase["name"], data_weights=dict(zip(data.names, data.weights)),
-                    desc=f"{i + 1}/{len(ranges)} {phase['name']}")
+            print(
+                f"phase {i + 1}/{len(ranges)} {phase['name']}: "
+                f"steps {max(first, trainer.step)}..{end}, {data.describe()}"
+            )
+        trainer.run(
+            data,
+            max(first, trainer.step),
+            end,
+            lr_at,
+            log,
+            out / phase["name"] / "ckpt.pt",
+            phase=phase["name"],
+            data_weights=dict(zip(data.names, data.weights)),
+            desc=f"{i + 1}/{len(ranges)} {phase['name']}",
+        )
         if d.is_master:
             plot_runs({"pretrain": read_log(log.path)}, out / "loss.png", title=f"pretraining: {out}")
             note = " (pre-decay checkpoint)" if end == decay_start else ""
-            done = "done" if end == ranges[i][2] else f"stopped at step {end} (stop_at); continue with --init_from=resume"
+            done = (
+                "done" if end == ranges[i][2] else f"stopped at step {end} (stop_at); continue with --init_from=resume"
+            )
             print(f"phase {phase['name']} {done}: {out / phase['name'] / 'ckpt.pt'}{note}")
     d.close()
 

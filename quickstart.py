@@ -102,72 +102,209 @@ def main(argv=None):
         print(f"== tokenizer: ChatGLM2-6B's, {tokenizer_model_path(DEFAULT_DIR)}")
     else:
         tokenizer = str(out / "tokenizer")
-        print("== tokenizer: chatglm_tokenizer/tokenizer.model is absent (README: 'The tokenizer'), so the "
-              f"quickstart trains its own on the sample corpus into {tokenizer}")
-        pipeline.run("tokenizer", [py + ["train_tokenizer.py", "--vocab-size", "8000", "--out", tokenizer]
-                                   + [a for name in PRETRAIN_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")]],
-                     inputs=[SAMPLE])
+        print(
+            "== tokenizer: chatglm_tokenizer/tokenizer.model is absent (README: 'The tokenizer'), so the "
+            f"quickstart trains its own on the sample corpus into {tokenizer}"
+        )
+        pipeline.run(
+            "tokenizer",
+            [
+                py
+                + ["train_tokenizer.py", "--vocab-size", "8000", "--out", tokenizer]
+                + [a for name in PRETRAIN_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")]
+            ],
+            inputs=[SAMPLE],
+        )
 
     # 2. corpora -> token shards
     data = out / "data"
-    pipeline.run("data", [py + ["data_process.py", "--out", str(data), "--tokenizer", tokenizer]
-                          + [a for name in PRETRAIN_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")]],
-                 inputs=[SAMPLE, tokenizer_model_path(tokenizer)])
+    pipeline.run(
+        "data",
+        [
+            py
+            + ["data_process.py", "--out", str(data), "--tokenizer", tokenizer]
+            + [a for name in PRETRAIN_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")]
+        ],
+        inputs=[SAMPLE, tokenizer_model_path(tokenizer)],
+    )
 
     # 3. the four MiniCPM phases
     pretrain_dir = out / "pretrain"
-    smoke = [f"--phases={SMOKE_PHASES!r}", "--eval_interval=3", "--log_interval=1", "--warmup_iters=2"] if args.smoke else []
+    smoke = (
+        [f"--phases={SMOKE_PHASES!r}", "--eval_interval=3", "--log_interval=1", "--warmup_iters=2"]
+        if args.smoke
+        else []
+    )
     # the quickstart owns its out folder: a stage that runs again replaces its earlier run (--overwrite)
-    pipeline.run("pretrain", [py + ["pretrain.py", "config/pretrain_tiny.py", f"--out_dir={pretrain_dir}", "--overwrite=True",
-                                    f"--data_dir={data}", f"--tokenizer={tokenizer}"] + smoke],
-                 inputs=["config/pretrain_tiny.py"])
+    pipeline.run(
+        "pretrain",
+        [
+            py
+            + [
+                "pretrain.py",
+                "config/pretrain_tiny.py",
+                f"--out_dir={pretrain_dir}",
+                "--overwrite=True",
+                f"--data_dir={data}",
+                f"--tokenizer={tokenizer}",
+            ]
+            + smoke
+        ],
+        inputs=["config/pretrain_tiny.py"],
+    )
 
     # 4. SFT
     sft_csv, sft_dir = out / "sft_data.csv", out / "sft"
-    pipeline.run("sft", [py + ["sft_data_process.py", "--out", str(sft_csv)]
-                         + [a for name in SFT_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")],
-                         py + ["sft.py", "config/sft_tiny.py", f"--out_dir={sft_dir}", "--overwrite=True", f"--sft_csv={sft_csv}",
-                               f"--pretrain_dir={pretrain_dir}", f"--tokenizer={tokenizer}"]
-                         + (["--max_iters=3", "--eval_interval=3"] if args.smoke else [])],
-                 inputs=["config/sft_tiny.py"])
+    pipeline.run(
+        "sft",
+        [
+            py
+            + ["sft_data_process.py", "--out", str(sft_csv)]
+            + [a for name in SFT_SOURCES for a in ("--source", f"{name}={SAMPLE / name}")],
+            py
+            + [
+                "sft.py",
+                "config/sft_tiny.py",
+                f"--out_dir={sft_dir}",
+                "--overwrite=True",
+                f"--sft_csv={sft_csv}",
+                f"--pretrain_dir={pretrain_dir}",
+                f"--tokenizer={tokenizer}",
+            ]
+            + (["--max_iters=3", "--eval_interval=3"] if args.smoke else []),
+        ],
+        inputs=["config/sft_tiny.py"],
+    )
 
     # 5. evaluation
     phases = dict.fromkeys(r["phase"] for r in read_log(pretrain_dir / "log.jsonl"))  # the config's, in order
     checkpoints = {phase: pretrain_dir / phase / "ckpt.pt" for phase in phases}
     checkpoints["sft"] = sft_dir / "ckpt.pt"
     evals = out / "eval"
-    commands = [py + ["eval.py", "ppl", "--ckpt", str(ckpt), "--tokenizer", tokenizer,
-                      "--source", f"heldout={SAMPLE / 'heldout'}", "--out", str(evals / f"ppl_{name}.json")]
-                for name, ckpt in checkpoints.items()]
-    commands.append(py + ["eval.py", "mcq", "--ckpt", str(checkpoints["sft"]), "--tokenizer", tokenizer,
-                          "--out", str(evals / "mcq_sft.json")]
-                    + [a for name, path in MCQ_SOURCES.items() for a in ("--source", f"{name}={SAMPLE / path}")])
+    commands = [
+        py
+        + [
+            "eval.py",
+            "ppl",
+            "--ckpt",
+            str(ckpt),
+            "--tokenizer",
+            tokenizer,
+            "--source",
+            f"heldout={SAMPLE / 'heldout'}",
+            "--out",
+            str(evals / f"ppl_{name}.json"),
+        ]
+        for name, ckpt in checkpoints.items()
+    ]
+    commands.append(
+        py
+        + [
+            "eval.py",
+            "mcq",
+            "--ckpt",
+            str(checkpoints["sft"]),
+            "--tokenizer",
+            tokenizer,
+            "--out",
+            str(evals / "mcq_sft.json"),
+        ]
+        + [a for name, path in MCQ_SOURCES.items() for a in ("--source", f"{name}={SAMPLE / path}")]
+    )
     pipeline.run("eval", commands)
 
     # 6. chat
-    pipeline.run("chat", [py + ["chat.py", "--ckpt", str(checkpoints["sft"]), "--tokenizer", tokenizer,
-                                "--prompt-file", str(SAMPLE / "chat_questions.txt"), "--temperature", "0",
-                                "--repetition-penalty", "1.2", "--max-new-tokens", "96"]], stdout=out / "chat.txt")
+    pipeline.run(
+        "chat",
+        [
+            py
+            + [
+                "chat.py",
+                "--ckpt",
+                str(checkpoints["sft"]),
+                "--tokenizer",
+                tokenizer,
+                "--prompt-file",
+                str(SAMPLE / "chat_questions.txt"),
+                "--temperature",
+                "0",
+                "--repetition-penalty",
+                "1.2",
+                "--max-new-tokens",
+                "96",
+            ]
+        ],
+        stdout=out / "chat.txt",
+    )
 
     # 7. the vision-language model on the SFT model, and 8. one question about an image
     vlm = out / "vlm"
     smoke_vlm = ["--max_iters=3", "--eval_interval=3"] if args.smoke else []
-    pipeline.run("vlm", [
-        py + ["vision.py", "--random-tower", str(out / "vision_tower")],
-        py + ["vlm_train.py", "config/vlm_align_tiny.py", f"--out_dir={vlm / 'align'}", "--overwrite=True",
-              f"--init_from={checkpoints['sft']}", f"--vision_tower={out / 'vision_tower'}",
-              f"--tokenizer={tokenizer}"] + smoke_vlm,
-        py + ["vlm_train.py", "config/vlm_instruct_tiny.py", f"--out_dir={vlm / 'instruct'}", "--overwrite=True",
-              f"--init_from={vlm / 'align' / 'ckpt.pt'}", f"--tokenizer={tokenizer}"] + smoke_vlm,
-        py + ["eval.py", "vqa", "--ckpt", str(vlm / "instruct" / "ckpt.pt"), "--tokenizer", tokenizer,
-              "--out", str(evals / "vqa.json")]
-        + [a for name, path in VQA_SOURCES.items() for a in ("--source", f"{name}={SAMPLE / path}")]],
-        inputs=["config/vlm_align_tiny.py", "config/vlm_instruct_tiny.py", SAMPLE / "vlm"])
+    pipeline.run(
+        "vlm",
+        [
+            py + ["vision.py", "--random-tower", str(out / "vision_tower")],
+            py
+            + [
+                "vlm_train.py",
+                "config/vlm_align_tiny.py",
+                f"--out_dir={vlm / 'align'}",
+                "--overwrite=True",
+                f"--init_from={checkpoints['sft']}",
+                f"--vision_tower={out / 'vision_tower'}",
+                f"--tokenizer={tokenizer}",
+            ]
+            + smoke_vlm,
+            py
+            + [
+                "vlm_train.py",
+                "config/vlm_instruct_tiny.py",
+                f"--out_dir={vlm / 'instruct'}",
+                "--overwrite=True",
+                f"--init_from={vlm / 'align' / 'ckpt.pt'}",
+                f"--tokenizer={tokenizer}",
+            ]
+            + smoke_vlm,
+            py
+            + [
+                "eval.py",
+                "vqa",
+                "--ckpt",
+                str(vlm / "instruct" / "ckpt.pt"),
+                "--tokenizer",
+                tokenizer,
+                "--out",
+                str(evals / "vqa.json"),
+            ]
+            + [a for name, path in VQA_SOURCES.items() for a in ("--source", f"{name}={SAMPLE / path}")],
+        ],
+        inputs=["config/vlm_align_tiny.py", "config/vlm_instruct_tiny.py", SAMPLE / "vlm"],
+    )
     image, question = VLM_QUESTION
-    pipeline.run("vlm_chat", [py + ["chat.py", "--ckpt", str(vlm / "instruct" / "ckpt.pt"), "--tokenizer", tokenizer,
-                                    "--image", str(SAMPLE / image), "--prompt", question, "--temperature", "0",
-                                    "--repetition-penalty", "1.2", "--max-new-tokens", "48"]],
-                 stdout=out / "vlm_chat.txt")
+    pipeline.run(
+        "vlm_chat",
+        [
+            py
+            + [
+                "chat.py",
+                "--ckpt",
+                str(vlm / "instruct" / "ckpt.pt"),
+                "--tokenizer",
+                tokenizer,
+                "--image",
+                str(SAMPLE / image),
+                "--prompt",
+                question,
+                "--temperature",
+                "0",
+                "--repetition-penalty",
+                "1.2",
+                "--max-new-tokens",
+                "48",
+            ]
+        ],
+        stdout=out / "vlm_chat.txt",
+    )
 
     # 9. report
     write_report(out, pipeline, tokenizer, checkpoints, time.time() - started)
@@ -187,35 +324,71 @@ def write_report(out, pipeline, tokenizer, checkpoints, seconds):
     """out/report.md: every number of the run in tables, and out/loss.png: all phases and SFT."""
     tok = load_tokenizer(tokenizer)
     pretrain_log, sft_log = read_log(out / "pretrain" / "log.jsonl"), read_log(out / "sft" / "log.jsonl")
-    plot_runs({"pretrain": pretrain_log, "sft": sft_log}, out / "loss.png", title="quickstart: four pretraining phases, then SFT")
-    ppl = {name: json.loads((out / "eval" / f"ppl_{name}.json").read_text())["sources"]["heldout"] for name in checkpoints}
+    plot_runs(
+        {"pretrain": pretrain_log, "sft": sft_log},
+        out / "loss.png",
+        title="quickstart: four pretraining phases, then SFT",
+    )
+    ppl = {
+        name: json.loads((out / "eval" / f"ppl_{name}.json").read_text())["sources"]["heldout"] for name in checkpoints
+    }
     mcq = json.loads((out / "eval" / "mcq_sft.json").read_text())
-    which = "ChatGLM2-6B's" if Path(tokenizer).resolve() == DEFAULT_DIR else "trained on the sample by train_tokenizer.py"
+    which = (
+        "ChatGLM2-6B's" if Path(tokenizer).resolve() == DEFAULT_DIR else "trained on the sample by train_tokenizer.py"
+    )
     lines = [
-        "# Quickstart report", "",
+        "# Quickstart report",
+        "",
         f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads. "
-        f"This run took {seconds:.0f} s (stages that were up to date were skipped; their last duration is shown).", "",
-        f"Tokenizer: {which}, {tok.vocab_size:,} ids (sha256 {tok.fingerprint[:12]}…).", "",
-        "## Stages", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {stage} | {fmt(pipeline.seconds(stage), '.0f')} |"
-              for stage in ("tokenizer", "data", "pretrain", "sft", "eval", "chat", "vlm", "vlm_chat")
-              if pipeline.seconds(stage) is not None]
-    lines += ["", "## Corpora (data_process.py)", "", "| source | documents read | kept | tokens |", "|---|---:|---:|---:|"]
+        f"This run took {seconds:.0f} s (stages that were up to date were skipped; their last duration is shown).",
+        "",
+        f"Tokenizer: {which}, {tok.vocab_size:,} ids (sha256 {tok.fingerprint[:12]}…).",
+        "",
+        "## Stages",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
+    lines += [
+        f"| {stage} | {fmt(pipeline.seconds(stage), '.0f')} |"
+        for stage in ("tokenizer", "data", "pretrain", "sft", "eval", "chat", "vlm", "vlm_chat")
+        if pipeline.seconds(stage) is not None
+    ]
+    lines += [
+        "",
+        "## Corpora (data_process.py)",
+        "",
+        "| source | documents read | kept | tokens |",
+        "|---|---:|---:|---:|",
+    ]
     for manifest in sorted((out / "data").glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
         lines.append(f"| {m['name']} | {m['documents_read']:,} | {m['documents_kept']:,} | {m['tokens']:,} |")
-    lines += ["", "## Training and held-out perplexity", "",
-              "Held-out: data/sample/heldout, text no training file contains. bits/char is comparable across tokenizers.", "",
-              "| stage | last step | last train loss | val loss | held-out loss/token | held-out ppl | held-out bits/char |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Training and held-out perplexity",
+        "",
+        "Held-out: data/sample/heldout, text no training file contains. bits/char is comparable across tokenizers.",
+        "",
+        "| stage | last step | last train loss | val loss | held-out loss/token | held-out ppl | held-out bits/char |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in checkpoints:
         log = sft_log if name == "sft" else pretrain_log
         r = ppl[name]
-        lines.append(f"| {name} | {fmt(last(log, 'step', name), 'd')} | {fmt(last(log, 'loss', name))} | "
-                     f"{fmt(last(log, 'val/val', name))} | {r['loss_per_token']:.3f} | {r['ppl']:.1f} | {r['bits_per_char']:.3f} |")
+        lines.append(
+            f"| {name} | {fmt(last(log, 'step', name), 'd')} | {fmt(last(log, 'loss', name))} | "
+            f"{fmt(last(log, 'val/val', name))} | {r['loss_per_token']:.3f} | "
+            f"{r['ppl']:.1f} | {r['bits_per_char']:.3f} |"
+        )
     norm = mcq["norm"]
-    lines += ["", f"## Multiple choice (SFT model, {mcq['shots']}-shot, log-likelihood, norm {norm})", "",
-              "| benchmark | questions | accuracy | chance |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"## Multiple choice (SFT model, {mcq['shots']}-shot, log-likelihood, norm {norm})",
+        "",
+        "| benchmark | questions | accuracy | chance |",
+        "|---|---:|---:|---:|",
+    ]
     for name, r in mcq["sources"].items():
         o = r["overall"]
         lines.append(f"| {name} | {o['n']} | {fmt(o[f'accuracy_{norm}'], '.1%')} | {fmt(o['chance'], '.1%')} |")
@@ -228,22 +401,35 @@ def write_report(out, pipeline, tokenizer, checkpoints, seconds):
 
 def vlm_report(out):
     """The vision-language section: both stages' losses, VQA accuracy and the answer about an image."""
-    lines = ["", "## Vision-language model (vlm_train.py on the SFT model, a random 2-layer CLIP tower)", "",
-             "The tower is untrained (no downloads here), so the image features are random projections of the pixels:",
-             "this checks the pipeline, not vision. With a real tower (README: 'Vision-language model') the same",
-             "commands train a real model.", "", "| stage | trained | last step | last train loss | val loss |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "",
+        "## Vision-language model (vlm_train.py on the SFT model, a random 2-layer CLIP tower)",
+        "",
+        "The tower is untrained (no downloads here), so the image features are random projections of the pixels:",
+        "this checks the pipeline, not vision. With a real tower (README: 'Vision-language model') the same",
+        "commands train a real model.",
+        "",
+        "| stage | trained | last step | last train loss | val loss |",
+        "|---|---|---:|---:|---:|",
+    ]
     for stage, trained in (("align", "projector"), ("instruct", "projector + LLM")):
         log = read_log(out / "vlm" / stage / "log.jsonl")
-        lines.append(f"| {stage} | {trained} | {fmt(last(log, 'step'), 'd')} | {fmt(last(log, 'loss'))} | "
-                     f"{fmt(last(log, 'val/val'))} |")
+        lines.append(
+            f"| {stage} | {trained} | {fmt(last(log, 'step'), 'd')} | {fmt(last(log, 'loss'))} | "
+            f"{fmt(last(log, 'val/val'))} |"
+        )
     vqa = json.loads((out / "eval" / "vqa.json").read_text())["sources"]
-    lines += ["", "| VQA (eval.py vqa, greedy) | closed n | closed accuracy | open n | open exact | open normalised |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| VQA (eval.py vqa, greedy) | closed n | closed accuracy | open n | open exact | open normalised |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, r in vqa.items():
         c, o = r["closed"], r["open"]
-        lines.append(f"| {name} | {c['n']} | {fmt(c['normalised'], '.1%')} | {o['n']} | {fmt(o['exact'], '.1%')} | "
-                     f"{fmt(o['normalised'], '.1%')} |")
+        lines.append(
+            f"| {name} | {c['n']} | {fmt(c['normalised'], '.1%')} | {o['n']} | {fmt(o['exact'], '.1%')} | "
+            f"{fmt(o['normalised'], '.1%')} |"
+        )
     image, _ = VLM_QUESTION
     answer = (out / "vlm_chat.txt").read_text(encoding="utf-8").strip()
     lines += ["", f"Image `{SAMPLE / image}`, chat.py --image, greedy:", "", "```", answer, "```"]

@@ -33,8 +33,10 @@ def read_log(path):
                 raise ValueError("not a log record")
         except ValueError:
             if i == len(lines) - 1:
-                print(f"note: {path}:{number}: the last line is cut short (a run killed while writing): left out",
-                      file=sys.stderr)
+                print(
+                    f"note: {path}:{number}: the last line is cut short (a run killed while writing): left out",
+                    file=sys.stderr,
+                )
                 break
             raise LogError(f"{path}:{number}: not a JSON log record: fix or delete that line") from None
         records.append(record)
@@ -51,7 +53,9 @@ class RunLog:
         """A run that goes on from `step` redoes what came after: drop those records (and the phase-start
         marker at `step`, which the run writes again)."""
         if self.is_master and self.path.exists():
-            kept = [r for r in read_log(self.path) if r["step"] < step or r["step"] == step and r.get("event") != "start"]
+            kept = [
+                r for r in read_log(self.path) if r["step"] < step or r["step"] == step and r.get("event") != "start"
+            ]
             atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
 
     def write(self, record):
@@ -65,6 +69,7 @@ class RunLog:
         if self.tb is None and self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
             except ImportError:
                 self.tb = False

@@ -39,18 +39,44 @@ from inference import DEFAULTS, MODES, TextDecoder, build_prompt, load
 PAGE = Path(__file__).with_name("serve.html")
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 RETRY_AFTER_S = 1  # what a client told "queue full" waits before trying again
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options", "n",
-                 "user", "top_k", "repetition_penalty"}
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "top_k",
+    "repetition_penalty",
+}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "trim_history"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 # OpenAI fields this server does not implement: refused by name unless their value is the neutral one
-UNSUPPORTED = {"tools": "tool calls", "tool_choice": "tool calls", "functions": "function calls",
-               "function_call": "function calls", "parallel_tool_calls": "tool calls", "logprobs": "log-probabilities",
-               "top_logprobs": "log-probabilities", "logit_bias": "logit_bias", "response_format": "response formats",
-               "audio": "audio output", "modalities": "other modalities", "prediction": "predicted outputs",
-               "frequency_penalty": "frequency_penalty (use repetition_penalty)",
-               "presence_penalty": "presence_penalty (use repetition_penalty)", "best_of": "best_of",
-               "echo": "echo", "suffix": "suffix", "reasoning_effort": "reasoning", "web_search_options": "web search"}
+UNSUPPORTED = {
+    "tools": "tool calls",
+    "tool_choice": "tool calls",
+    "functions": "function calls",
+    "function_call": "function calls",
+    "parallel_tool_calls": "tool calls",
+    "logprobs": "log-probabilities",
+    "top_logprobs": "log-probabilities",
+    "logit_bias": "logit_bias",
+    "response_format": "response formats",
+    "audio": "audio output",
+    "modalities": "other modalities",
+    "prediction": "predicted outputs",
+    "frequency_penalty": "frequency_penalty (use repetition_penalty)",
+    "presence_penalty": "presence_penalty (use repetition_penalty)",
+    "best_of": "best_of",
+    "echo": "echo",
+    "suffix": "suffix",
+    "reasoning_effort": "reasoning",
+    "web_search_options": "web search",
+}
 NEUTRAL = (None, False, 0, 0.0, [], {"type": "text"}, ["text"])
 
 
@@ -76,8 +102,12 @@ def number(body, name, low, high, default, integer=False, low_open=False):
     if value is None:
         return default
     kind = int if integer else (int, float)
-    if (isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high
-            or (low_open and value == low)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not low <= value <= high
+        or (low_open and value == low)
+    ):
         what = "an integer" if integer else "a number"
         bounds = f"{'>' if low_open else '>='} {low} and <= {high}"
         raise ApiError(400, f"'{name}' must be {what} {bounds}, not {value!r}", name, "invalid_value")
@@ -97,14 +127,23 @@ def check_fields(body, allowed):
     for name, value in body.items():
         if name in UNSUPPORTED:
             if not any(value == neutral and type(value) is type(neutral) for neutral in NEUTRAL):
-                raise ApiError(400, f"'{name}' is not supported: this server does not implement {UNSUPPORTED[name]}",
-                               name, "unsupported_parameter")
+                raise ApiError(
+                    400,
+                    f"'{name}' is not supported: this server does not implement {UNSUPPORTED[name]}",
+                    name,
+                    "unsupported_parameter",
+                )
         elif name not in allowed:
             raise ApiError(400, f"unrecognized request argument: '{name}'", name, "unknown_parameter")
     n = body.get("n")
     if n is not None and n != 1:
-        raise ApiError(400, f"'n' must be 1, not {n!r}: this server returns one choice per request "
-                       "(send several requests, they are batched together)", "n", "unsupported_parameter")
+        raise ApiError(
+            400,
+            f"'n' must be 1, not {n!r}: this server returns one choice per request "
+            "(send several requests, they are batched together)",
+            "n",
+            "unsupported_parameter",
+        )
 
 
 def stop_strings(body):
@@ -112,21 +151,29 @@ def stop_strings(body):
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stops, list) or not 1 <= len(stops) <= MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} of them", "stop",
-                       "invalid_value")
+    if (
+        not isinstance(stops, list)
+        or not 1 <= len(stops) <= MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise ApiError(
+            400,
+            f"'stop' must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} of them",
+            "stop",
+            "invalid_value",
+        )
     return stops
 
 
 def sampling(body):
     """Engine.submit's sampling arguments."""
-    return dict(temperature=number(body, "temperature", 0, 2, DEFAULTS["temperature"]),
-                top_p=number(body, "top_p", 0, 1, DEFAULTS["top_p"], low_open=True),
-                top_k=number(body, "top_k", 0, 1 << 30, DEFAULTS["top_k"], integer=True),
-                repetition_penalty=number(body, "repetition_penalty", 0, 100, DEFAULTS["repetition_penalty"],
-                                          low_open=True),
-                seed=number(body, "seed", -(1 << 63), (1 << 64) - 1, None, integer=True))
+    return dict(
+        temperature=number(body, "temperature", 0, 2, DEFAULTS["temperature"]),
+        top_p=number(body, "top_p", 0, 1, DEFAULTS["top_p"], low_open=True),
+        top_k=number(body, "top_k", 0, 1 << 30, DEFAULTS["top_k"], integer=True),
+        repetition_penalty=number(body, "repetition_penalty", 0, 100, DEFAULTS["repetition_penalty"], low_open=True),
+        seed=number(body, "seed", -(1 << 63), (1 << 64) - 1, None, integer=True),
+    )
 
 
 def request_options(body):
@@ -136,8 +183,12 @@ def request_options(body):
         raise ApiError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
     if stream_options is not None and (not isinstance(stream_options, dict) or set(stream_options) - {"include_usage"}):
         raise ApiError(400, "'stream_options' supports only {\"include_usage\": true|false}", "stream_options")
-    return {"stop": stop_strings(body), "sampling": sampling(body), "stream": stream,
-            "include_usage": stream_options is not None and flag(stream_options, "include_usage")}
+    return {
+        "stop": stop_strings(body),
+        "sampling": sampling(body),
+        "stream": stream,
+        "include_usage": stream_options is not None and flag(stream_options, "include_usage"),
+    }
 
 
 def requested_max_tokens(body, context):
@@ -152,8 +203,9 @@ def message_text(message, i):
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of content parts",
-                       f"messages[{i}].content")
+        raise ApiError(
+            400, f"messages[{i}].content must be a string or a list of content parts", f"messages[{i}].content"
+        )
     texts, images = [], []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -163,9 +215,12 @@ def message_text(message, i):
         elif isinstance(url, dict) and isinstance(url.get("url"), str):
             images.append(url["url"])
         else:
-            raise ApiError(400, f"messages[{i}].content[{j}]: a content part must be "
-                           '{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}',
-                           f"messages[{i}].content[{j}]")
+            raise ApiError(
+                400,
+                f"messages[{i}].content[{j}]: a content part must be "
+                '{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}',
+                f"messages[{i}].content[{j}]",
+            )
     return "\n".join(texts), images
 
 
@@ -173,13 +228,16 @@ def conversation(body):
     """(system text, [(user, assistant)] earlier turns, last user text, image urls) from `messages`."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+        raise ApiError(400, '\'messages\' must be a non-empty list of {"role", "content"} objects', "messages")
     system, turns, images = [], [], []
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, developer, user or assistant, not {role!r}",
-                           f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role must be system, developer, user or assistant, not {role!r}",
+                f"messages[{i}].role",
+            )
         text, found = message_text(message, i)
         images += found
         if role in ("system", "developer"):
@@ -209,9 +267,10 @@ class Server:
             return
         header = request.headers.get("authorization", "")
         if not header.startswith("Bearer "):
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'", None,
-                           "invalid_api_key")
-        if not hmac.compare_digest(header[len("Bearer "):].encode(), self.api_key.encode()):
+            raise ApiError(
+                401, "missing API key: send the header 'Authorization: Bearer <key>'", None, "invalid_api_key"
+            )
+        if not hmac.compare_digest(header[len("Bearer ") :].encode(), self.api_key.encode()):
             raise ApiError(401, "incorrect API key", None, "invalid_api_key")
 
     async def body(self, request, fields):
@@ -224,8 +283,12 @@ class Server:
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
         check_fields(body, fields)
         if body.get("model") not in (None, self.model_name):
-            raise ApiError(404, f"the model '{body['model']}' does not exist: this server serves '{self.model_name}'",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{body['model']}' does not exist: this server serves '{self.model_name}'",
+                "model",
+                "model_not_found",
+            )
         return body
 
     def fit(self, prompt_length, max_tokens):
@@ -233,17 +296,26 @@ class Server:
         if max_tokens is None:
             max_tokens = min(DEFAULTS["max_new_tokens"], self.context - prompt_length)
         if max_tokens < 1 or prompt_length + max_tokens > self.context:
-            raise ApiError(400, f"this model's context is {self.context} tokens; the prompt is {prompt_length} tokens "
-                           f"and max_tokens {max_tokens}: send a shorter conversation, lower max_tokens, or set "
-                           "\"trim_history\": true to drop the oldest turns", "messages", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context is {self.context} tokens; the prompt is {prompt_length} tokens "
+                f"and max_tokens {max_tokens}: send a shorter conversation, lower max_tokens, or set "
+                '"trim_history": true to drop the oldest turns',
+                "messages",
+                "context_length_exceeded",
+            )
         return max_tokens
 
     def chat_prompt(self, body):
         """(prompt ids, max_tokens, turns trimmed or None) for a chat request."""
         system, pairs, last, images = conversation(body)
         if images:
-            raise ApiError(400, f"image inputs need a vision-language checkpoint; '{self.model_name}' is a text-only "
-                           "model", "messages", "unsupported_content")
+            raise ApiError(
+                400,
+                f"image inputs need a vision-language checkpoint; '{self.model_name}' is a text-only model",
+                "messages",
+                "unsupported_content",
+            )
         max_tokens, trim = requested_max_tokens(body, self.context), flag(body, "trim_history")
 
         def with_system(text):
@@ -265,8 +337,9 @@ class Server:
         try:  # the last prompt alone is too long: its start is cut
             ids = build_prompt(self.tokenizer, with_system(last), (), self.mode, budget)[0]
         except ValueError as err:
-            raise ApiError(400, f"{err}: this model's context is {self.context} tokens", "max_tokens",
-                           "context_length_exceeded") from None
+            raise ApiError(
+                400, f"{err}: this model's context is {self.context} tokens", "max_tokens", "context_length_exceeded"
+            ) from None
         return ids, wanted, len(pairs)
 
     def completion_prompt(self, body):
@@ -282,8 +355,14 @@ class Server:
         try:
             return Generation(self, ids, max_tokens, options["stop"], options["sampling"])
         except QueueFull as err:
-            raise ApiError(503, f"the server is busy ({err}); retry in {RETRY_AFTER_S} s", None, "server_busy",
-                           "server_error", {"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise ApiError(
+                503,
+                f"the server is busy ({err}); retry in {RETRY_AFTER_S} s",
+                None,
+                "server_busy",
+                "server_error",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
 
 
 class StopText:
@@ -298,10 +377,10 @@ class StopText:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.held = ""
-            return text[:min(hits)], True
+            return text[: min(hits)], True
         keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
 
 
 class Generation:
@@ -339,8 +418,11 @@ class Generation:
             self.request.cancel()
 
     def usage(self):
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 async def until_disconnect(request):
@@ -350,6 +432,7 @@ async def until_disconnect(request):
 
 async def collect(request, generation):
     """The whole text; a client that disconnects first cancels the generation."""
+
     async def gather():
         return "".join([piece async for piece in generation.pieces()])
 
@@ -387,8 +470,12 @@ async def event_stream(generation, chunk, include_usage, opening=None):
 
 def streaming(generation, events):
     # the background task runs when the response ends or the client disconnects, even before the stream began
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                             background=BackgroundTask(generation.request.cancel))
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(generation.request.cancel),
+    )
 
 
 def create_app(server):
@@ -407,8 +494,14 @@ def create_app(server):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err):
-        return error_response(ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
-                                       None, "not_found" if err.status_code == 404 else None))
+        return error_response(
+            ApiError(
+                err.status_code,
+                f"{request.method} {request.url.path}: {err.detail}",
+                None,
+                "not_found" if err.status_code == 404 else None,
+            )
+        )
 
     @app.get("/")
     async def page():
@@ -419,8 +512,14 @@ def create_app(server):
         return {"status": "ok", "model": server.model_name, "context": server.context, **server.engine.stats()}
 
     def model_card():
-        return {"id": server.model_name, "object": "model", "created": 0, "owned_by": "mini-chinese-gpt",
-                "mode": server.mode, "context_length": server.context}
+        return {
+            "id": server.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mini-chinese-gpt",
+            "mode": server.mode,
+            "context_length": server.context,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -436,16 +535,39 @@ def create_app(server):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         extra = {} if trimmed is None else {"trimmed_turns": trimmed}
         if options["stream"]:
+
             def chunk(piece, finish_reason, delta=None):
-                return {**head, "object": "chat.completion.chunk", **extra, "choices": [
-                    {"index": 0, "delta": delta or ({} if piece is None else {"content": piece}), "logprobs": None,
-                     "finish_reason": finish_reason}]}
+                return {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    **extra,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": delta or ({} if piece is None else {"content": piece}),
+                            "logprobs": None,
+                            "finish_reason": finish_reason,
+                        }
+                    ],
+                }
+
             opening = chunk(None, None, {"role": "assistant", "content": ""})
             return streaming(generation, event_stream(generation, chunk, options["include_usage"], opening))
         text = await collect(request, generation)
-        return {**head, "object": "chat.completion", **extra, "usage": generation.usage(),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": generation.finish_reason}]}
+        return {
+            **head,
+            "object": "chat.completion",
+            **extra,
+            "usage": generation.usage(),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": generation.finish_reason,
+                }
+            ],
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -453,16 +575,27 @@ def create_app(server):
         options = request_options(body)
         ids, max_tokens = server.completion_prompt(body)
         generation = server.start(ids, max_tokens, options)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": server.model_name}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": server.model_name,
+        }
         if options["stream"]:
+
             def chunk(piece, finish_reason):
-                return {**head, "choices": [{"index": 0, "text": piece or "", "logprobs": None,
-                                             "finish_reason": finish_reason}]}
+                return {
+                    **head,
+                    "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish_reason}],
+                }
+
             return streaming(generation, event_stream(generation, chunk, options["include_usage"]))
         text = await collect(request, generation)
-        return {**head, "usage": generation.usage(),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}]}
+        return {
+            **head,
+            "usage": generation.usage(),
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}],
+        }
 
     return app
 
@@ -479,8 +612,12 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503s")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on a GPU that supports it, else float32")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on a GPU that supports it, else float32",
+    )
     args = parser.parse_args(argv)
     try:
         model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
@@ -491,8 +628,11 @@ def main(argv=None):
     name = args.model_name or f"mini-chinese-gpt-{ckpt.get('phase') or 'model'}"
     engine = Engine(model, tok.eos_id, args.max_batch, args.max_queue)
     server = Server(engine, tok, args.mode or mode, name, args.api_key)
-    print(f"serve.py: {args.ckpt} as '{name}' (mode {server.mode}, context {server.context}, {args.max_batch} slots) "
-          f"on http://{args.host}:{args.port}/", file=sys.stderr)
+    print(
+        f"serve.py: {args.ckpt} as '{name}' (mode {server.mode}, context {server.context}, {args.max_batch} slots) "
+        f"on http://{args.host}:{args.port}/",
+        file=sys.stderr,
+    )
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
 
 

@@ -53,8 +53,10 @@ def latest_pretrain_checkpoint(pretrain_dir):
     """The checkpoint of pretrain_dir's run (its run.json) with the highest step: the last phase that ran."""
     found = latest_checkpoint(sorted(Path(pretrain_dir).glob("*/ckpt.pt")), run_id_of(pretrain_dir))
     if found is None:
-        raise SystemExit(f"no pretraining checkpoint of the run in {pretrain_dir} (<phase>/ckpt.pt): run pretrain.py, "
-                         "or set init_from")
+        raise SystemExit(
+            f"no pretraining checkpoint of the run in {pretrain_dir} (<phase>/ckpt.pt): run pretrain.py, "
+            "or set init_from"
+        )
     return Path(found[1])
 
 
@@ -97,8 +99,16 @@ def train(cfg):
     total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
 
     def lr_at(step):
-        return wsd_lr(step, cfg["learning_rate"], cfg["warmup_iters"], cfg["warmup_iters"], total, cfg["decay_shape"],
-                      cfg["min_lr_ratio"], cfg["decay_half_life"] or None)
+        return wsd_lr(
+            step,
+            cfg["learning_rate"],
+            cfg["warmup_iters"],
+            cfg["warmup_iters"],
+            total,
+            cfg["decay_shape"],
+            cfg["min_lr_ratio"],
+            cfg["decay_half_life"] or None,
+        )
 
     if resume:
         trainer.load(source)
@@ -106,10 +116,18 @@ def train(cfg):
         trainer.load_weights(source)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
-        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items()))
-        print(f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, "
-              f"dtype {trainer.precision}")
-        print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({total * rows_per_step / rows_per_epoch:.2f} epochs)")
+        print(
+            "config overrides: "
+            + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items())
+        )
+        print(
+            f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, "
+            f"dtype {trainer.precision}"
+        )
+        print(
+            f"data: {data.describe()}; {total} steps of {rows_per_step} rows "
+            f"({total * rows_per_step / rows_per_epoch:.2f} epochs)"
+        )
     end = min(total, cfg["stop_at"]) if cfg["stop_at"] else total
     if trainer.step >= end:
         if d.is_master:

@@ -49,8 +49,12 @@ def conversations(source, problems, max_prompt_chars, max_answer_chars, seen, co
         seen.add(key)
         counts["kept"] += 1
         prompt, answer = turns[-1]
-        yield {"prompt": prompt, "answer": answer, "source": source.name,
-               "history": json.dumps([list(t) for t in turns[:-1]], ensure_ascii=False)}
+        yield {
+            "prompt": prompt,
+            "answer": answer,
+            "source": source.name,
+            "history": json.dumps([list(t) for t in turns[:-1]], ensure_ascii=False),
+        }
 
 
 def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
@@ -73,13 +77,22 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
                 rows = conversations(source, problems, max_prompt_chars, max_answer_chars, seen, counts)
                 for row in tqdm(rows, desc=source.name, unit=" conv", leave=False):
                     writer.writerow(row)
-                summary[source.name] = {"format": source.format, "files": [str(p) for p in source.files],
-                                        "read": counts.pop("read", 0), "kept": counts.pop("kept", 0),
-                                        "dropped": dict(counts), "skipped_records": dict(problems.counts),
-                                        "examples": problems.examples}
-        empty = [f"source '{name}' yielded no conversation (read {s['read']:,}; dropped {s['dropped'] or 'none'}; "
-                 f"skipped {s['skipped_records'] or 'none'}; first: {'; '.join(s['examples']) or '-'}). "
-                 f"Expected: {corpora.expected_input(s['format'])}" for name, s in summary.items() if not s["kept"]]
+                summary[source.name] = {
+                    "format": source.format,
+                    "files": [str(p) for p in source.files],
+                    "read": counts.pop("read", 0),
+                    "kept": counts.pop("kept", 0),
+                    "dropped": dict(counts),
+                    "skipped_records": dict(problems.counts),
+                    "examples": problems.examples,
+                }
+        empty = [
+            f"source '{name}' yielded no conversation (read {s['read']:,}; dropped {s['dropped'] or 'none'}; "
+            f"skipped {s['skipped_records'] or 'none'}; first: {'; '.join(s['examples']) or '-'}). "
+            f"Expected: {corpora.expected_input(s['format'])}"
+            for name, s in summary.items()
+            if not s["kept"]
+        ]
         if empty:
             raise ValueError(f"nothing written to {out_path}: " + " | ".join(empty))
 
@@ -90,8 +103,13 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
-                        help=f"an SFT set (repeatable); formats: {', '.join(sorted(corpora.SFT_FORMATS))}")
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME=PATH_OR_GLOB",
+        help=f"an SFT set (repeatable); formats: {', '.join(sorted(corpora.SFT_FORMATS))}",
+    )
     parser.add_argument("--format", default=None, help="reader for every --source (default: inferred from NAME)")
     parser.add_argument("--out", default="data/sft/sft_data.csv")
     parser.add_argument("--max-prompt-chars", type=int, default=2048, help="0: no limit")

@@ -38,7 +38,7 @@ def training_lines(texts, max_lines, seed=0):
             if not line:
                 continue
             for start in range(0, len(line), MAX_LINE_CHARS):
-                piece = line[start:start + MAX_LINE_CHARS]
+                piece = line[start : start + MAX_LINE_CHARS]
                 seen += 1
                 if len(sample) < max_lines:
                     sample.append(piece)
@@ -52,8 +52,10 @@ def training_lines(texts, max_lines, seed=0):
 def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_coverage=0.9995):
     """Train on an iterable of documents, write a loadable tokenizer folder, return the tokenizer."""
     if vocab_size + len(SPECIAL_TOKENS) > MAX_IDS:
-        raise ValueError(f"vocab_size {vocab_size} + {len(SPECIAL_TOKENS)} specials exceeds {MAX_IDS} ids: "
-                         f"token files are uint16, so the largest id must be <= 65535 (use <= {MAX_IDS - len(SPECIAL_TOKENS)})")
+        raise ValueError(
+            f"vocab_size {vocab_size} + {len(SPECIAL_TOKENS)} specials exceeds {MAX_IDS} ids: "
+            f"token files are uint16, so the largest id must be <= 65535 (use <= {MAX_IDS - len(SPECIAL_TOKENS)})"
+        )
     lines, seen = training_lines(texts, max_lines)
     if not lines:
         raise ValueError("no text to train a tokenizer on")
@@ -62,17 +64,31 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model,
-            model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False,
-            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            character_coverage=character_coverage, max_sentence_length=4 * MAX_LINE_CHARS,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=os.cpu_count() or 1, minloglevel=2,
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            character_coverage=character_coverage,
+            max_sentence_length=4 * MAX_LINE_CHARS,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
         )
     except RuntimeError as err:  # SentencePiece's message, e.g. too many distinct characters
-        raise ValueError(f"SentencePiece could not train with vocab_size={vocab_size}, "
-                         f"character_coverage={character_coverage}: {err}") from None
+        raise ValueError(
+            f"SentencePiece could not train with vocab_size={vocab_size}, "
+            f"character_coverage={character_coverage}: {err}"
+        ) from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "tokenizer.model", lambda tmp: Path(tmp).write_bytes(model.getvalue()))
@@ -83,8 +99,13 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True, metavar="NAME=PATH_OR_GLOB",
-                        help="a corpus, as in data_process.py (repeatable); plain text: text=PATH")
+    parser.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="NAME=PATH_OR_GLOB",
+        help="a corpus, as in data_process.py (repeatable); plain text: text=PATH",
+    )
     parser.add_argument("--format", default=None, help="reader for every --source (default: inferred from NAME)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece pieces (specials come on top)")
@@ -108,8 +129,10 @@ def main(argv=None):
     except OSError as err:  # a missing input, a full or read-only disk
         sys.exit(f"train_tokenizer: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""))
     print(problems.summary())
-    print(f"saved {args.out}: {tokenizer.n_pieces} pieces + {len(SPECIAL_TOKENS)} specials = vocab_size "
-          f"{tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:16]}")
+    print(
+        f"saved {args.out}: {tokenizer.n_pieces} pieces + {len(SPECIAL_TOKENS)} specials = vocab_size "
+        f"{tokenizer.vocab_size}, sha256 {tokenizer.fingerprint[:16]}"
+    )
 
 
 if __name__ == "__main__":

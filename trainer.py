@@ -39,6 +39,7 @@ DECAY_SHAPES = ("exp", "linear", "1-sqrt", "cosine")
 class TrainConfig:
     """The keys every training script has, with their defaults. A script's module constants set its own keys
     and any of these it wants otherwise (configurator.configure(globals(), argv, TrainConfig))."""
+
     # ---- I/O
     out_dir: str = "out/run"
     tokenizer: str = "chatglm_tokenizer"
@@ -88,19 +89,32 @@ def check_config(cfg):
     run at once with one line naming the key, not thousands of steps later (a decay shape is first used
     when the decay starts) or never (grad_accum=0 "trains" on nothing)."""
     rules = {
-        "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
-        "learning_rate": (lambda v: v > 0, "> 0"), "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "warmup_iters": (lambda v: v >= 0, ">= 0"), "decay_shape": (lambda v: v in DECAY_SHAPES, f"one of {DECAY_SHAPES}"),
-        "decay_half_life": (lambda v: v >= 0, ">= 0"), "weight_decay": (lambda v: v >= 0, ">= 0"),
-        "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"), "dtype": (lambda v: v in CHOICES, f"one of {CHOICES}"),
-        "parallel": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"), "lm_loss": (lambda v: v in LOSS_PATHS, LOSS_PATHS),
-        "nan_policy": (lambda v: v in ("stop", "skip"), "stop or skip"), "max_nan_skips": (lambda v: v >= 0, ">= 0"),
-        "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evaluation)"), "eval_windows": (lambda v: v >= 1, ">= 1"),
-        "log_interval": (lambda v: v >= 1, ">= 1"), "save_interval": (lambda v: v >= 0, ">= 0 (0: at the end only)"),
-        "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "peak_flops": (lambda v: v >= 0, ">= 0"), "stop_at": (lambda v: v >= 0, ">= 0 (0: never)"),
-        "epochs": (lambda v: v > 0, "> 0"), "max_iters": (lambda v: v >= 0, ">= 0 (0: from epochs)"),
+        "batch_size": (lambda v: v >= 1, ">= 1"),
+        "grad_accum": (lambda v: v >= 1, ">= 1"),
+        "learning_rate": (lambda v: v > 0, "> 0"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "warmup_iters": (lambda v: v >= 0, ">= 0"),
+        "decay_shape": (lambda v: v in DECAY_SHAPES, f"one of {DECAY_SHAPES}"),
+        "decay_half_life": (lambda v: v >= 0, ">= 0"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "grad_clip": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+        "dtype": (lambda v: v in CHOICES, f"one of {CHOICES}"),
+        "parallel": (lambda v: v in ("ddp", "fsdp"), "ddp or fsdp"),
+        "lm_loss": (lambda v: v in LOSS_PATHS, LOSS_PATHS),
+        "nan_policy": (lambda v: v in ("stop", "skip"), "stop or skip"),
+        "max_nan_skips": (lambda v: v >= 0, ">= 0"),
+        "eval_interval": (lambda v: v >= 0, ">= 0 (0: no evaluation)"),
+        "eval_windows": (lambda v: v >= 1, ">= 1"),
+        "log_interval": (lambda v: v >= 1, ">= 1"),
+        "save_interval": (lambda v: v >= 0, ">= 0 (0: at the end only)"),
+        "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "peak_flops": (lambda v: v >= 0, ">= 0"),
+        "stop_at": (lambda v: v >= 0, ">= 0 (0: never)"),
+        "epochs": (lambda v: v > 0, "> 0"),
+        "max_iters": (lambda v: v >= 0, ">= 0 (0: from epochs)"),
         "sampling": (lambda v: v in ("random", "sequential"), "random or sequential"),
         "device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     }
@@ -139,8 +153,10 @@ def wsd_lr(step, lr, warmup, decay_start, total, shape="1-sqrt", min_ratio=0.0, 
 def make_optimizer(model, lr, weight_decay, betas, device, fused=True):
     """AdamW; matrices decay, norms and other 1-D weights don't. Fused kernel where available."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     if fused:
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
@@ -169,6 +185,7 @@ class Prefetcher:
                 self.result = (step, self.make(step), None)
             except BaseException as err:  # re-raised in the training thread
                 self.result = (step, None, err)
+
         self.thread = threading.Thread(target=work, daemon=True)
         self.thread.start()
 
@@ -188,8 +205,11 @@ def on_device(batch, device):
     """(x, y, extras) of a batch (x, y) or (x, y, extras), on `device`."""
     x, y, *rest = batch
     extras = rest[0] if rest else {}
-    return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-            {k: v.to(device, non_blocking=True) for k, v in extras.items()})
+    return (
+        x.to(device, non_blocking=True),
+        y.to(device, non_blocking=True),
+        {k: v.to(device, non_blocking=True) for k, v in extras.items()},
+    )
 
 
 class NonFiniteLoss(RuntimeError):
@@ -216,11 +236,18 @@ class Trainer:
         self.model_args = model.args
         if cfg["compile"]:
             model.compile_for_training()
-        self.parallel = Parallel(model, cfg["parallel"], dist_ctx,
-                                 None if self.dtype == "float32" else self.precision.torch_dtype)
+        self.parallel = Parallel(
+            model, cfg["parallel"], dist_ctx, None if self.dtype == "float32" else self.precision.torch_dtype
+        )
         self.model = self.parallel.model
-        self.optimizer = make_optimizer(model, cfg["learning_rate"], cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]),
-                                        self.device, cfg["fused_adamw"])
+        self.optimizer = make_optimizer(
+            model,
+            cfg["learning_rate"],
+            cfg["weight_decay"],
+            (cfg["beta1"], cfg["beta2"]),
+            self.device,
+            cfg["fused_adamw"],
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.step = 0
 
@@ -261,7 +288,9 @@ class Trainer:
         """{source: mean loss per target token} on held-out data, plus "val": the weighted mean."""
         self.model.eval()
         losses = {}
-        for name, batches in data.val_batches(self.cfg["batch_size"], self.cfg["eval_windows"], self.dist.rank, self.dist.world).items():
+        for name, batches in data.val_batches(
+            self.cfg["batch_size"], self.cfg["eval_windows"], self.dist.rank, self.dist.world
+        ).items():
             # FSDP2 ranks must run the same number of forwards (each all-gathers weights): pad with
             # batches whose targets are all ignored, which add nothing to the sum or the count
             missing = int(self.dist.all_sum(len(batches), op="max")) - len(batches)
@@ -289,18 +318,28 @@ class Trainer:
         for p in self.raw_model.parameters():  # never replace a good checkpoint with a broken model
             if not torch.isfinite(p.detach()).all():
                 raise NonFiniteLoss(f"non-finite weights at step {self.step}: checkpoint {path} not written")
-        meta = {"scaler": self.scaler.state_dict(), "step": self.step, "phase": phase, "data_state": data_state,
-                "rng": rng_state(), "config": self.cfg, "run_id": self.run_id,
-                "tokenizer_fingerprint": self.tokenizer_fingerprint, "dtype_trained": self.dtype}
+        meta = {
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "phase": phase,
+            "data_state": data_state,
+            "rng": rng_state(),
+            "config": self.cfg,
+            "run_id": self.run_id,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "dtype_trained": self.dtype,
+        }
         error = None
         try:
             self.parallel.save(path, self.optimizer, meta, self.step)
         except OSError as err:
             error = err.strerror or str(err)
         if self.dist.all_sum(error is not None, op="max"):
-            raise CheckpointError(f"step {self.step}: {error or 'another rank could not write its checkpoint part'}; "
-                                  "nothing was replaced: the checkpoints written before are intact (free disk space, "
-                                  "then --init_from=resume)")
+            raise CheckpointError(
+                f"step {self.step}: {error or 'another rank could not write its checkpoint part'}; "
+                "nothing was replaced: the checkpoints written before are intact (free disk space, "
+                "then --init_from=resume)"
+            )
         self.dist.barrier()
 
     def load(self, path):
@@ -327,8 +366,9 @@ class Trainer:
         self.step = first_step
         micro, batch_size = cfg["grad_accum"], cfg["batch_size"]
         seq_len = self.model_args.max_seq_len
-        peak = cfg["peak_flops"] or (CUDA_PEAK_FLOPS if self.device.type == "cuda"
-                                     else matmul_peak(str(self.device), self.dtype))
+        peak = cfg["peak_flops"] or (
+            CUDA_PEAK_FLOPS if self.device.type == "cuda" else matmul_peak(str(self.device), self.dtype)
+        )
         flops_per_token = self.raw_model.flops_per_token(seq_len)
 
         def make(step):
@@ -338,8 +378,12 @@ class Trainer:
         prefetch = Prefetcher(make, first_step, last_step)
         log.resume_at(first_step)
         log.write({"step": first_step, "phase": phase, "event": "start"})  # marks the boundary in plots
-        bar = tqdm(total=last_step - first_step, desc=desc or phase, disable=not d.is_master or not cfg["progress"],
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=last_step - first_step,
+            desc=desc or phase,
+            disable=not d.is_master or not cfg["progress"],
+            dynamic_ncols=True,
+        )
         skipped_in_a_row, data_state, losses = 0, data.state_dict(), {}
         while self.step < last_step:
             batches, next_state = prefetch.get(self.step)
@@ -352,8 +396,10 @@ class Trainer:
                 skipped_in_a_row += 1
                 message = f"[{phase}] {err}"
                 if cfg["nan_policy"] == "stop" or skipped_in_a_row > cfg["max_nan_skips"]:
-                    raise NonFiniteLoss(message + f"; stopped. The last good checkpoint is {ckpt_path} "
-                                        "(lower learning_rate, or nan_policy=skip)") from None
+                    raise NonFiniteLoss(
+                        message + f"; stopped. The last good checkpoint is {ckpt_path} "
+                        "(lower learning_rate, or nan_policy=skip)"
+                    ) from None
                 log.say(message + "; update skipped (nan_policy=skip)")
                 log.write({"step": self.step, "phase": phase, "skipped": "non-finite loss", "lr": lr})
                 loss = None
@@ -363,8 +409,16 @@ class Trainer:
             bar.update(1)
             if loss is not None:
                 tok_s = sum(batch[1].numel() for batch in batches) * d.world / max(dt, 1e-9)
-                record = {"step": self.step, "phase": phase, "loss": loss, "lr": lr, "grad_norm": norm,
-                          "tokens_per_sec": tok_s, "mfu": tok_s * flops_per_token / peak, "target_tokens": int(tokens)}
+                record = {
+                    "step": self.step,
+                    "phase": phase,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": norm,
+                    "tokens_per_sec": tok_s,
+                    "mfu": tok_s * flops_per_token / peak,
+                    "target_tokens": int(tokens),
+                }
                 if self.device.type == "cuda":
                     record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if self.step % cfg["log_interval"] == 0 or self.step == last_step:
@@ -375,8 +429,10 @@ class Trainer:
                 if losses:
                     log.write({"step": self.step, "phase": phase, **{f"val/{k}": v for k, v in losses.items()}})
                     train = f"train {loss:.4f}, " if loss is not None else ""
-                    log.say(f"[{phase}] step {self.step}: {train}val {losses['val']:.4f} "
-                            + " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "val"))
+                    log.say(
+                        f"[{phase}] step {self.step}: {train}val {losses['val']:.4f} "
+                        + " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "val")
+                    )
             if self.step == last_step or (cfg["save_interval"] and self.step % cfg["save_interval"] == 0):
                 self.save(ckpt_path, phase, data_state)
         bar.close()

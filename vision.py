@@ -25,22 +25,37 @@ import torch
 from PIL import Image, ImageOps
 
 VISION_TOWERS = {  # config.json model_type -> transformers class; the image-text checkpoints hold the tower
-    "clip": "CLIPVisionModel", "clip_vision_model": "CLIPVisionModel",
-    "chinese_clip": "ChineseCLIPVisionModel", "chinese_clip_vision_model": "ChineseCLIPVisionModel",
-    "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "chinese_clip": "ChineseCLIPVisionModel",
+    "chinese_clip_vision_model": "ChineseCLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
 }
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 # transformers' defaults per processor class, for the keys a preprocessor_config.json leaves out
 PROCESSOR_DEFAULTS = {
-    "CLIPImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                               do_center_crop=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
-    "ChineseCLIPImageProcessor": dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                      do_center_crop=True, image_mean=CLIP_MEAN, image_std=CLIP_STD),
-    "SiglipImageProcessor": dict(size={"height": 224, "width": 224}, do_center_crop=False,
-                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+    "CLIPImageProcessor": dict(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ),
+    "ChineseCLIPImageProcessor": dict(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        do_center_crop=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    ),
+    "SiglipImageProcessor": dict(
+        size={"height": 224, "width": 224}, do_center_crop=False, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    ),
 }
-COMMON_DEFAULTS = dict(do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                       do_convert_rgb=True)
+COMMON_DEFAULTS = dict(
+    do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True
+)
 
 
 class ImageError(ValueError):
@@ -53,13 +68,16 @@ class ImageError(ValueError):
 
 # ---------------------------------------------------------------------------- the tower
 
+
 def tower_class(model_type, where):
     import transformers
 
     name = VISION_TOWERS.get(model_type)
     if name is None:
-        raise ValueError(f"{where}: model_type {model_type!r} is not a vision tower this project reads "
-                         f"({', '.join(sorted(VISION_TOWERS))})")
+        raise ValueError(
+            f"{where}: model_type {model_type!r} is not a vision tower this project reads "
+            f"({', '.join(sorted(VISION_TOWERS))})"
+        )
     return getattr(transformers, name)
 
 
@@ -70,8 +88,9 @@ def load_tower(folder):
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"no vision tower at {folder} (no config.json): download one, see README "
-                                "'Vision-language model'")
+        raise FileNotFoundError(
+            f"no vision tower at {folder} (no config.json): download one, see README 'Vision-language model'"
+        )
     cls = tower_class(json.loads(config_file.read_text(encoding="utf-8")).get("model_type"), config_file)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # an image-text checkpoint's text half is reported as unexpected keys: it is unused
@@ -80,8 +99,10 @@ def load_tower(folder):
     finally:
         logging.set_verbosity(verbosity)
     if info["missing_keys"] or info["mismatched_keys"]:
-        raise ValueError(f"{folder}: the vision tower's weights are incomplete: missing "
-                         f"{sorted(info['missing_keys'])[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}")
+        raise ValueError(
+            f"{folder}: the vision tower's weights are incomplete: missing "
+            f"{sorted(info['missing_keys'])[:5]}, mismatched {sorted(info['mismatched_keys'])[:5]}"
+        )
     return tower.eval(), read_preprocess(folder)
 
 
@@ -97,26 +118,40 @@ def has_cls_token(config):
     return not config.get("model_type", "").startswith("siglip")
 
 
-def save_random_tower(folder, model_type="clip", hidden_size=64, layers=2, heads=4, image_size=32, patch_size=8,
-                      seed=0):
+def save_random_tower(
+    folder, model_type="clip", hidden_size=64, layers=2, heads=4, image_size=32, patch_size=8, seed=0
+):
     """A small randomly initialised tower with its preprocessor_config.json, written as transformers writes a
     downloaded one: for tests, the quickstart and benchmarks on machines without the hub."""
     import transformers
 
     cls = tower_class(f"{model_type}_vision_model", "save_random_tower")
-    config = cls.config_class(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=layers,
-                              num_attention_heads=heads, image_size=image_size, patch_size=patch_size)
+    config = cls.config_class(
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
     torch.manual_seed(seed)
     cls(config).save_pretrained(folder)
-    processor = {"clip": "CLIPImageProcessorPil", "chinese_clip": "ChineseCLIPImageProcessorPil",
-                 "siglip": "SiglipImageProcessorPil"}[model_type]  # saved without the Pil suffix
-    sizes = ({"size": {"height": image_size, "width": image_size}} if model_type == "siglip" else
-             {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}})
+    processor = {
+        "clip": "CLIPImageProcessorPil",
+        "chinese_clip": "ChineseCLIPImageProcessorPil",
+        "siglip": "SiglipImageProcessorPil",
+    }[model_type]  # saved without the Pil suffix
+    sizes = (
+        {"size": {"height": image_size, "width": image_size}}
+        if model_type == "siglip"
+        else {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    )
     getattr(transformers, processor)(**sizes).save_pretrained(folder)
     return Path(folder)
 
 
 # ---------------------------------------------------------------------------- preprocessing
+
 
 def read_preprocess(folder):
     """The tower's preprocessing as plain settings: resize, crop (h, w) or None, rescale, mean, std, resample."""
@@ -127,8 +162,10 @@ def read_preprocess(folder):
     kind = raw.get("image_processor_type") or raw.get("feature_extractor_type") or ""
     kind = kind.replace("FeatureExtractor", "ImageProcessor").removesuffix("Fast").removesuffix("Pil")
     if kind not in PROCESSOR_DEFAULTS:
-        raise ValueError(f"{path}: image processor {kind or '(unnamed)'} is not one this project re-implements "
-                         f"({', '.join(PROCESSOR_DEFAULTS)})")
+        raise ValueError(
+            f"{path}: image processor {kind or '(unnamed)'} is not one this project re-implements "
+            f"({', '.join(PROCESSOR_DEFAULTS)})"
+        )
     cfg = {**COMMON_DEFAULTS, **PROCESSOR_DEFAULTS[kind], **raw}
     size = cfg["size"]
     if isinstance(size, int):  # the older single-number form: the shortest edge, as transformers reads it
@@ -137,11 +174,16 @@ def read_preprocess(folder):
         raise ValueError(f"{path}: size {size} is neither {{shortest_edge}} nor {{height, width}}")
     crop = cfg.get("crop_size")
     crop = [crop, crop] if isinstance(crop, int) else [crop["height"], crop["width"]] if crop else None
-    return {"processor": kind, "resize": size if cfg["do_resize"] else None,
-            "crop": crop if cfg["do_center_crop"] else None, "resample": int(cfg["resample"]),
-            "rescale": float(cfg["rescale_factor"]) if cfg["do_rescale"] else None,
-            "mean": list(cfg["image_mean"]) if cfg["do_normalize"] else None,
-            "std": list(cfg["image_std"]) if cfg["do_normalize"] else None, "rgb": bool(cfg["do_convert_rgb"])}
+    return {
+        "processor": kind,
+        "resize": size if cfg["do_resize"] else None,
+        "crop": crop if cfg["do_center_crop"] else None,
+        "resample": int(cfg["resample"]),
+        "rescale": float(cfg["rescale_factor"]) if cfg["do_rescale"] else None,
+        "mean": list(cfg["image_mean"]) if cfg["do_normalize"] else None,
+        "std": list(cfg["image_std"]) if cfg["do_normalize"] else None,
+        "rgb": bool(cfg["do_convert_rgb"]),
+    }
 
 
 def output_size(preprocess):
@@ -206,10 +248,10 @@ def center_crop(pixels, height, width):
     if h < height or w < width:
         padded = np.zeros((pixels.shape[0], max(h, height), max(w, width)), dtype=pixels.dtype)
         top, left = -(-(padded.shape[1] - h) // 2), -(-(padded.shape[2] - w) // 2)  # ceil: the extra row goes on top
-        padded[:, top:top + h, left:left + w] = pixels
+        padded[:, top : top + h, left : left + w] = pixels
         pixels, h, w = padded, padded.shape[1], padded.shape[2]
     top, left = (h - height) // 2, (w - width) // 2
-    return pixels[:, top:top + height, left:left + width]
+    return pixels[:, top : top + height, left : left + width]
 
 
 def pixel_batch(sources, preprocess):
@@ -231,8 +273,14 @@ def main():
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     args = parser.parse_args()
-    folder = save_random_tower(args.random_tower, args.model_type, args.hidden_size, args.layers,
-                               image_size=args.image_size, patch_size=args.patch_size)
+    folder = save_random_tower(
+        args.random_tower,
+        args.model_type,
+        args.hidden_size,
+        args.layers,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+    )
     print(f"wrote {folder}: a random {args.model_type} tower, {args.image_size} px, patch {args.patch_size}")
 
 

@@ -45,6 +45,7 @@ STAGES = {"align": ("projector",), "instruct": ("projector", "llm")}  # what eac
 @dataclass
 class VLMArgs(ModelArgs):
     """The LLM's arguments plus the image side; stored in checkpoints, so a VLM checkpoint is self-contained."""
+
     vision: dict = field(default_factory=dict)  # the tower's transformers config (to_dict())
     preprocess: dict = field(default_factory=dict)  # vision.read_preprocess settings
     feature_layer: int = -2  # hidden states of this tower layer feed the projector
@@ -90,7 +91,7 @@ class Projector(nn.Module):
     def forward(self, features):  # (n, tokens, vision_dim) -> (n, tokens / pool^2, dim)
         if self.pool > 1:
             n, tokens, channels = features.shape
-            grid = int(tokens ** 0.5)
+            grid = int(tokens**0.5)
             square = features.transpose(1, 2).reshape(n, channels, grid, grid)
             features = F.avg_pool2d(square, self.pool).flatten(2).transpose(1, 2)
         return self.linear_2(self.act(self.linear_1(features)))
@@ -131,8 +132,10 @@ class VLM(nn.Module):
         """Whether there are images; their rows must fill the `found` image positions exactly."""
         expected = 0 if images is None else len(images) * self.args.image_tokens
         if found != expected:
-            raise ValueError(f"{found} image positions in the tokens but {0 if images is None else len(images)} "
-                             f"image(s) x {self.args.image_tokens} tokens = {expected}")
+            raise ValueError(
+                f"{found} image positions in the tokens but {0 if images is None else len(images)} "
+                f"image(s) x {self.args.image_tokens} tokens = {expected}"
+            )
         return expected > 0
 
     def forward(self, tokens, targets=None, reduction="mean", images=None):
@@ -160,8 +163,9 @@ class VLM(nn.Module):
         return self.llm.stream(prompts, max_new_tokens, embeds_for=self._embeds_for(prompts, images), **sampling)
 
     def generate(self, prompts, max_new_tokens, eos_id=None, images=None, **sampling):
-        return self.llm.generate(prompts, max_new_tokens, eos_id=eos_id, embeds_for=self._embeds_for(prompts, images),
-                                 **sampling)
+        return self.llm.generate(
+            prompts, max_new_tokens, eos_id=eos_id, embeds_for=self._embeds_for(prompts, images), **sampling
+        )
 
     def compile_for_training(self):
         self.llm.compile_for_training()
@@ -226,22 +230,31 @@ def is_vlm_file(path):
         return False
 
 
-def build_vlm(llm_checkpoint, tower_folder, tokenizer, feature_layer=-2, feature_select="", projector_pool=1,
-              dropout=0.0):
+def build_vlm(
+    llm_checkpoint, tower_folder, tokenizer, feature_layer=-2, feature_select="", projector_pool=1, dropout=0.0
+):
     """A fresh VLM for the align stage: the LLM from a text checkpoint, the tower from a local folder,
     a new projector (initialised from torch's current RNG)."""
     ckpt = load_checkpoint(llm_checkpoint)
     if is_vlm_checkpoint(ckpt):
-        raise ValueError(f"{llm_checkpoint} is a vision-language checkpoint: the align stage starts from a text "
-                         "checkpoint (pretrain or SFT); instruct starts from the align checkpoint")
+        raise ValueError(
+            f"{llm_checkpoint} is a vision-language checkpoint: the align stage starts from a text "
+            "checkpoint (pretrain or SFT); instruct starts from the align checkpoint"
+        )
     if ckpt.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
         raise ValueError(f"{llm_checkpoint} was trained with another tokenizer than the one given")
     tower, preprocess = load_tower(tower_folder)
     vision = tower.config.to_dict()
     select = feature_select or ("default" if has_cls_token(vision) else "full")
-    args = VLMArgs(**{**ckpt["model_args"], "dropout": dropout}, vision=vision, preprocess=preprocess,
-                   feature_layer=feature_layer, feature_select=select, projector_pool=projector_pool,
-                   image_token_id=image_token_id(tokenizer))
+    args = VLMArgs(
+        **{**ckpt["model_args"], "dropout": dropout},
+        vision=vision,
+        preprocess=preprocess,
+        feature_layer=feature_layer,
+        feature_select=select,
+        projector_pool=projector_pool,
+        image_token_id=image_token_id(tokenizer),
+    )
     model = VLM(args, tower)
     model.llm.load_state_dict(ckpt["model"], strict=True)
     return model

@@ -57,8 +57,15 @@ save_interval = 500
 def build_model(cfg, tok, start):
     """The model and the checkpoint the trainer loads into it (None: weights are already in place)."""
     if cfg["stage"] == "align" and not is_vlm_checkpoint(start[1]):
-        return build_vlm(start[0], cfg["vision_tower"], tok, cfg["feature_layer"], cfg["feature_select"],
-                         cfg["projector_pool"], cfg["dropout"]), None
+        return build_vlm(
+            start[0],
+            cfg["vision_tower"],
+            tok,
+            cfg["feature_layer"],
+            cfg["feature_select"],
+            cfg["projector_pool"],
+            cfg["dropout"],
+        ), None
     if not is_vlm_checkpoint(start[1]):
         raise SystemExit(f"{start[0]} is a text checkpoint: the instruct stage starts from the align checkpoint")
     return VLM(VLMArgs(**{**start[1]["model_args"], "dropout": cfg["dropout"]})), start[0]
@@ -103,24 +110,48 @@ def train(cfg):
         trainer.load_weights(weights)
     args = model.args
     sources = [parse_source(spec) for spec in cfg["sources"]]
-    data = VLMData(sources, tok, args.max_seq_len, args.image_tokens, args.image_token_id, args.preprocess, cfg["seed"],
-                   cfg["val_fraction"], cfg["plain_prompts"], cfg["pack"], cfg["image_folders"])
+    data = VLMData(
+        sources,
+        tok,
+        args.max_seq_len,
+        args.image_tokens,
+        args.image_token_id,
+        args.preprocess,
+        cfg["seed"],
+        cfg["val_fraction"],
+        cfg["plain_prompts"],
+        cfg["pack"],
+        cfg["image_folders"],
+    )
     rows_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
     rows_per_epoch = len(data.epoch(0))
     total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
 
     def lr_at(step):
-        return wsd_lr(step, cfg["learning_rate"], cfg["warmup_iters"], cfg["warmup_iters"], total, cfg["decay_shape"],
-                      cfg["min_lr_ratio"], cfg["decay_half_life"] or None)
+        return wsd_lr(
+            step,
+            cfg["learning_rate"],
+            cfg["warmup_iters"],
+            cfg["warmup_iters"],
+            total,
+            cfg["decay_shape"],
+            cfg["min_lr_ratio"],
+            cfg["decay_half_life"] or None,
+        )
 
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items()))
-        print(f"{cfg['stage']} from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
-              f"trained; {args.image_tokens} tokens per image ({args.vision['model_type']}, layer "
-              f"{args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
-              f"{d.device}, dtype {trainer.precision}")
+        print(
+            "config overrides: "
+            + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items())
+        )
+        print(
+            f"{cfg['stage']} from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
+            f"trained; {args.image_tokens} tokens per image ({args.vision['model_type']}, layer "
+            f"{args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
+            f"{d.device}, dtype {trainer.precision}"
+        )
         epochs = total * rows_per_step / rows_per_epoch
         print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({epochs:.2f} epochs)")
         if data.problems.total:

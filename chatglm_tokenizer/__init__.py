@@ -1,9 +1,9 @@
 """The project's tokenizer: ChatGLM2-6B's SentencePiece model, or one made by train_tokenizer.py.
 
-    from chatglm_tokenizer import load_tokenizer
-    tok = load_tokenizer()                       # chatglm_tokenizer/tokenizer.model
-    tok = load_tokenizer("out/tokenizer")        # a folder (or a .model file) of your own
-    ids = load_encoder()                         # the same ids without transformers: encode_batch, eos_id, ...
+from chatglm_tokenizer import load_tokenizer
+tok = load_tokenizer()                       # chatglm_tokenizer/tokenizer.model
+tok = load_tokenizer("out/tokenizer")        # a folder (or a .model file) of your own
+ids = load_encoder()                         # the same ids without transformers: encode_batch, eos_id, ...
 """
 
 from pathlib import Path
@@ -38,6 +38,7 @@ def existing_model_file(path):
 def load_tokenizer(path=DEFAULT_DIR):
     """The transformers tokenizer (encode, decode, chat use, save_pretrained)."""
     from .tokenization_chatglm import ChatGLMTokenizer
+
     return ChatGLMTokenizer(vocab_file=existing_model_file(path))
 
 
@@ -49,9 +50,17 @@ def load_encoder(path=DEFAULT_DIR) -> SentencePieceIds:
 def __getattr__(name):
     if name == "ChatGLMTokenizer":  # imported on first use: it brings in transformers
         from .tokenization_chatglm import ChatGLMTokenizer
+
         return ChatGLMTokenizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT_DIR", "SPECIAL_TOKENS", "ChatGLMTokenizer", "SentencePieceIds", "load_encoder", "load_tokenizer",
-           "tokenizer_model_path"]
+__all__ = [
+    "DEFAULT_DIR",
+    "SPECIAL_TOKENS",
+    "ChatGLMTokenizer",
+    "SentencePieceIds",
+    "load_encoder",
+    "load_tokenizer",
+    "tokenizer_model_path",
+]

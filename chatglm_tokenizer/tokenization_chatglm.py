@@ -19,16 +19,32 @@ class ChatGLMTokenizer(SentencePieceIds, PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
-                 split_special_tokens=True, clean_up_tokenization_spaces=False, **kwargs):
+    def __init__(
+        self,
+        vocab_file,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        **kwargs,
+    ):
         # The SentencePiece model must exist before PreTrainedTokenizer.__init__ runs, because that
         # already asks for the vocabulary. ChatGLM2's original class set it afterwards, which is what
         # breaks on current transformers ("'property' object cannot be interpreted as an integer").
         SentencePieceIds.__init__(self, vocab_file)
         # split_special_tokens=True: "<s>" typed in text is text, so the HF path and encode_batch agree.
-        PreTrainedTokenizer.__init__(self, bos_token=bos_token, eos_token=eos_token, unk_token=unk_token,
-                                     pad_token=pad_token, split_special_tokens=split_special_tokens,
-                                     clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
+        PreTrainedTokenizer.__init__(
+            self,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            unk_token=unk_token,
+            pad_token=pad_token,
+            split_special_tokens=split_special_tokens,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
 
     def get_vocab(self):
         vocab = {self.sp.id_to_piece(i): i for i in range(self.n_pieces)}

@@ -15,10 +15,25 @@ decay_shape = "1-sqrt"
 phases = [
     {"name": "general", "iters": 120, "mixture": {"wiki": 1, "baike": 1, "c4_zh": 1, "wudao": 1, "skypile": 1}},
     {"name": "refined", "iters": 80, "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 0.5}},
-    {"name": "anneal", "iters": 40, "decay": True,
-     "mixture": {"wiki": 1, "baike": 1, "medical_pretrain": 2, "cmedqa2": 1, "chatmed_tcm": 0.5, "medical_dialogue": 1}},
-    {"name": "clinical", "iters": 20, "decay": True,
-     "mixture": {"guidelines": 1, "medical_pretrain": 1, "cmekg": 0.5, "text": 0.5, "wiki": 0.5}},
+    {
+        "name": "anneal",
+        "iters": 40,
+        "decay": True,
+        "mixture": {
+            "wiki": 1,
+            "baike": 1,
+            "medical_pretrain": 2,
+            "cmedqa2": 1,
+            "chatmed_tcm": 0.5,
+            "medical_dialogue": 1,
+        },
+    },
+    {
+        "name": "clinical",
+        "iters": 20,
+        "decay": True,
+        "mixture": {"guidelines": 1, "medical_pretrain": 1, "cmekg": 0.5, "text": 0.5, "wiki": 0.5},
+    },
 ]
 eval_interval = 40
 eval_windows = 16

@@ -5,8 +5,10 @@ out_dir = "out/vlm/align"
 stage = "align"
 init_from = "out/sft/ckpt.pt"
 vision_tower = "data/models/clip-vit-base-patch16"
-sources = ["llava_pretrain=data/raw/Chinese-LLaVA-Vision-Instructions/LLaVA-CC3M-Pretrain-595K/chat-translated.json",
-           "minimind_v=data/raw/minimind-v_dataset/pretrain_i2t.parquet"]
+sources = [
+    "llava_pretrain=data/raw/Chinese-LLaVA-Vision-Instructions/LLaVA-CC3M-Pretrain-595K/chat-translated.json",
+    "minimind_v=data/raw/minimind-v_dataset/pretrain_i2t.parquet",
+]
 image_folders = {"llava_pretrain": "data/raw/LLaVA-CC3M-Pretrain-595K/images"}
 plain_prompts = True  # LLaVA's "plain" template: the caption is predicted from the image alone
 projector_pool = 1  # 2: 49 instead of 196 tokens an image (a 512-token LLM), but no LLaVA export

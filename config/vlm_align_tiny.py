@@ -3,8 +3,10 @@ out_dir = "out/quickstart/vlm/align"
 stage = "align"
 init_from = "out/quickstart/sft/ckpt.pt"
 vision_tower = "out/quickstart/vision_tower"  # quickstart.py writes a random 2-layer CLIP tower here
-sources = ["llava=data/sample/vlm/llava/blip_laion_cc_sbu_sample.json",
-           "minimind_v=data/sample/vlm/minimind_v/pretrain_i2t.parquet"]
+sources = [
+    "llava=data/sample/vlm/llava/blip_laion_cc_sbu_sample.json",
+    "minimind_v=data/sample/vlm/minimind_v/pretrain_i2t.parquet",
+]
 plain_prompts = True
 val_fraction = 0.1
 batch_size = 8

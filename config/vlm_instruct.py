@@ -5,11 +5,13 @@ out_dir = "out/vlm/instruct"
 stage = "instruct"
 init_from = "out/vlm/align/ckpt.pt"
 _chinese_llava = "data/raw/Chinese-LLaVA-Vision-Instructions"
-sources = [f"llava_instruct={_chinese_llava}/LLaVA-Instruct-150K/translated/llava_instruct_150k.json",
-           "minimind_v=data/raw/minimind-v_dataset/sft_i2t.parquet",
-           "slake=data/raw/Slake1.0/train.json",
-           "pmc_vqa=data/raw/PMC-VQA/train_2.csv",
-           "vqa_rad=data/raw/VQA_RAD/VQA_RAD Dataset Public.json"]
+sources = [
+    f"llava_instruct={_chinese_llava}/LLaVA-Instruct-150K/translated/llava_instruct_150k.json",
+    "minimind_v=data/raw/minimind-v_dataset/sft_i2t.parquet",
+    "slake=data/raw/Slake1.0/train.json",
+    "pmc_vqa=data/raw/PMC-VQA/train_2.csv",
+    "vqa_rad=data/raw/VQA_RAD/VQA_RAD Dataset Public.json",
+]
 image_folders = {"llava_instruct": "data/raw/coco/train2017"}
 plain_prompts = False
 epochs = 1.0

@@ -2,11 +2,13 @@
 out_dir = "out/quickstart/vlm/instruct"
 stage = "instruct"
 init_from = "out/quickstart/vlm/align/ckpt.pt"
-sources = ["llava=data/sample/vlm/llava/llava_v1_5_mix665k_sample.json",
-           "minimind_v=data/sample/vlm/minimind_v/sft_vlm_data.jsonl",
-           "slake=data/sample/vlm/slake/train.json",
-           "pmc_vqa=data/sample/vlm/pmc_vqa/train.csv",
-           "vqa_rad=data/sample/vlm/vqa_rad"]
+sources = [
+    "llava=data/sample/vlm/llava/llava_v1_5_mix665k_sample.json",
+    "minimind_v=data/sample/vlm/minimind_v/sft_vlm_data.jsonl",
+    "slake=data/sample/vlm/slake/train.json",
+    "pmc_vqa=data/sample/vlm/pmc_vqa/train.csv",
+    "vqa_rad=data/sample/vlm/vqa_rad",
+]
 image_folders = {"minimind_v": "data/sample/vlm/minimind_v/sft_images"}
 plain_prompts = False
 val_fraction = 0.05

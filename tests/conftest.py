@@ -13,12 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 SAMPLE_SOURCES = json.loads((SAMPLE / "sources.json").read_text(encoding="utf-8"))  # the quickstart's too
 # CI clones the repository with ../shared beside it; a user who downloaded the file has it in-tree.
-REAL_TOKENIZER_CANDIDATES = [ROOT / "chatglm_tokenizer" / "tokenizer.model",
-                             ROOT.parent / "shared" / "chatglm_tokenizer" / "tokenizer.model"]
+REAL_TOKENIZER_CANDIDATES = [
+    ROOT / "chatglm_tokenizer" / "tokenizer.model",
+    ROOT.parent / "shared" / "chatglm_tokenizer" / "tokenizer.model",
+]
 
 # A few lines every tiny tokenizer sees, so round trips cover more than the sample's characters.
-EXTRA_TEXT = ("Mixed text: English, digits 0123456789, 3.14%, emoji 😀👍🏽, tabs\tand  spaces.\n"
-              "高血压患者应定期监测血压，遵医嘱服药。糖尿病需要控制饮食、规律运动。\n")
+EXTRA_TEXT = (
+    "Mixed text: English, digits 0123456789, 3.14%, emoji 😀👍🏽, tabs\tand  spaces.\n"
+    "高血压患者应定期监测血压，遵医嘱服药。糖尿病需要控制饮食、规律运动。\n"
+)
 
 
 def real_tokenizer_path():
@@ -80,7 +84,9 @@ def write_source(root, name, sizes, seed=0, tokenizer_sha256="any"):
 def token_dir(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("tokens")
     sha = tiny_tokenizer.fingerprint  # the tokenizer the pretrain.py runs of the tests pass
-    write_source(root, "general", [6000, 3000, 20], tokenizer_sha256=sha)  # the 20-token shard is too small for a window
+    write_source(
+        root, "general", [6000, 3000, 20], tokenizer_sha256=sha
+    )  # the 20-token shard is too small for a window
     write_source(root, "medical", [5000], tokenizer_sha256=sha)
     write_source(root, "guide", [4000, 4000], tokenizer_sha256=sha)
     return root

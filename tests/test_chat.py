@@ -10,9 +10,8 @@ import inference
 from checkpoint import atomic_save, model_checkpoint
 from dataset_sft import render
 from model import ModelArgs, Transformer
+
 from conftest import save, tiny_model, wander
-
-
 
 
 def echo_model(tok):
@@ -26,8 +25,6 @@ def echo_model(tok):
     return model
 
 
-
-
 PROMPTS = ["高血压患者饮食上要注意什么？", "感冒", "糖尿病需要控制饮食、规律运动吗？请详细说明。"]
 
 
@@ -35,8 +32,9 @@ def test_kv_cache_greedy_equals_no_cache(tiny_tokenizer):
     model = wander(tiny_model(tiny_tokenizer.vocab_size))
     for mode in inference.MODES:
         cached = inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], mode=mode, max_new_tokens=24, temperature=0)
-        plain = inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], mode=mode, max_new_tokens=24, temperature=0,
-                                use_cache=False)
+        plain = inference.answer_ids(
+            model, tiny_tokenizer, PROMPTS[:1], mode=mode, max_new_tokens=24, temperature=0, use_cache=False
+        )
         assert cached == plain and len(set(cached[0])) > 8  # long enough and varied to mean something
 
 
@@ -46,15 +44,19 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny_tokenizer):
     assert len(set(lengths)) == len(PROMPTS)  # the batch really is left-padded
     for mode in inference.MODES:
         together = inference.answer_ids(model, tiny_tokenizer, PROMPTS, mode=mode, max_new_tokens=16, temperature=0)
-        alone = [inference.answer_ids(model, tiny_tokenizer, [p], mode=mode, max_new_tokens=16, temperature=0)[0]
-                 for p in PROMPTS]
+        alone = [
+            inference.answer_ids(model, tiny_tokenizer, [p], mode=mode, max_new_tokens=16, temperature=0)[0]
+            for p in PROMPTS
+        ]
         assert together == alone and len({tuple(ids) for ids in together}) == len(PROMPTS)
 
 
 def test_sampling_is_reproducible_with_a_seed(tiny_tokenizer):
     model = wander(tiny_model(tiny_tokenizer.vocab_size))
-    runs = [inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], max_new_tokens=16, temperature=1.0, top_k=50, seed=s)
-            for s in (1, 1, 2)]
+    runs = [
+        inference.answer_ids(model, tiny_tokenizer, PROMPTS[:1], max_new_tokens=16, temperature=1.0, top_k=50, seed=s)
+        for s in (1, 1, 2)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 
@@ -63,8 +65,9 @@ def test_repetition_penalty(tiny_tokenizer):
     prompt_ids = inference.build_prompt(tiny_tokenizer, "感冒", mode="continue")[0]
     plain = inference.answer_ids(model, tiny_tokenizer, ["感冒"], mode="continue", max_new_tokens=8, temperature=0)[0]
     assert plain == [prompt_ids[-1]] * 8
-    penalised = inference.answer_ids(model, tiny_tokenizer, ["感冒"], mode="continue", max_new_tokens=8, temperature=0,
-                                repetition_penalty=100.0)[0]
+    penalised = inference.answer_ids(
+        model, tiny_tokenizer, ["感冒"], mode="continue", max_new_tokens=8, temperature=0, repetition_penalty=100.0
+    )[0]
     assert len(set(penalised)) == 8 and not set(penalised) & set(prompt_ids)  # every token new
 
 
@@ -80,7 +83,14 @@ def test_stops_at_eos_per_sequence(tiny_tokenizer):
         emb[tok.eos_id] = 10 * emb[a]
     out = inference.answer_ids(model, tok, ["感冒", "头痛"], mode="continue", max_new_tokens=6, temperature=0)
     assert out == [[], [b] * 6]
-    assert list(inference.stream_answer(model, tok, inference.build_prompt(tok, "感冒", mode="continue")[0], 6, temperature=0)) == []
+    assert (
+        list(
+            inference.stream_answer(
+                model, tok, inference.build_prompt(tok, "感冒", mode="continue")[0], 6, temperature=0
+            )
+        )
+        == []
+    )
 
 
 def test_chat_template_and_history_placement(tiny_tokenizer, monkeypatch):
@@ -97,8 +107,9 @@ def test_chat_template_and_history_placement(tiny_tokenizer, monkeypatch):
     history = [("头痛怎么办？", "多休息。")]
     inference.answer(model, tok, ["还要注意什么？"], history=history, mode="chat", max_new_tokens=4, temperature=0)
     enc = tok.encode_batch
-    expected = render([(enc(["头痛怎么办？"])[0], enc(["多休息。"])[0]), (enc(["还要注意什么？"])[0], None)],
-                      tok.bos_id, tok.eos_id)[0]
+    expected = render(
+        [(enc(["头痛怎么办？"])[0], enc(["多休息。"])[0]), (enc(["还要注意什么？"])[0], None)], tok.bos_id, tok.eos_id
+    )[0]
     assert fed == [expected] and expected[-1] == tok.bos_id
     assert expected.count(tok.eos_id) == 1  # the earlier answer is closed, the new one left open
     fed.clear()
@@ -145,8 +156,24 @@ def test_mode_from_checkpoint_and_cli(tiny_tokenizer, tiny_tokenizer_dir, tmp_pa
     assert inference.load(base, tiny_tokenizer)[3] == "continue"
     questions = tmp_path / "q.txt"
     questions.write_text("感冒\n\n头痛\n", encoding="utf-8")
-    chat.main(["--ckpt", str(sft), "--tokenizer", str(tiny_tokenizer_dir), "--prompt", "发烧", "--prompt-file",
-               str(questions), "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"])
+    chat.main(
+        [
+            "--ckpt",
+            str(sft),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--prompt",
+            "发烧",
+            "--prompt-file",
+            str(questions),
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert out.count("用户> ") == 3 and out.count("助手> ") == 3 and "头痛" in out
 
@@ -158,8 +185,11 @@ def test_missing_and_mismatched_checkpoints(tiny_tokenizer, tiny_tokenizer_dir, 
         return str(err.value)
 
     assert "no checkpoint" in run(tmp_path / "nothing.pt")
-    wrong = model_checkpoint(tiny_model(tiny_tokenizer.vocab_size, dim=32), ModelArgs(dim=64, n_layers=2, n_heads=4,
-                             n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=96), phase="sft")
+    wrong = model_checkpoint(
+        tiny_model(tiny_tokenizer.vocab_size, dim=32),
+        ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=96),
+        phase="sft",
+    )
     atomic_save(wrong, tmp_path / "wrong.pt")
     assert "do not match" in run(tmp_path / "wrong.pt")
     model = wander(tiny_model(tiny_tokenizer.vocab_size))
@@ -167,7 +197,9 @@ def test_missing_and_mismatched_checkpoints(tiny_tokenizer, tiny_tokenizer_dir, 
     assert "different tokenizer" in run(tmp_path / "other.pt")
 
 
-def test_interactive_session_keeps_history_and_resets(tiny_tokenizer, tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
+def test_interactive_session_keeps_history_and_resets(
+    tiny_tokenizer, tiny_tokenizer_dir, tmp_path, monkeypatch, capsys
+):
     tok = tiny_tokenizer
     model = wander(tiny_model(tok.vocab_size))
     path = save(model, tmp_path / "sft.pt", tok, phase="sft")
@@ -182,24 +214,43 @@ def test_interactive_session_keeps_history_and_resets(tiny_tokenizer, tiny_token
         return stream(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "stream", recording)
-    chat.main(["--ckpt", str(path), "--tokenizer", str(tiny_tokenizer_dir), "--max-new-tokens", "6",
-               "--temperature", "0", "--repetition-penalty", "1", "--device", "cpu"])
-    assert fed == [inference.build_prompt(tok, "头痛怎么办？")[0],
-                   inference.build_prompt(tok, "还有呢？", [("头痛怎么办？", first)])[0],  # the first turn before it
-                   inference.build_prompt(tok, "感冒")[0]]  # after /reset: no history
+    chat.main(
+        [
+            "--ckpt",
+            str(path),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert fed == [
+        inference.build_prompt(tok, "头痛怎么办？")[0],
+        inference.build_prompt(tok, "还有呢？", [("头痛怎么办？", first)])[0],  # the first turn before it
+        inference.build_prompt(tok, "感冒")[0],
+    ]  # after /reset: no history
     out = capsys.readouterr().out
     assert "(conversation cleared)" in out and out.count("助手> ") == 3 and first in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--max-new-tokens", "-5"], r"argument --max-new-tokens: -5 is outside \[1, \]"),
-    (["--temperature", "-1"], r"argument --temperature: -1 is outside \[0, \]"),
-    (["--top-p", "0"], r"argument --top-p: 0 is outside \(0, 1\]"),
-    (["--batch-size", "0"], r"argument --batch-size: 0 is outside \[1, \]"),
-    (["--prompt-file", "MISSING"], "cannot read --prompt-file .*MISSING: No such file or directory"),
-    (["--prompt-file", "BINARY"], "--prompt-file .*BINARY is not UTF-8 text"),
-    (["--prompt-file", "EMPTY"], "--prompt-file .*EMPTY holds no prompt"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-new-tokens", "-5"], r"argument --max-new-tokens: -5 is outside \[1, \]"),
+        (["--temperature", "-1"], r"argument --temperature: -1 is outside \[0, \]"),
+        (["--top-p", "0"], r"argument --top-p: 0 is outside \(0, 1\]"),
+        (["--batch-size", "0"], r"argument --batch-size: 0 is outside \[1, \]"),
+        (["--prompt-file", "MISSING"], "cannot read --prompt-file .*MISSING: No such file or directory"),
+        (["--prompt-file", "BINARY"], "--prompt-file .*BINARY is not UTF-8 text"),
+        (["--prompt-file", "EMPTY"], "--prompt-file .*EMPTY holds no prompt"),
+    ],
+)
 def test_bad_arguments_are_one_line_before_loading_anything(tiny_tokenizer_dir, tmp_path, capsys, args, message):
     (tmp_path / "BINARY").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "EMPTY").write_text("\n  \n", encoding="utf-8")
@@ -214,9 +265,12 @@ def test_bad_arguments_are_one_line_before_loading_anything(tiny_tokenizer_dir, 
 def test_a_malformed_history_turn_is_refused_never_shifted(tiny_tokenizer):
     good = [("头痛", "多休息"), ("发烧", "多喝水")]
     ids, _ = inference.build_prompt(tiny_tokenizer, "还有呢？", good)
-    expected = render([(tiny_tokenizer.encode_batch([q])[0], tiny_tokenizer.encode_batch([a])[0]) for q, a in good]
-                      + [(tiny_tokenizer.encode_batch(["还有呢？"])[0], None)], tiny_tokenizer.bos_id,
-                      tiny_tokenizer.eos_id)[0]
+    expected = render(
+        [(tiny_tokenizer.encode_batch([q])[0], tiny_tokenizer.encode_batch([a])[0]) for q, a in good]
+        + [(tiny_tokenizer.encode_batch(["还有呢？"])[0], None)],
+        tiny_tokenizer.bos_id,
+        tiny_tokenizer.eos_id,
+    )[0]
     assert ids == expected
     for bad in ([("头痛", "多休息", "多余")] + good, [("头痛",)] + good, [("头痛", None)]):
         with pytest.raises(ValueError, match=r"\(prompt, answer\) pair of strings"):

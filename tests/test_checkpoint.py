@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
 import checkpoint
 from checkpoint import CheckpointError, atomic_save, load_checkpoint, start_run
 from model import ModelArgs, Transformer
+
+from conftest import ROOT
 
 
 class RunsAShellCommand:
@@ -40,13 +41,27 @@ def test_a_crafted_checkpoint_runs_nothing_anywhere_a_checkpoint_is_read(tmp_pat
     torch.save(checkpoint.model_checkpoint(model, model.args, step=1, payload=RunsAShellCommand(marker)), crafted)
     with pytest.raises(CheckpointError, match="would run code when loaded: refused"):
         load_checkpoint(crafted)
-    commands = [["chat.py", "--ckpt", str(crafted), "--prompt", "你好", "--tokenizer", str(tiny_tokenizer_dir)],
-                ["eval.py", "ppl", "--ckpt", str(crafted), "--tokenizer", str(tiny_tokenizer_dir),
-                 "--source", f"heldout={ROOT / 'data/sample/heldout'}"],
-                ["export_hf.py", "--ckpt", str(crafted), "--out", str(tmp_path / "hf"), "--tokenizer",
-                 str(tiny_tokenizer_dir)],
-                ["sft.py", "config/sft_tiny.py", f"--init_from={crafted}", f"--out_dir={tmp_path / 'sft'}",
-                 f"--tokenizer={tiny_tokenizer_dir}"]]
+    commands = [
+        ["chat.py", "--ckpt", str(crafted), "--prompt", "你好", "--tokenizer", str(tiny_tokenizer_dir)],
+        [
+            "eval.py",
+            "ppl",
+            "--ckpt",
+            str(crafted),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--source",
+            f"heldout={ROOT / 'data/sample/heldout'}",
+        ],
+        ["export_hf.py", "--ckpt", str(crafted), "--out", str(tmp_path / "hf"), "--tokenizer", str(tiny_tokenizer_dir)],
+        [
+            "sft.py",
+            "config/sft_tiny.py",
+            f"--init_from={crafted}",
+            f"--out_dir={tmp_path / 'sft'}",
+            f"--tokenizer={tiny_tokenizer_dir}",
+        ],
+    ]
     for command in commands:
         result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and "refused" in result.stderr, (command, result.stderr[-2000:])
@@ -58,13 +73,26 @@ def test_truncated_or_junk_checkpoints_are_one_line_errors(tmp_path, tiny_tokeni
     good = tmp_path / "good.pt"
     tiny_checkpoint(good)
     data = good.read_bytes()
-    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all\n" * 100)
     for name in ("cut.pt", "junk.pt"):
         with pytest.raises(CheckpointError, match=f"{name} is not a readable checkpoint"):
             load_checkpoint(tmp_path / name)
-        result = subprocess.run([sys.executable, "chat.py", "--ckpt", str(tmp_path / name), "--prompt", "x",
-                                 "--tokenizer", str(tiny_tokenizer_dir)], cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "chat.py",
+                "--ckpt",
+                str(tmp_path / name),
+                "--prompt",
+                "x",
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert f"{name} is not a readable checkpoint" in result.stderr
     assert load_checkpoint(good)["step"] == 3
@@ -78,6 +106,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     def full_disk(obj, f):
         open(f, "wb").write(b"partial")  # the bytes a full disk lets through before failing
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError, match=f"cannot write {path}: No space left on device"):
         atomic_save({"model_args": {}}, path)
@@ -92,6 +121,7 @@ def test_a_kill_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, mon
 
     def killed(src, dst):
         raise KeyboardInterrupt  # what a kill between the write and the rename looks like to the file system
+
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         tiny_checkpoint(path, extra="new")

@@ -39,14 +39,21 @@ def questions(fmt, *files):
 
 # ---------------------------------------------------------------- containers and encodings
 
+
 def test_jsonl_bad_lines_are_counted_with_file_and_line(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "第一篇"}\n\n{"text": \n{"txt": "wrong field"}\n[1, 2]\n{"text": null}\n'
-                    '{"text": "第二篇"}\n', encoding="utf-8")
+    path.write_text(
+        '{"text": "第一篇"}\n\n{"text": \n{"txt": "wrong field"}\n[1, 2]\n{"text": null}\n{"text": "第二篇"}\n',
+        encoding="utf-8",
+    )
     docs, problems = texts("skypile", path)
     assert docs == ["第一篇", "第二篇"]
-    assert problems.counts == {"malformed JSON line": 1, "missing field 'text'": 1, "record is not an object": 1,
-                               "empty text": 1}
+    assert problems.counts == {
+        "malformed JSON line": 1,
+        "missing field 'text'": 1,
+        "record is not an object": 1,
+        "empty text": 1,
+    }
     assert f"{path}:3: malformed JSON line" in " ".join(problems.examples)
     assert any(e.startswith(f"{path}:4: missing field 'text'") for e in problems.examples)
     assert any(e.startswith(f"{path}:6: empty text") for e in problems.examples)
@@ -69,8 +76,10 @@ def test_json_array_streams_and_a_truncated_file_keeps_what_parsed(tmp_path):
 
 def test_json_array_items_with_wrong_fields_report_their_index(tmp_path):
     path = tmp_path / "w.json"
-    path.write_text(json.dumps([{"title": "a", "content": "正文一"}, {"title": "b"}, {"content": "正文三"}],
-                               ensure_ascii=False), encoding="utf-8")
+    path.write_text(
+        json.dumps([{"title": "a", "content": "正文一"}, {"title": "b"}, {"content": "正文三"}], ensure_ascii=False),
+        encoding="utf-8",
+    )
     docs, problems = texts("wudao", path)
     assert docs == ["a\n正文一", "正文三"]
     assert problems.examples == [f"{path}:#1: missing field 'content' (fields: title)"]
@@ -97,14 +106,26 @@ def test_gzip_jsonl_and_a_truncated_gzip(tmp_path):
     assert docs == [] and problems.counts == {"truncated or corrupt gzip file": 2}
 
 
-GB_ROWS = [("心血管科", "高血压患者能吃党参吗？", "我有高血压，这两天喝了党参泡的水，可以吗？\n另外，血压140/90。",
-            "高血压患者可以少量食用党参，但要监测血压，如有不适及时就医。"),
-           ("消化科", "饭后胃胀怎么办", "饭后胃胀怎么办，偶尔反酸，该注意什么", "建议少食多餐，避免辛辣油腻，症状持续请就诊。")]
+GB_ROWS = [
+    (
+        "心血管科",
+        "高血压患者能吃党参吗？",
+        "我有高血压，这两天喝了党参泡的水，可以吗？\n另外，血压140/90。",
+        "高血压患者可以少量食用党参，但要监测血压，如有不适及时就医。",
+    ),
+    (
+        "消化科",
+        "饭后胃胀怎么办",
+        "饭后胃胀怎么办，偶尔反酸，该注意什么",
+        "建议少食多餐，避免辛辣油腻，症状持续请就诊。",
+    ),
+]
 
 
 def write_gb18030_csv(path, rows=GB_ROWS, extra=b""):
     import csv
     import io
+
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["department", "title", "ask", "answer"])
@@ -149,13 +170,22 @@ def test_utf8_bom_and_gb18030_are_detected():
 
 def test_csv_rows_with_the_wrong_field_count_are_counted(tmp_path):
     path = tmp_path / "clinical_medicine_val.csv"
-    path.write_bytes("\ufeffid,question,A,B,C,D,answer,explanation\n"
-                     "0,成人正常心率是____,40~60次/分,60~100次/分,100~120次/分,120~140次/分,B,\n"
-                     "1,只有三列,a,b\n".encode("utf-8"))
+    path.write_bytes(
+        "\ufeffid,question,A,B,C,D,answer,explanation\n"
+        "0,成人正常心率是____,40~60次/分,60~100次/分,100~120次/分,120~140次/分,B,\n"
+        "1,只有三列,a,b\n".encode("utf-8")
+    )
     found, problems = questions("ceval", path)
-    assert found == [{"question": "成人正常心率是____", "options": {"A": "40~60次/分", "B": "60~100次/分",
-                                                               "C": "100~120次/分", "D": "120~140次/分"},
-                      "answer": "B", "subject": "clinical_medicine", "explanation": "", "where": 2}]
+    assert found == [
+        {
+            "question": "成人正常心率是____",
+            "options": {"A": "40~60次/分", "B": "60~100次/分", "C": "100~120次/分", "D": "120~140次/分"},
+            "answer": "B",
+            "subject": "clinical_medicine",
+            "explanation": "",
+            "where": 2,
+        }
+    ]
     assert problems.examples == [f"{path}:3: CSV row with the wrong number of fields (4 fields, header has 8)"]
 
 
@@ -173,40 +203,70 @@ def test_folder_with_mixed_files_skips_and_counts_the_unreadable_kinds(tmp_path)
 
 # ---------------------------------------------------------------- pretraining readers
 
+
 def test_baike_joins_title_summary_and_sections_and_survives_nulls(tmp_path):
-    path = write_jsonl(tmp_path / "563w_baidubaike.json", [
-        {"title": "示例果", "summary": "一种虚构的水果。",
-         "sections": [{"title": "形态", "content": "果实圆形。"}, {"title": "", "content": "常见于南方。"},
-                      {"title": "空", "content": None}]},
-        {"title": "只有标题", "summary": None, "sections": None},
-        {"title": "", "summary": "", "sections": []}])
+    path = write_jsonl(
+        tmp_path / "563w_baidubaike.json",
+        [
+            {
+                "title": "示例果",
+                "summary": "一种虚构的水果。",
+                "sections": [
+                    {"title": "形态", "content": "果实圆形。"},
+                    {"title": "", "content": "常见于南方。"},
+                    {"title": "空", "content": None},
+                ],
+            },
+            {"title": "只有标题", "summary": None, "sections": None},
+            {"title": "", "summary": "", "sections": []},
+        ],
+    )
     docs, problems = texts("baike", path)
     assert docs == ["示例果：一种虚构的水果。\n形态：果实圆形。\n常见于南方。", "只有标题"]
     assert problems.counts == {"empty text": 1}
 
 
 def test_guidelines_fall_back_to_raw_text(tmp_path):
-    path = write_jsonl(tmp_path / "open_guidelines.jsonl", [{"clean_text": "# Hand hygiene\n\nWash hands.", "raw_text": "x"},
-                                                            {"clean_text": "", "raw_text": "Raw only."}])
+    path = write_jsonl(
+        tmp_path / "open_guidelines.jsonl",
+        [{"clean_text": "# Hand hygiene\n\nWash hands.", "raw_text": "x"}, {"clean_text": "", "raw_text": "Raw only."}],
+    )
     assert texts("guidelines", path)[0] == ["# Hand hygiene\n\nWash hands.", "Raw only."]
 
 
 def test_cmekg_turns_triples_into_sentences_and_skips_predicate_json(tmp_path):
-    (tmp_path / "train_example.json").write_text(json.dumps([
-        {"text": "示例病的临床表现包括低热、乏力，病因多为受凉。",
-         "spo_list": [["示例病", "临床表现", "低热"], ["示例病", "临床表现", "乏力"], ["示例病", "病因", "受凉"]]},
-        {"text": "坏记录", "spo_list": [["只有两项", "x"]]}], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "train_example.json").write_text(
+        json.dumps(
+            [
+                {
+                    "text": "示例病的临床表现包括低热、乏力，病因多为受凉。",
+                    "spo_list": [
+                        ["示例病", "临床表现", "低热"],
+                        ["示例病", "临床表现", "乏力"],
+                        ["示例病", "病因", "受凉"],
+                    ],
+                },
+                {"text": "坏记录", "spo_list": [["只有两项", "x"]]},
+            ],
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     (tmp_path / "predicate.json").write_text('{\n  "临床表现": 94657,\n  "病因": 2954\n}\n', encoding="utf-8")
     docs, problems = texts("cmekg", *parse_source(f"cmekg={tmp_path}").files)
-    assert docs == ["示例病的临床表现包括低热、乏力，病因多为受凉。\n示例病的临床表现包括低热、乏力。示例病的病因包括受凉。"]
+    assert docs == [
+        "示例病的临床表现包括低热、乏力，病因多为受凉。\n示例病的临床表现包括低热、乏力。示例病的病因包括受凉。"
+    ]
     assert problems.counts == {"malformed spo_list triple": 1}  # predicate.json is not counted
 
 
 def test_cmedqa2_joins_answers_to_questions_and_counts_orphans(tmp_path):
-    (tmp_path / "question.csv").write_text("question_id,content\n1,口干舌燥是什么原因？\n2,没有回答的问题\n",
-                                           encoding="utf-8")
-    (tmp_path / "answer.csv").write_text("ans_id,question_id,content\n10,1,可能饮水不足。\n11,1,注意作息。\n"
-                                         "12,99,孤儿回答\n", encoding="utf-8")
+    (tmp_path / "question.csv").write_text(
+        "question_id,content\n1,口干舌燥是什么原因？\n2,没有回答的问题\n", encoding="utf-8"
+    )
+    (tmp_path / "answer.csv").write_text(
+        "ans_id,question_id,content\n10,1,可能饮水不足。\n11,1,注意作息。\n12,99,孤儿回答\n", encoding="utf-8"
+    )
     (tmp_path / "dev_candidates.txt").write_text("question_id,ans_id,cnt,label\n1,10,0,1\n", encoding="utf-8")
     docs, problems = texts("cmedqa2", *parse_source(f"cmedqa2={tmp_path}").files)
     assert docs == ["口干舌燥是什么原因？\n可能饮水不足。\n注意作息。"]
@@ -227,9 +287,12 @@ def test_dialogue_formats_read_as_text_flattened(tmp_path):
 
 # ---------------------------------------------------------------- SFT readers
 
+
 def test_instruction_formats_join_instruction_and_input(tmp_path):
-    records = [{"instruction": "翻译成英文", "input": "欢迎光临", "output": "Welcome."},
-               {"instruction": "示例片的用法用量", "input": "", "output": "口服，一次1片。"}]
+    records = [
+        {"instruction": "翻译成英文", "input": "欢迎光临", "output": "Welcome."},
+        {"instruction": "示例片的用法用量", "input": "", "output": "口服，一次1片。"},
+    ]
     for fmt in ("medical_finetune", "belle"):
         turns, _ = dialogues(fmt, write_jsonl(tmp_path / f"{fmt}.json", records))
         assert turns == [[("翻译成英文\n欢迎光临", "Welcome.")], [("示例片的用法用量", "口服，一次1片。")]]
@@ -240,89 +303,171 @@ def test_instruction_formats_join_instruction_and_input(tmp_path):
 
 
 def test_belle_multiturn_parses_the_history(tmp_path):
-    path = write_jsonl(tmp_path / "multiturn_chat_0.8M.json", [
-        {"instruction": "Human:推荐一本入门编程书。\nAssistant:可以试试《示例编程入门》。\nHuman:适合零基础吗？\nAssistant:",
-         "input": "", "output": "适合。"}])
-    assert dialogues("belle_multiturn", path)[0] == [[("推荐一本入门编程书。", "可以试试《示例编程入门》。"),
-                                                      ("适合零基础吗？", "适合。")]]
+    path = write_jsonl(
+        tmp_path / "multiturn_chat_0.8M.json",
+        [
+            {
+                "instruction": "Human:推荐一本入门编程书。\nAssistant:可以试试《示例编程入门》。"
+                "\nHuman:适合零基础吗？\nAssistant:",
+                "input": "",
+                "output": "适合。",
+            }
+        ],
+    )
+    assert dialogues("belle_multiturn", path)[0] == [
+        [("推荐一本入门编程书。", "可以试试《示例编程入门》。"), ("适合零基础吗？", "适合。")]
+    ]
 
 
 def test_huatuo_strips_prefixes_and_counts_a_trailing_question(tmp_path):
-    path = write_jsonl(tmp_path / "HuatuoGPT_sft_data_v1.jsonl", [
-        {"data": ["问：头晕乏力查什么？", "答：先查血常规。", "问：要空腹吗？", "答：不需要。"]},
-        {"data": ["问：单独的问题", "答：回答", "问：没有回答"]}])
+    path = write_jsonl(
+        tmp_path / "HuatuoGPT_sft_data_v1.jsonl",
+        [
+            {"data": ["问：头晕乏力查什么？", "答：先查血常规。", "问：要空腹吗？", "答：不需要。"]},
+            {"data": ["问：单独的问题", "答：回答", "问：没有回答"]},
+        ],
+    )
     turns, problems = dialogues("huatuo", path)
     assert turns == [[("头晕乏力查什么？", "先查血常规。"), ("要空腹吗？", "不需要。")], [("单独的问题", "回答")]]
     assert problems.examples == [f"{path}:2: last question without an answer"]
 
 
 def test_disc_med_and_sharegpt_variants(tmp_path):
-    disc = write_jsonl(tmp_path / "DISC-Med-SFT_released.jsonl", [
-        {"_id": "x", "conversation": [{"role": "user", "content": "膝盖疼"}, {"role": "assistant", "content": "减少爬楼。"}]}])
+    disc = write_jsonl(
+        tmp_path / "DISC-Med-SFT_released.jsonl",
+        [
+            {
+                "_id": "x",
+                "conversation": [{"role": "user", "content": "膝盖疼"}, {"role": "assistant", "content": "减少爬楼。"}],
+            }
+        ],
+    )
     assert dialogues("disc_med", disc)[0] == [[("膝盖疼", "减少爬楼。")]]
 
-    conversation = [{"from": "system", "value": "你是医生。"}, {"from": "human", "value": "介绍长城"},
-                    {"from": "gpt", "value": "长城是防御工程。"}, {"from": "human", "value": "多长？"},
-                    {"from": "gpt", "value": "两万多公里。"}]
+    conversation = [
+        {"from": "system", "value": "你是医生。"},
+        {"from": "human", "value": "介绍长城"},
+        {"from": "gpt", "value": "长城是防御工程。"},
+        {"from": "human", "value": "多长？"},
+        {"from": "gpt", "value": "两万多公里。"},
+    ]
     expected = [("你是医生。\n介绍长城", "长城是防御工程。"), ("多长？", "两万多公里。")]
     jsonl = write_jsonl(tmp_path / "sharegpt_gpt4.jsonl", [{"conversations": conversation}])
     array = tmp_path / "ShareGPT_V3.json"
     array.write_text(json.dumps([{"id": "a_0", "conversations": conversation}], ensure_ascii=False), encoding="utf-8")
-    minimind = write_jsonl(tmp_path / "minimind.jsonl", [{"conversations": [
-        {"role": {"human": "user", "gpt": "assistant"}.get(m["from"], m["from"]), "content": m["value"]}
-        for m in conversation]}])
+    minimind = write_jsonl(
+        tmp_path / "minimind.jsonl",
+        [
+            {
+                "conversations": [
+                    {"role": {"human": "user", "gpt": "assistant"}.get(m["from"], m["from"]), "content": m["value"]}
+                    for m in conversation
+                ]
+            }
+        ],
+    )
     for path in (jsonl, array, minimind):
         assert dialogues("sharegpt", path)[0] == [expected]
 
-    odd = write_jsonl(tmp_path / "odd.jsonl", [{"conversations": [
-        {"from": "gpt", "value": "开场白"}, {"from": "human", "value": "问"}, {"from": "gpt", "value": "答"},
-        {"from": "human", "value": "无人回答"}]}, {"conversations": [{"from": "gpt", "value": "只有回答"}]}])
+    odd = write_jsonl(
+        tmp_path / "odd.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "gpt", "value": "开场白"},
+                    {"from": "human", "value": "问"},
+                    {"from": "gpt", "value": "答"},
+                    {"from": "human", "value": "无人回答"},
+                ]
+            },
+            {"conversations": [{"from": "gpt", "value": "只有回答"}]},
+        ],
+    )
     turns, problems = dialogues("sharegpt", odd)
     assert turns == [[("问", "答")]]
-    assert problems.counts == {"answer before any question": 2, "last question without an answer": 1,
-                               "no complete question-answer turn": 1}
+    assert problems.counts == {
+        "answer before any question": 2,
+        "last question without an answer": 1,
+        "no complete question-answer turn": 1,
+    }
 
 
 def test_empty_answers_drop_the_dialogue_and_are_counted(tmp_path):
-    path = write_jsonl(tmp_path / "ChatMed_Consult-v0.3.json", [{"query": "宝宝出汗多正常吗？", "response": ""},
-                                                                {"query": "问", "response": "答"}])
+    path = write_jsonl(
+        tmp_path / "ChatMed_Consult-v0.3.json",
+        [{"query": "宝宝出汗多正常吗？", "response": ""}, {"query": "问", "response": "答"}],
+    )
     turns, problems = dialogues("chatmed_consult", path)
     assert turns == [[("问", "答")]]
     assert problems.examples == [f"{path}:1: empty question or answer"]
 
 
 NOT_TEXT = [None, 5, 3.5, True, [], ["文本"], {}, {"text": "文本"}]  # null counts as empty; the rest are not text
-FIELDS = ["text", "completion", "title", "content", "summary", "sections", "clean_text", "raw_text", "spo_list",
-          "instruction", "input", "output", "target", "data", "conversation", "conversations", "query", "response",
-          "question", "option", "answer", "exam_subject", "explanation", "abstract", "body_text"]
+FIELDS = [
+    "text",
+    "completion",
+    "title",
+    "content",
+    "summary",
+    "sections",
+    "clean_text",
+    "raw_text",
+    "spo_list",
+    "instruction",
+    "input",
+    "output",
+    "target",
+    "data",
+    "conversation",
+    "conversations",
+    "query",
+    "response",
+    "question",
+    "option",
+    "answer",
+    "exam_subject",
+    "explanation",
+    "abstract",
+    "body_text",
+]
 
 
-@pytest.mark.parametrize("fmt", sorted(name for name, f in corpora.FORMATS.items()
-                                       if "json" in f.containers and f.kind != "image"))  # image: test_vlm.py
+@pytest.mark.parametrize(
+    "fmt", sorted(name for name, f in corpora.FORMATS.items() if "json" in f.containers and f.kind != "image")
+)  # image: test_vlm.py
 def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
     """Every JSON reader, fed records whose fields hold numbers, booleans, lists, objects or null (and
     records that are not objects): no crash, every one counted, and no str() of a non-text value as text."""
-    good = {field: "文本" for field in FIELDS} | {"sections": [], "spo_list": [], "data": ["问：文本", "答：文本"],
-                                                 "option": {"A": "甲", "B": "乙"}, "answer": "A",
-                                                 "conversation": [{"role": "user", "content": "文本"},
-                                                                  {"role": "assistant", "content": "文本"}],
-                                                 "conversations": [{"from": "human", "value": "文本"},
-                                                                   {"from": "gpt", "value": "文本"}]}
+    good = {field: "文本" for field in FIELDS} | {
+        "sections": [],
+        "spo_list": [],
+        "data": ["问：文本", "答：文本"],
+        "option": {"A": "甲", "B": "乙"},
+        "answer": "A",
+        "conversation": [{"role": "user", "content": "文本"}, {"role": "assistant", "content": "文本"}],
+        "conversations": [{"from": "human", "value": "文本"}, {"from": "gpt", "value": "文本"}],
+    }
     good["body_text"] = [{"section": "文本", "text": "文本"}]
     if fmt.startswith("s2orc"):  # a `content` field makes a record the datasets layout; these test the classic one
         del good["content"]
     records = [value for value in NOT_TEXT] + [{**good, field: value} for field in FIELDS for value in NOT_TEXT]
     records += [{**good, "data": ["问：文本", value]} for value in NOT_TEXT]
-    records += [{**good, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "文本"}]}
-                for value in NOT_TEXT]
+    records += [
+        {**good, "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "文本"}]}
+        for value in NOT_TEXT
+    ]
     path = write_jsonl(tmp_path / "junk.jsonl", records)
     kind = corpora.FORMATS[fmt].kind
     problems = Problems()
     read = {"text": iter_texts, "dialogue": iter_dialogues, "question": iter_questions}[kind]
     outputs = list(read(Source("junk", fmt, [path]), problems))
-    strings = [o for o in outputs] if kind == "text" else \
-        [t for turns in outputs for turn in turns for t in turn] if kind == "dialogue" else \
-        [o["question"] for o in outputs] + [t for o in outputs for t in o["options"].values()]
+    strings = (
+        [o for o in outputs]
+        if kind == "text"
+        else [t for turns in outputs for turn in turns for t in turn]
+        if kind == "dialogue"
+        else [o["question"] for o in outputs] + [t for o in outputs for t in o["options"].values()]
+    )
     assert all(isinstance(s, str) for s in strings)
     for leaked in ("None", "5", "3.5", "True", "[", "{"):
         assert not any(leaked in s for s in strings), (fmt, leaked)
@@ -331,48 +476,92 @@ def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
 
 
 def test_non_text_sft_items_are_counted_not_turned_into_none(tmp_path):
-    path = write_jsonl(tmp_path / "HuatuoGPT_sft_data_v1.jsonl", [
-        {"data": [None, None]}, {"data": [1, 2]}, {"data": [["问"], {"答": 1}]}, {"data": ["问：头痛", "答：休息"]}])
+    path = write_jsonl(
+        tmp_path / "HuatuoGPT_sft_data_v1.jsonl",
+        [{"data": [None, None]}, {"data": [1, 2]}, {"data": [["问"], {"答": 1}]}, {"data": ["问：头痛", "答：休息"]}],
+    )
     turns, problems = dialogues("huatuo", path)
     assert turns == [[("头痛", "休息")]]
     assert problems.counts == {"field 'data' holds a non-text utterance": 3}
-    path = write_jsonl(tmp_path / "ChatMed_Consult.json", [
-        {"query": 5, "response": "答"}, {"query": "问", "response": 7}, {"query": "问", "response": None},
-        {"query": "问", "response": "答"}])
+    path = write_jsonl(
+        tmp_path / "ChatMed_Consult.json",
+        [
+            {"query": 5, "response": "答"},
+            {"query": "问", "response": 7},
+            {"query": "问", "response": None},
+            {"query": "问", "response": "答"},
+        ],
+    )
     turns, problems = dialogues("chatmed_consult", path)
     assert turns == [[("问", "答")]]
-    assert problems.counts == {"field 'query' is not text": 1, "field 'response' is not text": 1,
-                               "empty question or answer": 1}
+    assert problems.counts == {
+        "field 'query' is not text": 1,
+        "field 'response' is not text": 1,
+        "empty question or answer": 1,
+    }
 
 
 # ---------------------------------------------------------------- MCQ readers
 
+
 def test_cmmlu_cmb_cmexam(tmp_path):
     cmmlu = tmp_path / "clinical_knowledge.csv"
     cmmlu.write_text(",Question,A,B,C,D,Answer\n0,人体最大的器官是,心脏,肝脏,皮肤,肺,C\n", encoding="utf-8")
-    assert questions("cmmlu", cmmlu)[0] == [{"question": "人体最大的器官是", "options": {
-        "A": "心脏", "B": "肝脏", "C": "皮肤", "D": "肺"}, "answer": "C", "subject": "clinical_knowledge",
-        "explanation": "", "where": 2}]
+    assert questions("cmmlu", cmmlu)[0] == [
+        {
+            "question": "人体最大的器官是",
+            "options": {"A": "心脏", "B": "肝脏", "C": "皮肤", "D": "肺"},
+            "answer": "C",
+            "subject": "clinical_knowledge",
+            "explanation": "",
+            "where": 2,
+        }
+    ]
 
     cmb = tmp_path / "CMB-val-merge.json"
-    cmb.write_text(json.dumps([
-        {"exam_subject": "内科", "question": "评估贫血首选？", "option": {"A": "血常规", "B": "头颅CT", "C": "", "E": ""},
-         "answer": "A", "explanation": "血常规反映血红蛋白。"},
-        {"exam_subject": "药学", "question": "多选题", "option": {"A": "甲", "B": "乙", "C": "丙"}, "answer": "AC"},
-        {"exam_subject": "药学", "question": "答案不在选项里", "option": {"A": "甲", "B": "乙"}, "answer": "D"}],
-        ensure_ascii=False), encoding="utf-8")
+    cmb.write_text(
+        json.dumps(
+            [
+                {
+                    "exam_subject": "内科",
+                    "question": "评估贫血首选？",
+                    "option": {"A": "血常规", "B": "头颅CT", "C": "", "E": ""},
+                    "answer": "A",
+                    "explanation": "血常规反映血红蛋白。",
+                },
+                {
+                    "exam_subject": "药学",
+                    "question": "多选题",
+                    "option": {"A": "甲", "B": "乙", "C": "丙"},
+                    "answer": "AC",
+                },
+                {"exam_subject": "药学", "question": "答案不在选项里", "option": {"A": "甲", "B": "乙"}, "answer": "D"},
+            ],
+            ensure_ascii=False,
+        ),
+        encoding="utf-8",
+    )
     found, problems = questions("cmb", cmb)
     assert found[0]["options"] == {"A": "血常规", "B": "头颅CT"} and found[0]["subject"] == "内科"
     assert found[1]["answer"] == "AC" and len(found) == 2
     assert problems.examples == [f"{cmb}:#2: answer is not one of the options ('D' not in AB)"]
 
     cmexam = tmp_path / "val.csv"
-    cmexam.write_text('Question,Options,Answer,Explanation,Clinical Department\n'
-                      '"初步评估贫血首选的检查是","A 血常规\nB 头颅CT\nC 肌电图",A,"血常规反映血红蛋白。",内科\n'
-                      '"没有答案的题","A 甲\nB 乙",,,\n', encoding="utf-8")
+    cmexam.write_text(
+        "Question,Options,Answer,Explanation,Clinical Department\n"
+        '"初步评估贫血首选的检查是","A 血常规\nB 头颅CT\nC 肌电图",A,"血常规反映血红蛋白。",内科\n'
+        '"没有答案的题","A 甲\nB 乙",,,\n',
+        encoding="utf-8",
+    )
     found, problems = questions("cmexam", cmexam)
-    assert found[0] == {"question": "初步评估贫血首选的检查是", "options": {"A": "血常规", "B": "头颅CT", "C": "肌电图"},
-                        "answer": "A", "subject": "内科", "explanation": "血常规反映血红蛋白。", "where": 2}
+    assert found[0] == {
+        "question": "初步评估贫血首选的检查是",
+        "options": {"A": "血常规", "B": "头颅CT", "C": "肌电图"},
+        "answer": "A",
+        "subject": "内科",
+        "explanation": "血常规反映血红蛋白。",
+        "where": 2,
+    }
     assert found[1]["answer"] == "" and not problems.counts
 
 
@@ -385,11 +574,20 @@ def test_reading_a_format_as_the_wrong_kind_is_an_error():
 
 # ---------------------------------------------------------------- sources
 
+
 def test_parse_source_infers_formats_from_names():
     here = Path(__file__)
-    for name, fmt in [("wiki", "wiki"), ("wikipedia", "wiki"), ("563w_baidubaike", "baike"), ("c4", "c4_zh"),
-                      ("skypile_2020_40", "skypile"), ("belle_multiturn", "belle_multiturn"), ("belle", "belle"),
-                      ("Chinese-medical-dialogue", "medical_dialogue"), ("heldout", "text")]:
+    for name, fmt in [
+        ("wiki", "wiki"),
+        ("wikipedia", "wiki"),
+        ("563w_baidubaike", "baike"),
+        ("c4", "c4_zh"),
+        ("skypile_2020_40", "skypile"),
+        ("belle_multiturn", "belle_multiturn"),
+        ("belle", "belle"),
+        ("Chinese-medical-dialogue", "medical_dialogue"),
+        ("heldout", "text"),
+    ]:
         assert parse_source(f"{name}={here}").format == fmt
     assert parse_source(f"anything={here}", "wudao").format == "wudao"
 
@@ -417,11 +615,11 @@ def test_parse_source_glob_and_folder_are_sorted(tmp_path):
         (tmp_path / name).write_text("{}\n", encoding="utf-8")
     assert [p.name for p in parse_source(f"skypile={tmp_path}").files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
     assert [p.name for p in parse_source(f"skypile={tmp_path}/*.jsonl").files] == ["a.jsonl", "b.jsonl"]
-    assert [p.name for p in parse_source(f"skypile={tmp_path}/**/*.jsonl").files] == ["a.jsonl", "b.jsonl",
-                                                                                       "c.jsonl"]
+    assert [p.name for p in parse_source(f"skypile={tmp_path}/**/*.jsonl").files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
 
 
 # ---------------------------------------------------------------- splitting for workers
+
 
 def toyhom_csv(rows: int, encoding: str, stray_quote_at=None) -> bytes:
     """A Toyhom-layout CSV: quoted fields with newlines, commas and doubled quotes, lines that are also
@@ -429,16 +627,26 @@ def toyhom_csv(rows: int, encoding: str, stray_quote_at=None) -> bytes:
     line; stray_quote_at puts a quote inside an unquoted field of that row (csv reads it as a character)."""
     import csv
     import io
+
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["department", "title", "ask", "answer"])
     for i in range(rows):
-        title = f'标题{i}身高5\'11"' if i == stray_quote_at else f"标题{i}"
-        ask = f"第{i}问，" + "续行\n" * (i % 3) + ('他说"疼"，' if i % 4 == 0 else "") + ("\n什\n时为" if i % 5 == 0 else "")
+        title = f"标题{i}身高5'11\"" if i == stray_quote_at else f"标题{i}"
+        ask = (
+            f"第{i}问，"
+            + "续行\n" * (i % 3)
+            + ('他说"疼"，' if i % 4 == 0 else "")
+            + ("\n什\n时为" if i % 5 == 0 else "")
+        )
         writer.writerow(["内科", title, ask, f"回答{i}" + "\n补充" * (i % 2)])
         if i == 40:
             text.write("外科,只有三列,没有回答\n\n")
-    data = text.getvalue().replace(f'"标题{stray_quote_at}身高5\'11"""', f'标题{stray_quote_at}身高5\'11"').encode(encoding)
+    data = (
+        text.getvalue()
+        .replace(f'"标题{stray_quote_at}身高5\'11"""', f"标题{stray_quote_at}身高5'11\"")
+        .encode(encoding)
+    )
     row = data.index("第60问".encode(encoding))
     return data[:row] + b"\xff" + data[row:]
 
@@ -456,18 +664,31 @@ def read_split(pieces):
     return texts_read, problems
 
 
-@pytest.mark.parametrize("fmt,suffix,encoding", [("skypile", ".jsonl", "utf-8"), ("text", ".txt", "utf-8"),
-                                                 ("text", ".txt", "gb18030"), ("medical_dialogue", ".csv", "utf-8"),
-                                                 ("medical_dialogue", ".csv", "gb18030")])
+@pytest.mark.parametrize(
+    "fmt,suffix,encoding",
+    [
+        ("skypile", ".jsonl", "utf-8"),
+        ("text", ".txt", "utf-8"),
+        ("text", ".txt", "gb18030"),
+        ("medical_dialogue", ".csv", "utf-8"),
+        ("medical_dialogue", ".csv", "gb18030"),
+    ],
+)
 def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix, encoding):
     path = tmp_path / f"big{suffix}"
     if fmt == "skypile":
         lines = [json.dumps({"text": f"文档{i}" * (i % 7 + 1)}, ensure_ascii=False) for i in range(300)]
         lines[150] = "{broken"
         path.write_text("\n".join(lines) + "\n", encoding=encoding)
-    elif fmt == "text":  # GB18030: "什" and "时为" are also valid UTF-8, so every piece must read them as the whole file does
-        path.write_text("".join(f"第{i}段\n" + "续行\n" * (i % 3) + "什\n时为\n" * (i % 2) + "\n" * (1 + i % 2)
-                                for i in range(300)), encoding=encoding)
+    elif (
+        fmt == "text"
+    ):  # GB18030: "什" and "时为" are also valid UTF-8, so every piece must read them as the whole file does
+        path.write_text(
+            "".join(
+                f"第{i}段\n" + "续行\n" * (i % 3) + "什\n时为\n" * (i % 2) + "\n" * (1 + i % 2) for i in range(300)
+            ),
+            encoding=encoding,
+        )
     else:
         path.write_bytes(toyhom_csv(300, encoding))
     source = Source("big", fmt, [path])
@@ -522,7 +743,9 @@ def test_json_arrays_csv_and_gzip_are_not_split(tmp_path):
     gz = tmp_path / "b.jsonl.gz"
     gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 500))
     assert corpora.split_source(Source("w", "wiki", [array, gz]), 100) == [
-        (Source("w", "wiki", [array]), None), (Source("w", "wiki", [gz]), None)]
+        (Source("w", "wiki", [array]), None),
+        (Source("w", "wiki", [gz]), None),
+    ]
 
 
 def test_problems_merge_keeps_counts_and_a_few_examples_per_reason():
@@ -545,6 +768,7 @@ needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason="data/sample/ not 
 def raw_records(path):
     """The file as the standard library reads it: the reference the readers are checked against."""
     import csv
+
     path = SAMPLE / path
     if path.suffix == ".csv":
         encoding = "gb18030" if "Data_数据" in str(path) else "utf-8"
@@ -552,7 +776,9 @@ def raw_records(path):
             return list(csv.DictReader(f))
     with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
         text = f.read()
-    return json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    return (
+        json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    )
 
 
 PRETRAIN_SAMPLES = [  # format, file, the field that must appear in its record's document
@@ -590,7 +816,8 @@ def test_sample_baike_nulls_and_cmekg_triples():
         assert "None" not in doc and doc.startswith(record["title"])
         assert all(s["content"] in doc for s in record["sections"] if s["content"])
     assert any(r["summary"] is None for r in records) and any(
-        s["content"] is None for r in records for s in r["sections"])
+        s["content"] is None for r in records for s in r["sections"]
+    )
 
     source = parse_source(f"cmekg={SAMPLE / 'cmekg'}")
     assert {p.name for p in source.files} == {"train_example.json", "predicate.json"}
@@ -685,8 +912,12 @@ def test_sft_reader_on_its_sample(fmt, path, answer_key):
                 assert turns[0][0].startswith(system[0] + "\n")
 
 
-MCQ_SAMPLES = [("ceval", "eval/ceval", "clinical_medicine"), ("cmmlu", "eval/cmmlu", "clinical_knowledge"),
-               ("cmb", "eval/cmb", None), ("cmexam", "eval/cmexam", None)]
+MCQ_SAMPLES = [
+    ("ceval", "eval/ceval", "clinical_medicine"),
+    ("cmmlu", "eval/cmmlu", "clinical_knowledge"),
+    ("cmb", "eval/cmb", None),
+    ("cmexam", "eval/cmexam", None),
+]
 
 
 @needs_sample
@@ -728,9 +959,11 @@ def test_json_array_in_gb18030_with_a_bad_byte_loses_only_that_item(tmp_path, lo
 
 # ---------------------------------------------------------------- medical literature: S2ORC, PMC, PubMed, PDF
 
+
 def sample_generator():
     """data/sample/make_sample_data.py as a module: its PDF writer and the guideline lines it wrote."""
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("make_sample_data", SAMPLE / "make_sample_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -749,16 +982,36 @@ def test_sample_files_are_what_the_generator_writes(tmp_path):
 
 
 def test_literature_formats_are_inferred_from_source_names():
-    found = {name: corpora.infer_format(name) for name in ("s2orc", "s2orc_full", "pmc", "pmc_full", "pubmed", "pdf",
-                                                             "pubmed_central_2024", "medline_2024", "medsci")}
-    assert found == {"s2orc": "s2orc", "s2orc_full": "s2orc_full", "pmc": "pmc", "pmc_full": "pmc_full",
-                     "pubmed": "pubmed", "pdf": "pdf", "pubmed_central_2024": "pmc", "medline_2024": "pubmed",
-                     "medsci": "pdf"}
+    found = {
+        name: corpora.infer_format(name)
+        for name in (
+            "s2orc",
+            "s2orc_full",
+            "pmc",
+            "pmc_full",
+            "pubmed",
+            "pdf",
+            "pubmed_central_2024",
+            "medline_2024",
+            "medsci",
+        )
+    }
+    assert found == {
+        "s2orc": "s2orc",
+        "s2orc_full": "s2orc_full",
+        "pmc": "pmc",
+        "pmc_full": "pmc_full",
+        "pubmed": "pubmed",
+        "pdf": "pdf",
+        "pubmed_central_2024": "pmc",
+        "medline_2024": "pubmed",
+        "medsci": "pdf",
+    }
 
 
 def spans_text(record, layer):
     text = record["content"]["text"]
-    return [text[s["start"]:s["end"]] for s in json.loads(record["content"]["annotations"][layer] or "[]")]
+    return [text[s["start"] : s["end"]] for s in json.loads(record["content"]["annotations"][layer] or "[]")]
 
 
 @needs_sample
@@ -803,37 +1056,53 @@ def test_s2orc_bad_records_are_counted(tmp_path):
     text = "\nTitle of a paper\nA paragraph of text."
     layers = {"title": '[{"start":1,"end":17}]', "paragraph": '[{"start":18,"end":38}]'}
     good = {"content": {"text": text, "annotations": layers}}
-    path = write_jsonl(tmp_path / "s2orc.jsonl", [
-        good,
-        {"content": {"text": text, "annotations": {"paragraph": "[{start: 1}"}}},
-        {"content": {"text": text, "annotations": {"paragraph": '[{"start":18,"end":99}]'}}},
-        {"content": {"text": text, "annotations": {"paragraph": '[{"begin":18}]'}}},
-        {"content": "just text"},
-        {"paper_id": "1", "title": "Only a title"},
-        {"paper_id": "2", "title": "T", "body_text": "not a list"},
-    ])
+    path = write_jsonl(
+        tmp_path / "s2orc.jsonl",
+        [
+            good,
+            {"content": {"text": text, "annotations": {"paragraph": "[{start: 1}"}}},
+            {"content": {"text": text, "annotations": {"paragraph": '[{"start":18,"end":99}]'}}},
+            {"content": {"text": text, "annotations": {"paragraph": '[{"begin":18}]'}}},
+            {"content": "just text"},
+            {"paper_id": "1", "title": "Only a title"},
+            {"paper_id": "2", "title": "T", "body_text": "not a list"},
+        ],
+    )
     docs, problems = texts("s2orc", path)
     assert docs == ["Title of a paper\nA paragraph of text."]
-    assert problems.counts == {"annotation 'paragraph' is not JSON": 1,
-                               "annotation 'paragraph' points outside the text": 1,
-                               "annotation 'paragraph' has a span without start and end": 1,
-                               "field 'content' is not an object": 1, "no abstract and no body_text": 1,
-                               "field 'body_text' is not a list of paragraphs": 1}
-    assert any(e.startswith(f"{path}:3: annotation 'paragraph' points outside the text (18-99 of 38")
-               for e in problems.examples)
+    assert problems.counts == {
+        "annotation 'paragraph' is not JSON": 1,
+        "annotation 'paragraph' points outside the text": 1,
+        "annotation 'paragraph' has a span without start and end": 1,
+        "field 'content' is not an object": 1,
+        "no abstract and no body_text": 1,
+        "field 'body_text' is not a list of paragraphs": 1,
+    }
+    assert any(
+        e.startswith(f"{path}:3: annotation 'paragraph' points outside the text (18-99 of 38")
+        for e in problems.examples
+    )
 
 
 def jats_reference(path):
     """Title, paragraphs, captions and references of a JATS file, read with the standard library."""
     import xml.etree.ElementTree as ET
+
     root = ET.parse(path).getroot()
+
     def flat(element):
         return " ".join("".join(element.itertext()).split())
-    return {"title": flat(root.find("front/article-meta/title-group/article-title")),
-            "paragraphs": [flat(p) for p in root.find("body").iter("p")
-                           if not p.findall("fig") and all(p not in c.iter("p") for c in root.iter("caption"))],
-            "captions": [flat(c) for c in root.iter("caption")],
-            "references": [flat(r) for r in root.iter("ref")]}
+
+    return {
+        "title": flat(root.find("front/article-meta/title-group/article-title")),
+        "paragraphs": [
+            flat(p)
+            for p in root.find("body").iter("p")
+            if not p.findall("fig") and all(p not in c.iter("p") for c in root.iter("caption"))
+        ],
+        "captions": [flat(c) for c in root.iter("caption")],
+        "references": [flat(r) for r in root.iter("ref")],
+    }
 
 
 @needs_sample
@@ -857,17 +1126,23 @@ def test_pmc_sample_keeps_text_and_drops_floats_and_references_unless_full():
 
 
 def test_pmc_article_sets_gzip_and_malformed_files(tmp_path):
-    article = ('<article><front><article-meta><title-group><article-title>T{n}</article-title></title-group>'
-               '<abstract><p>Abstract {n} with <italic>emphasis</italic>.</p></abstract></article-meta></front>'
-               '<body><sec><title>Intro</title><p>Body {n}.</p></sec></body></article>')
+    article = (
+        "<article><front><article-meta><title-group><article-title>T{n}</article-title></title-group>"
+        "<abstract><p>Abstract {n} with <italic>emphasis</italic>.</p></abstract></article-meta></front>"
+        "<body><sec><title>Intro</title><p>Body {n}.</p></sec></body></article>"
+    )
     both = tmp_path / "set.xml.gz"
-    both.write_bytes(gzip.compress(("<pmc-articleset>" + article.format(n=1) + article.format(n=2)
-                                    + "</pmc-articleset>").encode()))
+    both.write_bytes(
+        gzip.compress(("<pmc-articleset>" + article.format(n=1) + article.format(n=2) + "</pmc-articleset>").encode())
+    )
     cut = tmp_path / "cut.xml"
     cut.write_text(article.format(n=3) + "\n<article><front>\n<article-meta", encoding="utf-8")
     empty = tmp_path / "empty.xml"
-    empty.write_text("<article><front><article-meta><title-group><article-title>Only</article-title>"
-                     "</title-group></article-meta></front></article>", encoding="utf-8")
+    empty.write_text(
+        "<article><front><article-meta><title-group><article-title>Only</article-title>"
+        "</title-group></article-meta></front></article>",
+        encoding="utf-8",
+    )
     docs, problems = texts("pmc", both, cut, empty)
     assert docs == [f"T{n}\nAbstract {n} with emphasis.\nIntro\nBody {n}." for n in (1, 2, 3)]
     assert problems.counts == {"malformed XML, rest of file skipped": 1, "no abstract and no body text": 1}
@@ -877,25 +1152,31 @@ def test_pmc_article_sets_gzip_and_malformed_files(tmp_path):
 def test_xml_entity_declarations_are_refused_and_external_dtds_never_read(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET", encoding="utf-8")
-    article = ("<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID><Article>"
-               "<ArticleTitle>{}</ArticleTitle>"
-               "<Abstract><AbstractText>Text.</AbstractText></Abstract></Article></MedlineCitation></PubmedArticle>"
-               "</PubmedArticleSet>")
+    article = (
+        "<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID><Article>"
+        "<ArticleTitle>{}</ArticleTitle>"
+        "<Abstract><AbstractText>Text.</AbstractText></Abstract></Article></MedlineCitation></PubmedArticle>"
+        "</PubmedArticleSet>"
+    )
     xxe = tmp_path / "xxe.xml"
-    xxe.write_text(f'<!DOCTYPE x [<!ENTITY leak SYSTEM "{secret.as_uri()}">]>' + article.format("&leak;"),
-                   encoding="utf-8")
+    xxe.write_text(
+        f'<!DOCTYPE x [<!ENTITY leak SYSTEM "{secret.as_uri()}">]>' + article.format("&leak;"), encoding="utf-8"
+    )
     laughs = tmp_path / "laughs.xml"
     entities = '<!ENTITY lol0 "lol">' + "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10))
     laughs.write_text(f"<!DOCTYPE x [{entities}]>" + article.format("&lol9;"), encoding="utf-8")
     dtd = tmp_path / "evil.dtd"
     dtd.write_text(f'<!ENTITY leak SYSTEM "{secret.as_uri()}">', encoding="utf-8")
     external = tmp_path / "external.xml"
-    external.write_text(f'<!DOCTYPE PubmedArticleSet SYSTEM "{dtd.as_uri()}">' + article.format("A &leak; title"),
-                        encoding="utf-8")
+    external.write_text(
+        f'<!DOCTYPE PubmedArticleSet SYSTEM "{dtd.as_uri()}">' + article.format("A &leak; title"), encoding="utf-8"
+    )
     docs, problems = texts("pubmed", xxe, laughs, external)
     assert docs == ["A title\nText."]
-    assert problems.counts == {"XML declares entities (XXE / billion laughs risk), file refused": 2,
-                               "undefined XML entity dropped": 1}
+    assert problems.counts == {
+        "XML declares entities (XXE / billion laughs risk), file refused": 2,
+        "undefined XML entity dropped": 1,
+    }
     assert "TOP-SECRET" not in " ".join(docs + problems.examples)
 
 
@@ -916,10 +1197,12 @@ def test_pubmed_sample_titles_labels_and_title_only_citations():
 
 
 def pubmed_file(path, articles):
-    article = ('<PubmedArticle><MedlineCitation><PMID Version="1">{n}</PMID><Article><ArticleTitle>Title {n} about '
-               'blood pressure</ArticleTitle><Abstract><AbstractText Label="RESULTS">{body}</AbstractText></Abstract>'
-               '</Article></MedlineCitation><PubmedData><ReferenceList>{refs}</ReferenceList></PubmedData>'
-               '</PubmedArticle>\n')
+    article = (
+        '<PubmedArticle><MedlineCitation><PMID Version="1">{n}</PMID><Article><ArticleTitle>Title {n} about '
+        'blood pressure</ArticleTitle><Abstract><AbstractText Label="RESULTS">{body}</AbstractText></Abstract>'
+        "</Article></MedlineCitation><PubmedData><ReferenceList>{refs}</ReferenceList></PubmedData>"
+        "</PubmedArticle>\n"
+    )
     refs = "".join(f"<Reference><Citation>Reference {k}.</Citation></Reference>" for k in range(3))
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
         f.write("<PubmedArticleSet>\n")
@@ -930,6 +1213,7 @@ def pubmed_file(path, articles):
 
 def test_pubmed_is_streamed_in_memory_far_below_the_file_size(tmp_path):
     import tracemalloc
+
     path = tmp_path / "pubmed.xml.gz"
     pubmed_file(path, 2_500)
     with gzip.open(path, "rb") as f:
@@ -985,12 +1269,14 @@ def in_container(kind, docs, encoding, bad_at=None, ascii_head=0):
     document's text; ascii_head puts ASCII-only documents in front."""
     import csv
     import io
+
     head = [f"ascii only document {i} " + "x" * 1000 for i in range(ascii_head)]
     if kind == "jsonl":
         lines = [json.dumps({"text": d}, ensure_ascii=False).encode(encoding) + b"\n" for d in head + docs]
     elif kind == "array":
-        lines = [b"[\n"] + [json.dumps({"completion": d}, ensure_ascii=False).encode(encoding) + b",\n"
-                            for d in head + docs]
+        lines = [b"[\n"] + [
+            json.dumps({"completion": d}, ensure_ascii=False).encode(encoding) + b",\n" for d in head + docs
+        ]
         lines[-1] = lines[-1].replace(b",\n", b"\n")
         lines.append(b"]\n")
     elif kind == "csv":
@@ -1026,14 +1312,14 @@ def test_bad_bytes_skip_their_record_only(tmp_path, kind, bad_at):
     path.write_bytes(data)
     docs, problems = texts(KIND_FORMAT[kind], path)
     docs = [d.strip().removeprefix("Q\n") for d in docs]
-    assert docs == DOCS[:bad_at] + DOCS[bad_at + 1:]  # every other document exactly, none garbled
+    assert docs == DOCS[:bad_at] + DOCS[bad_at + 1 :]  # every other document exactly, none garbled
     assert problems.counts == {corpora.UNDECODABLE: 1}
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "array", "csv", "text"])
 def test_gb18030_after_an_ascii_head_longer_than_the_sniff_is_read_right(tmp_path, kind):
     suffix, data = in_container(kind, DOCS + ["什", "时为", "症\n状"], "gb18030", ascii_head=80)
-    assert data[:corpora.SNIFF_BYTES].isascii()
+    assert data[: corpora.SNIFF_BYTES].isascii()
     path = tmp_path / f"corpus{suffix}"
     path.write_bytes(data)
     assert corpora.file_encoding(path) == "gb18030"
@@ -1062,9 +1348,15 @@ def test_line_decoder_decides_every_line_on_its_own():
 
 def test_line_blocks_decode_as_their_lines_one_by_one():
     """decode_block takes a whole block in one call only where that reads every line as decode() does."""
-    lines = ["高血压患者应定期监测血压。\n".encode(), "高血压患者应定期监测血压。\n".encode("gb18030"),
-             "什\n".encode("gb18030"), ("中文" * 10 + "\n").encode(), b"plain ascii\r\n", BINARY_LINE + b"\n",
-             "末行".encode("gb18030")]
+    lines = [
+        "高血压患者应定期监测血压。\n".encode(),
+        "高血压患者应定期监测血压。\n".encode("gb18030"),
+        "什\n".encode("gb18030"),
+        ("中文" * 10 + "\n").encode(),
+        b"plain ascii\r\n",
+        BINARY_LINE + b"\n",
+        "末行".encode("gb18030"),
+    ]
     for encoding in ("utf-8", "gb18030"):
         decoder = corpora.LineDecoder(encoding)
         for chosen in ([0, 4], [1, 2, 4], [1, 3, 6], [3, 1], [0, 1, 5, 4], [2, 4, 6], list(range(7))):
@@ -1072,5 +1364,6 @@ def test_line_blocks_decode_as_their_lines_one_by_one():
             expected = [decoder.decode(lines[i]) for i in chosen]
             text, bad = decoder.decode_block(block)
             assert bad == [index for index, line in enumerate(expected) if line is None]
-            assert text == "".join(line if line is not None else corpora._with_replacements(lines[i])
-                                   for i, line in zip(chosen, expected))
+            assert text == "".join(
+                line if line is not None else corpora._with_replacements(lines[i]) for i, line in zip(chosen, expected)
+            )

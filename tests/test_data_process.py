@@ -9,16 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLE, SAMPLE_SOURCES
 
 import atomic
 import corpora
 import data_process as dp
 from corpora import Source
 
-DOCS = ["高血压患者应定期监测血压，遵医嘱服药。", "糖尿病需要控制饮食、规律运动，定期复查血糖。",
-        "Mixed text: English, digits 0123456789, 3.14%, emoji 😀, tabs\tand  spaces.",
-        "感冒后嗓子痛：多喝温水、注意休息。\n\n\n\n必要时在医生指导下用药（如对乙酰氨基酚）。"]
+from conftest import SAMPLE, SAMPLE_SOURCES
+
+DOCS = [
+    "高血压患者应定期监测血压，遵医嘱服药。",
+    "糖尿病需要控制饮食、规律运动，定期复查血糖。",
+    "Mixed text: English, digits 0123456789, 3.14%, emoji 😀, tabs\tand  spaces.",
+    "感冒后嗓子痛：多喝温水、注意休息。\n\n\n\n必要时在医生指导下用药（如对乙酰氨基酚）。",
+]
 
 
 def write_corpus(path, texts, bad_lines=()):
@@ -60,7 +64,10 @@ def decoded_documents(folder, manifest, tokenizer):
 
 
 def test_clean_text_normalises_whitespace_and_controls_but_not_chinese_punctuation():
-    raw = "  第一行\x00内容\u3000，标点！（注）  \r\n\r\n\r\n\n第二行\t制表\u200b  多   空格 \x1b \r第三行\u2028第四行\n\n"
+    raw = (
+        "  第一行\x00内容\u3000，标点！（注）  \r\n\r\n\r\n\n"
+        "第二行\t制表\u200b  多   空格 \x1b \r第三行\u2028第四行\n\n"
+    )
     assert dp.clean_text(raw) == "第一行内容\u3000，标点！（注）\n\n第二行\t制表 多 空格\n第三行\n第四行"
     assert dp.clean_text(" \n\x07\n ") == ""
 
@@ -68,6 +75,7 @@ def test_clean_text_normalises_whitespace_and_controls_but_not_chinese_punctuati
 def reference_clean_text(text):
     """CLEANING, rule by rule, with no shortcut: what clean_text must return for any text."""
     import re
+
     text = re.sub(r"\r\n|[\r\x0b\x0c\x85\u2028\u2029]", "\n", text)
     text = re.sub(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\ufeff\u200b]", "", text)
     text = re.sub(r"[ \u00a0\u2000-\u200a\u202f\u205f]+", " ", text)
@@ -99,11 +107,19 @@ def test_shards_decode_back_to_the_cleaned_documents(tmp_path, tokenizer):
     assert manifest["tokens"] == len(tokens) == sum(s["tokens"] for s in manifest["shards"])
     assert manifest["documents_read"] == len(texts)
     assert manifest["skipped"] == {"shorter than --min-chars after cleaning": 1, "empty after cleaning": 1}
-    assert (manifest["dtype"], manifest["eos_id"], manifest["vocab_size"]) == ("uint16", tokenizer.eos_id,
-                                                                               tokenizer.vocab_size)
+    assert (manifest["dtype"], manifest["eos_id"], manifest["vocab_size"]) == (
+        "uint16",
+        tokenizer.eos_id,
+        tokenizer.vocab_size,
+    )
     assert manifest["tokenizer"]["sha256"] == tokenizer.fingerprint
-    assert manifest["inputs"] == [{"path": str(source.files[0]), "bytes": source.files[0].stat().st_size,
-                                   "mtime_ns": source.files[0].stat().st_mtime_ns}]
+    assert manifest["inputs"] == [
+        {
+            "path": str(source.files[0]),
+            "bytes": source.files[0].stat().st_size,
+            "mtime_ns": source.files[0].stat().st_mtime_ns,
+        }
+    ]
 
 
 def test_bad_records_are_counted_in_the_manifest_with_file_and_line(tmp_path, tokenizer):
@@ -142,7 +158,7 @@ def write_dialogue_csv(path, docs, stray_quote_at):
     which csv reads as a character but which fools the split's quote count (later cuts land inside rows)."""
     rows = ["department,title,ask,answer"]
     for i, doc in enumerate(docs):
-        title = f'标题{i}5\'11"' if i == stray_quote_at else f"标题{i}"
+        title = f"标题{i}5'11\"" if i == stray_quote_at else f"标题{i}"
         rows.append(f'内科,{title},"{doc[:20]}\n{doc[20:]}",回答{i}')
     path.write_bytes(("\n".join(rows) + "\n").encode("gb18030"))
     return path
@@ -153,16 +169,20 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(random_docs(120, seed=1)), encoding="utf-8")
     dialogues = write_dialogue_csv(tmp_path / "dialogue.csv", random_docs(200, seed=2), stray_quote_at=120)
-    sources = [Source("big", "skypile", [path]), Source("notes", "text", [text]),
-               Source("dialogue", "medical_dialogue", [dialogues])]
+    sources = [
+        Source("big", "skypile", [path]),
+        Source("notes", "text", [text]),
+        Source("dialogue", "medical_dialogue", [dialogues]),
+    ]
     units = corpora.split_source(sources[2], 2000)
     for unit, span in units:  # the CSV is cut into pieces, one of which reads on to the end of the file
         list(corpora.iter_texts(unit, corpora.Problems(), span))
     assert len(units) > 5 and any(span.read_to_end for _, span in units[:-1])
     runs = {}
     for name, workers, unit_bytes in [("one", 1, 1 << 30), ("two", 2, 2000)]:
-        manifests = process(sources, tmp_path / name, tokenizer, workers=workers, unit_bytes=unit_bytes,
-                            shard_tokens=3000, minhash=True)
+        manifests = process(
+            sources, tmp_path / name, tokenizer, workers=workers, unit_bytes=unit_bytes, shard_tokens=3000, minhash=True
+        )
         runs[name] = manifests
     assert len(corpora.split_source(sources[0], 2000)) > 20 and len(corpora.split_source(sources[1], 2000)) > 5
     for source, one, two in zip(sources, runs["one"], runs["two"]):
@@ -170,8 +190,9 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
         assert one["shards"] == two["shards"] and one["skipped"] == two["skipped"]
         assert one["skipped_examples"] == two["skipped_examples"]
         for shard in one["shards"]:
-            assert (tmp_path / "one" / source.name / shard["file"]).read_bytes() == \
-                   (tmp_path / "two" / source.name / shard["file"]).read_bytes()
+            assert (tmp_path / "one" / source.name / shard["file"]).read_bytes() == (
+                tmp_path / "two" / source.name / shard["file"]
+            ).read_bytes()
     assert runs["one"][0]["skipped"] == {"exact duplicate of an earlier document": 50, "malformed JSON line": 1}
     assert runs["one"][1]["documents_kept"] == 120
     assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
@@ -279,6 +300,7 @@ def test_seen_hashes_agrees_with_a_set():
 
 # ---------------------------------------------------------------- the command line
 
+
 def cli(tmp_path, *args):
     return dp.main(["--out", str(tmp_path / "out"), *args])
 
@@ -286,12 +308,13 @@ def cli(tmp_path, *args):
 def test_errors_come_before_any_work(tmp_path, tokenizer, monkeypatch):
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
     tok = ["--tokenizer", tokenizer.vocab_file]
-    cases = [(["--source", f"mystery={corpus}", *tok], "cannot tell the format"),
-             (["--source", f"s={corpus}", "--format", "nope", *tok], "unknown format 'nope'"),
-             (["--source", f"skypile={tmp_path / 'missing.jsonl'}", *tok], "does not exist"),
-             (["--source", f"ceval={corpus}", *tok], "not pretraining text"),
-             (["--source", f"skypile={corpus}", "--tokenizer", str(tmp_path / "no_tokenizer")],
-              "no tokenizer model at")]
+    cases = [
+        (["--source", f"mystery={corpus}", *tok], "cannot tell the format"),
+        (["--source", f"s={corpus}", "--format", "nope", *tok], "unknown format 'nope'"),
+        (["--source", f"skypile={tmp_path / 'missing.jsonl'}", *tok], "does not exist"),
+        (["--source", f"ceval={corpus}", *tok], "not pretraining text"),
+        (["--source", f"skypile={corpus}", "--tokenizer", str(tmp_path / "no_tokenizer")], "no tokenizer model at"),
+    ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             cli(tmp_path, *args)
@@ -311,9 +334,21 @@ def test_a_source_that_yields_nothing_is_an_error_after_the_others_are_done(tmp_
     (cloned / "answer.zip").write_bytes(b"PK\x03\x04zip")
     rejected = write_corpus(tmp_path / "r.jsonl", ["短"] * 5)  # every document under --min-chars
     with pytest.raises(SystemExit) as exit_info:
-        cli(tmp_path, "--source", f"wiki={tmp_path}/nothing/*.json", "--source", f"cmedqa2={cloned}",
-            "--source", f"skypile={corpus}", "--source", f"c4_zh={rejected}", "--tokenizer", tokenizer.vocab_file,
-            "--workers", "1")
+        cli(
+            tmp_path,
+            "--source",
+            f"wiki={tmp_path}/nothing/*.json",
+            "--source",
+            f"cmedqa2={cloned}",
+            "--source",
+            f"skypile={corpus}",
+            "--source",
+            f"c4_zh={rejected}",
+            "--tokenizer",
+            tokenizer.vocab_file,
+            "--workers",
+            "1",
+        )
     message = str(exit_info.value)
     assert message.startswith("data_process: 3 of 4 source(s) yielded no document")
     assert f"'wiki': nothing matches '{tmp_path}/nothing/*.json'" in message
@@ -346,7 +381,9 @@ def test_every_sample_corpus_round_trips_through_the_shards(tmp_path, tokenizer)
         assert manifest["documents_read"] == len(documents) and manifest["documents_kept"] == len(expected) > 0
         assert decoded_documents(tmp_path / "out" / source.name, manifest, tokenizer) == expected
     assert manifests[PRETRAIN_SAMPLES.index("cmedqa2")]["skipped"]["answer to an unknown question_id"] == 1
-    dialogue = decoded_documents(tmp_path / "out" / "medical_dialogue", manifests[PRETRAIN_SAMPLES.index("medical_dialogue")], tokenizer)
+    dialogue = decoded_documents(
+        tmp_path / "out" / "medical_dialogue", manifests[PRETRAIN_SAMPLES.index("medical_dialogue")], tokenizer
+    )
     assert all("\ufffd" not in doc for doc in dialogue)  # GB18030 decoded, not replaced
 
 
@@ -384,6 +421,7 @@ def test_minhash_on_disk_partitions_decides_like_one_set_in_memory(tmp_path, tok
 
 # ---------------------------------------------------------------- bad input never becomes wrong results
 
+
 def test_manifest_records_the_largest_token_id_per_shard_and_overall(tmp_path, tokenizer):
     source = Source("s", "skypile", [write_corpus(tmp_path / "s.jsonl", many_docs(60) + ["Ω∑≈ 罕见字：龘靐齉"])])
     manifest = process([source], tmp_path / "out", tokenizer, shard_tokens=500)[0]
@@ -398,7 +436,7 @@ def test_manifest_records_the_largest_token_id_per_shard_and_overall(tmp_path, t
     assert process([source], tmp_path / "out", tokenizer, shard_tokens=500)[0]["max_token_id"] == max(shard_max)
 
 
-@pytest.mark.parametrize("corrupt", [b"{\"name\": \"s\", \"tok", b"\xff\xfe\x00garbage", b"[]", b"5", b"null"])
+@pytest.mark.parametrize("corrupt", [b'{"name": "s", "tok', b"\xff\xfe\x00garbage", b"[]", b"5", b"null"])
 def test_a_corrupt_manifest_means_redo_with_a_note(tmp_path, tokenizer, capsys, corrupt):
     source = Source("s", "skypile", [write_corpus(tmp_path / "s.jsonl", many_docs(20))])
     first = process([source], tmp_path / "out", tokenizer)[0]
@@ -421,29 +459,45 @@ def test_a_source_named_dot_dot_never_deletes_outside_its_folder(tmp_path, token
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(5))
     for name in ("..", ".", ".hidden", "a/.."):
         with pytest.raises(SystemExit, match="plain name"):
-            dp.main(["--out", str(out), "--source", f"{name}={corpus}", "--format", "skypile",
-                     "--tokenizer", tokenizer.vocab_file])
+            dp.main(
+                [
+                    "--out",
+                    str(out),
+                    "--source",
+                    f"{name}={corpus}",
+                    "--format",
+                    "skypile",
+                    "--tokenizer",
+                    tokenizer.vocab_file,
+                ]
+            )
         with pytest.raises(ValueError, match="not a plain folder name"):
             process([Source(name, "skypile", [corpus])], out, tokenizer)
     assert all(path.read_bytes() == b"mine" for path in keep)
     (out / "s").symlink_to(tmp_path / "data")  # OUT/NAME linking elsewhere: its *.bin are not the run's
     with pytest.raises(SystemExit, match="is a link"):
-        dp.main(["--out", str(out), "--source", f"s={corpus}", "--format", "skypile",
-                 "--tokenizer", tokenizer.vocab_file])
+        dp.main(
+            ["--out", str(out), "--source", f"s={corpus}", "--format", "skypile", "--tokenizer", tokenizer.vocab_file]
+        )
     assert all(path.read_bytes() == b"mine" for path in keep)
     with pytest.raises(RuntimeError, match="outside"):
         dp.remove_owned(tmp_path / "data" / "precious.bin", out / "t")
     assert keep[0].read_bytes() == b"mine"
 
 
-@pytest.mark.parametrize("args,message", [(["--shard-tokens", "0"], "--shard-tokens must be >= 1"),
-                                          (["--shard-tokens", "-5"], "--shard-tokens must be >= 1"),
-                                          (["--workers", "0"], "--workers must be >= 1"),
-                                          (["--workers", "100000"], "is more than"),
-                                          (["--min-chars", "-1"], "--min-chars must be >= 0"),
-                                          (["--unit-mb", "0"], "--unit-mb must be a positive size"),
-                                          (["--unit-mb", "nan"], "--unit-mb must be a positive size"),
-                                          (["--unit-mb", "inf"], "--unit-mb must be a positive size")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--shard-tokens", "0"], "--shard-tokens must be >= 1"),
+        (["--shard-tokens", "-5"], "--shard-tokens must be >= 1"),
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--workers", "100000"], "is more than"),
+        (["--min-chars", "-1"], "--min-chars must be >= 0"),
+        (["--unit-mb", "0"], "--unit-mb must be a positive size"),
+        (["--unit-mb", "nan"], "--unit-mb must be a positive size"),
+        (["--unit-mb", "inf"], "--unit-mb must be a positive size"),
+    ],
+)
 def test_numeric_arguments_are_checked_before_any_work(tmp_path, tokenizer, capsys, args, message):
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
     with pytest.raises(SystemExit) as exit_info:
@@ -457,8 +511,10 @@ def test_numeric_arguments_are_checked_before_any_work(tmp_path, tokenizer, caps
 def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, tokenizer, monkeypatch):
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
     (tmp_path / "file").write_text("not a folder")
-    for out, message in [(tmp_path / "file", "is a file: give a folder"),
-                         (tmp_path / "file" / "sub", "is a file, not")]:
+    for out, message in [
+        (tmp_path / "file", "is a file: give a folder"),
+        (tmp_path / "file" / "sub", "is a file, not"),
+    ]:
         with pytest.raises(SystemExit, match=message):
             dp.main(["--out", str(out), "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file])
     monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)  # root ignores chmod: a read-only disk
@@ -469,8 +525,18 @@ def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, tokenizer, monkey
 @pytest.mark.parametrize("where", ["shards", "manifest"])
 def test_a_full_disk_says_so_and_leaves_no_temporary_files(tmp_path, tokenizer, monkeypatch, where):
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(200))
-    args = ["--out", str(tmp_path / "out"), "--source", f"skypile={corpus}", "--tokenizer", tokenizer.vocab_file,
-            "--workers", "1", "--shard-tokens", "2000"]
+    args = [
+        "--out",
+        str(tmp_path / "out"),
+        "--source",
+        f"skypile={corpus}",
+        "--tokenizer",
+        tokenizer.vocab_file,
+        "--workers",
+        "1",
+        "--shard-tokens",
+        "2000",
+    ]
     dp.main(args)
     folder = tmp_path / "out" / "skypile"
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
@@ -483,6 +549,7 @@ def test_a_full_disk_says_so_and_leaves_no_temporary_files(tmp_path, tokenizer, 
         def write(tmp):
             Path(tmp).write_text(text[: len(text) // 2], encoding="utf-8")
             full()
+
         atomic.atomic_write(path, write)
 
     if where == "shards":
@@ -507,17 +574,21 @@ def test_a_full_disk_says_so_and_leaves_no_temporary_files(tmp_path, tokenizer, 
 
 def test_train_tokenizer_command_line_checks(tmp_path, capsys):
     import train_tokenizer
+
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
-    for args, message in [(["--vocab-size", "0"], "--vocab-size must be >= 1"),
-                          (["--max-lines", "-1"], "--max-lines must be >= 1")]:
+    for args, message in [
+        (["--vocab-size", "0"], "--vocab-size must be >= 1"),
+        (["--max-lines", "-1"], "--max-lines must be >= 1"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             train_tokenizer.main(["--source", f"skypile={corpus}", "--out", str(tmp_path / "tok"), *args])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
-    for args, message in [(["--source", f"skypile={corpus}", "--out", str(tmp_path / "file")], "is a file"),
-                          (["--source", f"../x={corpus}", "--out", str(tmp_path / "tok")], "plain name"),
-                          (["--source", f"skypile={tmp_path / 'missing'}", "--out", str(tmp_path / "tok")],
-                           "does not exist")]:
+    for args, message in [
+        (["--source", f"skypile={corpus}", "--out", str(tmp_path / "file")], "is a file"),
+        (["--source", f"../x={corpus}", "--out", str(tmp_path / "tok")], "plain name"),
+        (["--source", f"skypile={tmp_path / 'missing'}", "--out", str(tmp_path / "tok")], "does not exist"),
+    ]:
         with pytest.raises(SystemExit, match=message):
             train_tokenizer.main(args)
     assert not (tmp_path / "tok").exists()
@@ -529,7 +600,8 @@ def test_files_a_format_does_not_read_are_counted_once_each_with_any_unit_size(t
     write_corpus(folder / "a.jsonl", many_docs(20))
     (folder / "notes.txt").write_text("一段不该读的笔记。\n\n" * 3000, encoding="utf-8")  # ~100 KB of text
     (folder / "table.csv").write_text("x,y\n1,2\n", encoding="utf-8")
-    manifest = process([corpora.parse_source(f"skypile={folder}")], tmp_path / "out", tokenizer, workers=2,
-                       unit_bytes=4096)[0]
+    manifest = process(
+        [corpora.parse_source(f"skypile={folder}")], tmp_path / "out", tokenizer, workers=2, unit_bytes=4096
+    )[0]
     assert manifest["documents_kept"] == 20
     assert manifest["skipped"] == {"file of a kind this format does not read": 2}

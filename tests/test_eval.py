@@ -10,18 +10,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, save, tiny_model
 
 import eval as ev
 from corpora import parse_source
 from lm_head import IGNORE_INDEX
 
-
-
-
-
+from conftest import SAMPLE, save, tiny_model
 
 # ---------------------------------------------------------------- perplexity
+
 
 @pytest.mark.parametrize("stride", [None, 8, 3])
 def test_windows_predict_every_token_once(stride):
@@ -32,7 +29,7 @@ def test_windows_predict_every_token_once(stride):
     for x, y in rows:
         assert len(x) == len(y) <= 8
         start = seq.index(x[0])
-        assert x == seq[start:start + len(x)]  # a contiguous window
+        assert x == seq[start : start + len(x)]  # a contiguous window
         for k, target in enumerate(y):  # every target is the id after its input
             if target != IGNORE_INDEX:
                 assert target == seq[start + k + 1]
@@ -73,7 +70,7 @@ def test_trained_model_has_lower_ppl_on_its_text_than_shuffled(tiny_tokenizer):
     g = torch.Generator().manual_seed(0)
     for _ in range(120):
         starts = torch.randint(0, len(stream) - 33, (16,), generator=g)
-        rows = torch.stack([stream[s:s + 33] for s in starts])
+        rows = torch.stack([stream[s : s + 33] for s in starts])
         loss = model(rows[:, :-1], rows[:, 1:])
         opt.zero_grad()
         loss.backward()
@@ -82,7 +79,9 @@ def test_trained_model_has_lower_ppl_on_its_text_than_shuffled(tiny_tokenizer):
     chars = list(text)
     random.Random(0).shuffle(chars)
     shuffled = "".join(chars)
-    own, other = (ev.perplexity(model, tok, [(tok.encode_batch([t])[0] + [tok.eos_id], len(t))]) for t in (text, shuffled))
+    own, other = (
+        ev.perplexity(model, tok, [(tok.encode_batch([t])[0] + [tok.eos_id], len(t))]) for t in (text, shuffled)
+    )
     assert own["ppl"] < 3 and own["ppl"] * 10 < other["ppl"]
     assert own["bits_per_char"] < other["bits_per_char"]
 
@@ -97,16 +96,42 @@ def test_ppl_cli_reads_text_and_token_folders_alike(tiny_tokenizer, tiny_tokeniz
     np.array([i for ids, _ in docs for i in ids], dtype=np.uint16).tofile(tokens / "tokens_0000.bin")
     (tokens / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": tok.fingerprint}}))
     out = tmp_path / "ppl.json"
-    results = ev.main(["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu",
-                       "--source", f"heldout={heldout}", "--source", f"shards={tokens}", "--out", str(out)])
+    results = ev.main(
+        [
+            "ppl",
+            "--ckpt",
+            ckpt,
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--device",
+            "cpu",
+            "--source",
+            f"heldout={heldout}",
+            "--source",
+            f"shards={tokens}",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text(encoding="utf-8")) == results
     text, shards = results["sources"]["heldout"], results["sources"]["shards"]
     assert text["documents"] == shards["documents"] == len(docs) > 1
     assert text["tokens"] == shards["tokens"] and text["chars"] == shards["chars"]
     assert text["nats"] == pytest.approx(shards["nats"], rel=1e-6)
     assert results["stride"] == 64 and results["phase"] == "clinical" and results["step"] == 7
-    two = ev.main(["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source", f"shards={tokens}",
-                   "--max-docs", "2"])
+    two = ev.main(
+        [
+            "ppl",
+            "--ckpt",
+            ckpt,
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--source",
+            f"shards={tokens}",
+            "--max-docs",
+            "2",
+        ]
+    )
     assert two["sources"]["shards"]["documents"] == 2
     (tokens / "manifest.json").write_text(json.dumps({"tokenizer": {"sha256": "f" * 64}}))
     with pytest.raises(SystemExit, match="another tokenizer"):
@@ -114,6 +139,7 @@ def test_ppl_cli_reads_text_and_token_folders_alike(tiny_tokenizer, tiny_tokeniz
 
 
 # ---------------------------------------------------------------- multiple choice
+
 
 def write_csv(path, header, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,13 +154,16 @@ VAL = [  # answers, and the option each table below prefers (marked *)
     ["2", "缺铁性贫血首选____", "口服铁剂", "降压药*", "抗病毒药", "激素", "A", ""],
     ["3", "过敏性鼻炎首选检查____", "胃镜", "过敏原检测*", "骨密度", "肌电图", "B", ""],
 ]
-DEV = [["0", "成人正常心率是____", "40次", "60~100次", "150次", "200次", "B", "常识"],
-       ["1", "人体最大的器官是____", "心脏", "肝脏", "皮肤", "肺", "C", ""]]
+DEV = [
+    ["0", "成人正常心率是____", "40次", "60~100次", "150次", "200次", "B", "常识"],
+    ["1", "人体最大的器官是____", "心脏", "肝脏", "皮肤", "肺", "C", ""],
+]
 
 
 def table_scorer(tok, values, per_token, seen=None):
     """A scorer from a table {option text: value}: the summed log-prob is value * tokens (so the mean
     is the value) or the value itself (so the sum is)."""
+
     def score(requests):
         out = []
         for context, continuation in requests:
@@ -143,6 +172,7 @@ def table_scorer(tok, values, per_token, seen=None):
                 seen.append((tok.decode(context), text))
             out.append(values.get(text, -5.0) * (len(continuation) if per_token else 1))
         return out
+
     return score
 
 
@@ -180,19 +210,38 @@ def test_mcq_few_shot_from_dev_split_and_prompt_format(tiny_tokenizer, tmp_path,
     assert "人体最大的器官是" not in context and "治疗肺结核" not in context
     assert option == "血尿酸测定"
     if mode == "continue":
-        assert context.startswith("问题：成人正常心率是") and context.endswith("问题：" + VAL[0][1] + "\nA. 血尿酸测定\n"
-                                                                         "B. 腹部超声\nC. 睡眠日记\nD. 血脂四项\n答案：")
+        assert context.startswith("问题：成人正常心率是") and context.endswith(
+            "问题：" + VAL[0][1] + "\nA. 血尿酸测定\nB. 腹部超声\nC. 睡眠日记\nD. 血脂四项\n答案："
+        )
     else:
         assert context.endswith("D. 血脂四项<s>") and "60~100次</s>" in context  # template: shot turn, open turn
 
 
 CMB = [
-    {"id": 1, "exam_subject": "内科", "question_type": "单项选择题", "question": "贫血初筛首选",
-     "option": {"A": "头颅CT", "B": "血常规", "C": "肌电图", "D": "骨密度", "E": ""}, "answer": "B"},
-    {"id": 2, "exam_subject": "内科", "question_type": "多项选择题", "question": "糖尿病典型症状有",
-     "option": {"A": "多饮", "B": "震颤", "C": "多尿", "D": ""}, "answer": "AC"},
-    {"id": 3, "exam_subject": "风湿科", "question_type": "多项选择题", "question": "痛风患者应",
-     "option": {"A": "少吃内脏", "B": "戒酒", "C": "喝甜饮料", "D": "多饮水"}, "answer": "ABD"},
+    {
+        "id": 1,
+        "exam_subject": "内科",
+        "question_type": "单项选择题",
+        "question": "贫血初筛首选",
+        "option": {"A": "头颅CT", "B": "血常规", "C": "肌电图", "D": "骨密度", "E": ""},
+        "answer": "B",
+    },
+    {
+        "id": 2,
+        "exam_subject": "内科",
+        "question_type": "多项选择题",
+        "question": "糖尿病典型症状有",
+        "option": {"A": "多饮", "B": "震颤", "C": "多尿", "D": ""},
+        "answer": "AC",
+    },
+    {
+        "id": 3,
+        "exam_subject": "风湿科",
+        "question_type": "多项选择题",
+        "question": "痛风患者应",
+        "option": {"A": "少吃内脏", "B": "戒酒", "C": "喝甜饮料", "D": "多饮水"},
+        "answer": "ABD",
+    },
 ]
 
 
@@ -202,7 +251,9 @@ def test_cmb_multi_answer_exact_set_and_cmexam_skips_unknown(tiny_tokenizer, tmp
     (tmp_path / "cmb" / "CMB-val-merge.json").write_text(json.dumps(CMB, ensure_ascii=False), encoding="utf-8")
     table = {"血常规": -1.0, "多饮；多尿": -1.0, "少吃内脏；戒酒": -1.0}  # right, right, a subset of the gold set
     seen = []
-    r = ev.evaluate_mcq(parse_source(f"cmb={tmp_path / 'cmb'}"), tok, table_scorer(tok, table, True, seen), "chat", shots=1)
+    r = ev.evaluate_mcq(
+        parse_source(f"cmb={tmp_path / 'cmb'}"), tok, table_scorer(tok, table, True, seen), "chat", shots=1
+    )
     assert len(seen) == 4 + 7 + 15  # single options; every non-empty combination of 3 and of 4 options
     assert [i["predicted"]["mean"] for i in r["items"]] == ["B", "AC", "AB"]
     assert r["overall"]["correct_mean"] == 2 and r["multi"]["n"] == 2 and r["multi"]["correct_mean"] == 1
@@ -216,12 +267,18 @@ def test_cmb_multi_answer_exact_set_and_cmexam_skips_unknown(tiny_tokenizer, tmp
         assert context.count("糖尿病典型症状有") == 1 and "贫血初筛首选" in context
 
     header = ["Question", "Options", "Answer", "Explanation", "Clinical Department"]
-    write_csv(tmp_path / "cmexam" / "val.csv", header, [
-        ["贫血初筛首选", "A 头颅CT\nB 血常规\nC 肌电图", "B", "", "血液科"],
-        ["无答案的题", "A 甲\nB 乙", "", "", "血液科"],
-        ["痛风患者应", "A 少吃内脏\nB 喝甜饮料", "A", "", "风湿科"]])
-    r = ev.evaluate_mcq(parse_source(f"cmexam={tmp_path / 'cmexam'}"), tok, table_scorer(tok, {"喝甜饮料": -1.0}, True),
-                        "continue")
+    write_csv(
+        tmp_path / "cmexam" / "val.csv",
+        header,
+        [
+            ["贫血初筛首选", "A 头颅CT\nB 血常规\nC 肌电图", "B", "", "血液科"],
+            ["无答案的题", "A 甲\nB 乙", "", "", "血液科"],
+            ["痛风患者应", "A 少吃内脏\nB 喝甜饮料", "A", "", "风湿科"],
+        ],
+    )
+    r = ev.evaluate_mcq(
+        parse_source(f"cmexam={tmp_path / 'cmexam'}"), tok, table_scorer(tok, {"喝甜饮料": -1.0}, True), "continue"
+    )
     assert r["skipped"] == {ev.NO_ANSWER: 1} and r["overall"]["n"] == 2 and r["overall"]["correct_mean"] == 0
     assert r["skipped_examples"] == [f"{tmp_path / 'cmexam' / 'val.csv'}:5: {ev.NO_ANSWER}"]  # row 1 spans lines 2-4
     assert r["overall"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
@@ -233,19 +290,42 @@ def test_mcq_sample_files_end_to_end(tiny_tokenizer, tiny_tokenizer_dir, tmp_pat
     ckpt = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "sft.pt", tok, step=7, phase="sft")
     out = tmp_path / "mcq.json"
     sources = [f"{name}={SAMPLE / 'eval' / name}" for name in ("ceval", "cmmlu", "cmb", "cmexam")]
-    ev.main(["mcq", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--shots", "1", "--device", "cpu",
-             "--out", str(out)] + [arg for s in sources for arg in ("--source", s)])
+    ev.main(
+        [
+            "mcq",
+            "--ckpt",
+            ckpt,
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--shots",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+        + [arg for s in sources for arg in ("--source", s)]
+    )
     results = json.loads(out.read_text(encoding="utf-8"))
     assert results["mode"] == "chat" and results["shots"] == 1 and results["norm"] == "mean"
     counts = {name: (r["overall"]["n"], r["multi"]["n"], r["skipped"]) for name, r in results["sources"].items()}
-    assert counts == {"ceval": (20, 0, {}), "cmmlu": (20, 0, {}), "cmb": (16, 2, {}),
-                      "cmexam": (15, 0, {ev.NO_ANSWER: 1})}
+    assert counts == {
+        "ceval": (20, 0, {}),
+        "cmmlu": (20, 0, {}),
+        "cmb": (16, 2, {}),
+        "cmexam": (15, 0, {ev.NO_ANSWER: 1}),
+    }
     for name, r in results["sources"].items():
         assert r["truncated"] == 0 and r["shot_pool_skipped"] == {}
         assert sum(s["n"] for s in r["subjects"].values()) == r["overall"]["n"] == len(r["items"])
     assert results["sources"]["ceval"]["overall"]["chance"] == 0.25
     assert results["sources"]["cmb"]["multi"]["chance"] == pytest.approx((1 / 15 + 1 / 31) / 2)  # 4 and 5 options
-    assert "dev" in results["sources"]["cmmlu"]["files"][str(SAMPLE / "eval" / "cmmlu" / "test" / "clinical_knowledge.csv")]["shots_from"]
+    assert (
+        "dev"
+        in results["sources"]["cmmlu"]["files"][str(SAMPLE / "eval" / "cmmlu" / "test" / "clinical_knowledge.csv")][
+            "shots_from"
+        ]
+    )
     printed = capsys.readouterr().out
     assert "multi-answer (exact set)" in printed and "chance" in printed
 
@@ -256,8 +336,25 @@ def test_generate_writes_answers_side_by_side(tiny_tokenizer, tiny_tokenizer_dir
     torch.manual_seed(1)
     sft = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "sft.pt", tok, step=7, phase="sft")
     out = tmp_path / "answers.md"
-    ev.main(["generate", "--ckpt", base, "--ckpt", sft, "--tokenizer", str(tiny_tokenizer_dir), "--questions",
-             str(SAMPLE / "chat_questions.txt"), "--out", str(out), "--max-new-tokens", "6", "--device", "cpu"])
+    ev.main(
+        [
+            "generate",
+            "--ckpt",
+            base,
+            "--ckpt",
+            sft,
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--questions",
+            str(SAMPLE / "chat_questions.txt"),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ]
+    )
     md = out.read_text(encoding="utf-8")
     questions = (SAMPLE / "chat_questions.txt").read_text(encoding="utf-8").split()
     assert all(f"## {i + 1}. {q}" in md for i, q in enumerate(questions))
@@ -267,6 +364,7 @@ def test_generate_writes_answers_side_by_side(tiny_tokenizer, tiny_tokenizer_dir
 
 
 # ---------------------------------------------------------------- the real scorer, skipped items, bad input
+
 
 def test_model_scorer_matches_a_hand_computed_log_likelihood(tiny_tokenizer):
     """Through eval.model_scorer with a real model: every option token, the first one included, is scored
@@ -292,6 +390,7 @@ def test_chat_prompt_encodes_each_shot_with_its_own_answer(tiny_tokenizer):
     shots = [{"question": f"第{i}题", "options": {"A": f"甲{i}", "B": f"乙{i}"}, "answer": "B"} for i in range(3)]
     q = {"question": "本题", "options": {"A": "对", "B": "错"}, "answer": "A"}
     requests = ev.encode_question(q, shots, ["对", "错"], tok, "chat")
+
     def enc(text):
         return tok.encode_batch([text])[0]
 
@@ -312,31 +411,59 @@ def cmb_file(tmp_path, records):
 
 def test_every_skipped_question_is_counted_by_reason(tiny_tokenizer, tmp_path):
     many = {letter: f"选项{letter}" for letter in "ABCDEFGHIJKL"}  # 12 options: 4095 answer sets if enumerated
-    folder = cmb_file(tmp_path, CMB[:2] + [
-        {"question": "答案不在选项里", "option": {"A": "甲", "B": "乙"}, "answer": "E"},
-        {"question": "没有答案", "option": {"A": "甲", "B": "乙"}, "answer": ""},
-        {"question": "十二个选项的多选题", "option": many, "answer": "ACE"},
-        {"question": "十二个选项的单选题", "option": many, "answer": "L"},
-        {"question": "选项不是字母", "option": {"A": "甲", "BB": "乙"}, "answer": "A"}])
+    folder = cmb_file(
+        tmp_path,
+        CMB[:2]
+        + [
+            {"question": "答案不在选项里", "option": {"A": "甲", "B": "乙"}, "answer": "E"},
+            {"question": "没有答案", "option": {"A": "甲", "B": "乙"}, "answer": ""},
+            {"question": "十二个选项的多选题", "option": many, "answer": "ACE"},
+            {"question": "十二个选项的单选题", "option": many, "answer": "L"},
+            {"question": "选项不是字母", "option": {"A": "甲", "BB": "乙"}, "answer": "A"},
+        ],
+    )
     seen = []
-    r = ev.evaluate_mcq(parse_source(f"cmb={folder}"), tiny_tokenizer, table_scorer(tiny_tokenizer, {}, True, seen),
-                        "continue")
+    r = ev.evaluate_mcq(
+        parse_source(f"cmb={folder}"), tiny_tokenizer, table_scorer(tiny_tokenizer, {}, True, seen), "continue"
+    )
     assert r["overall"]["n"] == 3 and len(seen) == 4 + 7 + 12  # the 12-option single-answer item is scored
-    assert r["skipped"] == {"answer is not one of the options": 1, ev.NO_ANSWER: 1, ev.TOO_MANY_OPTIONS: 1,
-                            "option key is not one capital letter": 1}
+    assert r["skipped"] == {
+        "answer is not one of the options": 1,
+        ev.NO_ANSWER: 1,
+        ev.TOO_MANY_OPTIONS: 1,
+        "option key is not one capital letter": 1,
+    }
     path = folder / "CMB-val-merge.json"
     assert f"{path}:#4: {ev.TOO_MANY_OPTIONS} (12 options)" in r["skipped_examples"]
 
 
-def test_a_benchmark_with_nothing_scorable_is_an_error_with_its_reasons(tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
-                                                                       capsys):
+def test_a_benchmark_with_nothing_scorable_is_an_error_with_its_reasons(
+    tiny_tokenizer, tiny_tokenizer_dir, tmp_path, capsys
+):
     tok = tiny_tokenizer
     ckpt = save(tiny_model(tok.vocab_size, max_seq_len=256), tmp_path / "sft.pt", tok, step=7, phase="sft")
-    bad = cmb_file(tmp_path, [{"question": f"题{i}", "option": {"A": "甲", "B": "乙"}, "answer": "D"} for i in range(3)])
+    bad = cmb_file(
+        tmp_path, [{"question": f"题{i}", "option": {"A": "甲", "B": "乙"}, "answer": "D"} for i in range(3)]
+    )
     out = tmp_path / "mcq.json"
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["mcq", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu", "--out", str(out),
-                 "--source", f"cmb={bad}", "--source", f"ceval={SAMPLE / 'eval' / 'ceval'}"])
+        ev.main(
+            [
+                "mcq",
+                "--ckpt",
+                ckpt,
+                "--tokenizer",
+                str(tiny_tokenizer_dir),
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--source",
+                f"cmb={bad}",
+                "--source",
+                f"ceval={SAMPLE / 'eval' / 'ceval'}",
+            ]
+        )
     message = str(exit_info.value)
     assert message.startswith(f"eval.py mcq: no question of source 'cmb' ({bad}) could be scored")
     assert "'answer is not one of the options': 3" in message and "cmb reads json files" in message
@@ -369,20 +496,31 @@ def test_ppl_with_nothing_to_score_is_an_error(tiny_tokenizer, tiny_tokenizer_di
         ev.main(["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source", f"shards={tokens}"])
 
 
-@pytest.mark.parametrize("args,message", [(["--batch-size", "0"], "--batch-size must be >= 1"),
-                                          (["--shots", "-1"], "--shots must be >= 0")])
+@pytest.mark.parametrize(
+    "args,message", [(["--batch-size", "0"], "--batch-size must be >= 1"), (["--shots", "-1"], "--shots must be >= 0")]
+)
 def test_mcq_numeric_arguments_are_checked_first(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:  # no checkpoint exists: the check comes before loading
         ev.main(["mcq", "--ckpt", str(tmp_path / "none.pt"), "--source", f"ceval={SAMPLE / 'eval' / 'ceval'}", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_out_problems_are_one_line_and_leave_no_temporary_file(tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
-                                                               monkeypatch):
+def test_out_problems_are_one_line_and_leave_no_temporary_file(
+    tiny_tokenizer, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
     tok = tiny_tokenizer
     ckpt = save(tiny_model(tok.vocab_size, max_seq_len=64), tmp_path / "ckpt.pt", tok, step=7, phase="clinical")
-    args = ["ppl", "--ckpt", ckpt, "--tokenizer", str(tiny_tokenizer_dir), "--source",
-            f"heldout={SAMPLE / 'heldout'}", "--max-docs", "1"]
+    args = [
+        "ppl",
+        "--ckpt",
+        ckpt,
+        "--tokenizer",
+        str(tiny_tokenizer_dir),
+        "--source",
+        f"heldout={SAMPLE / 'heldout'}",
+        "--max-docs",
+        "1",
+    ]
     with pytest.raises(SystemExit, match="is a folder: give a file"):
         ev.main(args + ["--out", str(tmp_path)])
     (tmp_path / "file").write_text("x")

@@ -8,8 +8,9 @@ from safetensors import safe_open
 
 import export_hf
 from checkpoint import atomic_save, model_checkpoint
-from conftest import wander
 from model import ModelArgs, Transformer
+
+from conftest import wander
 
 ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, rope_theta=50000.0, norm_eps=1e-6)
 
@@ -24,8 +25,10 @@ def exported(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory):
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     root = tmp_path_factory.mktemp("export")
-    atomic_save(model_checkpoint(model, model.args, phase="sft", step=11, tokenizer_fingerprint=tiny_tokenizer.fingerprint),
-                root / "ckpt.pt")
+    atomic_save(
+        model_checkpoint(model, model.args, phase="sft", step=11, tokenizer_fingerprint=tiny_tokenizer.fingerprint),
+        root / "ckpt.pt",
+    )
     export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(root / "hf"), "--tokenizer", str(tiny_tokenizer_dir)])
     return model, root
 
@@ -33,14 +36,33 @@ def exported(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory):
 def test_folder_contents_and_config(exported, tiny_tokenizer, tiny_tokenizer_dir):
     model, root = exported
     folder = root / "hf"
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
-            "tokenization_chatglm.py", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "tokenization_chatglm.py",
+        "README.md",
+    } <= {p.name for p in folder.iterdir()}
     assert not (root / "hf.tmp").exists()
     config = json.loads((folder / "config.json").read_text())
-    expected = dict(vocab_size=tiny_tokenizer.vocab_size, hidden_size=64, intermediate_size=model.args.ffn_dim,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                    rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=tiny_tokenizer.bos_id,
-                    eos_token_id=tiny_tokenizer.eos_id, pad_token_id=tiny_tokenizer.pad_id, torch_dtype="float32")
+    expected = dict(
+        vocab_size=tiny_tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=model.args.ffn_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=50000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=tiny_tokenizer.bos_id,
+        eos_token_id=tiny_tokenizer.eos_id,
+        pad_token_id=tiny_tokenizer.pad_id,
+        torch_dtype="float32",
+    )
     assert {k: config[k] for k in expected} == expected
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 50000.0}
     generation = json.loads((folder / "generation_config.json").read_text())
@@ -87,29 +109,55 @@ def test_transformers_round_trip(exported, tiny_tokenizer):
     assert export_hf.check(root / "hf", model) < 1e-4
 
     ours = model.generate([ids], 24, eos_id=tiny_tokenizer.eos_id, temperature=0)[0]
-    theirs = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=24, do_sample=False, repetition_penalty=1.0)[0, len(ids):].tolist()
+    theirs = hf.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=24,
+        do_sample=False,
+        repetition_penalty=1.0,
+    )[0, len(ids) :].tolist()
     assert len(ours) == 24 and theirs == ours
 
 
 def test_bfloat16_export(exported, tiny_tokenizer_dir, tmp_path):
     model, root = exported
-    export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(tmp_path / "bf16"), "--tokenizer",
-                    str(tiny_tokenizer_dir), "--dtype", "bfloat16"])
+    export_hf.main(
+        [
+            "--ckpt",
+            str(root / "ckpt.pt"),
+            "--out",
+            str(tmp_path / "bf16"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
     assert export_hf.check(tmp_path / "bf16", model, "bfloat16") < 1e-4  # ours with the same rounding
-    export_hf.main(["--ckpt", str(root / "ckpt.pt"), "--out", str(tmp_path / "bf16"), "--tokenizer",
-                    str(tiny_tokenizer_dir), "--force", "--no-check"])
+    export_hf.main(
+        [
+            "--ckpt",
+            str(root / "ckpt.pt"),
+            "--out",
+            str(tmp_path / "bf16"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--force",
+            "--no-check",
+        ]
+    )
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "float32"
     assert not (tmp_path / "bf16.old").exists()
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
     with pytest.raises(SystemExit, match="no checkpoint"):
-        export_hf.main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "hf"), "--tokenizer",
-                        str(tiny_tokenizer_dir)])
+        export_hf.main(
+            ["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "hf"), "--tokenizer", str(tiny_tokenizer_dir)]
+        )
 
 
 def test_generate_with_the_exported_generation_config_is_our_greedy(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
@@ -122,17 +170,26 @@ def test_generate_with_the_exported_generation_config_is_our_greedy(tiny_tokeniz
     wander(model)  # greedy output wanders, so a repetition penalty would change it
     ckpt = model_checkpoint(model, model.args, phase="sft", tokenizer_fingerprint=tok.fingerprint)
     atomic_save(ckpt, tmp_path / "c.pt")
-    export_hf.main(["--ckpt", str(tmp_path / "c.pt"), "--out", str(tmp_path / "hf"), "--tokenizer",
-                    str(tiny_tokenizer_dir), "--no-check"])
+    export_hf.main(
+        [
+            "--ckpt",
+            str(tmp_path / "c.pt"),
+            "--out",
+            str(tmp_path / "hf"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--no-check",
+        ]
+    )
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     steps = hf.generation_config.max_new_tokens
     penalised_differs = False
     for question in ("高血压患者饮食上要注意什么？", "感冒", "头痛怎么办？"):
         ids = tok.encode_batch([question])[0] + [tok.bos_id]
         theirs = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-        theirs = theirs[0, len(ids):].tolist()
+        theirs = theirs[0, len(ids) :].tolist()
         ours = model.generate([ids], steps, eos_id=tok.eos_id, temperature=0)[0]
-        assert theirs[:len(ours)] == ours and theirs[len(ours):] in ([], [tok.eos_id]) and len(ours) > 8
+        assert theirs[: len(ours)] == ours and theirs[len(ours) :] in ([], [tok.eos_id]) and len(ours) > 8
         penalised = model.generate([ids], steps, eos_id=tok.eos_id, temperature=0, repetition_penalty=1.1)[0]
         penalised_differs |= penalised != ours
     assert penalised_differs  # the check above would see a penalty left in the generation config

@@ -4,16 +4,32 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT
 
-ITEMS = ["loss kernel", "train eager", "train compiled", "fused AdamW", "plain pretrain.py", "torchrun DDP",
-         "torchrun FSDP2", "resume", "generation", "export"]
+ITEMS = [
+    "loss kernel",
+    "train eager",
+    "train compiled",
+    "fused AdamW",
+    "plain pretrain.py",
+    "torchrun DDP",
+    "torchrun FSDP2",
+    "resume",
+    "generation",
+    "export",
+]
 
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_item_on_the_cpu(tmp_path):
-    result = subprocess.run([sys.executable, "gpu_check.py", "--device", "cpu", "--out", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "gpu_check.py", "--device", "cpu", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [line.split(" | ") for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
     results = {row[0].strip("| "): row[1] for row in rows[1:]}  # after the header row

@@ -141,8 +141,8 @@ def test_generation_stops_at_eos_per_sequence():
     free = m.generate(prompts, 10, temperature=0)
     eos = free[0][3]  # pretend the 4th token of sequence 0 is eos
     out = m.generate(prompts, 10, temperature=0, eos_id=eos)
-    assert out[0] == free[0][:free[0].index(eos)]
-    assert out[1] == (free[1][:free[1].index(eos)] if eos in free[1] else free[1])
+    assert out[0] == free[0][: free[0].index(eos)]
+    assert out[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
 
 
 def test_sampling_filters():
@@ -185,7 +185,9 @@ def test_loss_kernel_gradient_in_place():
     torch.testing.assert_close(grad, x.grad)
     bf16 = logits.bfloat16()
     loss16 = xent_grad_(bf16, targets, valid)  # bf16 logits: fp32 softmax in a scratch buffer
-    torch.testing.assert_close(loss16, F.cross_entropy(logits.bfloat16().float()[valid], targets[valid], reduction="sum"))
+    torch.testing.assert_close(
+        loss16, F.cross_entropy(logits.bfloat16().float()[valid], targets[valid], reduction="sum")
+    )
     assert bf16.dtype == torch.bfloat16 and torch.allclose(bf16.float(), x.grad, atol=1e-2)
 
 
@@ -240,7 +242,9 @@ def test_backward_allocates_no_vocab_sized_tensor(autocast):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            inputs = {a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+            inputs = {
+                a.data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+            }
             for t in torch.utils._pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.shape == (300, 64) and t.data_ptr() not in inputs:
                     self.ops.append(str(func))
@@ -284,7 +288,9 @@ def test_two_forwards_then_one_backward():
     grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
     logits1, logits2 = m(x1), m(x2)
-    (F.cross_entropy(logits1.flatten(0, 1), y1.flatten()) + 2 * F.cross_entropy(logits2.flatten(0, 1), y2.flatten())).backward()
+    (
+        F.cross_entropy(logits1.flatten(0, 1), y1.flatten()) + 2 * F.cross_entropy(logits2.flatten(0, 1), y2.flatten())
+    ).backward()
     for g, p in zip(grads, m.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
 

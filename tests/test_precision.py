@@ -5,15 +5,17 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT
 
 import precision
 from configurator import configure
 from trainer import TrainConfig
 
+from conftest import ROOT
 
-@pytest.mark.parametrize("speedup,expected", [(0.02, "float32"), (0.9, "float32"), (1.05, "float32"),
-                                              (2.3, "bfloat16"), (5.0, "bfloat16")])
+
+@pytest.mark.parametrize(
+    "speedup,expected", [(0.02, "float32"), (0.9, "float32"), (1.05, "float32"), (2.3, "bfloat16"), (5.0, "bfloat16")]
+)
 def test_auto_picks_bf16_only_where_it_is_faster(speedup, expected):
     choice = precision.resolve("auto", "cpu", "train", dim=128, speedup=speedup)
     assert choice.dtype == expected
@@ -22,10 +24,14 @@ def test_auto_picks_bf16_only_where_it_is_faster(speedup, expected):
 
 
 def test_start_up_line_names_the_factor():
-    assert str(precision.resolve("auto", "cpu", speedup=1 / 37)) == \
-        "float32 (auto: bf16 matmul 37x slower than fp32 on this CPU)"
-    assert str(precision.resolve("auto", "cpu", speedup=2.31)) == \
-        "bfloat16 (auto: bf16 matmul 2.3x faster than fp32 on this CPU)"
+    assert (
+        str(precision.resolve("auto", "cpu", speedup=1 / 37))
+        == "float32 (auto: bf16 matmul 37x slower than fp32 on this CPU)"
+    )
+    assert (
+        str(precision.resolve("auto", "cpu", speedup=2.31))
+        == "bfloat16 (auto: bf16 matmul 2.3x faster than fp32 on this CPU)"
+    )
 
 
 def test_explicit_bf16_on_a_slow_cpu_runs_as_asked_and_warns_once(monkeypatch):
@@ -51,8 +57,11 @@ def test_explicit_dtypes_are_kept_and_unknown_ones_refused():
 
 def test_the_probe_is_measured_once_per_shape(monkeypatch):
     calls = []
-    monkeypatch.setattr(precision, "_best_time", lambda a, b, repeats: calls.append(a.dtype) or
-                        (1.0 if a.dtype == torch.float32 else 4.0))
+    monkeypatch.setattr(
+        precision,
+        "_best_time",
+        lambda a, b, repeats: calls.append(a.dtype) or (1.0 if a.dtype == torch.float32 else 4.0),
+    )
     precision.bf16_speedup.cache_clear()
     try:
         assert precision.bf16_speedup(8, 16, 32) == 0.25  # the small square product already shows bf16 is slow
@@ -74,8 +83,9 @@ def test_shipped_configs_leave_dtype_on_auto(config):
     assert configure(namespace, [str(config)], TrainConfig)["dtype"] == "auto"
 
 
-def test_pretrain_with_auto_on_a_cpu_without_fast_bf16_trains_in_float32(tmp_path, monkeypatch, capsys,
-                                                                          tiny_tokenizer_dir, token_dir):
+def test_pretrain_with_auto_on_a_cpu_without_fast_bf16_trains_in_float32(
+    tmp_path, monkeypatch, capsys, tiny_tokenizer_dir, token_dir
+):
     from test_pretrain import tiny_args
 
     import pretrain

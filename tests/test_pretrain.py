@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_source
 
 from configurator import configure
 from dataset import DataError, PretrainData, TokenSource
@@ -20,24 +19,56 @@ from parallel import Dist
 from runlog import RunLog
 from trainer import NonFiniteLoss, Trainer, default_config, wsd_lr
 
-PHASES = [{"name": "one", "iters": 6, "mixture": {"general": 1}},
-          {"name": "two", "iters": 6, "decay": True, "mixture": {"general": 1, "medical": 1, "guide": 1}}]
+from conftest import ROOT, write_source
+
+DECAY_FIRST = {"name": "a", "iters": 2, "decay": True, "mixture": {"general": 1}}  # a decay phase before another
+PHASES = [
+    {"name": "one", "iters": 6, "mixture": {"general": 1}},
+    {"name": "two", "iters": 6, "decay": True, "mixture": {"general": 1, "medical": 1, "guide": 1}},
+]
 
 
 def tiny_args(out_dir, token_dir, tokenizer_dir, *extra):
     """pretrain.py arguments for a 2-layer d32 model over PHASES, fp32, logging every step."""
-    return ["config/pretrain_tiny.py", f"--data_dir={token_dir}", f"--out_dir={out_dir}", f"--tokenizer={tokenizer_dir}",
-            "--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--max_seq_len=32", "--batch_size=4",
-            "--warmup_iters=2", f"--phases={PHASES!r}", "--eval_interval=6", "--eval_windows=4", "--log_interval=1",
-            "--dropout=0.0", "--progress=False", "--dtype=float32", "--tensorboard=False", *extra]
+    return [
+        "config/pretrain_tiny.py",
+        f"--data_dir={token_dir}",
+        f"--out_dir={out_dir}",
+        f"--tokenizer={tokenizer_dir}",
+        "--dim=32",
+        "--n_layers=2",
+        "--n_heads=2",
+        "--n_kv_heads=1",
+        "--max_seq_len=32",
+        "--batch_size=4",
+        "--warmup_iters=2",
+        f"--phases={PHASES!r}",
+        "--eval_interval=6",
+        "--eval_windows=4",
+        "--log_interval=1",
+        "--dropout=0.0",
+        "--progress=False",
+        "--dtype=float32",
+        "--tensorboard=False",
+        *extra,
+    ]
 
 
 def cli(tmp_path, token_dir, tokenizer_dir, *extra, nproc=1, check=True):
     args = tiny_args(tmp_path, token_dir, tokenizer_dir, *extra)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={nproc}"]
-    result = subprocess.run(launcher + ["pretrain.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
+    result = subprocess.run(
+        launcher + ["pretrain.py"] + args,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -138,11 +169,23 @@ def test_configurator_overrides_and_rejects(tmp_path):
 
 # ---------------------------------------------------------------------------- trainer
 def make_trainer(dropout=0.1, **cfg_over):
-    cfg = default_config(dtype="float32", batch_size=4, grad_accum=1, learning_rate=1e-2, eval_interval=0,
-                         eval_windows=2, log_interval=1, save_interval=0, progress=False, tensorboard=False)
+    cfg = default_config(
+        dtype="float32",
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=1e-2,
+        eval_interval=0,
+        eval_windows=2,
+        log_interval=1,
+        save_interval=0,
+        progress=False,
+        tensorboard=False,
+    )
     cfg.update(cfg_over)
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=400, max_seq_len=32, dropout=dropout))
+    model = Transformer(
+        ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=400, max_seq_len=32, dropout=dropout)
+    )
     return Trainer(model, cfg, Dist("cpu"))
 
 
@@ -226,7 +269,7 @@ def test_ddp_two_processes_match_one(tmp_path, token_dir, tiny_tokenizer_dir):
     for run in ("ddp", "ddp_accum"):
         other = train_losses(tmp_path / run)
         assert [s for s, _ in other] == [s for s, _ in one]
-        np.testing.assert_allclose([l for _, l in other], [l for _, l in one], rtol=1e-5)
+        np.testing.assert_allclose([loss for _, loss in other], [loss for _, loss in one], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -236,7 +279,9 @@ def test_fsdp2_matches_and_resumes(tmp_path, token_dir, tiny_tokenizer_dir):
     cli(tmp_path / "one", token_dir, tiny_tokenizer_dir, "--batch_size=8")
     fsdp = tmp_path / "fsdp"
     cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", nproc=2)
-    np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in train_losses(tmp_path / "one")], rtol=1e-4)
+    np.testing.assert_allclose(
+        [loss for _, loss in train_losses(fsdp)], [loss for _, loss in train_losses(tmp_path / "one")], rtol=1e-4
+    )
     assert [p.name for p in (fsdp / "two").glob("ckpt.pt.dcp*")] == ["ckpt.pt.dcp-000000012"]  # this step's shards
     gathered, _ = load_model(fsdp / "two" / "ckpt.pt")  # full weights gathered for inference ...
     single, _ = load_model(tmp_path / "one" / "two" / "ckpt.pt")  # ... equal to one process's, up to summation order
@@ -247,7 +292,7 @@ def test_fsdp2_matches_and_resumes(tmp_path, token_dir, tiny_tokenizer_dir):
     (fsdp / "log.jsonl").unlink()
     shutil.rmtree(fsdp / "two")
     cli(fsdp, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", "--init_from=resume", nproc=2)
-    np.testing.assert_allclose([l for _, l in train_losses(fsdp)], [l for _, l in expected[6:]], rtol=1e-6)
+    np.testing.assert_allclose([loss for _, loss in train_losses(fsdp)], [loss for _, loss in expected[6:]], rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -261,21 +306,45 @@ def test_two_nodes_through_the_launcher(tmp_path, token_dir, tiny_tokenizer_dir)
         port = s.getsockname()[1]
     cli(tmp_path / "one", token_dir, tiny_tokenizer_dir, "--batch_size=8")
     common = tiny_args(tmp_path / "nodes", token_dir, tiny_tokenizer_dir)
-    env = {**os.environ, "SKIP_SETUP": "1", "NNODES": "2", "NPROC": "1", "MASTER": f"127.0.0.1:{port}",
-           "RDZV_ID": f"test{port}", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    nodes = [subprocess.Popen(["bash", "script/launch.sh", "pretrain.py"] + common, cwd=ROOT, env={**env, "NODE_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    env = {
+        **os.environ,
+        "SKIP_SETUP": "1",
+        "NNODES": "2",
+        "NPROC": "1",
+        "MASTER": f"127.0.0.1:{port}",
+        "RDZV_ID": f"test{port}",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    nodes = [
+        subprocess.Popen(
+            ["bash", "script/launch.sh", "pretrain.py"] + common,
+            cwd=ROOT,
+            env={**env, "NODE_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outputs = [n.communicate(timeout=300)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outputs[0][-2000:] + outputs[1][-2000:]
     assert "world 2" in "".join(outputs)
-    np.testing.assert_allclose([l for _, l in train_losses(tmp_path / "nodes")],
-                               [l for _, l in train_losses(tmp_path / "one")], rtol=1e-5)
+    np.testing.assert_allclose(
+        [loss for _, loss in train_losses(tmp_path / "nodes")],
+        [loss for _, loss in train_losses(tmp_path / "one")],
+        rtol=1e-5,
+    )
 
 
 def test_start_phase_from_checkpoint(tmp_path, token_dir, tiny_tokenizer_dir):
     cli(tmp_path / "a", token_dir, tiny_tokenizer_dir)
-    result = cli(tmp_path / "b", token_dir, tiny_tokenizer_dir, "--start_phase=two",
-                 f"--init_from={tmp_path / 'a' / 'one' / 'ckpt.pt'}")
+    result = cli(
+        tmp_path / "b",
+        token_dir,
+        tiny_tokenizer_dir,
+        "--start_phase=two",
+        f"--init_from={tmp_path / 'a' / 'one' / 'ckpt.pt'}",
+    )
     assert "starting phase two at step 6" in result.stdout
     assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")[6:]
     bad = cli(tmp_path / "c", token_dir, tiny_tokenizer_dir, "--start_phase=three", check=False)
@@ -290,21 +359,37 @@ def run_pretrain(out_dir, token_dir, tokenizer_dir, *extra):
     pretrain.main(tiny_args(out_dir, token_dir, tokenizer_dir, *extra))
 
 
-@pytest.mark.parametrize("extra,message", [
-    ([f"--phases={[{'name': 'one', 'iters': 6, 'decays': True, 'mixture': {'general': 1}}]!r}"],
-     r"phases\[0\] \('one'\): unknown key\(s\) \['decays'\]"),
-    ([f"--phases={[{'name': 'one', 'mixture': {'general': 1}}]!r}"], r"phases\[0\] \('one'\): missing \['iters'\]"),
-    ([f"--phases={[{'name': 'one', 'iters': 0, 'mixture': {'general': 1}}]!r}"], r"iters must be steps, an int >= 1"),
-    ([f"--phases={[{'name': '..', 'iters': 2, 'mixture': {'general': 1}}]!r}"], r"name must be a plain folder name"),
-    ([f"--phases={[{'name': 'one', 'iters': 2, 'mixture': {'../../etc': 1}}]!r}"], r"must be a folder name under data_dir"),
-    ([f"--phases={[{'name': 'a', 'iters': 2, 'decay': True, 'mixture': {'general': 1}}, {'name': 'b', 'iters': 2, 'mixture': {'general': 1}}]!r}"],
-     r"decay phases must come last"),
-    (["--grad_accum=0"], r"grad_accum must be >= 1, not 0"),
-    (["--batch_size=0"], r"batch_size must be >= 1, not 0"),
-    (["--decay_shape=cosin"], r"decay_shape must be one of"),
-    (["--learning_rate=-1.0"], r"learning_rate must be > 0"),
-    (["--grad_accum=True"], r"grad_accum must be int"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            [f"--phases={[{'name': 'one', 'iters': 6, 'decays': True, 'mixture': {'general': 1}}]!r}"],
+            r"phases\[0\] \('one'\): unknown key\(s\) \['decays'\]",
+        ),
+        ([f"--phases={[{'name': 'one', 'mixture': {'general': 1}}]!r}"], r"phases\[0\] \('one'\): missing \['iters'\]"),
+        (
+            [f"--phases={[{'name': 'one', 'iters': 0, 'mixture': {'general': 1}}]!r}"],
+            r"iters must be steps, an int >= 1",
+        ),
+        (
+            [f"--phases={[{'name': '..', 'iters': 2, 'mixture': {'general': 1}}]!r}"],
+            r"name must be a plain folder name",
+        ),
+        (
+            [f"--phases={[{'name': 'one', 'iters': 2, 'mixture': {'../../etc': 1}}]!r}"],
+            r"must be a folder name under data_dir",
+        ),
+        (
+            [f"--phases={[DECAY_FIRST, {'name': 'b', 'iters': 2, 'mixture': {'general': 1}}]!r}"],
+            r"decay phases must come last",
+        ),
+        (["--grad_accum=0"], r"grad_accum must be >= 1, not 0"),
+        (["--batch_size=0"], r"batch_size must be >= 1, not 0"),
+        (["--decay_shape=cosin"], r"decay_shape must be one of"),
+        (["--learning_rate=-1.0"], r"learning_rate must be > 0"),
+        (["--grad_accum=True"], r"grad_accum must be int"),
+    ],
+)
 def test_config_mistakes_stop_before_anything_is_written(tmp_path, token_dir, tiny_tokenizer_dir, extra, message):
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=message):
@@ -337,7 +422,9 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_step_zero(tmp_path, 
     tokens.tofile(shard)
     phases = f"--phases={[{'name': 'one', 'iters': 2, 'mixture': {'general': 1}}]!r}"
     with pytest.raises(SystemExit, match=f"token id {tiny_tokenizer.vocab_size + 5} is beyond the model's vocabulary"):
-        run_pretrain(tmp_path / "scanned", tmp_path, tiny_tokenizer_dir, phases)  # no max_token_id: the shards are scanned
+        run_pretrain(
+            tmp_path / "scanned", tmp_path, tiny_tokenizer_dir, phases
+        )  # no max_token_id: the shards are scanned
     manifest = json.loads((tmp_path / "general" / "manifest.json").read_text())
     manifest["shards"][0]["max_token_id"] = int(tokens.max())
     (tmp_path / "general" / "manifest.json").write_text(json.dumps(manifest))
@@ -346,8 +433,9 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_step_zero(tmp_path, 
     assert not (tmp_path / "recorded" / "one").exists()
     manifest["shards"][0]["max_token_id"] = 10  # a manifest that lies is caught at the batch that holds the id
     (tmp_path / "general" / "manifest.json").write_text(json.dumps(manifest))
-    data = PretrainData(tmp_path, {"general": 1}, seq_len=32, seed=0, vocab_size=tiny_tokenizer.vocab_size,
-                        sampling="sequential")
+    data = PretrainData(
+        tmp_path, {"general": 1}, seq_len=32, seed=0, vocab_size=tiny_tokenizer.vocab_size, sampling="sequential"
+    )
     with pytest.raises(DataError, match="general: a token id beyond the model's vocabulary"):
         for step in range(200):
             data.train_batches(step, 1, 8)
@@ -376,8 +464,9 @@ def test_resume_after_a_kill_that_tore_the_last_log_line(tmp_path, token_dir, ti
     assert train_losses(part) == train_losses(full)
 
 
-def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, token_dir,
-                                                                                   tiny_tokenizer_dir, monkeypatch):
+def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint(
+    tmp_path, token_dir, tiny_tokenizer_dir, monkeypatch
+):
     out = tmp_path / "run"
     run_pretrain(out, token_dir, tiny_tokenizer_dir, "--stop_at=6")
     before = (out / "one" / "ckpt.pt").read_bytes()
@@ -386,9 +475,13 @@ def test_a_full_disk_at_a_save_stops_with_one_line_and_keeps_the_last_checkpoint
     def full_disk(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit, match=r"pretrain.py: step 12: cannot write .*two/ckpt.pt: No space left on device; "
-                                         r"nothing was replaced"):
+    with pytest.raises(
+        SystemExit,
+        match=r"pretrain.py: step 12: cannot write .*two/ckpt.pt: No space left on device; "
+        r"nothing was replaced",
+    ):
         run_pretrain(out, token_dir, tiny_tokenizer_dir, "--init_from=resume")
     assert (out / "one" / "ckpt.pt").read_bytes() == before
     assert not list(out.rglob("*.tmp"))

@@ -1,17 +1,17 @@
 """The main job end to end (quickstart.py --smoke: every stage, 3 steps a phase), and README's commands."""
 
 import json
-from pathlib import Path
 import re
 import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from configurator import script_defaults
 from trainer import TrainConfig
+
+from conftest import ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -19,8 +19,13 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 @pytest.mark.slow
 def test_quickstart_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "qs"
-    result = subprocess.run([sys.executable, "quickstart.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "quickstart.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (out / "report.md").read_text(encoding="utf-8")
     for phase in ("general", "refined", "anneal", "clinical", "sft"):
@@ -35,11 +40,18 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
     first_train = next(r["loss"] for r in log if "loss" in r)
     validation = [r["val/val"] for r in log if "val/val" in r]
     assert len(validation) == 4 and validation[-1] < first_train - 0.5  # 12 steps learn something
-    heldout = {name: json.loads((out / "eval" / f"ppl_{name}.json").read_text())["sources"]["heldout"]["loss_per_token"]
-               for name in ("general", "clinical")}
+    heldout = {
+        name: json.loads((out / "eval" / f"ppl_{name}.json").read_text())["sources"]["heldout"]["loss_per_token"]
+        for name in ("general", "clinical")
+    }
     assert heldout["clinical"] < heldout["general"]  # the held-out loss falls from the first phase to the last
-    again = subprocess.run([sys.executable, "quickstart.py", "--smoke", "--out", str(out)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "quickstart.py", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") >= 5  # finished stages are reused
 
 
@@ -78,8 +90,9 @@ def test_readme_commands_name_real_scripts_and_flags():
             continue
         subcommand = (args[0],) if script == "eval.py" else ()  # eval.py's flags belong to its subcommands
         if (script, subcommand) not in helps:
-            helps[script, subcommand] = subprocess.run([sys.executable, script, *subcommand, "--help"], cwd=ROOT,
-                                                       capture_output=True, text=True, timeout=60).stdout
+            helps[script, subcommand] = subprocess.run(
+                [sys.executable, script, *subcommand, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+            ).stdout
         help_text = helps[script, subcommand]
         assert "usage" in help_text, (script, subcommand)
         for flag in flags:
@@ -112,6 +125,9 @@ def test_paths_named_in_docstrings_exist():
     """A docstring that sends the reader to a file must name one the repository has: no docs/ users do not
     get, no config that was renamed, no module that is gone (example paths of user data are not checked)."""
     named = sorted(docstring_paths())
-    missing = [(name, path) for name, path in named
-               if not ((ROOT / path).exists() or ("/" not in path and any(ROOT.glob(f"**/{path}"))))]
+    missing = [
+        (name, path)
+        for name, path in named
+        if not ((ROOT / path).exists() or ("/" not in path and any(ROOT.glob(f"**/{path}"))))
+    ]
     assert len(named) > 20 and not missing, missing

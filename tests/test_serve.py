@@ -13,8 +13,9 @@ import pytest
 
 import inference
 import serve
-from conftest import tiny_model, wander
 from engine import Engine, QueueFull, Request
+
+from conftest import tiny_model, wander
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -22,8 +23,6 @@ NAME = "tiny-sft"
 CONTEXT = 96
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 GREEDY_ARGS = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}  # the same, as the openai client takes it
-
-
 
 
 def greedy_text(model, tok, ids, max_tokens):
@@ -114,8 +113,13 @@ class Collector:
 def test_engine_greedy_equals_alone_with_joins_and_leaves(tiny_tokenizer):
     tok = tiny_tokenizer
     model = wander(tiny_model(tok.vocab_size, max_seq_len=CONTEXT))
-    questions = ("高血压患者饮食上要注意什么？", "感冒", "糖尿病需要控制饮食、规律运动吗？请详细说明。",
-                 "头痛怎么办？", "发烧")
+    questions = (
+        "高血压患者饮食上要注意什么？",
+        "感冒",
+        "糖尿病需要控制饮食、规律运动吗？请详细说明。",
+        "头痛怎么办？",
+        "发烧",
+    )
     prompts = [inference.build_prompt(tok, q)[0] for q in questions]
     lengths = [40, 12, 30, 25, 35]
     alone = [model.generate([p], n, eos_id=tok.eos_id, temperature=0)[0] for p, n in zip(prompts, lengths)]
@@ -149,10 +153,12 @@ def test_engine_per_row_sampling_settings(tiny_tokenizer):
         alone = engine.submit(prompt, 30, Collector(), seed=7, **settings).on_event.wait().tokens
         again = engine.submit(prompt, 30, Collector(), seed=7, **settings).on_event.wait().tokens
         other_seed = engine.submit(prompt, 30, Collector(), seed=8, **settings).on_event.wait().tokens
-        batch = [engine.submit(prompt, 30, Collector(), seed=7, **settings),
-                 engine.submit(prompt, 30, Collector(), temperature=0),
-                 engine.submit(prompt[3:], 30, Collector(), seed=3, temperature=1.5, top_k=5),
-                 engine.submit(prompt, 30, Collector(), seed=7, temperature=0.9)]
+        batch = [
+            engine.submit(prompt, 30, Collector(), seed=7, **settings),
+            engine.submit(prompt, 30, Collector(), temperature=0),
+            engine.submit(prompt[3:], 30, Collector(), seed=3, temperature=1.5, top_k=5),
+            engine.submit(prompt, 30, Collector(), seed=7, temperature=0.9),
+        ]
         batch = [r.on_event.wait().tokens for r in batch]
     finally:
         engine.stop()
@@ -190,8 +196,13 @@ def test_chat_completion_is_our_greedy_answer(served, client, tiny_tokenizer):
     question = "高血压患者饮食上要注意什么？"
     ids = inference.build_prompt(tiny_tokenizer, question)[0]
     expected, n = greedy_text(model, tiny_tokenizer, ids, 20)
-    reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
-                                           max_tokens=20, temperature=0, extra_body={"repetition_penalty": 1.0})
+    reply = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=20,
+        temperature=0,
+        extra_body={"repetition_penalty": 1.0},
+    )
     assert reply.choices[0].message.content == expected and len(expected) > 5
     assert reply.choices[0].finish_reason == ("length" if n == 20 else "stop")
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), n)
@@ -200,12 +211,24 @@ def test_chat_completion_is_our_greedy_answer(served, client, tiny_tokenizer):
 
 def test_streaming_chat_and_usage_chunk(served, client, tiny_tokenizer):
     _, model, _ = served
-    messages = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "头痛怎么办？"},
-                {"role": "assistant", "content": "多休息。"}, {"role": "user", "content": "还要注意什么？"}]
+    messages = [
+        {"role": "system", "content": "你是医生。"},
+        {"role": "user", "content": "头痛怎么办？"},
+        {"role": "assistant", "content": "多休息。"},
+        {"role": "user", "content": "还要注意什么？"},
+    ]
     ids = inference.build_prompt(tiny_tokenizer, "还要注意什么？", [("你是医生。\n头痛怎么办？", "多休息。")])[0]
     expected, n = greedy_text(model, tiny_tokenizer, ids, 16)
-    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=16, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY_ARGS))
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME,
+            messages=messages,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY_ARGS,
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected and len(chunks) > 3
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -229,7 +252,7 @@ def test_stop_strings_are_cut_and_not_returned(served, client, tiny_tokenizer):
     ids = inference.build_prompt(tiny_tokenizer, "感冒")[0]
     full, _ = greedy_text(model, tiny_tokenizer, ids, 30)
     stop = full[8:10]
-    before = full[:full.index(stop)]
+    before = full[: full.index(stop)]
     ask = dict(model=NAME, messages=[{"role": "user", "content": "感冒"}], max_tokens=30, **GREEDY_ARGS)
     reply = client.chat.completions.create(stop=[stop, "never appears"], **ask)
     assert reply.choices[0].message.content == before and reply.choices[0].finish_reason == "stop"
@@ -240,13 +263,15 @@ def test_stop_strings_are_cut_and_not_returned(served, client, tiny_tokenizer):
 def test_concurrent_requests_each_get_their_own_answer(served, client, tiny_tokenizer):
     _, model, _ = served
     questions = ["感冒", "头痛怎么办？", "高血压患者饮食上要注意什么？", "发烧了要吃药吗？", "失眠"]
-    expected = [greedy_text(model, tiny_tokenizer, inference.build_prompt(tiny_tokenizer, q)[0], 24)[0]
-                for q in questions]
+    expected = [
+        greedy_text(model, tiny_tokenizer, inference.build_prompt(tiny_tokenizer, q)[0], 24)[0] for q in questions
+    ]
     answers = [None] * len(questions)
 
     def ask(i):
-        reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": questions[i]}],
-                                               max_tokens=24, **GREEDY_ARGS)
+        reply = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": questions[i]}], max_tokens=24, **GREEDY_ARGS
+        )
         answers[i] = reply.choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
@@ -292,8 +317,12 @@ def test_request_errors(served):
     assert error_of(post(running, url, "[1, 2]"), 400)["code"] == "invalid_json"
     error = error_of(post(running, url, chat(n=2)), 400)
     assert error["param"] == "n" and "'n' must be 1" in error["message"]
-    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True),
-                         ("frequency_penalty", 0.5), ("response_format", {"type": "json_object"})]:
+    for field, value in [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("logprobs", True),
+        ("frequency_penalty", 0.5),
+        ("response_format", {"type": "json_object"}),
+    ]:
         error = error_of(post(running, url, chat(**{field: value})), 400)
         assert error["param"] == field and "not supported" in error["message"]
     assert post(running, url, chat(logprobs=False, n=1, frequency_penalty=0, max_tokens=2)).status_code == 200
@@ -306,8 +335,13 @@ def test_request_errors(served):
     assert error_of(post(running, url, chat(stop=["a", "b", "c", "d", "e"])), 400)["param"] == "stop"
     assert error_of(post(running, url, chat(stream_options={"include_usage": True})), 400)["param"] == "stream_options"
     assert error_of(post(running, url, {"model": NAME, "messages": []}), 400)["param"] == "messages"
-    assert "last message" in error_of(post(running, url, {"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}), 400)["message"]
+    assert (
+        "last message"
+        in error_of(
+            post(running, url, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+            400,
+        )["message"]
+    )
     tool = {"messages": [{"role": "tool", "content": "x"}]}
     assert error_of(post(running, url, tool), 400)["param"] == "messages[0].role"
     assert error_of(post(running, url, chat(model="gpt-4")), 404)["code"] == "model_not_found"
@@ -325,8 +359,10 @@ def test_api_key(served):
 
 
 def test_images_need_a_vision_language_checkpoint(served):
-    content = [{"type": "text", "text": "这是什么？"},
-               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    content = [
+        {"type": "text", "text": "这是什么？"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+    ]
     error = error_of(post(served[0], "/v1/chat/completions", chat(content)), 400)
     assert "vision-language checkpoint" in error["message"] and error["code"] == "unsupported_content"
     text_parts = post(served[0], "/v1/chat/completions", chat([{"type": "text", "text": "感冒"}], max_tokens=2))
@@ -343,13 +379,14 @@ def test_context_overflow_is_refused_or_trimmed(served, tiny_tokenizer):
     messages.append({"role": "user", "content": "还有呢？"})
     error = error_of(post(running, "/v1/chat/completions", {"messages": messages, "max_tokens": 10}), 400)
     assert error["code"] == "context_length_exceeded" and f"context is {CONTEXT} tokens" in error["message"]
-    reply = post(running, "/v1/chat/completions", {"messages": messages, "max_tokens": 10, "trim_history": True,
-                                                    **GREEDY})
+    reply = post(
+        running, "/v1/chat/completions", {"messages": messages, "max_tokens": 10, "trim_history": True, **GREEDY}
+    )
     assert reply.status_code == 200, reply.text
     body = reply.json()
     dropped = body["trimmed_turns"]
     assert 0 < dropped < len(turns)
-    kept = [("你是医生。\n" + turns[dropped][0], turns[dropped][1])] + turns[dropped + 1:]
+    kept = [("你是医生。\n" + turns[dropped][0], turns[dropped][1])] + turns[dropped + 1 :]
     ids = inference.build_prompt(tok, "还有呢？", kept)[0]  # the system text moved to the first kept turn
     assert body["usage"]["prompt_tokens"] == len(ids) <= CONTEXT - 10
     one_more = [("你是医生。\n" + turns[dropped - 1][0], turns[dropped - 1][1])] + turns[dropped:]
@@ -360,8 +397,10 @@ def test_context_overflow_is_refused_or_trimmed(served, tiny_tokenizer):
 def test_full_queue_and_disconnect_free_the_slot(slow):
     running, engine = slow
     body = chat("头痛怎么办？", max_tokens=80, stream=True, temperature=0)
-    with httpx.Client(base_url=running.url, headers=AUTH, timeout=30) as first, httpx.Client(
-            base_url=running.url, headers=AUTH, timeout=30) as second:
+    with (
+        httpx.Client(base_url=running.url, headers=AUTH, timeout=30) as first,
+        httpx.Client(base_url=running.url, headers=AUTH, timeout=30) as second,
+    ):
         with first.stream("POST", "/v1/chat/completions", json=body) as active:
             lines = active.iter_lines()  # kept: a dropped iterator closes the connection
             events = (line for line in lines if line.startswith("data: "))
@@ -414,16 +453,27 @@ class CannedEngine:
 def chromium():
     browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not browser or not driver:
-        pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
-                    "(apt-get install -y chromium chromium-driver)")
+        pytest.skip(
+            "headless browser test needs Debian's chromium and chromium-driver "
+            "(apt-get install -y chromium chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1100,700"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,700",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options), options
 
@@ -434,7 +484,7 @@ def test_page_streams_answers_in_a_browser(served, tiny_tokenizer, tmp_path):
 
     running, model, _ = served
     tok = tiny_tokenizer
-    payload = '<img src=x onerror="document.title=\'injected\'">'
+    payload = "<img src=x onerror=\"document.title='injected'\">"
     canned = Running(serve.create_app(serve.Server(CannedEngine(tok, payload), tok, "chat", NAME)))
     driver, _ = chromium()
     try:
@@ -443,8 +493,9 @@ def test_page_streams_answers_in_a_browser(served, tiny_tokenizer, tmp_path):
         driver.find_element(By.ID, "api-key").send_keys(KEY)
         driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", driver.find_element(By.ID, "api-key"))
         wait.until(lambda d: NAME in d.find_element(By.ID, "model").text)
-        driver.execute_script("document.getElementById('temperature').value = '0';"
-                              "document.getElementById('max-tokens').value = '24';")
+        driver.execute_script(
+            "document.getElementById('temperature').value = '0';document.getElementById('max-tokens').value = '24';"
+        )
         driver.find_element(By.ID, "system").send_keys("你是医生。")
 
         def answer_to(question):
@@ -459,8 +510,9 @@ def test_page_streams_answers_in_a_browser(served, tiny_tokenizer, tmp_path):
 
         def expected(question, history):
             ids = inference.build_prompt(tok, question, history)[0]
-            out = model.generate([ids], 24, eos_id=tok.eos_id, temperature=0,
-                                 repetition_penalty=inference.DEFAULTS["repetition_penalty"])[0]
+            out = model.generate(
+                [ids], 24, eos_id=tok.eos_id, temperature=0, repetition_penalty=inference.DEFAULTS["repetition_penalty"]
+            )[0]
             return tok.decode(out, skip_special_tokens=True)
 
         first, meta = answer_to("头痛怎么办？")

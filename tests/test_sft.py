@@ -10,13 +10,14 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, SAMPLE_SOURCES, tiny_model
 
 import corpora
 import sft_data_process
 from dataset_sft import SFTData, encode_turns, fit_turns, labels_for, render
 from lm_head import IGNORE_INDEX
 from model import ModelArgs, Transformer
+
+from conftest import ROOT, SAMPLE, SAMPLE_SOURCES, tiny_model
 
 BOS, EOS = 1, 2
 SFT_SOURCES = SAMPLE_SOURCES["sft"]
@@ -47,8 +48,6 @@ def test_truncation_keeps_answers_whole():
     assert fit_turns(turns, 19) == [([3] * 10, [4] * 6)]  # earliest turn dropped first
     assert fit_turns(turns, 12) == [([3] * 4, [4] * 6)]  # then the start of the last prompt
     assert fit_turns(turns, 8) is None  # the answer (6 + <eos>) and one prompt token + <bos> don't fit
-
-
 
 
 def test_prompt_targets_do_not_change_the_loss():
@@ -99,15 +98,22 @@ def test_every_sft_sample_set_is_read(sft_csv):
 
 def test_csv_round_trips_commas_quotes_newlines(tmp_path):
     tricky = tmp_path / "tricky.jsonl"
-    records = [{"query": '他说："头痛, 发热"，怎么办？', "response": "第一，多喝水；\n第二，休息。\n\"注意\"体温, 必要时就医。"},
-               {"query": "重复", "response": "重复的回答"}, {"query": "重复", "response": "重复的回答"},
-               {"query": "", "response": "没有问题"}, {"oops": 1}]
+    records = [
+        {"query": '他说："头痛, 发热"，怎么办？', "response": '第一，多喝水；\n第二，休息。\n"注意"体温, 必要时就医。'},
+        {"query": "重复", "response": "重复的回答"},
+        {"query": "重复", "response": "重复的回答"},
+        {"query": "", "response": "没有问题"},
+        {"oops": 1},
+    ]
     tricky.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n{not json\n", encoding="utf-8")
     out = tmp_path / "out.csv"
     summary = sft_data_process.process([corpora.parse_source(f"chatmed_consult={tricky}")], out)
     with open(out, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["prompt"], r["answer"]) for r in rows] == [(records[0]["query"], records[0]["response"]), ("重复", "重复的回答")]
+    assert [(r["prompt"], r["answer"]) for r in rows] == [
+        (records[0]["query"], records[0]["response"]),
+        ("重复", "重复的回答"),
+    ]
     s = summary["chatmed_consult"]
     assert s["kept"] == 2 and s["dropped"] == {"duplicate": 1}
     assert sum(s["skipped_records"].values()) == 3  # empty prompt, wrong fields, broken JSON line
@@ -117,9 +123,15 @@ def test_csv_round_trips_commas_quotes_newlines(tmp_path):
 
 def test_length_filters(tmp_path):
     src = tmp_path / "c.jsonl"
-    src.write_text(json.dumps({"query": "问" * 50, "response": "答"}, ensure_ascii=False) + "\n" +
-                   json.dumps({"query": "问", "response": "答" * 50}, ensure_ascii=False) + "\n" +
-                   json.dumps({"query": "问", "response": "答"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    src.write_text(
+        json.dumps({"query": "问" * 50, "response": "答"}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"query": "问", "response": "答" * 50}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"query": "问", "response": "答"}, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
     summary = sft_data_process.process([corpora.parse_source(f"chatmed_consult={src}")], tmp_path / "o.csv", 20, 20)
     assert summary["chatmed_consult"]["dropped"] == {"prompt too long": 1, "answer too long": 1}
     assert summary["chatmed_consult"]["kept"] == 1
@@ -128,14 +140,18 @@ def test_length_filters(tmp_path):
 def test_sft_data_batches_mask_answers(sft_csv, tokenizer, tmp_path):
     """The batches the trainer receives: targets exactly at the answer tokens and the closing <eos>, each
     predicted from the token before it (expected rows built here from the texts, not by labels_for)."""
-    conversations = [("头痛怎么办？", "多休息，多喝水。"), ("发烧三天了", "请尽快就医。"), ("咳嗽有痰", "可以多喝温水，观察几天。")]
+    conversations = [
+        ("头痛怎么办？", "多休息，多喝水。"),
+        ("发烧三天了", "请尽快就医。"),
+        ("咳嗽有痰", "可以多喝温水，观察几天。"),
+    ]
     path = tmp_path / "three.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["prompt", "answer", "history", "source"])
         writer.writerows([(q, a, "[]", "s") for q, a in conversations])
     small = SFTData(path, tokenizer, seq_len=64, seed=0, val_fraction=0.0)
-    (x, y), = small.train_batches(0, 1, 3)
+    ((x, y),) = small.train_batches(0, 1, 3)
     assert x.shape == y.shape and x.shape[1] == 32  # the longest row, rounded up to 32
     expected = {}
     for q, a in conversations:
@@ -144,12 +160,12 @@ def test_sft_data_batches_mask_answers(sft_csv, tokenizer, tmp_path):
         row_y = [IGNORE_INDEX] * len(p_ids) + a_ids + [tokenizer.eos_id]
         expected[tuple(row_x)] = row_y
     for row_x, row_y in zip(x.tolist(), y.tolist()):
-        key = next(k for k in expected if tuple(row_x[:len(k)]) == k)
+        key = next(k for k in expected if tuple(row_x[: len(k)]) == k)
         assert row_y == expected[key] + [IGNORE_INDEX] * (len(row_y) - len(expected[key]))
     data = SFTData(sft_csv[0], tokenizer, seq_len=256, seed=0, val_fraction=0.1)
     whole = data.train_batches(3, 1, 8)[0]
     split = [data.train_batches(3, 2, 4)[0], data.train_batches(3, 2, 4)[1]]
-    assert torch.equal(whole[1][:4, :split[0][1].shape[1]], split[0][1][:, :whole[1].shape[1]])
+    assert torch.equal(whole[1][:4, : split[0][1].shape[1]], split[0][1][:, : whole[1].shape[1]])
     packed = SFTData(sft_csv[0], tokenizer, seq_len=256, seed=0, val_fraction=0.1, pack=True)
     assert len(packed.epoch(0)) < len(data.epoch(0))
     assert sorted(i for row in packed.epoch(0) for i in row) == sorted(data.train_ids.tolist())
@@ -161,17 +177,36 @@ def test_sft_lowers_answer_loss(tmp_path, sft_csv, tiny_tokenizer_dir):
     """A random model fine-tuned on the sample SFT sets: the held-out answer loss falls well below a fresh model's."""
     from chatglm_tokenizer import load_tokenizer
     from checkpoint import atomic_save, model_checkpoint
+
     tok = load_tokenizer(tiny_tokenizer_dir)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.vocab_size, max_seq_len=512)
     torch.manual_seed(0)
-    atomic_save(model_checkpoint(Transformer(args), args, step=0, phase="init", tokenizer_fingerprint=tok.fingerprint),
-                tmp_path / "init.pt")
+    atomic_save(
+        model_checkpoint(Transformer(args), args, step=0, phase="init", tokenizer_fingerprint=tok.fingerprint),
+        tmp_path / "init.pt",
+    )
     out = tmp_path / "sft"
-    result = subprocess.run([sys.executable, "sft.py", "config/sft_tiny.py", f"--sft_csv={sft_csv[0]}",
-                             f"--init_from={tmp_path / 'init.pt'}", f"--tokenizer={tiny_tokenizer_dir}", f"--out_dir={out}",
-                             "--max_iters=60", "--eval_interval=30", "--learning_rate=3e-3", "--progress=False",
-                             "--tensorboard=False", "--val_fraction=0.1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "sft.py",
+            "config/sft_tiny.py",
+            f"--sft_csv={sft_csv[0]}",
+            f"--init_from={tmp_path / 'init.pt'}",
+            f"--tokenizer={tiny_tokenizer_dir}",
+            f"--out_dir={out}",
+            "--max_iters=60",
+            "--eval_interval=30",
+            "--learning_rate=3e-3",
+            "--progress=False",
+            "--tensorboard=False",
+            "--val_fraction=0.1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r["val/val"] for r in records if "val/val" in r]
@@ -187,15 +222,15 @@ def test_sft_lowers_answer_loss(tmp_path, sft_csv, tiny_tokenizer_dir):
 GOOD = [("问题一", "回答一", []), ("问题二", "回答二", [["早先的问题", "早先的回答"]]), ("问题三", "回答三", [])]
 BAD_ROWS = [  # (CSV line as written, the reason it is counted under)
     ('问题甲,回答甲,"[[""p"", ""a"", ""extra""]]",s\n', "a turn is not [prompt, answer] of two strings"),
-    ('问题乙,回答乙,5,s\n', "history is not a list of [prompt, answer] turns"),
+    ("问题乙,回答乙,5,s\n", "history is not a list of [prompt, answer] turns"),
     ('问题丙,回答丙,"[[""only one""]]",s\n', "a turn is not [prompt, answer] of two strings"),
     ('问题丁,回答丁,"[[1, 2]]",s\n', "a turn is not [prompt, answer] of two strings"),
     ('问题戊,回答戊,"[[""p"", """"]]",s\n', "a turn has an empty prompt or answer"),
     ('问题己,回答己,"{""p"": ""a""}",s\n', "history is not a list of [prompt, answer] turns"),
-    ('问题庚,回答庚,not json,s\n', "history is not JSON"),
-    (',回答辛,[],s\n', "a turn has an empty prompt or answer"),
-    ('问题壬,回答壬\n', "CSV row with the wrong number of fields"),
-    ('问题癸,回答癸,[],s,extra\n', "CSV row with the wrong number of fields"),
+    ("问题庚,回答庚,not json,s\n", "history is not JSON"),
+    (",回答辛,[],s\n", "a turn has an empty prompt or answer"),
+    ("问题壬,回答壬\n", "CSV row with the wrong number of fields"),
+    ("问题癸,回答癸,[],s,extra\n", "CSV row with the wrong number of fields"),
 ]
 
 
@@ -203,7 +238,7 @@ def write_sft_csv(path, unterminated=False):
     """GOOD rows with a bad row before each of them and after the last; optionally an unterminated quote."""
     lines = ["prompt,answer,history,source\n"]
     for i, (prompt, answer, history) in enumerate(GOOD):
-        lines += [row for row, _ in BAD_ROWS[i::len(GOOD)]]
+        lines += [row for row, _ in BAD_ROWS[i :: len(GOOD)]]
         lines.append(f'{prompt},{answer},"{json.dumps(history, ensure_ascii=False).replace(chr(34), 2 * chr(34))}",s\n')
     if unterminated:
         lines.append('"问题子,回答子,[],s\n问题丑,回答丑,[],s\n')
@@ -217,8 +252,9 @@ def test_malformed_sft_rows_are_counted_and_never_shift_later_conversations(tmp_
     data = SFTData(path, tokenizer, seq_len=256, val_fraction=0)
     assert len(data.offsets) - 1 == len(GOOD)
     for i, (prompt, answer, history) in enumerate(GOOD):  # each conversation is its own text, encoded by hand
-        turns = [(tokenizer.encode_batch([p])[0], tokenizer.encode_batch([a])[0])
-                 for p, a in history + [[prompt, answer]]]
+        turns = [
+            (tokenizer.encode_batch([p])[0], tokenizer.encode_batch([a])[0]) for p, a in history + [[prompt, answer]]
+        ]
         ids, is_answer = render(turns, tokenizer.bos_id, tokenizer.eos_id)
         tokens, mask = data.sample(i)
         assert tokens.tolist() == ids and mask.tolist() == is_answer
@@ -236,8 +272,10 @@ def test_malformed_sft_rows_are_counted_and_never_shift_later_conversations(tmp_
 def test_encode_turns_keeps_every_text_with_its_own_turn(tokenizer):
     conversations = [[("甲问", "甲答")], [("乙问一", "乙答一"), ("乙问二", None)], [], [("丙问", "丙答")]]
     encoded = encode_turns(tokenizer, conversations)
-    by_hand = [[(tokenizer.encode_batch([p])[0], None if a is None else tokenizer.encode_batch([a])[0])
-                for p, a in turns] for turns in conversations]
+    by_hand = [
+        [(tokenizer.encode_batch([p])[0], None if a is None else tokenizer.encode_batch([a])[0]) for p, a in turns]
+        for turns in conversations
+    ]
     assert encoded == by_hand
     with pytest.raises(ValueError):
         encode_turns(tokenizer, [[("p", "a", "extra")]])
@@ -245,9 +283,19 @@ def test_encode_turns_keeps_every_text_with_its_own_turn(tokenizer):
 
 def test_sft_data_process_never_writes_non_text_or_nothing(tmp_path):
     huatuo = tmp_path / "HuatuoGPT_sft_data_v1.jsonl"
-    huatuo.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"data": [None, None]}, {"data": [1, 2]}, {"data": [[], {}]}, {"data": ["问：头痛", "答：多休息"]}]) + "\n",
-        encoding="utf-8")
+    huatuo.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {"data": [None, None]},
+                {"data": [1, 2]},
+                {"data": [[], {}]},
+                {"data": ["问：头痛", "答：多休息"]},
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "out.csv"
     summary = sft_data_process.process([corpora.parse_source(f"huatuo={huatuo}")], out)
     with open(out, encoding="utf-8", newline="") as f:
@@ -258,8 +306,9 @@ def test_sft_data_process_never_writes_non_text_or_nothing(tmp_path):
     only_junk = tmp_path / "ChatMed_Consult.json"
     only_junk.write_text('{"query": 5, "response": null}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(SystemExit) as exit_info:
-        sft_data_process.main(["--source", f"huatuo={huatuo}", "--source", f"chatmed_consult={only_junk}",
-                               "--out", str(out)])
+        sft_data_process.main(
+            ["--source", f"huatuo={huatuo}", "--source", f"chatmed_consult={only_junk}", "--out", str(out)]
+        )
     message = str(exit_info.value)
     assert message.startswith(f"sft_data_process: nothing written to {out}: source 'chatmed_consult' yielded no")
     assert "field 'query' is not text" in message and "query -> response" in message  # what it expected

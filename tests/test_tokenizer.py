@@ -40,7 +40,16 @@ def test_chatglm2_round_trip(chatglm_tokenizer, text):
 
 def test_chatglm2_known_encoding_is_stable(chatglm_tokenizer):
     # Pinned ids: a changed tokenizer.model or class would silently invalidate every .bin file.
-    assert chatglm_tokenizer.encode("高血压患者应定期监测血压。") == [30910, 35951, 32016, 54720, 33666, 33536, 33778, 31155]
+    assert chatglm_tokenizer.encode("高血压患者应定期监测血压。") == [
+        30910,
+        35951,
+        32016,
+        54720,
+        33666,
+        33536,
+        33778,
+        31155,
+    ]
     assert chatglm_tokenizer.tokenize("高血压") == ["▁", "高血压"]
 
 
@@ -55,7 +64,9 @@ def test_chatglm2_specials_decode_and_skip(chatglm_tokenizer):
 
 def test_autotokenizer_loads_folder(chatglm_tokenizer, tmp_path):
     chatglm_tokenizer.save_pretrained(tmp_path)
-    assert {"tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"tokenizer.model", "tokenizer_config.json", "tokenization_chatglm.py"} <= {
+        p.name for p in tmp_path.iterdir()
+    }
     auto = AutoTokenizer.from_pretrained(str(tmp_path), trust_remote_code=True)
     assert type(auto).__name__ == "ChatGLMTokenizer"
     for text in ROUND_TRIP:

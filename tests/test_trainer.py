@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT
 from test_pretrain import cli, run_pretrain, train_losses
 
 from checkpoint import atomic_save, model_checkpoint
@@ -22,8 +21,21 @@ from lm_head import IGNORE_INDEX
 from model import ModelArgs, Transformer
 from trainer import default_config
 
-CFG = default_config(dtype="float32", batch_size=2, grad_accum=1, learning_rate=1e-2, grad_clip=0.0, eval_interval=0,
-                     eval_windows=2, log_interval=1, save_interval=0, progress=False, tensorboard=False)
+from conftest import ROOT
+
+CFG = default_config(
+    dtype="float32",
+    batch_size=2,
+    grad_accum=1,
+    learning_rate=1e-2,
+    grad_clip=0.0,
+    eval_interval=0,
+    eval_windows=2,
+    log_interval=1,
+    save_interval=0,
+    progress=False,
+    tensorboard=False,
+)
 ARGS = dict(dim=32, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=16)
 
 
@@ -39,7 +51,7 @@ class UnevenData:
 
     def rows(self, rank, world):
         per = len(self.x) // world
-        return self.x[rank * per:(rank + 1) * per], self.y[rank * per:(rank + 1) * per]
+        return self.x[rank * per : (rank + 1) * per], self.y[rank * per : (rank + 1) * per]
 
 
 def step_on_ranks(rank, world, init_file, micro_steps, result_file):
@@ -62,6 +74,7 @@ def step_on_ranks(rank, world, init_file, micro_steps, result_file):
         def counting(state, bucket):
             calls.append(bucket.index())
             return allreduce_hook(state, bucket)
+
         trainer.model.register_comm_hook(None, counting)
     x, y = UnevenData().rows(rank, world)
     batches = [(x[i::micro_steps], y[i::micro_steps]) for i in range(micro_steps)]
@@ -96,10 +109,10 @@ def test_ranks_with_different_target_counts_normalise_by_the_global_count(tmp_pa
     assert ddp["norm"] == pytest.approx(single["norm"], rel=1e-5)
 
 
-@pytest.mark.parametrize("sampling,stop_at", [("random", 3), ("sequential", 3), ("sequential", 6),
-                                              ("sequential", 9)])
-def test_resume_is_bit_exact_for_both_samplers_and_across_a_phase_boundary(tmp_path, token_dir, tiny_tokenizer_dir,
-                                                                            sampling, stop_at):
+@pytest.mark.parametrize("sampling,stop_at", [("random", 3), ("sequential", 3), ("sequential", 6), ("sequential", 9)])
+def test_resume_is_bit_exact_for_both_samplers_and_across_a_phase_boundary(
+    tmp_path, token_dir, tiny_tokenizer_dir, sampling, stop_at
+):
     """Phase one ends at step 6: stop_at 3 and 9 resume inside a phase (sequential cursors restored), 6 at
     the boundary (the next phase starts with fresh cursors)."""
     full, part = tmp_path / "full", tmp_path / "part"
@@ -110,25 +123,49 @@ def test_resume_is_bit_exact_for_both_samplers_and_across_a_phase_boundary(tmp_p
 
 
 def sft_setup(tmp_path, tok):
-    rows = [{"prompt": f"问题{i}：头痛{i}次怎么办？", "answer": f"回答{i}：多休息，喝水{i}杯。", "history": "[]", "source": "s"}
-            for i in range(40)]
+    rows = [
+        {
+            "prompt": f"问题{i}：头痛{i}次怎么办？",
+            "answer": f"回答{i}：多休息，喝水{i}杯。",
+            "history": "[]",
+            "source": "s",
+        }
+        for i in range(40)
+    ]
     with open(tmp_path / "sft.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["prompt", "answer", "history", "source"])
         writer.writeheader()
         writer.writerows(rows)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, vocab_size=tok.vocab_size, max_seq_len=64))
-    atomic_save(model_checkpoint(model, model.args, step=10, phase="clinical", tokenizer_fingerprint=tok.fingerprint),
-                tmp_path / "pretrained.pt")
+    atomic_save(
+        model_checkpoint(model, model.args, step=10, phase="clinical", tokenizer_fingerprint=tok.fingerprint),
+        tmp_path / "pretrained.pt",
+    )
 
 
 def run_sft(tmp_path, out, tokenizer_dir, *extra, init_from=None):
     import sft
 
-    sft.main(["config/sft_tiny.py", f"--sft_csv={tmp_path / 'sft.csv'}", f"--init_from={init_from or tmp_path / 'pretrained.pt'}",
-              f"--out_dir={out}", f"--tokenizer={tokenizer_dir}", "--max_iters=8", "--batch_size=4", "--dropout=0.1",
-              "--eval_interval=4", "--log_interval=1", "--progress=False", "--tensorboard=False", "--dtype=float32",
-              "--val_fraction=0.1", *extra])
+    sft.main(
+        [
+            "config/sft_tiny.py",
+            f"--sft_csv={tmp_path / 'sft.csv'}",
+            f"--init_from={init_from or tmp_path / 'pretrained.pt'}",
+            f"--out_dir={out}",
+            f"--tokenizer={tokenizer_dir}",
+            "--max_iters=8",
+            "--batch_size=4",
+            "--dropout=0.1",
+            "--eval_interval=4",
+            "--log_interval=1",
+            "--progress=False",
+            "--tensorboard=False",
+            "--dtype=float32",
+            "--val_fraction=0.1",
+            *extra,
+        ]
+    )
 
 
 def test_sft_resume_is_bit_exact(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
@@ -168,11 +205,24 @@ def test_fsdp_checkpoint_survives_a_kill_between_shards_and_pointer(tmp_path, to
     driver.write_text(KILL_AT_POINTER.format(root=str(ROOT)))
     from test_pretrain import tiny_args
 
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(driver), *tiny_args(killed, token_dir, tiny_tokenizer_dir, "--batch_size=4",
-                                                     "--parallel=fsdp", "--init_from=resume")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(driver),
+            *tiny_args(
+                killed, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", "--init_from=resume"
+            ),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0  # killed
     assert torch.load(killed / "two" / "ckpt.pt", weights_only=True, mmap=True)["step"] == 9
     cli(killed, token_dir, tiny_tokenizer_dir, "--batch_size=4", "--parallel=fsdp", "--init_from=resume", nproc=2)
-    np.testing.assert_allclose([l for _, l in train_losses(killed)], [l for _, l in expected], rtol=1e-6)
+    np.testing.assert_allclose([loss for _, loss in train_losses(killed)], [loss for _, loss in expected], rtol=1e-6)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, SAMPLE, save, wander
 from PIL import Image, ImageDraw
 
 import chat
@@ -28,6 +27,8 @@ from parallel import Dist
 from trainer import Trainer, default_config
 from vlm import build_vlm, images_kept, set_trainable
 
+from conftest import ROOT, SAMPLE, save, wander
+
 VLM_SAMPLE = SAMPLE / "vlm"
 TOKENS = 16  # the random tower: 32 px images, 8 px patches, CLS dropped
 
@@ -40,13 +41,12 @@ def tower_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_ckpt(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size,
-                                  max_seq_len=128))
+    model = Transformer(
+        ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tiny_tokenizer.vocab_size, max_seq_len=128)
+    )
     path = tmp_path_factory.mktemp("text") / "sft.pt"
     save(model, path, tiny_tokenizer, step=1, phase="sft")
     return path
-
-
 
 
 def tiny_vlm(tok, tower_dir, text_ckpt, **kw):
@@ -69,15 +69,34 @@ def png(image):
 
 # ---------------------------------------------------------------------------- preprocessing and the tower
 
-@pytest.mark.parametrize("config", [
-    # openai/clip-vit-base-patch16's file: the older integer sizes
-    {"feature_extractor_type": "CLIPFeatureExtractor", "size": 224, "crop_size": 224, "do_center_crop": True,
-     "do_normalize": True, "do_resize": True, "image_mean": vision.CLIP_MEAN, "image_std": vision.CLIP_STD,
-     "resample": 3},
-    {"image_processor_type": "SiglipImageProcessor", "size": {"height": 224, "width": 224}, "image_mean": [0.5] * 3,
-     "image_std": [0.5] * 3, "resample": 3, "rescale_factor": 1 / 255},
-    # a crop larger than the resize: zero padding around the centre
-    {"image_processor_type": "ChineseCLIPImageProcessor", "size": {"shortest_edge": 31}, "crop_size": 36}])
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # openai/clip-vit-base-patch16's file: the older integer sizes
+        {
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "size": 224,
+            "crop_size": 224,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "image_mean": vision.CLIP_MEAN,
+            "image_std": vision.CLIP_STD,
+            "resample": 3,
+        },
+        {
+            "image_processor_type": "SiglipImageProcessor",
+            "size": {"height": 224, "width": 224},
+            "image_mean": [0.5] * 3,
+            "image_std": [0.5] * 3,
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+        },
+        # a crop larger than the resize: zero padding around the centre
+        {"image_processor_type": "ChineseCLIPImageProcessor", "size": {"shortest_edge": 31}, "crop_size": 36},
+    ],
+)
 def test_preprocessing_matches_transformers(tmp_path, config):
     from transformers import AutoImageProcessor
 
@@ -86,8 +105,12 @@ def test_preprocessing_matches_transformers(tmp_path, config):
     theirs = AutoImageProcessor.from_pretrained(tmp_path)
     assert theirs.backend == "pil"
     # 299x197: the long edge becomes 339.98 -> 339 (truncated); RGBA composited on white; palette; grey
-    images = [drawn((299, 197)), drawn((197, 299)).convert("RGBA"), drawn((64, 40)).convert("P"),
-              drawn((50, 50)).convert("L")]
+    images = [
+        drawn((299, 197)),
+        drawn((197, 299)).convert("RGBA"),
+        drawn((64, 40)).convert("P"),
+        drawn((50, 50)).convert("L"),
+    ]
     for image in images:
         expected = theirs(image, return_tensors="np")["pixel_values"][0]
         got = vision.preprocess_image(image, ours)
@@ -99,10 +122,19 @@ def test_tower_loads_from_an_image_text_checkpoint(tmp_path):
     """What users download (openai/clip-vit-base-patch16) is the whole CLIP model: the tower is read out of it."""
     from transformers import CLIPConfig, CLIPModel
 
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                      patch_size=8)
-    text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
-                    bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision_cfg = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text_cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     full = CLIPModel(CLIPConfig(text_config=text_cfg, vision_config=vision_cfg)).eval()
     full.save_pretrained(tmp_path)
@@ -122,6 +154,7 @@ def test_tower_loads_from_an_image_text_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------------- readers
+
 
 def read(spec, folder=None):
     problems = corpora.Problems()
@@ -153,7 +186,9 @@ def test_readers_on_the_sample():
 
     items, problems = read(f"pmc_vqa={VLM_SAMPLE / 'pmc_vqa' / 'test.csv'}")
     assert len(items) == 3 and not problems.total
-    assert items[0].turns == [("<image>\n这张图像采用的是哪种检查方法？\nA. 磁共振\nB. X线平片\nC. CT\nD. 超声", "B. X线平片")]
+    assert items[0].turns == [
+        ("<image>\n这张图像采用的是哪种检查方法？\nA. 磁共振\nB. X线平片\nC. CT\nD. 超声", "B. X线平片")
+    ]
     assert items[0].options == {"A": "磁共振", "B": "X线平片", "C": "CT", "D": "超声"} and items[0].label == "B"
 
     items, problems = read(f"vqa_rad={VLM_SAMPLE / 'vqa_rad'}")  # the folder: images are skipped quietly
@@ -164,24 +199,37 @@ def test_readers_on_the_sample():
 
 def test_bad_records_are_counted_not_fatal(tmp_path):
     drawn().save(tmp_path / "a.png")
-    def record(image, question, answer="x"):
-        return {"image": image, "conversations": [{"from": "human", "value": question},
-                                                  {"from": "gpt", "value": answer}]}
 
-    records = [record("a.png", "看图<image>", "好"), record("missing.png", "<image>"), record("../a.png", "<image>"),
-               record(str(tmp_path / "a.png"), "<image>"), record("a.png", "<image><image>"),
-               {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]}]
+    def record(image, question, answer="x"):
+        return {
+            "image": image,
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+        }
+
+    records = [
+        record("a.png", "看图<image>", "好"),
+        record("missing.png", "<image>"),
+        record("../a.png", "<image>"),
+        record(str(tmp_path / "a.png"), "<image>"),
+        record("a.png", "<image><image>"),
+        {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}]},
+    ]
     (tmp_path / "llava.json").write_text(json.dumps(records, ensure_ascii=False))
     items, problems = read(f"llava={tmp_path / 'llava.json'}")
     assert [i.turns[0] for i in items] == [("<image>\n看图", "好"), ("你好", "你好！")]
-    assert problems.counts == {"missing image file": 1, "image path outside the image folder": 2,
-                               "<image> placeholders do not match the images": 1}
+    assert problems.counts == {
+        "missing image file": 1,
+        "image path outside the image folder": 2,
+        "<image> placeholders do not match the images": 1,
+    }
     assert any(e.startswith(f"{tmp_path / 'llava.json'}:#1: missing image file") for e in problems.examples)
 
     # PMC-VQA's older column spelling, a label inferred from the answer text, a label that is no choice
-    rows = "Figure_path,Question,Anwser,Choice A,Choice B,Choice C,Choice D,Answer_label\n" \
-           "a.png,哪种检查？, B:CT, A:超声, B:CT, C:MRI, D:X线,\n" \
-           "a.png,哪种检查？, B:CT, A:超声, B:CT, C:MRI, D:X线,E\n"
+    rows = (
+        "Figure_path,Question,Anwser,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
+        "a.png,哪种检查？, B:CT, A:超声, B:CT, C:MRI, D:X线,\n"
+        "a.png,哪种检查？, B:CT, A:超声, B:CT, C:MRI, D:X线,E\n"
+    )
     (tmp_path / "images").mkdir()
     drawn().save(tmp_path / "images" / "a.png")
     (tmp_path / "pmc.csv").write_text(rows, encoding="utf-8")
@@ -199,7 +247,14 @@ def test_values_that_are_not_text_never_become_text(tmp_path):
     object or a boolean makes the record a counted bad one, never "5" or "None" as text."""
     (tmp_path / "imgs").mkdir()
     drawn().save(tmp_path / "imgs" / "a.png")
-    good = {"qid": 1, "img_name": "a.png", "question": "有异常吗？", "answer": "没有", "q_lang": "zh", "answer_type": "CLOSED"}
+    good = {
+        "qid": 1,
+        "img_name": "a.png",
+        "question": "有异常吗？",
+        "answer": "没有",
+        "q_lang": "zh",
+        "answer_type": "CLOSED",
+    }
     not_text = [5, 3.5, True, ["文本"], {"text": "文本"}]
     records = [good] + [{**good, field: value} for field in ("question", "answer", "img_name") for value in not_text]
     (tmp_path / "slake.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
@@ -212,12 +267,20 @@ def test_values_that_are_not_text_never_become_text(tmp_path):
 
 # ---------------------------------------------------------------------------- splicing and labels
 
+
 def test_image_tokens_and_labels(tmp_path, tiny_tokenizer):
     tok, image_id = tiny_tokenizer, tiny_tokenizer.special_ids["[MASK]"]
     drawn(seed=1).save(tmp_path / "a.png")
     drawn(seed=2).save(tmp_path / "b.png")
-    records = [{"conversations": [{"role": "user", "content": "甲<image>乙<image>丙"},
-                                  {"role": "assistant", "content": "答"}], "image": "a.png, b.png"}]
+    records = [
+        {
+            "conversations": [
+                {"role": "user", "content": "甲<image>乙<image>丙"},
+                {"role": "assistant", "content": "答"},
+            ],
+            "image": "a.png, b.png",
+        }
+    ]
     (tmp_path / "mm.jsonl").write_text(json.dumps(records, ensure_ascii=False) + "\n")
     preprocess = vision.read_preprocess(vision.save_random_tower(tmp_path / "tower"))
     source = corpora.parse_source(f"minimind_v={tmp_path / 'mm.jsonl'}")
@@ -229,14 +292,15 @@ def test_image_tokens_and_labels(tmp_path, tiny_tokenizer):
     assert X[0, :n].tolist() == ids[:-1] and (X[0, n:] == tok.pad_id).all()
     prompt = len(a + b + c) + 6
     assert Y[0, :n].tolist() == [IGNORE_INDEX] * prompt + answer + [tok.eos_id] and (Y[0, n:] == IGNORE_INDEX).all()
-    expected = torch.from_numpy(np.stack([vision.preprocess_image(Image.open(tmp_path / name), preprocess)
-                                          for name in ("a.png", "b.png")]))
+    expected = torch.from_numpy(
+        np.stack([vision.preprocess_image(Image.open(tmp_path / name), preprocess) for name in ("a.png", "b.png")])
+    )
     torch.testing.assert_close(extras["images"], expected, rtol=0, atol=0)  # in the order of the placeholders
 
     plain = VLMData([source], tok, 64, 3, image_id, preprocess, val_fraction=0, plain_prompts=True)
     X, Y, _ = plain.to_batch([[0]])  # the align stage: the images alone, then the answer
-    assert X[0, :7 + len(answer)].tolist() == [image_id] * 6 + [tok.bos_id] + answer
-    assert Y[0, :8 + len(answer)].tolist() == [IGNORE_INDEX] * 6 + answer + [tok.eos_id, IGNORE_INDEX]
+    assert X[0, : 7 + len(answer)].tolist() == [image_id] * 6 + [tok.bos_id] + answer
+    assert Y[0, : 8 + len(answer)].tolist() == [IGNORE_INDEX] * 6 + answer + [tok.eos_id, IGNORE_INDEX]
 
     # a context that can hold the answer but only by cutting into the first image drops the conversation
     short = len(b + c) + 3 + 1 + len(answer) + 1 + 1
@@ -257,7 +321,7 @@ def test_model_puts_image_features_at_the_placeholders(tiny_tokenizer, tower_dir
         features = model.projector(model.vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
         h = F.embedding(x, model.llm.tok_embeddings.weight).clone()
         h[x == image_id] = features.flatten(0, 1)
-        cos, sin = model.llm.rope_cos[:x.shape[1]], model.llm.rope_sin[:x.shape[1]]
+        cos, sin = model.llm.rope_cos[: x.shape[1]], model.llm.rope_sin[: x.shape[1]]
         for layer in model.llm.layers:
             h = layer(h, cos, sin)
         expected = F.linear(model.llm.norm(h), model.llm.tok_embeddings.weight)
@@ -273,7 +337,7 @@ def test_pooling_averages_2x2_patches(tiny_tokenizer, tower_dir, text_ckpt):
     assert model.args.image_tokens == 4
     features = torch.randn(1, 16, model.args.vision["hidden_size"])
     grid = features.view(1, 4, 4, -1)
-    pooled = torch.stack([grid[0, i:i + 2, j:j + 2].mean((0, 1)) for i in (0, 2) for j in (0, 2)])[None]
+    pooled = torch.stack([grid[0, i : i + 2, j : j + 2].mean((0, 1)) for i in (0, 2) for j in (0, 2)])[None]
     p = model.projector
     torch.testing.assert_close(p(features), p.linear_2(p.act(p.linear_1(pooled))))
     with pytest.raises(ValueError, match="must divide"):
@@ -292,17 +356,29 @@ def test_generation_with_images_cache_and_batch(tiny_tokenizer, tower_dir, text_
     together = inference.answer_ids(model, tiny_tokenizer, prompts, images=images, **kw)
     alone = [inference.answer_ids(model, tiny_tokenizer, [p], images=images, **kw)[0] for p in prompts]
     assert together == alone
-    other = inference.answer_ids(model, tiny_tokenizer, ["图里有什么？"], images=[drawn((40, 52), (0, 0, 255), seed=9)], **kw)
+    other = inference.answer_ids(
+        model, tiny_tokenizer, ["图里有什么？"], images=[drawn((40, 52), (0, 0, 255), seed=9)], **kw
+    )
     assert other != cached  # the image is seen
 
 
 # ---------------------------------------------------------------------------- training
 
+
 def data_for(tok, model, sources, plain=True):
     specs = [corpora.parse_source(s) for s in sources]
     a = model.args
-    return VLMData(specs, tok, a.max_seq_len, a.image_tokens, a.image_token_id, a.preprocess, val_fraction=0,
-                   plain_prompts=plain, image_folders={"minimind_v": VLM_SAMPLE / "minimind_v" / "sft_images"})
+    return VLMData(
+        specs,
+        tok,
+        a.max_seq_len,
+        a.image_tokens,
+        a.image_token_id,
+        a.preprocess,
+        val_fraction=0,
+        plain_prompts=plain,
+        image_folders={"minimind_v": VLM_SAMPLE / "minimind_v" / "sft_images"},
+    )
 
 
 CFG = default_config(dtype="float32", learning_rate=1e-2, batch_size=4, grad_accum=1, eval_windows=4)
@@ -314,8 +390,14 @@ def test_frozen_parts_get_no_gradient_and_no_optimizer_state(tiny_tokenizer, tow
     set_trainable(model, stage)
     trainer = Trainer(model, CFG, Dist("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = data_for(tiny_tokenizer, model, [f"llava={VLM_SAMPLE / 'llava' / 'blip_laion_cc_sbu_sample.json'}",
-                                            f"minimind_v={VLM_SAMPLE / 'minimind_v' / 'pretrain_i2t.parquet'}"])
+    data = data_for(
+        tiny_tokenizer,
+        model,
+        [
+            f"llava={VLM_SAMPLE / 'llava' / 'blip_laion_cc_sbu_sample.json'}",
+            f"minimind_v={VLM_SAMPLE / 'minimind_v' / 'pretrain_i2t.parquet'}",
+        ],
+    )
     trainer.train_step(data.train_batches(0, 1, 4), 1e-2)
     for part in ("vision", "llm", "projector"):
         changed = [not torch.equal(v, before[f"{part}.{k}"]) for k, v in getattr(model, part).state_dict().items()]
@@ -329,10 +411,23 @@ def test_frozen_parts_get_no_gradient_and_no_optimizer_state(tiny_tokenizer, tow
 
 
 def train_args(tmp_path, tok_dir, tower_dir, init_from, *extra):
-    return ["config/vlm_align_tiny.py", f"--out_dir={tmp_path}", f"--init_from={init_from}",
-            f"--vision_tower={tower_dir}", f"--tokenizer={tok_dir}", "--dtype=float32", "--progress=False",
-            "--tensorboard=False", "--log_interval=1", "--eval_interval=3", "--max_iters=6", "--batch_size=4",
-            "--val_fraction=0.2", "--dropout=0.1", *extra]
+    return [
+        "config/vlm_align_tiny.py",
+        f"--out_dir={tmp_path}",
+        f"--init_from={init_from}",
+        f"--vision_tower={tower_dir}",
+        f"--tokenizer={tok_dir}",
+        "--dtype=float32",
+        "--progress=False",
+        "--tensorboard=False",
+        "--log_interval=1",
+        "--eval_interval=3",
+        "--max_iters=6",
+        "--batch_size=4",
+        "--val_fraction=0.2",
+        "--dropout=0.1",
+        *extra,
+    ]
 
 
 def losses(out):
@@ -343,9 +438,19 @@ def losses(out):
 def test_resume_is_bit_identical(tmp_path, tiny_tokenizer_dir, tower_dir, text_ckpt):
     """instruct: 6 steps == 3 steps (stop_at) + resume + 3 steps, float for float (dropout on: RNG restored)."""
     vlm_train.main(train_args(tmp_path / "align", tiny_tokenizer_dir, tower_dir, text_ckpt, "--max_iters=2"))
-    instruct = ["config/vlm_instruct_tiny.py", f"--init_from={tmp_path / 'align' / 'ckpt.pt'}",
-                f"--tokenizer={tiny_tokenizer_dir}", "--dtype=float32", "--progress=False", "--tensorboard=False",
-                "--log_interval=1", "--eval_interval=3", "--batch_size=4", "--dropout=0.1", "--max_iters=6"]
+    instruct = [
+        "config/vlm_instruct_tiny.py",
+        f"--init_from={tmp_path / 'align' / 'ckpt.pt'}",
+        f"--tokenizer={tiny_tokenizer_dir}",
+        "--dtype=float32",
+        "--progress=False",
+        "--tensorboard=False",
+        "--log_interval=1",
+        "--eval_interval=3",
+        "--batch_size=4",
+        "--dropout=0.1",
+        "--max_iters=6",
+    ]
     vlm_train.main(instruct + [f"--out_dir={tmp_path / 'full'}"])
     vlm_train.main(instruct + [f"--out_dir={tmp_path / 'part'}", "--stop_at=3"])
     ckpt = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=False)
@@ -359,25 +464,39 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_tokenizer_dir, tower_dir, te
     """align on 2 gloo ranks x batch 2 == 1 process x batch 4 (the same global rows and token-mean loss)."""
     runs = {}
     for name, nproc, batch in (("one", 1, 4), ("ddp", 2, 2)):
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                          f"--nproc_per_node={nproc}"]
-        args = train_args(tmp_path / name, tiny_tokenizer_dir, tower_dir, text_ckpt, f"--batch_size={batch}",
-                          "--dropout=0.0")
-        result = subprocess.run(launcher + ["vlm_train.py"] + args, cwd=ROOT, capture_output=True, text=True,
-                                timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        launcher = (
+            [sys.executable]
+            if nproc == 1
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        )
+        args = train_args(
+            tmp_path / name, tiny_tokenizer_dir, tower_dir, text_ckpt, f"--batch_size={batch}", "--dropout=0.0"
+        )
+        result = subprocess.run(
+            launcher + ["vlm_train.py"] + args,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         runs[name] = losses(tmp_path / name)
     assert [s for s, _ in runs["ddp"]] == [s for s, _ in runs["one"]] == list(range(1, 7))
-    np.testing.assert_allclose([l for _, l in runs["ddp"]], [l for _, l in runs["one"]], rtol=1e-5)
+    np.testing.assert_allclose([loss for _, loss in runs["ddp"]], [loss for _, loss in runs["one"]], rtol=1e-5)
 
 
 def test_undecodable_image_is_counted_and_its_row_left_out(tmp_path, tiny_tokenizer, tower_dir, text_ckpt):
     model = tiny_vlm(tiny_tokenizer, tower_dir, text_ckpt)
     drawn(seed=1).save(tmp_path / "good.png")
     (tmp_path / "cut.png").write_bytes(png(drawn(seed=2))[:200])  # a truncated download
-    records = [{"image": name, "conversations": [{"from": "human", "value": "<image>\n描述"},
-                                                 {"from": "gpt", "value": "一个圆"}]}
-               for name in ("good.png", "cut.png", "good.png")]
+    records = [
+        {
+            "image": name,
+            "conversations": [{"from": "human", "value": "<image>\n描述"}, {"from": "gpt", "value": "一个圆"}],
+        }
+        for name in ("good.png", "cut.png", "good.png")
+    ]
     (tmp_path / "data.json").write_text(json.dumps(records, ensure_ascii=False))
     data = data_for(tiny_tokenizer, model, [f"llava={tmp_path / 'data.json'}"])
     for _ in range(2):
@@ -396,6 +515,7 @@ def test_undecodable_image_is_counted_and_its_row_left_out(tmp_path, tiny_tokeni
 
 # ---------------------------------------------------------------------------- use: chat, VQA scoring, export
 
+
 @pytest.fixture(scope="module")
 def vlm_ckpt(tmp_path_factory, tiny_tokenizer, tower_dir, text_ckpt):
     model = tiny_vlm(tiny_tokenizer, tower_dir, text_ckpt)
@@ -409,8 +529,24 @@ def test_chat_with_images(vlm_ckpt, text_ckpt, tiny_tokenizer_dir, capsys):
     kw = dict(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
     with_image = inference.answer(model, tok, ["异常在哪？"], images=[image], **kw)[0]
     assert mode == "chat" and with_image != inference.answer(model, tok, ["异常在哪？"], **kw)[0]
-    chat.main(["--ckpt", str(vlm_ckpt), "--tokenizer", str(tiny_tokenizer_dir), "--image", image, "--prompt", "异常在哪？",
-               "--temperature", "0", "--max-new-tokens", "8", "--repetition-penalty", "1"])
+    chat.main(
+        [
+            "--ckpt",
+            str(vlm_ckpt),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--image",
+            image,
+            "--prompt",
+            "异常在哪？",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--repetition-penalty",
+            "1",
+        ]
+    )
     assert f"用户> 异常在哪？\n助手> {with_image}\n" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="images need a vision-language checkpoint"):
         chat.main(["--ckpt", str(text_ckpt), "--tokenizer", str(tiny_tokenizer_dir), "--image", image, "--prompt", "x"])
@@ -420,13 +556,22 @@ def test_vqa_scoring():
     closed = corpora.ImageDialogue([("<image>\n有异常吗？", "Yes")], [], "closed")
     assert evaluate.judge(closed, " yes. ") == (False, True) and evaluate.judge(closed, "No") == (False, False)
     options = corpora.ImageDialogue([("<image>\nq", "B. CT")], [], "closed", {"A": "超声", "B": "CT"}, "B")
-    for prediction, right in [("B", True), ("B. CT", True), ("b：CT", True), ("ct", True), ("A. 超声", False),
-                              ("Because", False), ("", False)]:
+    for prediction, right in [
+        ("B", True),
+        ("B. CT", True),
+        ("b：CT", True),
+        ("ct", True),
+        ("A. 超声", False),
+        ("Because", False),
+        ("", False),
+    ]:
         assert evaluate.judge(options, prediction) == (right, right), prediction
     opened = corpora.ImageDialogue([("<image>\n哪一侧？", "左肺")], [], "open", origin=("f.json", "#3"))
     table = {"有异常吗": "yes", "q": "B", "哪一侧": "左肺。"}
-    r = evaluate.evaluate_vqa([closed, options, opened], lambda items: [
-        next(v for k, v in table.items() if k in i.turns[-1][0]) for i in items])
+    r = evaluate.evaluate_vqa(
+        [closed, options, opened],
+        lambda items: [next(v for k, v in table.items() if k in i.turns[-1][0]) for i in items],
+    )
     assert r["closed"] == {"n": 2, "normalised": 1.0} and r["open"] == {"n": 1, "exact": 0.0, "normalised": 1.0}
     assert r["overall"]["n"] == 3 and r["items"][2]["where"] == "f.json:#3"
 
@@ -456,8 +601,14 @@ def test_llava_export_round_trip(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, t
     image = drawn(seed=5)
     inputs = processor(images=image, text="<image>\n这是什么？", return_tensors="pt")
     ids = torch.cat([inputs.input_ids, torch.tensor([[tiny_tokenizer.bos_id]])], 1)
-    theirs = hf.generate(input_ids=ids, pixel_values=inputs.pixel_values, attention_mask=torch.ones_like(ids),
-                         max_new_tokens=8, do_sample=False, repetition_penalty=1.0)[0, ids.shape[1]:].tolist()
+    theirs = hf.generate(
+        input_ids=ids,
+        pixel_values=inputs.pixel_values,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=8,
+        do_sample=False,
+        repetition_penalty=1.0,
+    )[0, ids.shape[1] :].tolist()
     pixels = vision.pixel_batch([image], model.args.preprocess)
     ours = model.generate([ids[0].tolist()], 8, images=pixels, temperature=0)[0]
     assert len(ours) == 8 and theirs == ours

@@ -26,6 +26,7 @@ SIDE_EN = {"left": "Left", "right": "Right"}
 
 # ---------------------------------------------------------------- drawings
 
+
 def chest_xray(finding, rng):
     """A frontal chest film: dark background, thorax, two dark lung fields, the spine; `finding` puts an opacity in
     the patient's left or right lung (shown on the image's right or left, as radiographs are read)."""
@@ -69,8 +70,13 @@ def abdomen_mri(finding, rng):
     return image.convert("RGB")
 
 
-COLOURS = {"红色": (220, 40, 40), "蓝色": (40, 70, 220), "绿色": (40, 170, 70), "黄色": (235, 200, 30),
-           "紫色": (140, 60, 180)}
+COLOURS = {
+    "红色": (220, 40, 40),
+    "蓝色": (40, 70, 220),
+    "绿色": (40, 170, 70),
+    "黄色": (235, 200, 30),
+    "紫色": (140, 60, 180),
+}
 
 
 def shapes(items):
@@ -101,9 +107,13 @@ CHEST = [("none", 1), ("left", 2), ("right", 3), ("none", 4), ("left", 5), ("rig
 HEAD = [("none", 11), ("right", 12), ("left", 13), ("none", 14)]
 ABDOMEN = [("none", 21), ("lesion", 22), ("none", 23)]
 SHAPE_SETS = [
-    [("红色", "圆形", (8, 8))], [("蓝色", "正方形", (36, 36))], [("绿色", "三角形", (22, 22))],
-    [("黄色", "圆形", (36, 8)), ("紫色", "正方形", (8, 36))], [("红色", "三角形", (8, 36)), ("蓝色", "圆形", (36, 8))],
-    [("绿色", "正方形", (8, 8)), ("黄色", "三角形", (36, 36))], [("紫色", "圆形", (22, 22))],
+    [("红色", "圆形", (8, 8))],
+    [("蓝色", "正方形", (36, 36))],
+    [("绿色", "三角形", (22, 22))],
+    [("黄色", "圆形", (36, 8)), ("紫色", "正方形", (8, 36))],
+    [("红色", "三角形", (8, 36)), ("蓝色", "圆形", (36, 8))],
+    [("绿色", "正方形", (8, 8)), ("黄色", "三角形", (36, 36))],
+    [("紫色", "圆形", (22, 22))],
     [("蓝色", "三角形", (8, 8)), ("红色", "正方形", (36, 36))],
 ]
 POSITION = {(8, 8): "左上角", (36, 36): "右下角", (22, 22): "中央", (36, 8): "右上角", (8, 36): "左下角"}
@@ -149,24 +159,66 @@ def build(out):
         name = f"images/shape_{i:02d}.png"
         (llava / name).write_bytes(encoded(image, "PNG"))
         prompt = caption_prompts[i % 3]
-        pretrain.append({"id": f"shape_{i:02d}", "image": name, "conversations": [
-            {"from": "human", "value": f"{prompt}\n<image>" if i % 2 else f"<image>\n{prompt}"},
-            {"from": "gpt", "value": shapes_caption(items)}]})
+        pretrain.append(
+            {
+                "id": f"shape_{i:02d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"{prompt}\n<image>" if i % 2 else f"<image>\n{prompt}"},
+                    {"from": "gpt", "value": shapes_caption(items)},
+                ],
+            }
+        )
         colour, shape, xy = items[0]
-        instruct.append({"id": f"shape_qa_{i:02d}", "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n图中{POSITION[xy]}是什么形状？"}, {"from": "gpt", "value": f"是一个{shape}。"},
-            {"from": "human", "value": "它是什么颜色的？"}, {"from": "gpt", "value": f"{colour}。"}]})
+        instruct.append(
+            {
+                "id": f"shape_qa_{i:02d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n图中{POSITION[xy]}是什么形状？"},
+                    {"from": "gpt", "value": f"是一个{shape}。"},
+                    {"from": "human", "value": "它是什么颜色的？"},
+                    {"from": "gpt", "value": f"{colour}。"},
+                ],
+            }
+        )
     for n, (finding, image) in sorted(chest.items())[:4]:
         name = f"images/chest_{n:02d}.png"
         (llava / name).write_bytes(encoded(image, "PNG"))
-        pretrain.append({"id": f"chest_{n:02d}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\n描述这张医学影像。"}, {"from": "gpt", "value": chest_caption(finding)}]})
-        answer = "未见明显异常，两侧肺野清晰。" if finding == "none" else f"{SIDE[finding]}肺中野有一处高密度阴影，建议结合临床进一步检查。"
-        instruct.append({"id": f"chest_qa_{n:02d}", "image": name, "conversations": [
-            {"from": "human", "value": "这张胸片有什么异常吗？<image>"}, {"from": "gpt", "value": answer}]})
-    instruct.append({"id": "text_only_00", "conversations": [
-        {"from": "human", "value": "拍胸片之前需要做什么准备？"},
-        {"from": "gpt", "value": "一般取下项链、带金属的内衣等物品，按技师的要求站好并屏住呼吸即可。"}]})
+        pretrain.append(
+            {
+                "id": f"chest_{n:02d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n描述这张医学影像。"},
+                    {"from": "gpt", "value": chest_caption(finding)},
+                ],
+            }
+        )
+        answer = (
+            "未见明显异常，两侧肺野清晰。"
+            if finding == "none"
+            else f"{SIDE[finding]}肺中野有一处高密度阴影，建议结合临床进一步检查。"
+        )
+        instruct.append(
+            {
+                "id": f"chest_qa_{n:02d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "这张胸片有什么异常吗？<image>"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    instruct.append(
+        {
+            "id": "text_only_00",
+            "conversations": [
+                {"from": "human", "value": "拍胸片之前需要做什么准备？"},
+                {"from": "gpt", "value": "一般取下项链、带金属的内衣等物品，按技师的要求站好并屏住呼吸即可。"},
+            ],
+        }
+    )
     write_json(llava / "blip_laion_cc_sbu_sample.json", pretrain)
     write_json(llava / "llava_v1_5_mix665k_sample.json", instruct)
 
@@ -174,19 +226,43 @@ def build(out):
     minimind = out / "minimind_v"
     rows = []
     for n, (finding, image) in sorted(head.items()):
-        rows.append({"conversations": json.dumps([
-            {"role": "user", "content": "<image>\n请提供对图片的详细文字描述。"},
-            {"role": "assistant", "content": head_caption(finding)}], ensure_ascii=False),
-            "image_bytes": encoded(image, "PNG")})
+        rows.append(
+            {
+                "conversations": json.dumps(
+                    [
+                        {"role": "user", "content": "<image>\n请提供对图片的详细文字描述。"},
+                        {"role": "assistant", "content": head_caption(finding)},
+                    ],
+                    ensure_ascii=False,
+                ),
+                "image_bytes": encoded(image, "PNG"),
+            }
+        )
     for n, (finding, image) in sorted(abdomen.items()):
-        rows.append({"conversations": json.dumps([
-            {"role": "user", "content": "这是哪个部位的什么检查？<image>"},
-            {"role": "assistant", "content": abdomen_caption(finding)}], ensure_ascii=False),
-            "image_bytes": encoded(image, "PNG")})
-    rows.append({"conversations": json.dumps([  # a text-only row: a small black image fills the column, unused
-        {"role": "user", "content": "磁共振检查前为什么要去掉金属物品？"},
-        {"role": "assistant", "content": "磁共振有很强的磁场，金属物品可能被吸动或发热，也会干扰成像。"}], ensure_ascii=False),
-        "image_bytes": encoded(Image.new("RGB", (8, 8)), "PNG")})
+        rows.append(
+            {
+                "conversations": json.dumps(
+                    [
+                        {"role": "user", "content": "这是哪个部位的什么检查？<image>"},
+                        {"role": "assistant", "content": abdomen_caption(finding)},
+                    ],
+                    ensure_ascii=False,
+                ),
+                "image_bytes": encoded(image, "PNG"),
+            }
+        )
+    rows.append(
+        {
+            "conversations": json.dumps(
+                [  # a text-only row: a small black image fills the column, unused
+                    {"role": "user", "content": "磁共振检查前为什么要去掉金属物品？"},
+                    {"role": "assistant", "content": "磁共振有很强的磁场，金属物品可能被吸动或发热，也会干扰成像。"},
+                ],
+                ensure_ascii=False,
+            ),
+            "image_bytes": encoded(Image.new("RGB", (8, 8)), "PNG"),
+        }
+    )
     write_parquet(minimind / "pretrain_i2t.parquet", rows)
     (minimind / "sft_images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -195,22 +271,38 @@ def build(out):
     pairs = [(5, 6), (7, 8)]
     for a, b in pairs:
         fa, fb = chest[a][0], chest[b][0]
-        answer = "；".join(f"第{k}张：" + ("未见异常" if f == "none" else f"{SIDE[f]}肺有阴影") for k, f in ((1, fa), (2, fb)))
-        lines.append({"conversations": [
-            {"role": "user", "content": "第一张片子：<image>\n第二张片子：<image>\n分别说说两张胸片的发现。"},
-            {"role": "assistant", "content": answer + "。"}], "image": f"{a}.png, {b}.png"})
+        answer = "；".join(
+            f"第{k}张：" + ("未见异常" if f == "none" else f"{SIDE[f]}肺有阴影") for k, f in ((1, fa), (2, fb))
+        )
+        lines.append(
+            {
+                "conversations": [
+                    {"role": "user", "content": "第一张片子：<image>\n第二张片子：<image>\n分别说说两张胸片的发现。"},
+                    {"role": "assistant", "content": answer + "。"},
+                ],
+                "image": f"{a}.png, {b}.png",
+            }
+        )
     for n in (6, 7):
         finding = chest[n][0]
         answer = "正常，两侧肺野清晰。" if finding == "none" else f"不正常，{SIDE[finding]}肺可见阴影。"
-        lines.append({"conversations": [{"role": "user", "content": "<image>\n这张胸片正常吗？"},
-                                        {"role": "assistant", "content": answer}], "image": f"{n}.png"})
+        lines.append(
+            {
+                "conversations": [
+                    {"role": "user", "content": "<image>\n这张胸片正常吗？"},
+                    {"role": "assistant", "content": answer},
+                ],
+                "image": f"{n}.png",
+            }
+        )
     write_jsonl(minimind / "sft_vlm_data.jsonl", lines)
 
     # SLAKE: imgs/xmlabN/source.jpg, train.json and test.json (JSON arrays, English and Chinese questions)
     slake = out / "slake"
     questions, qid = {"train": [], "test": []}, 0
-    cases = [(n, "chest", f, img) for n, (f, img) in sorted(chest.items())] + \
-            [(n, "head", f, img) for n, (f, img) in sorted(head.items())]
+    cases = [(n, "chest", f, img) for n, (f, img) in sorted(chest.items())] + [
+        (n, "head", f, img) for n, (f, img) in sorted(head.items())
+    ]
     for k, (n, organ, finding, image) in enumerate(cases):
         folder = slake / "imgs" / f"xmlab{n}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -229,10 +321,22 @@ def build(out):
             items.append(("异常位于哪一侧？", f"{SIDE[finding]}侧", "zh", "OPEN", "Position"))
             items.append(("Where is the abnormality?", where, "en", "OPEN", "Position"))
         for question, answer, lang, answer_type, content in items:
-            questions[split].append({"img_id": n, "img_name": f"xmlab{n}/source.jpg", "question": question,
-                                     "answer": answer, "q_lang": lang, "location": location, "modality": modality,
-                                     "answer_type": answer_type, "base_type": "vqa", "content_type": content,
-                                     "triple": ["vhead", "_", "_"], "qid": qid})
+            questions[split].append(
+                {
+                    "img_id": n,
+                    "img_name": f"xmlab{n}/source.jpg",
+                    "question": question,
+                    "answer": answer,
+                    "q_lang": lang,
+                    "location": location,
+                    "modality": modality,
+                    "answer_type": answer_type,
+                    "base_type": "vqa",
+                    "content_type": content,
+                    "triple": ["vhead", "_", "_"],
+                    "qid": qid,
+                }
+            )
             qid += 1
     for split, items in questions.items():
         write_json(slake / f"{split}.json", items, indent=None)
@@ -242,9 +346,11 @@ def build(out):
     (pmc / "images").mkdir(parents=True, exist_ok=True)
     header = ["Figure_path", "Question", "Answer", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
     splits = {"train": [], "test": []}
-    all_cases = [(n, "chest", f, img) for n, (f, img) in sorted(chest.items())] + \
-                [(n, "head", f, img) for n, (f, img) in sorted(head.items())] + \
-                [(n, "abdomen", f, img) for n, (f, img) in sorted(abdomen.items())]
+    all_cases = (
+        [(n, "chest", f, img) for n, (f, img) in sorted(chest.items())]
+        + [(n, "head", f, img) for n, (f, img) in sorted(head.items())]
+        + [(n, "abdomen", f, img) for n, (f, img) in sorted(abdomen.items())]
+    )
     for k, (n, organ, finding, image) in enumerate(all_cases):
         name = f"PMC{900000 + n}_Fig{1 + k % 3}_{n}.jpg"
         (pmc / "images" / name).write_bytes(encoded(image.convert("RGB"), "JPEG"))
@@ -252,8 +358,11 @@ def build(out):
         choices = ["X线平片", "CT", "磁共振", "超声"]
         rng.shuffle(choices)
         letter = "ABCD"[choices.index(truth)]
-        row = [name, "这张图像采用的是哪种检查方法？", f" {letter}:{truth}"] + \
-              [f" {'ABCD'[i]}:{c}" for i, c in enumerate(choices)] + [letter]
+        row = (
+            [name, "这张图像采用的是哪种检查方法？", f" {letter}:{truth}"]
+            + [f" {'ABCD'[i]}:{c}" for i, c in enumerate(choices)]
+            + [letter]
+        )
         splits["test" if k % 5 == 4 else "train"].append(row)
     for split, rows_ in splits.items():
         with open(pmc / f"{split}.csv", "w", encoding="utf-8", newline="") as f:
@@ -270,12 +379,27 @@ def build(out):
         organ_name = {"chest": "CHEST", "head": "HEAD", "abdomen": "ABD"}[organ]
         abnormal = finding != "none"
         for question, answer, answer_type, question_type in [
-                ("这张图像显示的是身体哪个部位？", {"chest": "胸部", "head": "头部", "abdomen": "腹部"}[organ], "OPEN", "ORGAN"),
-                ("图像中有病灶吗？", "有" if abnormal else "没有", "CLOSED", "PRES"),
-                ("Is there an abnormality?", "yes" if abnormal else "no", "CLOSED", "ABN")]:
-            records.append({"qid": len(records) + 1, "image_name": name, "image_organ": organ_name, "answer": answer,
-                            "answer_type": answer_type, "question_type": question_type, "question": question,
-                            "phrase_type": "freeform"})
+            (
+                "这张图像显示的是身体哪个部位？",
+                {"chest": "胸部", "head": "头部", "abdomen": "腹部"}[organ],
+                "OPEN",
+                "ORGAN",
+            ),
+            ("图像中有病灶吗？", "有" if abnormal else "没有", "CLOSED", "PRES"),
+            ("Is there an abnormality?", "yes" if abnormal else "no", "CLOSED", "ABN"),
+        ]:
+            records.append(
+                {
+                    "qid": len(records) + 1,
+                    "image_name": name,
+                    "image_organ": organ_name,
+                    "answer": answer,
+                    "answer_type": answer_type,
+                    "question_type": question_type,
+                    "question": question,
+                    "phrase_type": "freeform",
+                }
+            )
     write_json(rad / "VQA_RAD Dataset Public.json", records)
 
 
@@ -293,8 +417,12 @@ def write_parquet(path, rows):
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"conversations": pa.array([r["conversations"] for r in rows], pa.string()),
-                      "image_bytes": pa.array([r["image_bytes"] for r in rows], pa.binary())})
+    table = pa.table(
+        {
+            "conversations": pa.array([r["conversations"] for r in rows], pa.string()),
+            "image_bytes": pa.array([r["image_bytes"] for r in rows], pa.binary()),
+        }
+    )
     pq.write_table(table, path, row_group_size=4)
 
 
