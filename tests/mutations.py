@@ -157,8 +157,8 @@ MUTATIONS = [
     Mutation(
         "wsd_decay_starts_late",
         "trainer.py",
-        "    if step < decay_start:\n        return lr",
-        "    if step <= decay_start:\n        return lr",
+        "    x = min(step - decay_start, length)",
+        "    x = min(max(0, step - decay_start - 1), length)",
         ["tests/test_pretrain.py", "-k", "wsd"],
     ),
     Mutation(

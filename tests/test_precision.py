@@ -94,8 +94,26 @@ def test_pretrain_with_auto_on_a_cpu_without_fast_bf16_trains_in_float32(
     args = [a for a in tiny_args(tmp_path, token_dir, tiny_tokenizer_dir) if not a.startswith("--dtype=")]
     pretrain.main(args + ["--dtype=auto"])
     assert "dtype float32 (auto: bf16 matmul 60x slower than fp32 on this CPU)" in capsys.readouterr().out
-    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert ckpt["dtype_trained"] == "float32"
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_was_trained_in(
+    tmp_path, monkeypatch, capsys, tiny_tokenizer_dir, token_dir
+):
+    """Started where bf16 is fast, resumed where it is slow (another host kind): still bf16."""
+    from test_pretrain import tiny_args
+
+    import pretrain
+
+    args = [a for a in tiny_args(tmp_path, token_dir, tiny_tokenizer_dir) if not a.startswith("--dtype=")]
+    monkeypatch.setattr(precision, "bf16_speedup", lambda rows, dim, cols: 3.0)
+    pretrain.main(args + ["--dtype=auto", "--stop_at=3"])
+    assert "dtype bfloat16 (auto: bf16 matmul 3.0x faster" in capsys.readouterr().out
+    monkeypatch.setattr(precision, "bf16_speedup", lambda rows, dim, cols: 1 / 60)
+    pretrain.main(args + ["--dtype=auto", "--init_from=resume"])
+    assert "dtype bfloat16 (auto: the precision this run was trained in)" in capsys.readouterr().out
+    assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["dtype_trained"] == "bfloat16"
 
 
 def test_probes_leave_the_global_random_state_alone():

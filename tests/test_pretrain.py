@@ -144,6 +144,7 @@ def test_wsd_values_for_every_shape():
     assert wsd_lr(0, **kw) == pytest.approx(0.1) and wsd_lr(9, **kw) == 1.0
     assert wsd_lr(50, **kw) == 1.0 and wsd_lr(99, **kw) == 1.0
     assert wsd_lr(150, shape="linear", **kw) == pytest.approx(0.5)
+    assert wsd_lr(101, shape="linear", **kw) == pytest.approx(0.99)  # the decay begins at decay_start
     assert wsd_lr(125, shape="1-sqrt", **kw) == pytest.approx(0.5)  # 1 - sqrt(0.25)
     assert wsd_lr(150, shape="cosine", **kw) == pytest.approx(0.5)
     assert wsd_lr(200, shape="linear", **kw) == 0.0 and wsd_lr(250, shape="1-sqrt", **kw) == 0.0

@@ -118,6 +118,8 @@ def test_resume_is_bit_exact_for_both_samplers_and_across_a_phase_boundary(
     full, part = tmp_path / "full", tmp_path / "part"
     run_pretrain(full, token_dir, tiny_tokenizer_dir, f"--sampling={sampling}", "--dropout=0.1")
     run_pretrain(part, token_dir, tiny_tokenizer_dir, f"--sampling={sampling}", "--dropout=0.1", f"--stop_at={stop_at}")
+    with open(part / "log.jsonl", "a", encoding="utf-8") as f:  # logged by a run killed after its last checkpoint
+        f.write(json.dumps({"time": 0.0, "step": stop_at + 1, "phase": "one", "loss": 99.0}) + "\n")
     run_pretrain(part, token_dir, tiny_tokenizer_dir, f"--sampling={sampling}", "--dropout=0.1", "--init_from=resume")
     assert train_losses(part) == train_losses(full)
 
