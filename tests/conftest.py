@@ -114,6 +114,25 @@ def wander(model, std=0.2, keep=("tok_embeddings", "llm.tok_embeddings", "vision
     return model
 
 
+def quiet_config(**over):
+    """A training config for in-process Trainer tests: fp32, lr 1e-2, every step logged, no evaluation,
+    saving, progress bar or TensorBoard unless `over` asks."""
+    from trainer import default_config
+
+    cfg = default_config(
+        dtype="float32",
+        grad_accum=1,
+        learning_rate=1e-2,
+        eval_interval=0,
+        eval_windows=2,
+        log_interval=1,
+        save_interval=0,
+        progress=False,
+        tensorboard=False,
+    )
+    return cfg | over
+
+
 def save(model, path, tok, step=5, **meta):
     """The model as a checkpoint file of this project (tokenizer fingerprint, step, `meta`); its path as text."""
     from checkpoint import atomic_save, model_checkpoint

@@ -17,9 +17,9 @@ from dataset import DataError, PretrainData, TokenSource
 from model import ModelArgs, Transformer
 from parallel import Dist
 from runlog import RunLog
-from trainer import NonFiniteLoss, Trainer, default_config, wsd_lr
+from trainer import NonFiniteLoss, Trainer, wsd_lr
 
-from conftest import ROOT, write_source
+from conftest import ROOT, quiet_config, write_source
 
 DECAY_FIRST = {"name": "a", "iters": 2, "decay": True, "mixture": {"general": 1}}  # a decay phase before another
 PHASES = [
@@ -170,19 +170,7 @@ def test_configurator_overrides_and_rejects(tmp_path):
 
 # ---------------------------------------------------------------------------- trainer
 def make_trainer(dropout=0.1, **cfg_over):
-    cfg = default_config(
-        dtype="float32",
-        batch_size=4,
-        grad_accum=1,
-        learning_rate=1e-2,
-        eval_interval=0,
-        eval_windows=2,
-        log_interval=1,
-        save_interval=0,
-        progress=False,
-        tensorboard=False,
-    )
-    cfg.update(cfg_over)
+    cfg = quiet_config(**({"batch_size": 4} | cfg_over))
     torch.manual_seed(0)
     model = Transformer(
         ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=400, max_seq_len=32, dropout=dropout)

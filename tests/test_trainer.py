@@ -19,23 +19,10 @@ from test_pretrain import cli, run_pretrain, train_losses
 from checkpoint import atomic_save, model_checkpoint
 from lm_head import IGNORE_INDEX
 from model import ModelArgs, Transformer
-from trainer import default_config
 
-from conftest import ROOT
+from conftest import ROOT, quiet_config
 
-CFG = default_config(
-    dtype="float32",
-    batch_size=2,
-    grad_accum=1,
-    learning_rate=1e-2,
-    grad_clip=0.0,
-    eval_interval=0,
-    eval_windows=2,
-    log_interval=1,
-    save_interval=0,
-    progress=False,
-    tensorboard=False,
-)
+CFG = quiet_config(batch_size=2, grad_clip=0.0)
 ARGS = dict(dim=32, n_layers=2, n_heads=2, vocab_size=300, max_seq_len=16)
 
 
