@@ -97,6 +97,22 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
     return tokenizer
 
 
+def texts_of(source, problems):
+    """The source's documents; one that yields none is an error naming what its format reads, so a wrong path
+    never trains a tokenizer on the other sources alone."""
+    import corpora  # as in main: train() stays usable without the readers
+
+    count = 0
+    for text in corpora.iter_texts(source, problems):
+        count += 1
+        yield text
+    if not count:
+        raise ValueError(
+            f"source '{source.name}' yielded no document ({source.location}). Expected: "
+            f"{corpora.expected_input(source.format)}"
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -122,7 +138,7 @@ def main(argv=None):
     try:
         corpora.check_out(args.out, folder=True)
         sources = [corpora.parse_source(spec, args.format) for spec in args.source]
-        texts = (text for source in sources for text in corpora.iter_texts(source, problems))
+        texts = (text for source in sources for text in texts_of(source, problems))
         tokenizer = train(texts, args.out, args.vocab_size, args.max_lines)
     except ValueError as err:
         sys.exit(f"train_tokenizer: {err}" + (f"\n{problems.summary()}" if problems.counts else ""))

@@ -121,3 +121,17 @@ def test_missing_model_names_path_and_remedies(tmp_path):
     message = str(err.value)
     assert str(tmp_path / "tokenizer.model") in message
     assert "THUDM/chatglm2-6b" in message and "train_tokenizer.py" in message
+
+
+def test_a_source_that_yields_nothing_stops_training(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(ROUND_TRIP[:3] * 20), encoding="utf-8")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "tok"
+    with pytest.raises(SystemExit) as stop:
+        train_tokenizer.main(
+            ["--source", f"wiki={tmp_path / 'empty'}", "--source", f"text={corpus}", "--out", str(out)]
+        )
+    message = str(stop.value.code)
+    assert "source 'wiki' yielded no document" in message and "wiki reads json files" in message
+    assert not out.exists()
