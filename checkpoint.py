@@ -159,12 +159,14 @@ def run_id_of(out_dir):
 
 
 def holds_a_run(out_dir):
-    """What in out_dir belongs to an earlier run (run.json, a log, checkpoints), as a short list."""
+    """What in out_dir belongs to an earlier run (run.json, a log, checkpoints), as a short list. A run.json
+    alone is a run refused before its first step (bad data, a config mistake): nothing to keep, so the
+    corrected command may start there."""
     out = Path(out_dir)
     if not out.is_dir():
         return []
-    found = [p for p in (out / RUN_FILE, out / "log.jsonl", out / "ckpt.pt") if p.is_file()]
-    return found + sorted(out.glob("*/ckpt.pt"))
+    found = [p for p in (out / "log.jsonl", out / "ckpt.pt") if p.is_file()] + sorted(out.glob("*/ckpt.pt"))
+    return [out / RUN_FILE] + found if found and (out / RUN_FILE).is_file() else found
 
 
 def start_run(out_dir, overwrite, script):

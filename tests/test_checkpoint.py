@@ -131,7 +131,9 @@ def test_a_kill_between_write_and_rename_leaves_the_old_checkpoint(tmp_path, mon
 
 def test_new_run_refuses_a_folder_holding_a_run_and_overwrite_moves_it_aside(tmp_path):
     out = tmp_path / "run"
-    first = start_run(out, False, "test")
+    refused = start_run(out, False, "test")  # a run stopped before its first step leaves only run.json
+    first = start_run(out, False, "test")  # so the corrected command may start there
+    assert first != refused and checkpoint.run_id_of(out) == first
     (out / "log.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(CheckpointError, match="holds an earlier run.*--init_from=resume.*--overwrite=True"):
         start_run(out, False, "test")
