@@ -16,7 +16,7 @@ from checkpoint import CheckpointError, atomic_save, load_model, model_checkpoin
 from inference import load
 from model import Transformer
 
-from conftest import tiny_model, wander
+from conftest import ROOT, tiny_model, wander
 
 SETTINGS = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": list(lora.TARGETS)}
 
@@ -163,6 +163,55 @@ def test_load_merge_and_merge_lora_agree(adapter_on_export, tiny_tokenizer, tmp_
     assert meta["phase"] == "sft" and meta["merged_from"]["adapter"] == str(root / "adapter")
     with torch.no_grad():
         assert (merged(x) - ours(x)).abs().max() < 1e-5
+
+
+def test_command_lines_take_an_adapter(adapter_on_export, tiny_tokenizer_dir, tmp_path, capsys):
+    """eval.py ppl with --adapter scores as merge_lora.py's checkpoint does (and not as the base); chat.py answers
+    through it; serve.py loads through the same function (a folder that is not an adapter stops it)."""
+    import chat
+    import serve
+    from eval import main as eval_main
+
+    root, _ = adapter_on_export
+    merge_lora.main(
+        ["--ckpt", str(root / "base.pt"), "--adapter", str(root / "adapter"), "--out", str(tmp_path / "m.pt")]
+    )
+    heldout = f"heldout={ROOT / 'data/sample/heldout/medical_heldout.txt'}"
+    results = {}
+    for name, extra in (("adapter", ["--adapter", str(root / "adapter")]), ("merged", []), ("base", [])):
+        ckpt = tmp_path / "m.pt" if name == "merged" else root / "base.pt"
+        out = tmp_path / f"{name}.json"
+        common = ["--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu", "--dtype", "float32", "--max-docs", "3"]
+        eval_main(["ppl", "--ckpt", str(ckpt), *extra, "--source", heldout, *common, "--out", str(out)])
+        results[name] = json.loads(out.read_text())
+    assert results["adapter"]["adapter"] == str(root / "adapter") and results["adapter"]["step"] == 30
+    loss = {name: r["sources"]["heldout"]["loss_per_token"] for name, r in results.items()}
+    assert loss["adapter"] == pytest.approx(loss["merged"], abs=1e-5) and abs(loss["adapter"] - loss["base"]) > 1e-3
+    chat.main(
+        [
+            "--ckpt",
+            str(root / "base.pt"),
+            "--adapter",
+            str(root / "adapter"),
+            "--tokenizer",
+            str(tiny_tokenizer_dir),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--prompt",
+            "头痛",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert f"+ adapter {root / 'adapter'}: phase sft, step 30" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="serve.py: .* is not a LoRA adapter folder"):
+        serve.main(
+            ["--ckpt", str(root / "base.pt"), "--adapter", str(tmp_path), "--tokenizer", str(tiny_tokenizer_dir)]
+        )
 
 
 def test_an_adapter_is_refused_on_another_model(adapter_on_export, tiny_tokenizer, tmp_path):
