@@ -82,7 +82,7 @@ eval_windows = 64  # held-out pairs per source
 log_interval = 5
 save_interval = 500
 # parallel stays ddp: the frozen reference is not sharded
-SHARED = (TrainConfig, LoRAConfig)
+SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
 
 
 # ---------------------------------------------------------------------------- the loss

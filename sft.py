@@ -35,6 +35,8 @@ from plot import plot_runs
 from runlog import LogError, RunLog, read_log
 from trainer import TrainConfig, Trainer, check_config, wsd_lr
 
+SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
+
 # ---- SFT's own keys
 out_dir = "out/sft"
 sft_csv = "data/sft/sft_data.csv"
@@ -64,9 +66,6 @@ def latest_pretrain_checkpoint(pretrain_dir):
             "or set init_from"
         )
     return Path(found[1])
-
-
-SHARED = (TrainConfig, LoRAConfig)
 
 
 def main(argv):

@@ -36,6 +36,8 @@ from runlog import LogError, RunLog, read_log
 from trainer import TrainConfig, Trainer, check_config, wsd_lr
 from vlm import VLM, VLMArgs, build_vlm, is_vlm_checkpoint, set_trainable
 
+SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
+
 # ---- the VLM's own keys
 out_dir = "out/vlm/align"
 stage = "align"  # align: the projector, on captions; instruct: projector + LLM, on visual instructions
@@ -77,9 +79,6 @@ def build_model(cfg, tok, start):
     if not is_vlm_checkpoint(start[1]):
         raise SystemExit(f"{start[0]} is a text checkpoint: the instruct stage starts from the align checkpoint")
     return VLM(VLMArgs(**{**start[1]["model_args"], "dropout": cfg["dropout"]})), start[0]
-
-
-SHARED = (TrainConfig, LoRAConfig)
 
 
 def main(argv):
