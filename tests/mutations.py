@@ -290,6 +290,13 @@ MUTATIONS = [
         ["tests/test_lora.py", "-k", "resumes_bit_exactly"],
     ),
     Mutation(
+        "lora_vlm_checkpoint_holds_frozen_weights",
+        "vlm_train.py",
+        "trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))",
+        "trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=False)",
+        ["tests/test_vlm.py", "-k", "resume_is_bit"],
+    ),
+    Mutation(
         "lora_changed_base_not_noticed",
         "checkpoint.py",
         'if (now["run_id"], now["step"]) != (record["run_id"], record["step"]):',

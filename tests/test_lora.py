@@ -59,6 +59,23 @@ def test_adapters_start_as_the_base_and_only_they_train():
     assert model.layers[1].feed_forward.w2.lora_B.weight.grad.abs().sum() > 0  # A's is 0 while B is 0
 
 
+def test_the_chunked_head_skips_a_frozen_weight_and_keeps_the_adapters_gradients():
+    """With the LM head frozen, the chunked loss forms no weight gradient; the adapters' gradients are the
+    F.cross_entropy reference path's."""
+    model = trained_adapters(base_model(300)).train()
+    x = ids(300)
+    grads = {}
+    for path in ("chunked", "reference"):
+        model.zero_grad()
+        model.tok_embeddings.loss_path = path
+        torch.manual_seed(0)  # the same dropout masks
+        model(x, x, reduction="sum").backward()
+        grads[path] = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert grads["chunked"].keys() == grads["reference"].keys() and len(grads["chunked"]) == 2 * 7 * 2
+    for name, grad in grads["chunked"].items():
+        torch.testing.assert_close(grad, grads["reference"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_scaling_disabling_and_merging():
     model = trained_adapters(base_model(300))
     x = ids(300)
