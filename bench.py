@@ -634,11 +634,11 @@ def bench_lora(args):
         variants = {"full": lora_variant(shape, 0, device), adapted: lora_variant(shape, args.lora_rank, device)}
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, shape["vocab_size"], (batch, shape["max_seq_len"]), generator=g).to(device)
-        times = {name: [] for name in variants}
+        times, cpu = {name: [] for name in variants}, {name: [] for name in variants}
         for round_ in tqdm(range(args.warmup + args.rounds), desc=f"bench lora {shape['dim']}", leave=False):
             for name, (model, optimizer) in variants.items():  # interleaved: both see the same host load
                 for turn_step in range(1 + args.steps_per_turn):
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), cpu_seconds()
                     with autocast(device, chosen.dtype):
                         loss = model(x, x)
                     loss.backward()
@@ -648,19 +648,25 @@ def bench_lora(args):
                         torch.cuda.synchronize()
                     if round_ >= args.warmup and turn_step > 0:
                         times[name].append(time.perf_counter() - t)
+                        cpu[name].append(cpu_seconds() - c)
         settings = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": 0.05, "targets": lora.TARGETS}
         sizes = lora_file_sizes(*variants["full"], *variants[adapted], settings)
         trained = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in variants.items()}
         median = {name: statistics.median(t) for name, t in times.items()}
+        cpu_median = {name: statistics.median(c) for name, c in cpu.items()}
         tokens = batch * shape["max_seq_len"]
         print(f"{label}: {variants['full'][0].num_params() / 1e6:.1f}M parameters, batch {batch}, dtype {chosen.dtype}")
         for name in variants:
             low, high = min(times[name]) * 1000, max(times[name]) * 1000
             print(
                 f"  {name:10s} {trained[name] / 1e6:8.3f}M trained  {median[name] * 1000:8.1f} ms/step "
-                f"(range {low:.0f}-{high:.0f})  {tokens / median[name]:8.0f} tok/s"
+                f"(range {low:.0f}-{high:.0f}) {tokens / median[name]:7.0f} tok/s, CPU {cpu_median[name] * 1000:.0f} ms"
             )
-        print(f"  step time LoRA / full: {median[adapted] / median['full']:.2f}")
+        # CPU time per step moves less than wall time when other jobs share the cores
+        print(
+            f"  step time LoRA / full: {median[adapted] / median['full']:.2f} wall, "
+            f"{cpu_median[adapted] / cpu_median['full']:.2f} CPU"
+        )
         for name, size in sizes.items():
             print(f"  {name:36s} {size / 2**20:9.2f} MiB")
 
