@@ -6,6 +6,7 @@
     python bench.py vlm        # vision-language: training tokens/s with and without images, projector and
                                # tower throughput, generation with one image with and without the KV cache
     python bench.py serve      # batch-1 decode vs llama.cpp, then serve.py under 1-64 concurrent clients
+    python bench.py lora       # training step time LoRA vs full fine-tuning at the tiny and 25m shapes; file sizes
 
 The host may be noisy: variants run interleaved, several rounds, and the median is reported. In
 `train`, each variant's turn starts with one untimed step: the first step after another variant
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora
+from checkpoint import atomic_save, model_checkpoint
 from dataset import PretrainData
 from lm_head import IGNORE_INDEX
 from model import ModelArgs, Transformer
@@ -583,9 +586,94 @@ async def serve_load(url, body, clients, seconds):
     }
 
 
+LORA_SHAPES = {  # ChatGLM2's vocabulary, as training would have it; (shape, batch)
+    "config/pretrain_tiny.py shape (d128 L4, GQA 4/2, seq 256)": (
+        dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64794, max_seq_len=256),
+        8,
+    ),
+    "config/pretrain_25m.py shape (d512 L8, seq 512)": (
+        dict(dim=512, n_layers=8, n_heads=8, vocab_size=64794, max_seq_len=512),
+        4,
+    ),
+}
+
+
+def lora_variant(shape, rank, device):
+    """(model, optimizer) for full fine-tuning (rank 0) or LoRA of rank `rank` on every linear layer of the blocks."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**shape))
+    if rank:
+        lora.add_adapters(model, rank, 2.0 * rank, 0.05)
+    model.to(device).train()
+    return model, make_optimizer(model, 1e-4, 0.0, (0.9, 0.95), device)
+
+
+def lora_file_sizes(full_model, full_optimizer, lora_model, lora_optimizer, settings):
+    """Bytes on disk: a full fine-tuning checkpoint, a LoRA run's checkpoint, the LoRA adapter folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        full, part = Path(tmp) / "full.pt", Path(tmp) / "lora.pt"
+        atomic_save(model_checkpoint(full_model, full_model.args, optimizer=full_optimizer.state_dict()), full)
+        atomic_save(model_checkpoint(lora_model, lora_model.args, True, optimizer=lora_optimizer.state_dict()), part)
+        folder = lora.save_adapter(lora_model, Path(tmp) / "adapter", settings, {})
+        return {
+            "full checkpoint (weights + AdamW)": full.stat().st_size,
+            "LoRA checkpoint (adapters + AdamW)": part.stat().st_size,
+            "LoRA adapter folder (PEFT)": sum(f.stat().st_size for f in folder.iterdir()),
+        }
+
+
+def bench_lora(args):
+    device = torch.device(args.device)
+    print(
+        f"host: {cpu_features() if device.type == 'cpu' else torch.cuda.get_device_name(device)}; "
+        f"{torch.get_num_threads()} threads; LoRA rank {args.lora_rank} on wq,wk,wv,wo,w1,w2,w3; AdamW"
+    )
+    for label, (shape, batch) in LORA_SHAPES.items():
+        chosen = resolve("auto", device, "train", dim=shape["dim"])
+        adapted = f"LoRA r{args.lora_rank}"
+        variants = {"full": lora_variant(shape, 0, device), adapted: lora_variant(shape, args.lora_rank, device)}
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, shape["vocab_size"], (batch, shape["max_seq_len"]), generator=g).to(device)
+        times, cpu = {name: [] for name in variants}, {name: [] for name in variants}
+        for round_ in tqdm(range(args.warmup + args.rounds), desc=f"bench lora {shape['dim']}", leave=False):
+            for name, (model, optimizer) in variants.items():  # interleaved: both see the same host load
+                for turn_step in range(1 + args.steps_per_turn):
+                    t, c = time.perf_counter(), cpu_seconds()
+                    with autocast(device, chosen.dtype):
+                        loss = model(x, x)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if round_ >= args.warmup and turn_step > 0:
+                        times[name].append(time.perf_counter() - t)
+                        cpu[name].append(cpu_seconds() - c)
+        settings = {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": 0.05, "targets": lora.TARGETS}
+        sizes = lora_file_sizes(*variants["full"], *variants[adapted], settings)
+        trained = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, (m, _) in variants.items()}
+        median = {name: statistics.median(t) for name, t in times.items()}
+        cpu_median = {name: statistics.median(c) for name, c in cpu.items()}
+        tokens = batch * shape["max_seq_len"]
+        print(f"{label}: {variants['full'][0].num_params() / 1e6:.1f}M parameters, batch {batch}, dtype {chosen.dtype}")
+        for name in variants:
+            low, high = min(times[name]) * 1000, max(times[name]) * 1000
+            print(
+                f"  {name:10s} {trained[name] / 1e6:8.3f}M trained  {median[name] * 1000:8.1f} ms/step "
+                f"(range {low:.0f}-{high:.0f}) {tokens / median[name]:7.0f} tok/s, CPU {cpu_median[name] * 1000:.0f} ms"
+            )
+        # CPU time per step moves less than wall time when other jobs share the cores
+        print(
+            f"  step time LoRA / full: {median[adapted] / median['full']:.2f} wall, "
+            f"{cpu_median[adapted] / cpu_median['full']:.2f} CPU"
+        )
+        for name, size in sizes.items():
+            print(f"  {name:36s} {size / 2**20:9.2f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["train", "generate", "peak", "vlm", "serve"])
+    parser.add_argument("what", choices=["train", "generate", "peak", "vlm", "serve", "lora"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
@@ -597,6 +685,7 @@ def main():
         "--gen-rounds", type=int, default=1, help="generate: runs per measurement (each is 128-512 steps)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (its cold start is ~30 s)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="lora: the adapters' rank")
     parser.add_argument("--vlm-new-tokens", type=int, default=128, help="vlm: tokens generated after the image")
     parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="serve: the served model's tokenizer")
     parser.add_argument("--serve-dtype", default="float32", choices=["float32", "bfloat16"], help="serve: weights")
@@ -617,6 +706,8 @@ def main():
         bench_generate(args)
     elif args.what == "vlm":
         bench_vlm(args)
+    elif args.what == "lora":
+        bench_lora(args)
     else:
         device = torch.device(args.device)
         print(f"host: {cpu_features() if device.type == 'cpu' else torch.cuda.get_device_name(device)}")

@@ -4,6 +4,7 @@
     python chat.py --ckpt out/sft/ckpt.pt --prompt "高血压患者饮食上要注意什么？" --prompt "感冒怎么办？"
     python chat.py --ckpt out/sft/ckpt.pt --prompt-file data/sample/chat_questions.txt --temperature 0
     python chat.py --ckpt out/pretrain/clinical/ckpt.pt --prompt "高血压是"  # continues the text
+    python chat.py --ckpt out/pretrain/clinical/ckpt.pt --adapter out/sft_lora/adapter   # + a LoRA adapter
     python chat.py --ckpt out/vlm/instruct/ckpt.pt --image scan.png --prompt "这张胸片有什么异常？"
 
 Modes. An SFT checkpoint (phase "sft") answers through the chat template, dataset_sft.render: every
@@ -142,6 +143,7 @@ def interactive(model, tok, mode, args, sampling):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint file (pretrain or SFT)")
+    parser.add_argument("--adapter", help="a LoRA adapter folder (PEFT format) trained on --ckpt, folded into it")
     parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="the tokenizer the model was trained with")
     parser.add_argument("--mode", choices=MODES, help="default: chat for SFT checkpoints, continue otherwise")
     parser.add_argument("--prompt", action="append", help="answer this and exit (repeatable)")
@@ -165,14 +167,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prompts = read_prompts(args)  # a bad prompt file stops the run before the model is loaded
     try:
-        model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+        model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, adapter=args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"chat.py: {err}") from None
     mode = args.mode or mode
     args.max_new_tokens = fit_max_new_tokens(args.max_new_tokens, model)
     sampling = dict(sampling_from(args), use_cache=not args.no_cache)
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
     print(
-        f"{args.ckpt}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
+        f"{args.ckpt}{adapter}: phase {ckpt.get('phase')}, step {ckpt.get('step')}, "
         f"{model.num_params() / 1e6:.1f}M parameters on {model.rope_cos.device}, mode {mode}",
         file=sys.stderr,
     )

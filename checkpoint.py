@@ -113,6 +113,12 @@ def load_model(path, device="cpu", tokenizer=None):
         )
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model embeds only {args.vocab_size}")
+    if ckpt.get("lora"):
+        base = (ckpt.get("base") or {}).get("path", "its base checkpoint")
+        raise CheckpointError(
+            f"{path} holds the LoRA adapters of a run, not a model: load its base with the adapter folder, "
+            f"--ckpt {base} --adapter {Path(path).parent / 'adapter'} (or fold them in with merge_lora.py)"
+        )
     model = Transformer(args)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
@@ -131,13 +137,51 @@ def check_model_args(ckpt, args, path):
         )
 
 
-def model_checkpoint(model, model_args: ModelArgs, **meta):
-    """A checkpoint dict: the model's weights in fp32 on CPU, its arguments, and `meta`."""
+def model_checkpoint(model, model_args: ModelArgs, trained_only=False, **meta):
+    """A checkpoint dict: the model's weights in fp32 on CPU, its arguments, and `meta`. trained_only: only the
+    weights that train (a LoRA run's adapters: the rest is its base checkpoint, which meta["base"] names)."""
+    keep = trained_keys(model) if trained_only else None
     return {
-        "model": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+        "model": {k: v.detach().float().cpu() for k, v in model.state_dict().items() if keep is None or k in keep},
         "model_args": asdict(model_args),
         **meta,
     }
+
+
+def trained_keys(model):
+    """The state-dict keys of the weights that train (requires_grad)."""
+    return {k for k, v in model.state_dict(keep_vars=True).items() if v.requires_grad}
+
+
+def load_weights(model, weights, path, trained_only=False):
+    """Load a checkpoint's weights into `model`: all of them (strictly), or with trained_only exactly the weights
+    that train (the frozen ones are in place already, from the base checkpoint)."""
+    expected = trained_keys(model) if trained_only else set(model.state_dict())
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise CheckpointError(
+            f"{path}: weights do not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    model.load_state_dict(weights, strict=not trained_only)
+
+
+def base_record(path):
+    """What identifies the checkpoint a run builds on (LoRA's frozen base, DPO's reference): path, run id, step."""
+    meta = checkpoint_meta(path)
+    return {"path": str(path), "run_id": meta.get("run_id"), "step": meta.get("step")}
+
+
+def check_base(record):
+    """The path of the base checkpoint a resumed run was built on, unchanged since; CheckpointError otherwise."""
+    now = base_record(record["path"])
+    if (now["run_id"], now["step"]) != (record["run_id"], record["step"]):
+        raise CheckpointError(
+            f"{record['path']} is no longer the checkpoint this run was built on (run {record['run_id']}, step "
+            f"{record['step']}; now run {now['run_id']}, step {now['step']}): put that checkpoint back to resume, "
+            "or start a new run"
+        )
+    return Path(record["path"])
 
 
 # ---------------------------------------------------------------------------- runs

@@ -4,9 +4,10 @@ config files and --key=value arguments override them.
     python pretrain.py config/pretrain_tiny.py --batch_size=16 --dtype=float32
 
 The keys a script accepts are its module-level constants plus, for the training scripts, the keys they all
-share (trainer.TrainConfig, with its defaults). A config file is Python run with the constants in scope
-(so it may compute from them); a --key=value value is a Python literal, or a bare string. Unknown keys
-and type changes are errors: a typo must not train for a day with the default.
+share (trainer.TrainConfig, with its defaults) and, for those that fine-tune, the LoRA keys (lora.LoRAConfig).
+A config file is Python run with the constants in scope (so it may compute from them); a --key=value value is
+a Python literal, or a bare string. Unknown keys and type changes are errors: a typo must not train for a day
+with the default.
 """
 
 import ast
@@ -39,9 +40,11 @@ def _check(key, value, defaults, origin):
 
 
 def script_defaults(namespace, shared=None):
-    """`shared`'s field defaults (a dataclass of the keys several scripts share, e.g. trainer.TrainConfig),
-    overridden by the plain-valued public constants of `namespace` (the script's own keys and choices)."""
-    return ({f.name: f.default for f in fields(shared)} if shared else {}) | config_keys(namespace)
+    """`shared`'s field defaults (a dataclass of the keys several scripts share, e.g. trainer.TrainConfig, or a
+    tuple of them: (TrainConfig, lora.LoRAConfig)), overridden by the plain-valued public constants of
+    `namespace` (the script's own keys and choices)."""
+    shared = shared if isinstance(shared, tuple) else (shared,) if shared else ()
+    return {f.name: f.default for kind in shared for f in fields(kind)} | config_keys(namespace)
 
 
 def configure(namespace, argv, shared=None):

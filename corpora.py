@@ -1,4 +1,5 @@
-"""The registry of dataset formats: raw files -> documents, dialogues or multiple-choice questions.
+"""The registry of dataset formats: raw files -> documents, dialogues, multiple-choice questions, image
+conversations or preference pairs.
 
     source = parse_source("wiki=data/raw/wiki")             # format inferred from the name
     problems = Problems()
@@ -6,6 +7,7 @@
     for turns in iter_dialogues(source, problems): ...     # SFT: [(prompt, answer), ...]
     for q in iter_questions(source, problems): ...         # evaluation: {"question", "options", "answer", ...}
     for d in iter_image_dialogues(source, problems): ...   # vision-language: ImageDialogue(turns, images, ...)
+    for pair in iter_preferences(source, problems): ...    # DPO: {"history", "prompt", "chosen", "rejected"}
     print(problems.summary())                              # what was skipped, why, where (file:line)
 
 Three layers, top to bottom:
@@ -13,9 +15,10 @@ Three layers, top to bottom:
      (one element per record, streamed, entity declarations refused), PDF (the text of each page),
      Parquet (pyarrow); transparent .gz; the encoding decided per line (UTF-8, UTF-8 with BOM, GB18030:
      LineDecoder), a record with a line that is neither skipped and counted, never kept garbled.
-  2. readers: one short generator per dataset, record -> text / turns / question. A reader raises
-     BadRecord for a record it cannot use and may `yield Skipped(...)` for a part it leaves out.
-  3. iter_texts / iter_dialogues / iter_questions: a source's files through its reader.
+  2. readers: one short generator per dataset, record -> text / turns / question / preference pair. A reader
+     raises BadRecord for a record it cannot use and may `yield Skipped(...)` for a part it leaves out.
+  3. iter_texts / iter_dialogues / iter_questions / iter_image_dialogues / iter_preferences: a source's files
+     through its reader.
 Bad input never stops a long run: it is counted in Problems with its location, and reading goes on.
 Nothing here knows about tokens; each reader's docstring names its record layout, and data/sample/
 holds a small file of each.
@@ -688,7 +691,7 @@ def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterat
 
 @dataclass(frozen=True)
 class Format:
-    kind: str  # "text" | "dialogue" | "question": what the reader yields
+    kind: str  # "text" | "dialogue" | "question" | "image" | "preference": what the reader yields
     read: Callable  # record -> outputs (questions: (record, path)); whole_source: (files, problems)
     containers: tuple = ("json",)  # file kinds it reads; other files are skipped and counted
     companions: tuple = ()  # file-name globs that ship with the dataset but hold no records: skipped quietly
@@ -1502,11 +1505,78 @@ def vqa_rad(record):
     )
 
 
+# ---- preference pairs (DPO): {"history": [(prompt, answer), ...], "prompt", "chosen", "rejected"}
+
+
+def answer_text(record, name: str) -> str:
+    """A preference answer: plain text, or one message ({value} / {content}, or a list holding one)."""
+    value = _value(record, name, True)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        value = value.get("value", value.get("content"))
+    if not isinstance(value, str):
+        raise BadRecord(f"field '{name}' is not text or one message", type(value).__name__)
+    return value.strip()
+
+
+def preference_pair(messages, chosen, rejected):
+    """Yields dialogue()'s notes, then the pair: `messages` [(role, text)] end with the question both answers
+    answer; earlier turns are its history, system messages go in front of the next question."""
+    if not messages or ROLES.get(str(messages[-1][0]).strip().lower()) != "user":
+        raise BadRecord("the conversation does not end with the question the answers answer")
+    *notes, turns = dialogue(list(messages) + [("assistant", chosen)])
+    yield from notes
+    *history, (prompt, _) = turns
+    yield {"history": history, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@register("medical_reward", "preference")
+def medical_reward(record):
+    """shibing624/medical `reward` split (and MedicalGPT's dpo_zh files): question, response_chosen,
+    response_rejected; optional system (in front of the question) and history [[question, answer], ...]."""
+    history = _value(record, "history", False) or []
+    if not isinstance(history, list) or not all(
+        isinstance(turn, list) and len(turn) == 2 and all(isinstance(text, str) for text in turn) for turn in history
+    ):
+        raise BadRecord("field 'history' is not a list of [question, answer] texts")
+    messages = [("system", text_field(record, "system", False))] if text_field(record, "system", False) else []
+    messages += [(role, text.strip()) for turn in history for role, text in zip(("user", "assistant"), turn)]
+    yield from preference_pair(
+        messages + [("user", text_field(record, "question"))],
+        text_field(record, "response_chosen"),
+        text_field(record, "response_rejected"),
+    )
+
+
+@register("dpo_pairs", "preference")
+def dpo_pairs(record):
+    """TRL's preference layout: prompt, chosen, rejected as text; or conversational, prompt [{role, content}]
+    ending with the user's question and chosen / rejected [{role: assistant, content}]."""
+    if isinstance(_value(record, "prompt", True), list):
+        messages = messages_field(record, "prompt", "role", "content")
+    else:
+        messages = [("user", text_field(record, "prompt"))]
+    yield from preference_pair(messages, answer_text(record, "chosen"), answer_text(record, "rejected"))
+
+
+@register("dpo_conversations", "preference")
+def dpo_conversations(record):
+    """MedicalGPT's multi-turn preference data: conversations [{from: system|human|gpt, value}] ending with the
+    human turn answered, chosen / rejected {from: gpt, value} (or text)."""
+    yield from preference_pair(
+        messages_field(record, "conversations", "from", "value"),
+        answer_text(record, "chosen"),
+        answer_text(record, "rejected"),
+    )
+
+
 # Registry key sets. Every dialogue format also reads as pretraining text (its turns flattened).
 SFT_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "dialogue")
 MCQ_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "question")
 PRETRAIN_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "text") | SFT_FORMATS
 IMAGE_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "image")
+PREFERENCE_FORMATS = frozenset(name for name, fmt in FORMATS.items() if fmt.kind == "preference")
 
 # Other names a source may carry (file names, dataset names); matched after lower-casing and '-' -> '_'.
 ALIASES = {
@@ -1546,15 +1616,19 @@ ALIASES = {
     "slake": ("slake1.0",),
     "pmc_vqa": ("pmcvqa",),
     "vqa_rad": ("vqarad", "vqa_rad_dataset_public"),
+    "medical_reward": ("shibing624_medical_reward", "dpo_zh"),
+    "dpo_pairs": ("trl", "trl_dpo", "preference_pairs"),
+    "dpo_conversations": ("medicalgpt_dpo", "sharegpt_dpo"),
 }
 
 
 def known_formats() -> str:
     kinds = (
-        ("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS - IMAGE_FORMATS),
+        ("pretraining", FORMATS.keys() - SFT_FORMATS - MCQ_FORMATS - IMAGE_FORMATS - PREFERENCE_FORMATS),
         ("SFT (also pretraining)", SFT_FORMATS),
         ("MCQ", MCQ_FORMATS),
         ("image conversations", IMAGE_FORMATS),
+        ("preference pairs (DPO)", PREFERENCE_FORMATS),
     )
     return "; ".join(f"{label}: {', '.join(sorted(names))}" for label, names in kinds)
 
@@ -1645,9 +1719,13 @@ def _format(source: Source, wanted: str) -> Format:
     fmt = FORMATS.get(source.format)
     if fmt is None:
         raise ValueError(f"unknown format '{source.format}' for source '{source.name}'. Formats: {known_formats()}")
-    allowed = {"text": PRETRAIN_FORMATS, "dialogue": SFT_FORMATS, "question": MCQ_FORMATS, "image": IMAGE_FORMATS}[
-        wanted
-    ]
+    allowed = {
+        "text": PRETRAIN_FORMATS,
+        "dialogue": SFT_FORMATS,
+        "question": MCQ_FORMATS,
+        "image": IMAGE_FORMATS,
+        "preference": PREFERENCE_FORMATS,
+    }[wanted]
     if source.format not in allowed:
         raise ValueError(
             f"source '{source.name}': format '{source.format}' holds {fmt.kind}s, not {wanted}s; "
@@ -1732,6 +1810,19 @@ def iter_questions(source: Source, problems: Problems) -> Iterator[dict]:
     fmt = _format(source, "question")
     for _, where, question in _outputs(source, fmt, problems, None):
         yield {**question, "where": where}
+
+
+def iter_preferences(source: Source, problems: Problems) -> Iterator[dict]:
+    """DPO pairs {"history": [(prompt, answer), ...], "prompt", "chosen", "rejected"}: none empty, chosen and
+    rejected different (a pair of equal answers teaches nothing)."""
+    fmt = _format(source, "preference")
+    for path, where, pair in _outputs(source, fmt, problems, None):
+        if not all([pair["prompt"], pair["chosen"], pair["rejected"]] + [p and a for p, a in pair["history"]]):
+            problems.add("empty question or answer", path, where)
+        elif pair["chosen"] == pair["rejected"]:
+            problems.add("chosen and rejected are the same answer", path, where)
+        else:
+            yield pair
 
 
 def expected_input(format_name: str) -> str:

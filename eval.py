@@ -8,8 +8,13 @@ visual question answering.
         --source cmexam=data/sample/eval/cmexam --shots 5 --out mcq.json
     python eval.py generate --ckpt out/pretrain/clinical/ckpt.pt --ckpt out/sft/ckpt.pt \
         --questions data/sample/chat_questions.txt --out answers.md
+    python eval.py ppl --ckpt out/pretrain/clinical/ckpt.pt --adapter out/sft_lora/adapter \
+        --source heldout=data/sample/heldout/medical_heldout.txt
     python eval.py vqa --ckpt out/vlm/instruct/ckpt.pt --source slake=data/raw/Slake1.0/test.json \
         --source pmc_vqa=data/raw/PMC-VQA/test_2.csv --source vqa_rad="data/raw/VQA_RAD/VQA_RAD Dataset Public.json"
+
+--adapter DIR folds a LoRA adapter (lora.py) into --ckpt, the checkpoint it was trained on; generate takes one
+--adapter per --ckpt, in order, "-" for none.
 
 ppl: perplexity on held-out text
   --source NAME=PATH is any pretraining format of corpora.py (plain text: documents separated by blank
@@ -244,7 +249,7 @@ def run_ppl(args):
     for spec in args.source:
         name, _, location = spec.partition("=")
         sources.append((name, location if is_token_source(location) else parse_source(spec)))
-    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
+    model, tok, ckpt, _ = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score", args.adapter)
     if args.stride > model.args.max_seq_len:
         raise ValueError(f"--stride {args.stride} is more than the model's max_seq_len {model.args.max_seq_len}")
     results, empty = {}, []
@@ -484,7 +489,7 @@ def print_mcq(name, r, norm, mode, shots):
 
 def run_mcq(args):
     sources = [parse_source(spec) for spec in args.source]  # a wrong path fails before the model loads
-    model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score")
+    model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, "score", args.adapter)
     mode = args.mode or mode
     score = model_scorer(model, tok, args.batch_size)
     results, empty = {}, []
@@ -529,9 +534,13 @@ def read_questions_file(path):
 def run_generate(args):
     questions = read_questions_file(args.questions)
     sampling = sampling_from(args)
+    adapters = args.adapter or ["-"] * len(args.ckpt)
+    if len(adapters) != len(args.ckpt):
+        raise ValueError(f"{len(adapters)} --adapter for {len(args.ckpt)} --ckpt: give one per --ckpt, '-' for none")
     runs = []
-    for path in args.ckpt:
-        model, tok, ckpt, mode = load(path, args.tokenizer, args.device, args.dtype)
+    for path, adapter in zip(args.ckpt, adapters):
+        adapter = None if adapter == "-" else adapter
+        model, tok, ckpt, mode = load(path, args.tokenizer, args.device, args.dtype, adapter=adapter)
         mode = args.mode or mode
         max_new = fit_max_new_tokens(args.max_new_tokens, model)
         replies = []
@@ -539,7 +548,7 @@ def run_generate(args):
             replies += answer(
                 model, tok, questions[start : start + args.batch_size], None, mode, max_new, args.seed, **sampling
             )
-        runs.append((path, ckpt, mode, max_new, replies))
+        runs.append((f"`{path}`" + (f" + `{adapter}`" if adapter else ""), ckpt, mode, max_new, replies))
         del model
     settings = ", ".join(f"{k} {'off' if v is None else v}" for k, v in dict(sampling, seed=args.seed).items())
     lines = [
@@ -551,13 +560,13 @@ def run_generate(args):
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| `{path}` | {ckpt.get('phase')} | {ckpt.get('step')} | {mode} | {max_new} |"
-        for path, ckpt, mode, max_new, _ in runs
+        f"| {label} | {ckpt.get('phase')} | {ckpt.get('step')} | {mode} | {max_new} |"
+        for label, ckpt, mode, max_new, _ in runs
     ]
     for i, question in enumerate(questions):
         lines += ["", f"## {i + 1}. {question}"]
-        for path, ckpt, _, _, replies in runs:
-            lines += ["", f"**`{path}`** (step {ckpt.get('step')}):", "", quote(replies[i])]
+        for label, ckpt, _, _, replies in runs:
+            lines += ["", f"**{label}** (step {ckpt.get('step')}):", "", quote(replies[i])]
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {len(questions)} questions x {len(runs)} checkpoint(s) to {args.out}")
 
@@ -708,7 +717,12 @@ def run_vqa(args):
 
 
 def checkpoint_info(path, ckpt):
-    return {"checkpoint": str(path), "phase": ckpt.get("phase"), "step": ckpt.get("step")}
+    return {
+        "checkpoint": str(path),
+        "adapter": ckpt.get("adapter"),
+        "phase": ckpt.get("phase"),
+        "step": ckpt.get("step"),
+    }
 
 
 def check_numbers(parser, args):
@@ -751,6 +765,7 @@ def main(argv=None):
     ppl = tasks.add_parser("ppl", help="perplexity and bits/char on held-out text")
     add_common(ppl, 16)
     ppl.add_argument("--ckpt", required=True)
+    ppl.add_argument("--adapter", help="a LoRA adapter folder (PEFT format) trained on --ckpt, folded into it")
     ppl.add_argument("--source", action="append", required=True, help="NAME=PATH (corpora format, or *.bin tokens)")
     ppl.add_argument("--max-docs", type=int, default=0, help="per source; 0: all")
     ppl.add_argument("--stride", type=int, default=0, help="sliding windows every STRIDE tokens; 0: non-overlapping")
@@ -758,6 +773,7 @@ def main(argv=None):
     mcq = tasks.add_parser("mcq", help="multiple-choice accuracy")
     add_common(mcq, 16)
     mcq.add_argument("--ckpt", required=True)
+    mcq.add_argument("--adapter", help="a LoRA adapter folder (PEFT format) trained on --ckpt, folded into it")
     mcq.add_argument("--source", action="append", required=True, help="ceval|cmmlu|cmb|cmexam=FILE_OR_DIR")
     mcq.add_argument("--shots", type=int, default=0)
     mcq.add_argument("--norm", choices=NORMS, default="mean", help="option score: mean or sum of token log-probs")
@@ -766,6 +782,7 @@ def main(argv=None):
     gen = tasks.add_parser("generate", help="answers to questions, side by side, as Markdown")
     add_common(gen, 8)
     gen.add_argument("--ckpt", action="append", required=True, help="repeatable: one column per checkpoint")
+    gen.add_argument("--adapter", action="append", help="one per --ckpt, in order ('-': none): LoRA adapter folders")
     gen.add_argument("--questions", required=True, help="one question a line")
     gen.add_argument("--mode", choices=["chat", "continue"])
     gen.add_argument("--out", required=True)

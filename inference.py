@@ -11,6 +11,10 @@ the text (earlier turns, if any, are plain text in front of it).
     answer(model, tok, ["感冒了怎么办？"], mode=mode, temperature=0)      # -> ["..."]
     model, tok, ckpt, mode = load("out/vlm/instruct/ckpt.pt")            # a vision-language checkpoint
     answer(model, tok, ["这张胸片有什么异常？"], images=["scan.png"], temperature=0)
+    model, tok, ckpt, mode = load("out/pretrain/clinical/ckpt.pt", adapter="out/sft_lora/adapter")  # + LoRA
+
+A LoRA adapter folder (lora.py; PEFT's format) is applied to the checkpoint it was trained on and folded into
+its weights (lora.merge): the model runs as fast as one without adapters. Its phase (sft, dpo) sets the mode.
 
 Images (vision-language checkpoints, vlm.py) go in front of the prompt, one "<image>" line each, as
 LLaVA lays them out; each becomes the image's tokens.
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer
-from checkpoint import load_model
+from checkpoint import CheckpointError, load_model
 from corpora import IMAGE_PLACEHOLDER
 from dataset_sft import encode_turns, fit_turns, render
 from precision import resolve
@@ -39,22 +43,37 @@ def resolve_device(name):
 
 
 def default_mode(ckpt):
-    return "chat" if ckpt.get("phase") == "sft" else "continue"
+    return "chat" if ckpt.get("phase") in ("sft", "dpo") else "continue"
 
 
-def load(ckpt_path, tokenizer=DEFAULT_DIR, device="cpu", dtype="float32", purpose="generate"):
+def load(ckpt_path, tokenizer=DEFAULT_DIR, device="cpu", dtype="float32", purpose="generate", adapter=None):
     """(model, tokenizer, checkpoint dict, default mode). `tokenizer` is a path or a loaded tokenizer;
     checkpoint.load_model refuses missing files, mismatched weights and a different tokenizer. dtype "auto"
     is precision.resolve's choice for `purpose` ("generate" or "score"), announced on stderr. A
-    vision-language checkpoint gives a vlm.VLM, which always chats."""
+    vision-language checkpoint gives a vlm.VLM, which always chats. adapter: a LoRA folder trained on this
+    checkpoint, merged in; the returned dict then carries the adapter's phase and step, and "adapter"."""
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     device = resolve_device(device)
     vision = is_vlm_file(ckpt_path)
     model, ckpt = load_vlm(ckpt_path, device, tok) if vision else load_model(ckpt_path, device, tok)
+    if adapter:
+        ckpt = with_adapter(model, ckpt, adapter, tok)
     choice = resolve(dtype, device, purpose, dim=model.args.dim, vocab=model.args.vocab_size)
     if dtype == "auto" or choice.reason != "as asked":
         print(f"dtype {choice}", file=sys.stderr)
     return model.to(choice.torch_dtype), tok, ckpt, "chat" if vision else default_mode(ckpt)
+
+
+def with_adapter(model, ckpt, adapter, tok):
+    """Fold the LoRA folder `adapter` into `model` (checked against its base `ckpt` and the tokenizer); returns
+    the checkpoint dict as the adapter's run left it (phase, step, "adapter")."""
+    import lora  # here: lora names its tensors after export_hf's, and export_hf imports this module
+
+    info = lora.load_adapter(lora.language_model(model), adapter, ckpt)
+    if info.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+        raise CheckpointError(f"{adapter} was trained with another tokenizer than the one given")
+    lora.merge(lora.language_model(model))
+    return ckpt | lora.trained_as(info, ckpt) | {"adapter": str(adapter)}
 
 
 def with_images(prompt, n_images):

@@ -108,7 +108,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     formed in the same pass (softmax - onehot, times hidden / weight) and scaled by the upstream
     scalar in backward, so the logits are never recomputed either. Matmuls run in `dtype` (bf16
     under autocast); the softmax and the weight-gradient accumulator stay fp32. What is saved for
-    backward is freshly allocated: several forwards may precede one backward.
+    backward is freshly allocated: several forwards may precede one backward. A frozen weight (LoRA) gets
+    no gradient, and its (vocab, dim) product is not formed.
     """
 
     @staticmethod
@@ -117,7 +118,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = min(chunk, n)
         w = weight if weight.dtype == dtype else scratch("weight", weight.shape, dtype, device).copy_(weight)
         logits = scratch("logits", (rows, vocab), dtype, device)
-        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=device)
+        want_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.empty(weight.shape if want_weight else 0, dtype=torch.float32, device=device)
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, rows):
@@ -126,6 +128,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             g = torch.mm(h, w.t(), out=logits[: len(h)])
             total += xent_grad_(g, t.clamp_min(0), t != IGNORE_INDEX, scratch)
             grad_hidden[start : start + rows] = g @ w
+            if not want_weight:
+                continue
             if dtype == torch.float32:
                 grad_weight.addmm_(g.t(), h, beta=0 if start == 0 else 1)  # beta=0: the empty buffer is ignored
             else:  # CPU has no bf16 x bf16 -> fp32 mm: the chunk's product is rounded, the sum over chunks is fp32
@@ -135,7 +139,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 else:  # fp32 += bf16 would allocate a converted (vocab, dim) copy: convert into a reused buffer
                     grad_weight += scratch("grad_weight_fp32", weight.shape, torch.float32, device).copy_(product)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype, ctx.used = weight.dtype, False
+        ctx.weight_dtype, ctx.want_weight, ctx.used = weight.dtype, want_weight, False
         return total
 
     @staticmethod
@@ -145,7 +149,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("backward through the chunked LM loss twice (retain_graph=True) is not supported")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None, None, None
+        grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype) if ctx.want_weight else None
+        return grad_hidden.mul_(grad_total), grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk=1024, reduction="sum", scratch=None):

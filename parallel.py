@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoint import CheckpointError, atomic_save, model_checkpoint, set_rng_state
+from checkpoint import CheckpointError, atomic_save, load_weights, model_checkpoint, set_rng_state
 
 
 class Dist:
@@ -78,10 +78,11 @@ class Dist:
 
 class Parallel:
     """`model` spread over the ranks of `dist_ctx`: kind "fsdp" (FSDP2, mixed precision in `param_dtype`) or
-    "ddp"; one process gets the model as it is. `.model` is what to call, `.raw` what checkpoints hold."""
+    "ddp"; one process gets the model as it is. `.model` is what to call, `.raw` what checkpoints hold:
+    all its weights, or with trained_only those that train (LoRA's adapters; DDP or one process)."""
 
-    def __init__(self, model, kind, dist_ctx, param_dtype=None):
-        self.raw, self.dist = model, dist_ctx
+    def __init__(self, model, kind, dist_ctx, param_dtype=None, trained_only=False):
+        self.raw, self.dist, self.trained_only = model, dist_ctx, trained_only
         self.fsdp = kind == "fsdp" and dist_ctx.enabled
         device = dist_ctx.device
         if self.fsdp:
@@ -118,7 +119,8 @@ class Parallel:
         path = Path(path)
         if not self.fsdp:
             if self.dist.is_master:
-                atomic_save(model_checkpoint(self.raw, self.raw.args, optimizer=optimizer.state_dict(), **meta), path)
+                state = model_checkpoint(self.raw, self.raw.args, self.trained_only, optimizer=optimizer.state_dict())
+                atomic_save(state | meta, path)
             return
         self._save_shards(path, optimizer, meta, step)
 
@@ -179,7 +181,7 @@ class Parallel:
             set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
             set_rng_state(ckpt["rng"][self.dist.rank])
             return
-        self.raw.load_state_dict(ckpt["model"], strict=True)
+        load_weights(self.raw, ckpt["model"], path, self.trained_only)
         if ckpt.get("optimizer") is None:
             raise CheckpointError(
                 f"{path} holds no optimizer state to resume from (an FSDP2 checkpoint? resume with parallel=fsdp)"

@@ -603,6 +603,7 @@ def create_app(server):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a checkpoint file (pretrain or SFT)")
+    parser.add_argument("--adapter", help="a LoRA adapter folder (PEFT format) trained on --ckpt, folded into it")
     parser.add_argument("--tokenizer", default="chatglm_tokenizer", help="the tokenizer the model was trained with")
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: every interface")
     parser.add_argument("--port", type=int, default=8000)
@@ -620,7 +621,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     try:
-        model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype)
+        model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, adapter=args.adapter)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"serve.py: {err}") from None
     import uvicorn

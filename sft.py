@@ -3,9 +3,13 @@
     python sft.py config/sft_tiny.py
     torchrun --standalone --nproc_per_node=8 sft.py --sft_csv=data/sft/sft_data.csv
     python sft.py --init_from=resume                     # continue this run
+    python sft.py config/sft_tiny.py --lora_rank=8       # LoRA: base frozen, adapters trained (lora.py)
 
 Starts from a pretraining checkpoint: init_from, or by default the latest phase's under pretrain_dir.
 The model's shape comes from that checkpoint; the loop is trainer.py's, the same as pretraining's.
+With lora_rank > 0 the checkpoint's weights stay frozen and only LoRA adapters on lora_targets train:
+out_dir/ckpt.pt holds the adapters (and their optimizer state) and names its base checkpoint, and at the end
+out_dir/adapter/ is written in PEFT's format (chat.py --adapter, merge_lora.py, PeftModel).
 """
 
 import sys
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import (
     CheckpointError,
@@ -23,11 +28,14 @@ from checkpoint import (
 )
 from configurator import configure, overrides
 from dataset_sft import SFTData
+from lora import LoRAConfig
 from model import ModelArgs, Transformer
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
 from trainer import TrainConfig, Trainer, check_config, wsd_lr
+
+SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
 
 # ---- SFT's own keys
 out_dir = "out/sft"
@@ -61,8 +69,9 @@ def latest_pretrain_checkpoint(pretrain_dir):
 
 
 def main(argv):
-    cfg = configure(globals(), argv, TrainConfig)
+    cfg = configure(globals(), argv, SHARED)
     check_config(cfg)
+    lora.settings_from(cfg)
     try:
         train(cfg)
     except (CheckpointError, LogError, OSError) as err:
@@ -89,7 +98,10 @@ def train(cfg):
         raise SystemExit(f"{cfg['tokenizer']} has {tok.vocab_size} ids but {source}'s model embeds {args.vocab_size}")
     torch.manual_seed(cfg["seed"])
     model = Transformer(args)
-    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, start.get("dtype_trained") if resume else None)
+    settings = lora.settings_from(cfg)
+    meta = lora.prepare(model, settings, source, start, resume)
+    trained_dtype = start.get("dtype_trained") if resume else None
+    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
     try:
         data = SFTData(cfg["sft_csv"], tok, args.max_seq_len, cfg["seed"], cfg["val_fraction"], cfg["pack"])
     except (FileNotFoundError, ValueError) as err:  # a missing, empty or unusable CSV
@@ -112,17 +124,15 @@ def train(cfg):
 
     if resume:
         trainer.load(source)
-    else:
+    elif not settings:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(source)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
+        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), SHARED).items()))
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
-            "config overrides: "
-            + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items())
-        )
-        print(
-            f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, world {d.world} on {d.device}, "
-            f"dtype {trainer.precision}"
+            f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.3f}M trained"
+            f"{lora.describe(settings)}, world {d.world} on {d.device}, dtype {trainer.precision}"
         )
         print(
             f"data: {data.describe()}; {total} steps of {rows_per_step} rows "
@@ -137,6 +147,8 @@ def train(cfg):
     trainer.run(data, trainer.step, end, lr_at, log, out / "ckpt.pt", phase="sft", desc="sft")
     if d.is_master:
         plot_runs({"sft": read_log(log.path)}, out / "loss.png", title=f"SFT: {out}")
+        if settings:
+            print(f"adapter: {lora.save_run_adapter(model, meta, out, 'sft', trainer.step, tok.fingerprint)}")
         stopped = "" if end == total else f" (stopped at step {end} of {total}: continue with --init_from=resume)"
         print(f"saved {out / 'ckpt.pt'}{stopped}")
     d.close()

@@ -4,6 +4,10 @@ train_batches(step, micro_steps, batch_size, rank, world) and val_batches(batch_
 will do (dataset.PretrainData, dataset_sft.SFTData, dataset_vlm.VLMData). A batch is (x, y) or (x, y, extras):
 extras is a dict of tensors passed on as model(x, y, reduction="sum", **extras) (a VLM's images).
 
+The model returns its loss summed over the batch's units: target tokens, unless it counts its own with
+units(y) and names them `unit` (dpo.DPOModel: preference pairs). A model that names `metrics` returns
+(loss, {metric: sum over the same units}) instead (reward accuracy ...): the log holds their means per unit.
+
 What it does: autocast in the precision precision.py picks, gradient accumulation that syncs only on the last
 micro-step, a loss normalised by the global number of target tokens (so 2 ranks x batch 4 == 1 rank x batch 8
 == accumulation 2 x batch 4), the WSD learning-rate schedule, fused AdamW, clipping, a NaN guard, evaluation,
@@ -212,15 +216,36 @@ def on_device(batch, device):
     )
 
 
+def target_tokens(y):
+    return int((y != IGNORE_INDEX).sum())
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
 
 class Trainer:
-    def __init__(self, model, cfg, dist_ctx, tokenizer_fingerprint=None, run_id=None, trained_dtype=None):
+    def __init__(
+        self,
+        model,
+        cfg,
+        dist_ctx,
+        tokenizer_fingerprint=None,
+        run_id=None,
+        trained_dtype=None,
+        meta=None,
+        trained_only=False,
+    ):
         """cfg: a config dict with TrainConfig's keys (and the script's own, recorded in checkpoints).
-        trained_dtype: the dtype_trained of the checkpoint a resumed run continues from (dtype=auto keeps it)."""
+        trained_dtype: the dtype_trained of the checkpoint a resumed run continues from (dtype=auto keeps it).
+        meta: more entries for every checkpoint (what the script needs to rebuild the model on resume).
+        trained_only: checkpoints hold only the weights that train (a LoRA run's adapters)."""
         self.cfg, self.dist = cfg, dist_ctx
+        self.meta = meta or {}
+        self.units = getattr(model, "units", target_tokens)  # what the loss is summed over, per batch
+        self.unit = getattr(model, "unit", "target_tokens")
+        self.metrics = getattr(model, "metrics", ())
+        self.step_metrics = {}  # the model's metrics of the last train_step, means per unit
         self.device = dist_ctx.device
         if cfg["dtype"] == "auto" and trained_dtype:  # a run goes on in the precision it started in
             choice = Precision(trained_dtype, "auto: the precision this run was trained in")
@@ -237,7 +262,11 @@ class Trainer:
         if cfg["compile"]:
             model.compile_for_training()
         self.parallel = Parallel(
-            model, cfg["parallel"], dist_ctx, None if self.dtype == "float32" else self.precision.torch_dtype
+            model,
+            cfg["parallel"],
+            dist_ctx,
+            None if self.dtype == "float32" else self.precision.torch_dtype,
+            trained_only,
         )
         self.model = self.parallel.model
         self.optimizer = make_optimizer(
@@ -251,26 +280,34 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.step = 0
 
+    def loss_and_metrics(self, output):
+        """(summed loss, {metric: sum}) of a model's output: (loss, metrics) for a model that names metrics."""
+        return output if self.metrics else (output, {})
+
     # ---- one optimizer step ----
     def train_step(self, batches, lr):
         """Forward/backward over this rank's micro-batches, then clip and step. Returns
-        (mean loss over all ranks' target tokens, grad norm, target tokens), or raises NonFiniteLoss."""
+        (mean loss over all ranks' units (target tokens), grad norm, units), or raises NonFiniteLoss; the
+        model's metrics, means over all ranks' units, are left in self.step_metrics."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local_tokens = sum(int((batch[1] != IGNORE_INDEX).sum()) for batch in batches)
+        local_tokens = sum(self.units(batch[1]) for batch in batches)
         tokens = self.dist.all_sum(local_tokens)
-        # sum-loss / global token count, times world because DDP/FSDP average gradients over ranks
+        # sum-loss / global unit count, times world because DDP/FSDP average gradients over ranks
         scale = self.dist.world / max(tokens, 1)
-        loss_sum = 0.0
+        loss_sum, sums = 0.0, dict.fromkeys(self.metrics, 0.0)
         self.model.train()
         for i, batch in enumerate(batches):
             x, y, extras = on_device(batch, self.device)
             with self.parallel.sync(i == len(batches) - 1):
                 with autocast(self.device, self.dtype):
-                    loss = self.model(x, y, reduction="sum", **extras)
+                    loss, metrics = self.loss_and_metrics(self.model(x, y, reduction="sum", **extras))
                 self.scaler.scale(loss * scale).backward()
             loss_sum += loss.item()
+            for name, value in metrics.items():
+                sums[name] += float(value)
         mean_loss = self.dist.all_sum(loss_sum) / max(tokens, 1)
+        self.step_metrics = {name: self.dist.all_sum(value) / max(tokens, 1) for name, value in sums.items()}
         if not math.isfinite(mean_loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(f"loss is {mean_loss} at step {self.step}")
@@ -285,30 +322,37 @@ class Trainer:
     # ---- evaluation ----
     @torch.no_grad()
     def evaluate(self, data, weights=None):
-        """{source: mean loss per target token} on held-out data, plus "val": the weighted mean."""
+        """{source: mean loss per unit (target token)} on held-out data, plus "val": the weighted mean, and
+        "source/metric": the model's metrics, means per unit."""
         self.model.eval()
-        losses = {}
+        losses, sources = {}, []
         for name, batches in data.val_batches(
             self.cfg["batch_size"], self.cfg["eval_windows"], self.dist.rank, self.dist.world
         ).items():
             # FSDP2 ranks must run the same number of forwards (each all-gathers weights): pad with
-            # batches whose targets are all ignored, which add nothing to the sum or the count
+            # batches whose targets are all ignored, which add nothing to the sum or the count (two rows: a
+            # preference pair for DPO)
             missing = int(self.dist.all_sum(len(batches), op="max")) - len(batches)
-            filler = torch.zeros(1, self.model_args.max_seq_len, dtype=torch.long)
+            filler = torch.zeros(2, self.model_args.max_seq_len, dtype=torch.long)
             batches = list(batches) + [(filler, torch.full_like(filler, IGNORE_INDEX))] * missing
-            total, count = 0.0, 0
+            total, count, sums = 0.0, 0, dict.fromkeys(self.metrics, 0.0)
             for batch in batches:
                 x, y, extras = on_device(batch, self.device)
                 with autocast(self.device, self.dtype):
-                    total += float(self.model(x, y, reduction="sum", **extras))
-                count += int((y != IGNORE_INDEX).sum())
+                    loss, metrics = self.loss_and_metrics(self.model(x, y, reduction="sum", **extras))
+                total += float(loss)
+                count += self.units(y)
+                for metric, value in metrics.items():
+                    sums[metric] += float(value)
             total, count = self.dist.all_sum(total), self.dist.all_sum(count)
             if count:
                 losses[name] = total / count
-        if losses:
-            w = weights or {n: 1.0 for n in losses}
-            norm = sum(w.get(n, 0) for n in losses) or 1
-            losses["val"] = sum(losses[n] * w.get(n, 0) for n in losses) / norm
+                losses |= {f"{name}/{metric}": self.dist.all_sum(value) / count for metric, value in sums.items()}
+                sources.append(name)
+        if sources:
+            w = weights or {n: 1.0 for n in sources}
+            norm = sum(w.get(n, 0) for n in sources) or 1
+            losses["val"] = sum(losses[n] * w.get(n, 0) for n in sources) / norm
         return losses
 
     # ---- checkpoints ----
@@ -328,6 +372,7 @@ class Trainer:
             "run_id": self.run_id,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "dtype_trained": self.dtype,
+            **self.meta,
         }
         error = None
         try:
@@ -413,11 +458,12 @@ class Trainer:
                     "step": self.step,
                     "phase": phase,
                     "loss": loss,
+                    **self.step_metrics,
                     "lr": lr,
                     "grad_norm": norm,
                     "tokens_per_sec": tok_s,
                     "mfu": tok_s * flops_per_token / peak,
-                    "target_tokens": int(tokens),
+                    self.unit: int(tokens),
                 }
                 if self.device.type == "cuda":
                     record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -431,7 +477,7 @@ class Trainer:
                     train = f"train {loss:.4f}, " if loss is not None else ""
                     log.say(
                         f"[{phase}] step {self.step}: {train}val {losses['val']:.4f} "
-                        + " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "val")
+                        + " ".join(f"{k} {v:.3f}" for k, v in losses.items() if k != "val" and "/" not in k)
                     )
             if self.step == last_step or (cfg["save_interval"] and self.step % cfg["save_interval"] == 0):
                 self.save(ckpt_path, phase, data_state)

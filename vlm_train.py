@@ -4,12 +4,18 @@
     python vlm_train.py config/vlm_instruct.py     # stage 2: projector + LLM on visual instructions
     torchrun --standalone --nproc_per_node=8 vlm_train.py config/vlm_instruct.py
     python vlm_train.py config/vlm_instruct.py --init_from=resume
+    python vlm_train.py config/vlm_instruct.py --lora_rank=8   # instruct with LoRA on the LLM (lora.py)
 
 align: init_from is a text checkpoint (SFT or pretraining) that gives the LLM; vision_tower is a local
 transformers folder (README: "Vision-language model"); the projector starts fresh. instruct: init_from is the
 align checkpoint, whose arguments (tower, projector, image tokens) it keeps. The tower is always frozen.
 Frozen weights get no gradients and no optimizer state. Checkpoints (out_dir/ckpt.pt) hold the whole model,
 tower included, so chat.py, eval.py and export_hf.py need nothing else.
+
+instruct with lora_rank > 0: the LLM is frozen and gets LoRA adapters (lora.py); the projector trains as
+before. Checkpoints then hold the projector and the adapters and name the align checkpoint they build on;
+the run ends by writing out_dir/adapter/ (the LLM's adapters in PEFT's format) and out_dir/merged.pt, the
+whole model with the adapters folded in, which chat.py and eval.py read.
 """
 
 import sys
@@ -17,16 +23,20 @@ from pathlib import Path
 
 import torch
 
+import lora
 from chatglm_tokenizer import load_tokenizer
-from checkpoint import CheckpointError, checkpoint_meta, run_id_of, start_run
+from checkpoint import CheckpointError, atomic_save, checkpoint_meta, model_checkpoint, run_id_of, start_run
 from configurator import configure, overrides
 from corpora import parse_source
 from dataset_vlm import VLMData
+from lora import LoRAConfig
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
 from trainer import TrainConfig, Trainer, check_config, wsd_lr
 from vlm import VLM, VLMArgs, build_vlm, is_vlm_checkpoint, set_trainable
+
+SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
 
 # ---- the VLM's own keys
 out_dir = "out/vlm/align"
@@ -72,10 +82,12 @@ def build_model(cfg, tok, start):
 
 
 def main(argv):
-    cfg = configure(globals(), argv, TrainConfig)
+    cfg = configure(globals(), argv, SHARED)
     check_config(cfg)
     if cfg["stage"] not in ("align", "instruct"):
         raise SystemExit(f"config: stage must be align or instruct, not {cfg['stage']!r}")
+    if lora.settings_from(cfg) and cfg["stage"] != "instruct":
+        raise SystemExit("config: LoRA is for the instruct stage (align trains the projector alone)")
     try:
         train(cfg)
     except (CheckpointError, LogError, OSError) as err:
@@ -103,10 +115,13 @@ def train(cfg):
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"vlm_train.py: {err}") from None
     set_trainable(model, cfg["stage"])
-    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, start.get("dtype_trained") if resume else None)
+    settings = lora.settings_from(cfg)
+    meta = lora.prepare(model, settings, source, start, resume)
+    trained_dtype = start.get("dtype_trained") if resume else None
+    trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
     if resume:
         trainer.load(source)
-    elif weights is not None:
+    elif weights is not None and not settings:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(weights)
     args = model.args
     sources = [parse_source(spec) for spec in cfg["sources"]]
@@ -142,14 +157,11 @@ def train(cfg):
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(
-            "config overrides: "
-            + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), TrainConfig).items())
-        )
+        print("config overrides: " + ", ".join(f"{k}={v!r:.60}" for k, v in overrides(cfg, globals(), SHARED).items()))
         print(
             f"{cfg['stage']} from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.2f}M "
-            f"trained; {args.image_tokens} tokens per image ({args.vision['model_type']}, layer "
-            f"{args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
+            f"trained{lora.describe(settings)}; {args.image_tokens} tokens per image ({args.vision['model_type']}, "
+            f"layer {args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
             f"{d.device}, dtype {trainer.precision}"
         )
         epochs = total * rows_per_step / rows_per_epoch
@@ -162,6 +174,14 @@ def train(cfg):
         plot_runs({cfg["stage"]: read_log(log.path)}, out / "loss.png", title=f"VLM {cfg['stage']}: {out}")
         if data.problems.total:
             print(data.problems.summary())
+        if settings:
+            print(f"adapter: {lora.save_run_adapter(model, meta, out, cfg['stage'], trainer.step, tok.fingerprint)}")
+            lora.merge(model.llm)
+            merged = {"phase": cfg["stage"], "step": trainer.step, "run_id": run_id, "merged_from": meta["base"]}
+            atomic_save(
+                model_checkpoint(model, args, tokenizer_fingerprint=tok.fingerprint, **merged), out / "merged.pt"
+            )
+            print(f"merged (adapters folded in; chat.py, eval.py): {out / 'merged.pt'}")
         print(f"saved {out / 'ckpt.pt'}")
     d.close()
 

@@ -11,6 +11,7 @@ from corpora import (
     Problems,
     Source,
     iter_dialogues,
+    iter_preferences,
     iter_questions,
     iter_texts,
     parse_source,
@@ -404,6 +405,11 @@ def test_empty_answers_drop_the_dialogue_and_are_counted(tmp_path):
 
 NOT_TEXT = [None, 5, 3.5, True, [], ["文本"], {}, {"text": "文本"}]  # null counts as empty; the rest are not text
 FIELDS = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "response_chosen",
+    "response_rejected",
     "text",
     "completion",
     "title",
@@ -448,6 +454,10 @@ def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
         "conversations": [{"from": "human", "value": "文本"}, {"from": "gpt", "value": "文本"}],
     }
     good["body_text"] = [{"section": "文本", "text": "文本"}]
+    kind = corpora.FORMATS[fmt].kind
+    if kind == "preference":  # the answers answer the conversation's last question
+        good["conversations"] = good["conversations"][:1]
+        good["chosen"] = good["response_chosen"] = "文本一"  # the answers differ
     if fmt.startswith("s2orc"):  # a `content` field makes a record the datasets layout; these test the classic one
         del good["content"]
     records = [value for value in NOT_TEXT] + [{**good, field: value} for field in FIELDS for value in NOT_TEXT]
@@ -457,9 +467,10 @@ def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
         for value in NOT_TEXT
     ]
     path = write_jsonl(tmp_path / "junk.jsonl", records)
-    kind = corpora.FORMATS[fmt].kind
     problems = Problems()
-    read = {"text": iter_texts, "dialogue": iter_dialogues, "question": iter_questions}[kind]
+    read = {"text": iter_texts, "dialogue": iter_dialogues, "question": iter_questions, "preference": iter_preferences}[
+        kind
+    ]
     outputs = list(read(Source("junk", fmt, [path]), problems))
     strings = (
         [o for o in outputs]
@@ -467,6 +478,9 @@ def test_values_that_are_not_text_never_become_text(tmp_path, fmt):
         else [t for turns in outputs for turn in turns for t in turn]
         if kind == "dialogue"
         else [o["question"] for o in outputs] + [t for o in outputs for t in o["options"].values()]
+        if kind == "question"
+        else [o[key] for o in outputs for key in ("prompt", "chosen", "rejected")]
+        + [t for o in outputs for turn in o["history"] for t in turn]
     )
     assert all(isinstance(s, str) for s in strings)
     for leaked in ("None", "5", "3.5", "True", "[", "{"):
@@ -972,10 +986,11 @@ def sample_generator():
 
 @needs_sample
 def test_sample_files_are_what_the_generator_writes(tmp_path):
-    """Every file under data/sample/ but vlm/ (which has its own script) is byte for byte what
-    make_sample_data.py writes, and it writes nothing else: after editing the generator, regenerate."""
+    """Every file under data/sample/ but vlm/ and preference/ (which have their own scripts) and the hand-written
+    heldout_general/ is byte for byte what make_sample_data.py writes, and it writes nothing else: after editing
+    the generator, regenerate."""
     written = sample_generator().build(str(tmp_path)).written
-    skip = ("README.md", "sources.json", "make_sample_data.py", "vlm", "__pycache__")
+    skip = ("README.md", "sources.json", "make_sample_data.py", "vlm", "preference", "heldout_general", "__pycache__")
     on_disk = [p.relative_to(SAMPLE).as_posix() for p in SAMPLE.rglob("*") if p.is_file()]
     assert sorted(written) == sorted(rel for rel in on_disk if rel.split("/")[0] not in skip)
     assert [rel for rel in written if (tmp_path / rel).read_bytes() != (SAMPLE / rel).read_bytes()] == []

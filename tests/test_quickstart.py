@@ -81,10 +81,10 @@ def test_readme_commands_name_real_scripts_and_flags():
             continue
         assert (ROOT / script).is_file(), script
         flags = [a.split("=")[0] for a in args if a.startswith("--")]
-        if script in ("pretrain.py", "sft.py", "vlm_train.py"):
+        if script in ("pretrain.py", "sft.py", "vlm_train.py", "dpo.py"):
             scope = {}
             exec(compile((ROOT / script).read_text(encoding="utf-8").split("\ndef ")[0], script, "exec"), scope)
-            keys = script_defaults(scope, TrainConfig)
+            keys = script_defaults(scope, scope.get("SHARED", TrainConfig))
             assert all(f[2:] in keys for f in flags), (script, flags)
             assert all((ROOT / a).is_file() for a in args if a.startswith("config/")), args
             continue

@@ -25,7 +25,7 @@ from lm_head import IGNORE_INDEX
 from model import ModelArgs, Transformer
 from parallel import Dist
 from trainer import Trainer, default_config
-from vlm import build_vlm, images_kept, set_trainable
+from vlm import VLM, build_vlm, images_kept, set_trainable
 
 from conftest import ROOT, SAMPLE, save, wander
 
@@ -435,8 +435,10 @@ def losses(out):
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
-def test_resume_is_bit_identical(tmp_path, tiny_tokenizer_dir, tower_dir, text_ckpt):
-    """instruct: 6 steps == 3 steps (stop_at) + resume + 3 steps, float for float (dropout on: RNG restored)."""
+@pytest.mark.parametrize("lora", [[], ["--lora_rank=4"]])
+def test_resume_is_bit_identical(tmp_path, tiny_tokenizer_dir, tower_dir, text_ckpt, lora):
+    """instruct: 6 steps == 3 steps (stop_at) + resume + 3 steps, float for float (dropout on: RNG restored);
+    with LoRA too, whose checkpoints hold the projector and the adapters, and whose merged.pt chats."""
     vlm_train.main(train_args(tmp_path / "align", tiny_tokenizer_dir, tower_dir, text_ckpt, "--max_iters=2"))
     instruct = [
         "config/vlm_instruct_tiny.py",
@@ -450,6 +452,7 @@ def test_resume_is_bit_identical(tmp_path, tiny_tokenizer_dir, tower_dir, text_c
         "--batch_size=4",
         "--dropout=0.1",
         "--max_iters=6",
+        *lora,
     ]
     vlm_train.main(instruct + [f"--out_dir={tmp_path / 'full'}"])
     vlm_train.main(instruct + [f"--out_dir={tmp_path / 'part'}", "--stop_at=3"])
@@ -458,6 +461,12 @@ def test_resume_is_bit_identical(tmp_path, tiny_tokenizer_dir, tower_dir, text_c
     vlm_train.main(instruct + [f"--out_dir={tmp_path / 'part'}", "--init_from=resume"])
     full = losses(tmp_path / "full")
     assert [s for s, _ in full] == list(range(1, 7)) and losses(tmp_path / "part") == full
+    if lora:
+        keys = set(torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"])
+        assert keys and all(k.startswith("projector.") or ".lora_" in k for k in keys)
+        assert any(k.startswith("projector.") for k in keys) and any(".lora_" in k for k in keys)
+        model, _, ckpt, _ = inference.load(tmp_path / "full" / "merged.pt", tiny_tokenizer_dir)
+        assert isinstance(model, VLM) and ckpt["step"] == 6
 
 
 def test_ddp_two_processes_match_one(tmp_path, tiny_tokenizer_dir, tower_dir, text_ckpt):
