@@ -235,6 +235,23 @@ def start_run(out_dir, overwrite, script):
     return run_id
 
 
+def claim_run(out_dir, resume, source, meta, overwrite, script, dist):
+    """The run id of a fine-tuning run in out_dir: its own when resuming (`source`, whose metadata is `meta`,
+    must be a checkpoint of that run), else a new run claimed by rank 0 (start_run) and broadcast."""
+    if resume:
+        run_id = run_id_of(out_dir)
+        if meta.get("run_id") != run_id:
+            raise CheckpointError(f"{source} belongs to another run than {out_dir}/run.json: start a new run instead")
+        return run_id
+    return dist.broadcast(start_run(out_dir, overwrite, script) if dist.is_master else None)
+
+
+def check_tokenizer(meta, source, tok, tokenizer_name):
+    """A checkpoint trained with another tokenizer than `tok` is refused (its ids would mean other text)."""
+    if meta.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+        raise CheckpointError(f"{source} was trained with another tokenizer than {tokenizer_name}")
+
+
 def latest_checkpoint(paths, run_id):
     """(step, path) of the checkpoint with the highest step among `paths` that belongs to run `run_id`,
     or None. Only the metadata is read."""

@@ -78,6 +78,18 @@ def labels_for(ids, is_answer):
     return x, y
 
 
+def padded_batch(pairs, seq_len, pad_id):
+    """(ids, labels) pairs (lists or arrays) -> (X, Y) long tensors, padded with pad_id / IGNORE_INDEX to the
+    longest pair rounded up to 32 (fewer distinct shapes for the allocator), at most seq_len."""
+    width = min(seq_len, -(-max(len(x) for x, _ in pairs) // 32) * 32)
+    X = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    Y = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (x, y) in enumerate(pairs):
+        X[r, : len(x)] = torch.as_tensor(x)
+        Y[r, : len(y)] = torch.as_tensor(y)
+    return X, Y
+
+
 def encode_turns(tokenizer, conversations, encode_prompts=None):
     """Conversations of text turns [(prompt, answer or None), ...] -> the same of id lists. Prompts and
     answers are encoded in one batch each, and every turn keeps the index of its own texts, so nothing can
@@ -128,7 +140,41 @@ def read_sft_csv(path, problems: Problems):
             problems.add(err.reason, path, line, err.detail)
 
 
-class SFTData:
+class RowBatches:
+    """Deterministic batches over global rows, for data that gives row(g) (what global row g holds, counting
+    across epochs), val_row(i) (the row of held-out item i), to_batch(rows), val_ids and sources. Step s of
+    any (world, grad_accum) split gets the same global rows; nothing to save for resume."""
+
+    def train_batches(self, step, micro_steps, batch_size, rank=0, world=1):
+        base = step * micro_steps * world * batch_size
+        batches = []
+        for m in range(micro_steps):
+            rows = global_rows(m, rank, world, batch_size)
+            batches.append(self.to_batch([self.row(base + g) for g in range(rows.start, rows.stop)]))
+        return batches
+
+    def val_batches(self, batch_size, max_windows=64, rank=0, world=1):
+        """{source: [(X, Y), ...]}: held-out items per source, each rank every world-th."""
+        by_source = defaultdict(list)
+        for i in self.val_ids:
+            by_source[str(self.sources[i])].append(int(i))
+        out = {}
+        for source, ids in sorted(by_source.items()):
+            ids = ids[:max_windows][rank::world]
+            out[source] = [
+                self.to_batch([self.val_row(i) for i in ids[k : k + batch_size]])
+                for k in range(0, len(ids), batch_size)
+            ]
+        return out
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class SFTData(RowBatches):
     """Tokenized conversations held as one uint16 array (+ answer mask and offsets), split into
     train and validation, served as deterministic batches: step s of any (world, grad_accum) split
     gets the same global rows. pack=True fills each row with several whole conversations (their
@@ -231,37 +277,7 @@ class SFTData:
             ids = np.concatenate([self.sample(i)[0] for i in samples]).astype(np.int64)
             mask = np.concatenate([self.sample(i)[1] for i in samples])
             pairs.append(labels_for(ids.tolist(), mask.tolist()))
-        width = min(self.seq_len, -(-max(len(x) for x, _ in pairs) // 32) * 32)
-        X = torch.full((len(pairs), width), self.pad_id, dtype=torch.long)
-        Y = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (x, y) in enumerate(pairs):
-            X[r, : len(x)] = torch.tensor(x)
-            Y[r, : len(y)] = torch.tensor(y)
-        return X, Y
+        return padded_batch(pairs, self.seq_len, self.pad_id)
 
-    def train_batches(self, step, micro_steps, batch_size, rank=0, world=1):
-        base = step * micro_steps * world * batch_size
-        batches = []
-        for m in range(micro_steps):
-            rows = global_rows(m, rank, world, batch_size)
-            batches.append(self.to_batch([self.row(base + g) for g in range(rows.start, rows.stop)]))
-        return batches
-
-    def val_batches(self, batch_size, max_windows=64, rank=0, world=1):
-        """{source: [(X, Y), ...]}: held-out conversations per source, one per row, each rank every world-th."""
-        by_source = defaultdict(list)
-        for i in self.val_ids:
-            by_source[str(self.sources[i])].append(int(i))
-        out = {}
-        for source, ids in sorted(by_source.items()):
-            ids = ids[:max_windows][rank::world]
-            out[source] = [
-                self.to_batch([[i] for i in ids[k : k + batch_size]]) for k in range(0, len(ids), batch_size)
-            ]
-        return out
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+    def val_row(self, i):
+        return [i]  # one held-out conversation a row, never packed

@@ -28,7 +28,7 @@ prompt, the same for both; a pair whose longer answer cannot fit is dropped and 
 
 import itertools
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,22 +43,21 @@ from checkpoint import (
     CheckpointError,
     base_record,
     check_base,
+    check_tokenizer,
     checkpoint_meta,
+    claim_run,
     load_checkpoint,
     load_weights,
-    run_id_of,
-    start_run,
 )
 from configurator import configure, overrides
 from corpora import Problems, iter_preferences, parse_source
-from dataset import global_rows
-from dataset_sft import fit_turns, labels_for, render
+from dataset_sft import RowBatches, fit_turns, labels_for, padded_batch, render
 from lm_head import IGNORE_INDEX
 from lora import LoRAConfig
 from model import ModelArgs, Transformer
 from parallel import Dist
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, wsd_lr
+from trainer import TrainConfig, Trainer, check_config, epoch_schedule
 
 # ---- DPO's own keys
 out_dir = "out/dpo"
@@ -169,7 +168,7 @@ def answered(y):
 
 
 # ---------------------------------------------------------------------------- the data
-class PreferenceData:
+class PreferenceData(RowBatches):
     """Tokenized preference pairs, split into train and validation, served as deterministic batches (step s of
     any (world, grad_accum) split gets the same global pairs). A batch of B pairs is (X, Y) of 2B rows, the chosen
     conversations first; Y keeps only the final answer's targets (and its </s>), so each row's summed log-prob
@@ -234,44 +233,16 @@ class PreferenceData:
         """Pair ids of epoch e, in their order."""
         return self.train_ids[np.random.default_rng([self.seed, e]).permutation(len(self.train_ids))]
 
-    def pair(self, g):
+    def row(self, g):
         """Pair id of global row g, counting across epochs."""
         return int(self.epoch(g // len(self.train_ids))[g % len(self.train_ids)])
 
     def to_batch(self, pair_ids):
         rows = [self.rows[i][0] for i in pair_ids] + [self.rows[i][1] for i in pair_ids]
-        width = min(self.seq_len, -(-max(len(x) for x, _ in rows) // 32) * 32)
-        X = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        Y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (x, y) in enumerate(rows):
-            X[r, : len(x)] = torch.from_numpy(x)
-            Y[r, : len(y)] = torch.from_numpy(y)
-        return X, Y
+        return padded_batch(rows, self.seq_len, self.pad_id)
 
-    def train_batches(self, step, micro_steps, batch_size, rank=0, world=1):
-        base = step * micro_steps * world * batch_size
-        batches = []
-        for m in range(micro_steps):
-            rows = global_rows(m, rank, world, batch_size)
-            batches.append(self.to_batch([self.pair(base + g) for g in range(rows.start, rows.stop)]))
-        return batches
-
-    def val_batches(self, batch_size, max_windows=64, rank=0, world=1):
-        """{source: [(X, Y), ...]}: held-out pairs per source, each rank every world-th."""
-        by_source = defaultdict(list)
-        for i in self.val_ids:
-            by_source[str(self.sources[i])].append(int(i))
-        out = {}
-        for source, ids in sorted(by_source.items()):
-            ids = ids[:max_windows][rank::world]
-            out[source] = [self.to_batch(ids[k : k + batch_size]) for k in range(0, len(ids), batch_size)]
-        return out
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+    def val_row(self, i):
+        return i
 
 
 # ---------------------------------------------------------------------------- the picture
@@ -359,14 +330,8 @@ def train(cfg, settings, sources):
             f"{source} holds LoRA adapters, not a model: start from a full checkpoint (merge_lora.py "
             "folds an adapter into its base)"
         )
-    if resume:
-        run_id = run_id_of(out)
-        if start.get("run_id") != run_id:
-            raise SystemExit(f"{source} belongs to another run than {out}/run.json: start a new run instead")
-    else:
-        run_id = d.broadcast(start_run(out, cfg["overwrite"], "dpo.py") if d.is_master else None)
-    if start.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
-        raise SystemExit(f"{source} was trained with another tokenizer than {cfg['tokenizer']}")
+    run_id = claim_run(out, resume, source, start, cfg["overwrite"], "dpo.py", d)
+    check_tokenizer(start, source, tok, cfg["tokenizer"])
     args = ModelArgs(**{**start["model_args"], "dropout": cfg["dropout"]})
     if tok.vocab_size > args.vocab_size:
         raise SystemExit(f"{cfg['tokenizer']} has {tok.vocab_size} ids but {source}'s model embeds {args.vocab_size}")
@@ -386,20 +351,7 @@ def train(cfg, settings, sources):
     model = DPOModel(policy, reference, cfg["beta"], cfg["label_smoothing"])
     trained_dtype = start.get("dtype_trained") if resume else None
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
-    pairs_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
-    total = cfg["max_iters"] or max(1, int(cfg["epochs"] * len(data) / pairs_per_step))
-
-    def lr_at(step):
-        return wsd_lr(
-            step,
-            cfg["learning_rate"],
-            cfg["warmup_iters"],
-            cfg["warmup_iters"],
-            total,
-            cfg["decay_shape"],
-            cfg["min_lr_ratio"],
-            cfg["decay_half_life"] or None,
-        )
+    total, lr_at, plan = epoch_schedule(cfg, len(data), d.world, unit="pairs")
 
     if resume:
         trainer.load(source)
@@ -415,10 +367,7 @@ def train(cfg, settings, sources):
             f"{lora.describe(settings)}; reference: {kind}; beta {cfg['beta']}, label smoothing "
             f"{cfg['label_smoothing']}; world {d.world} on {d.device}, dtype {trainer.precision}"
         )
-        print(
-            f"data: {data.describe()}; {total} steps of {pairs_per_step} pairs "
-            f"({total * pairs_per_step / len(data):.2f} epochs)"
-        )
+        print(f"data: {data.describe()}; {plan}")
         if data.problems.total:
             print(data.problems.summary())
     end = min(total, cfg["stop_at"]) if cfg["stop_at"] else total

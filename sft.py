@@ -21,10 +21,11 @@ import lora
 from chatglm_tokenizer import load_tokenizer
 from checkpoint import (
     CheckpointError,
+    check_tokenizer,
     checkpoint_meta,
+    claim_run,
     latest_checkpoint,
     run_id_of,
-    start_run,
 )
 from configurator import configure, overrides
 from dataset_sft import SFTData
@@ -33,7 +34,7 @@ from model import ModelArgs, Transformer
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, wsd_lr
+from trainer import TrainConfig, Trainer, check_config, epoch_schedule
 
 SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
 
@@ -85,15 +86,9 @@ def train(cfg):
     resume = cfg["init_from"] == "resume"
     source = out / "ckpt.pt" if resume else Path(cfg["init_from"] or latest_pretrain_checkpoint(cfg["pretrain_dir"]))
     start = checkpoint_meta(source)
-    if resume:
-        run_id = run_id_of(out)
-        if start.get("run_id") != run_id:
-            raise SystemExit(f"{source} belongs to another run than {out}/run.json: start a new run instead")
-    else:
-        run_id = d.broadcast(start_run(out, cfg["overwrite"], "sft.py") if d.is_master else None)
+    run_id = claim_run(out, resume, source, start, cfg["overwrite"], "sft.py", d)
     args = ModelArgs(**{**start["model_args"], "dropout": cfg["dropout"]})
-    if start.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
-        raise SystemExit(f"{source} was trained with another tokenizer than {cfg['tokenizer']}")
+    check_tokenizer(start, source, tok, cfg["tokenizer"])
     if tok.vocab_size > args.vocab_size:
         raise SystemExit(f"{cfg['tokenizer']} has {tok.vocab_size} ids but {source}'s model embeds {args.vocab_size}")
     torch.manual_seed(cfg["seed"])
@@ -106,21 +101,7 @@ def train(cfg):
         data = SFTData(cfg["sft_csv"], tok, args.max_seq_len, cfg["seed"], cfg["val_fraction"], cfg["pack"])
     except (FileNotFoundError, ValueError) as err:  # a missing, empty or unusable CSV
         raise SystemExit(f"sft.py: {err}") from None
-    rows_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
-    rows_per_epoch = len(data.epoch(0))
-    total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
-
-    def lr_at(step):
-        return wsd_lr(
-            step,
-            cfg["learning_rate"],
-            cfg["warmup_iters"],
-            cfg["warmup_iters"],
-            total,
-            cfg["decay_shape"],
-            cfg["min_lr_ratio"],
-            cfg["decay_half_life"] or None,
-        )
+    total, lr_at, plan = epoch_schedule(cfg, len(data.epoch(0)), d.world)
 
     if resume:
         trainer.load(source)
@@ -134,10 +115,7 @@ def train(cfg):
             f"SFT from {source}: {model.num_params() / 1e6:.2f}M parameters, {trained / 1e6:.3f}M trained"
             f"{lora.describe(settings)}, world {d.world} on {d.device}, dtype {trainer.precision}"
         )
-        print(
-            f"data: {data.describe()}; {total} steps of {rows_per_step} rows "
-            f"({total * rows_per_step / rows_per_epoch:.2f} epochs)"
-        )
+        print(f"data: {data.describe()}; {plan}")
     end = min(total, cfg["stop_at"]) if cfg["stop_at"] else total
     if trainer.step >= end:
         if d.is_master:

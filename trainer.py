@@ -220,6 +220,28 @@ def target_tokens(y):
     return int((y != IGNORE_INDEX).sum())
 
 
+def epoch_schedule(cfg, per_epoch, world, unit="rows"):
+    """Fine-tuning's schedule (SFT, VLM, DPO): `max_iters` steps, else `epochs` passes over `per_epoch`
+    items; warmup, then decay from there to the last step (no stable stretch: short runs).
+    Returns (total steps, lr_at(step), a line saying how many steps of how many items)."""
+    per_step = cfg["batch_size"] * cfg["grad_accum"] * world
+    total = cfg["max_iters"] or max(1, int(cfg["epochs"] * per_epoch / per_step))
+
+    def lr_at(step):
+        return wsd_lr(
+            step,
+            cfg["learning_rate"],
+            cfg["warmup_iters"],
+            cfg["warmup_iters"],
+            total,
+            cfg["decay_shape"],
+            cfg["min_lr_ratio"],
+            cfg["decay_half_life"] or None,
+        )
+
+    return total, lr_at, f"{total} steps of {per_step} {unit} ({total * per_step / per_epoch:.2f} epochs)"
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 

@@ -25,7 +25,7 @@ import torch
 
 import lora
 from chatglm_tokenizer import load_tokenizer
-from checkpoint import CheckpointError, atomic_save, checkpoint_meta, model_checkpoint, run_id_of, start_run
+from checkpoint import CheckpointError, atomic_save, check_tokenizer, checkpoint_meta, claim_run, model_checkpoint
 from configurator import configure, overrides
 from corpora import parse_source
 from dataset_vlm import VLMData
@@ -33,7 +33,7 @@ from lora import LoRAConfig
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, wsd_lr
+from trainer import TrainConfig, Trainer, check_config, epoch_schedule
 from vlm import VLM, VLMArgs, build_vlm, is_vlm_checkpoint, set_trainable
 
 SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
@@ -101,14 +101,8 @@ def train(cfg):
     resume = cfg["init_from"] == "resume"
     source = out / "ckpt.pt" if resume else Path(cfg["init_from"])
     start = checkpoint_meta(source)
-    if resume:
-        run_id = run_id_of(out)
-        if start.get("run_id") != run_id:
-            raise SystemExit(f"{source} belongs to another run than {out}/run.json: start a new run instead")
-    else:
-        run_id = d.broadcast(start_run(out, cfg["overwrite"], "vlm_train.py") if d.is_master else None)
-    if start.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
-        raise SystemExit(f"{source} was trained with another tokenizer than {cfg['tokenizer']}")
+    run_id = claim_run(out, resume, source, start, cfg["overwrite"], "vlm_train.py", d)
+    check_tokenizer(start, source, tok, cfg["tokenizer"])
     torch.manual_seed(cfg["seed"])  # the fresh projector
     try:
         model, weights = build_model(cfg, tok, (source, start))
@@ -138,21 +132,7 @@ def train(cfg):
         cfg["pack"],
         cfg["image_folders"],
     )
-    rows_per_step = cfg["batch_size"] * cfg["grad_accum"] * d.world
-    rows_per_epoch = len(data.epoch(0))
-    total = cfg["max_iters"] or max(1, int(cfg["epochs"] * rows_per_epoch / rows_per_step))
-
-    def lr_at(step):
-        return wsd_lr(
-            step,
-            cfg["learning_rate"],
-            cfg["warmup_iters"],
-            cfg["warmup_iters"],
-            total,
-            cfg["decay_shape"],
-            cfg["min_lr_ratio"],
-            cfg["decay_half_life"] or None,
-        )
+    total, lr_at, plan = epoch_schedule(cfg, len(data.epoch(0)), d.world)
 
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
     if d.is_master:
@@ -164,8 +144,7 @@ def train(cfg):
             f"layer {args.feature_layer}, {args.feature_select}, pool {args.projector_pool}); world {d.world} on "
             f"{d.device}, dtype {trainer.precision}"
         )
-        epochs = total * rows_per_step / rows_per_epoch
-        print(f"data: {data.describe()}; {total} steps of {rows_per_step} rows ({epochs:.2f} epochs)")
+        print(f"data: {data.describe()}; {plan}")
         if data.problems.total:
             print(data.problems.summary())
     last = min(total, cfg["stop_at"]) if cfg["stop_at"] else total
