@@ -703,11 +703,6 @@ def process_sources(
     return manifests
 
 
-def process_source(source, out_dir, tokenizer_path=DEFAULT_DIR, workers=1, **settings) -> dict:
-    """One source on its own (deduplicated within itself only); settings as in process_sources."""
-    return process_sources([source], out_dir, tokenizer_path, workers, **settings)[0]
-
-
 class worker_pool:
     """`encode(function, tasks)`: results in task order; workers=1 runs in this process."""
 

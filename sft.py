@@ -72,14 +72,14 @@ def latest_pretrain_checkpoint(pretrain_dir):
 def main(argv):
     cfg = configure(globals(), argv, SHARED)
     check_config(cfg)
-    lora.settings_from(cfg)
+    settings = lora.settings_from(cfg)
     try:
-        train(cfg)
+        train(cfg, settings)
     except (CheckpointError, LogError, OSError) as err:
         raise SystemExit(f"sft.py: {err}") from None
 
 
-def train(cfg):
+def train(cfg, settings):
     d = Dist(cfg["device"])
     tok = load_tokenizer(cfg["tokenizer"])
     out = Path(cfg["out_dir"])
@@ -93,7 +93,6 @@ def train(cfg):
         raise SystemExit(f"{cfg['tokenizer']} has {tok.vocab_size} ids but {source}'s model embeds {args.vocab_size}")
     torch.manual_seed(cfg["seed"])
     model = Transformer(args)
-    settings = lora.settings_from(cfg)
     meta = lora.prepare(model, settings, source, start, resume)
     trained_dtype = start.get("dtype_trained") if resume else None
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))

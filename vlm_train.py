@@ -86,15 +86,16 @@ def main(argv):
     check_config(cfg)
     if cfg["stage"] not in ("align", "instruct"):
         raise SystemExit(f"config: stage must be align or instruct, not {cfg['stage']!r}")
-    if lora.settings_from(cfg) and cfg["stage"] != "instruct":
+    settings = lora.settings_from(cfg)
+    if settings and cfg["stage"] != "instruct":
         raise SystemExit("config: LoRA is for the instruct stage (align trains the projector alone)")
     try:
-        train(cfg)
+        train(cfg, settings)
     except (CheckpointError, LogError, OSError) as err:
         raise SystemExit(f"vlm_train.py: {err}") from None
 
 
-def train(cfg):
+def train(cfg, settings):
     d = Dist(cfg["device"])
     tok = load_tokenizer(cfg["tokenizer"])
     out = Path(cfg["out_dir"])
@@ -109,7 +110,6 @@ def train(cfg):
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"vlm_train.py: {err}") from None
     set_trainable(model, cfg["stage"])
-    settings = lora.settings_from(cfg)
     meta = lora.prepare(model, settings, source, start, resume)
     trained_dtype = start.get("dtype_trained") if resume else None
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
