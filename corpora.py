@@ -83,17 +83,23 @@ class Span:
 
 
 class Problems:
-    """Counts of skipped records (or parts of records) by reason, plus the first few examples of each
-    as "file:line: reason (detail)". `line` is a line number, "#N" for the N-th item of a JSON array,
-    or None when the problem concerns a whole file."""
+    """What reading left out, by reason: `counts`, records (or whole files) skipped; `parts`, parts left
+    out of records that were read (a reader's Skipped notes: a trailing question without an answer, a
+    page without text), so a record is counted once however many of its parts were dropped. `records`:
+    how many records were met in the files (given to a reader, or skipped unparsed). Plus the first few
+    examples of each reason as "file:line: reason (detail)"; `line` is a line number, "#N" for the N-th
+    item of a JSON array, or None when the problem concerns a whole file."""
 
     def __init__(self):
         self.counts = Counter()
+        self.parts = Counter()
+        self.records = 0
         self._examples: dict[str, list[str]] = {}
 
-    def add(self, reason: str, file, line=None, detail: str = "", count: int = 1):
-        """count > 1 records a bulk drop (e.g. all duplicates of one work unit) under one example."""
-        self.counts[reason] += count
+    def add(self, reason: str, file, line=None, detail: str = "", count: int = 1, part: bool = False):
+        """count > 1 records a bulk drop (e.g. all duplicates of one work unit) under one example; part=True a
+        part left out of a record that is otherwise read."""
+        (self.parts if part else self.counts)[reason] += count
         examples = self._examples.setdefault(reason, [])
         example = (
             (f"{file}:{line}" if line is not None else f"{file}") + f": {reason}" + (f" ({detail})" if detail else "")
@@ -101,25 +107,36 @@ class Problems:
         if len(examples) < MAX_EXAMPLES and example not in examples:
             examples.append(example)
 
+    def skip_record(self, reason: str, file, line, detail: str = ""):
+        """A record met in a file that no reader gets (undecodable, malformed): counted as read and skipped."""
+        self.records += 1
+        self.add(reason, file, line, detail)
+
     @property
     def examples(self) -> list[str]:
         return [example for examples in self._examples.values() for example in examples]
 
     @property
     def total(self) -> int:
+        """Records (or files) skipped; parts left out of records are not counted here."""
         return sum(self.counts.values())
 
     def merge(self, other: "Problems"):
         self.counts.update(other.counts)
+        self.parts.update(other.parts)
+        self.records += other.records
         for reason, examples in other._examples.items():
             mine = self._examples.setdefault(reason, [])
             mine.extend([e for e in examples if e not in mine][: MAX_EXAMPLES - len(mine)])
 
     def summary(self) -> str:
-        if not self.counts:
+        if not self.counts and not self.parts:
             return "no records skipped"
-        lines = [f"skipped {self.total:,}:"]
+        lines = [f"skipped {self.total:,}:"] if self.counts else []
         lines += [f"  {count:>10,}  {reason}" for reason, count in self.counts.most_common()]
+        if self.parts:
+            lines += [f"parts of records left out {sum(self.parts.values()):,}:"]
+            lines += [f"  {count:>10,}  {reason}" for reason, count in self.parts.most_common()]
         lines += ["first examples:"] + [f"  {example}" for example in self.examples]
         return "\n".join(lines)
 
@@ -342,7 +359,7 @@ def read_lines(path, problems: Problems, span: Span | None = None) -> Iterator[t
 def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, object]]:
     for lineno, line, clean in read_lines(path, problems, span):
         if not clean:
-            problems.add(UNDECODABLE, path, lineno)
+            problems.skip_record(UNDECODABLE, path, lineno)
             continue
         line = line.strip()
         if not line:
@@ -353,7 +370,7 @@ def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, objec
             if line == "{" and lineno == 1:  # a pretty-printed single object, e.g. CMeKG's predicate.json
                 problems.add("not a record file (one JSON object)", path, None)
                 return
-            problems.add("malformed JSON line", path, lineno, str(err))
+            problems.skip_record("malformed JSON line", path, lineno, str(err))
 
 
 class _Utf8Reader:
@@ -433,7 +450,7 @@ def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
             reader = _Utf8Reader(raw, file_encoding(path))
             for item in ijson.items(reader, "item", use_float=True):
                 if reader.bad_lines and "\ufffd" in json.dumps(item, ensure_ascii=False):
-                    problems.add(UNDECODABLE, path, f"#{count}")
+                    problems.skip_record(UNDECODABLE, path, f"#{count}")
                 else:
                     yield f"#{count}", item
                 count += 1
@@ -503,9 +520,9 @@ def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int
         while bad_lines and bad_lines[0] <= last:
             bad_lines.popleft()
         if undecodable:
-            problems.add(UNDECODABLE, path, where, str(row) if isinstance(row, csv.Error) else "")
+            problems.skip_record(UNDECODABLE, path, where, str(row) if isinstance(row, csv.Error) else "")
         elif isinstance(row, csv.Error):
-            problems.add("malformed CSV row", path, where, str(row))
+            problems.skip_record("malformed CSV row", path, where, str(row))
         elif row:
             yield where, row, last
 
@@ -531,7 +548,7 @@ def _whole_block(path, problems, first, lines, clean):
     if clean:
         yield first, "".join(lines)
     else:
-        problems.add(UNDECODABLE, path, first)
+        problems.skip_record(UNDECODABLE, path, first)
 
 
 class RefusedXML(Exception):
@@ -1755,10 +1772,11 @@ def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[
     """(file, location, output) for every output of the source's reader; everything skipped is counted."""
     for path in _readable_files(source, fmt, problems):
         for where, record in iter_records(path, problems, span, fmt.record_tag):
+            problems.records += 1
             try:
                 for output in fmt.read(record, path) if fmt.kind == "question" else fmt.read(record):
                     if isinstance(output, Skipped):
-                        problems.add(output.reason, path, where, output.detail)
+                        problems.add(output.reason, path, where, output.detail, part=True)
                     else:
                         yield path, where, output
             except BadRecord as err:

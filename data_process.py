@@ -6,9 +6,10 @@
 Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py):
     OUT/NAME/NAME_0000.bin, NAME_0001.bin ...  np.uint16 token ids; every document is followed by eos and
                                                lies whole in one shard
-    OUT/NAME/manifest.json                      counts, skipped records by reason (+ first examples with
-                                               file:line), inputs, tokenizer hash and vocab_size, settings,
-                                               shards, the largest token id (per shard and overall)
+    OUT/NAME/manifest.json                      counts, skipped records and parts of records left out
+                                               by reason (+ first examples with file:line), inputs,
+                                               tokenizer hash and vocab_size, settings, shards, the
+                                               largest token id (per shard and overall)
     OUT/NAME/dedup_hashes.u64 (+ dedup_bands.u64 with --minhash)
                                                hashes of the documents this source added to the run's
                                                dedup sets, so a later run that skips this source still
@@ -577,6 +578,7 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
             "documents_kept": kept,
             "tokens": sum(s["tokens"] for s in writer.shards),
             "skipped": dict(problems.counts.most_common()),
+            "parts_left_out": dict(problems.parts.most_common()),
             "skipped_examples": problems.examples,
             "shards": writer.shards,
             "dedup_files": {log.path.name: log.bytes for log in logs},

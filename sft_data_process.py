@@ -31,7 +31,6 @@ CSV_FIELDS = ["prompt", "answer", "history", "source"]
 def conversations(source, problems, max_prompt_chars, max_answer_chars, seen, counts):
     """The source's conversations that pass the filters, as CSV rows; counts what was dropped."""
     for turns in corpora.iter_dialogues(source, problems):
-        counts["read"] += 1
         turns = [(p.strip(), a.strip()) for p, a in turns]
         if max_prompt_chars and any(len(p) > max_prompt_chars for p, _ in turns):
             counts["prompt too long"] += 1
@@ -58,8 +57,11 @@ def conversations(source, problems, max_prompt_chars, max_answer_chars, seen, co
 
 
 def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
-    """Write the CSV; returns {source name: {"format", "files", "read", "kept", "dropped": {reason: n},
-    "skipped_records": {reason: n}, "examples": ["file:line: reason", ...]}}. A source
+    """Write the CSV; returns {source name: {"format", "files", "read" (records in the files), "kept",
+    "dropped": {reason: n} (conversations the filters dropped), "skipped_records": {reason: n} (records the
+    reader could not use), "parts_left_out": {reason: n} (parts of records read, e.g. a trailing question
+    without an answer), "examples": ["file:line: reason", ...]}}; every record read is kept, dropped or
+    skipped, once. A source
     that yields no conversation raises ValueError and nothing is written; so does a failed write (a
     full or read-only disk: OSError naming the file), leaving no temporary file."""
     corpora.check_out(out_path)
@@ -80,10 +82,11 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
                 summary[source.name] = {
                     "format": source.format,
                     "files": [str(p) for p in source.files],
-                    "read": counts.pop("read", 0),
+                    "read": problems.records,
                     "kept": counts.pop("kept", 0),
                     "dropped": dict(counts),
                     "skipped_records": dict(problems.counts),
+                    "parts_left_out": dict(problems.parts),
                     "examples": problems.examples,
                 }
         empty = [
@@ -131,7 +134,11 @@ def main(argv=None):
     total = sum(s["kept"] for s in summary.values())
     for name, s in summary.items():
         dropped = ", ".join(f"{k} {v}" for k, v in {**s["dropped"], **s["skipped_records"]}.items()) or "none"
-        print(f"{name:>18}: read {s['read']:>8,}  kept {s['kept']:>8,}  dropped: {dropped}")
+        parts = ", ".join(f"{k} {v}" for k, v in s["parts_left_out"].items())
+        print(
+            f"{name:>18}: read {s['read']:>8,}  kept {s['kept']:>8,}  dropped: {dropped}"
+            + (f"  (parts of records left out: {parts})" if parts else "")
+        )
         for example in s["examples"]:
             print(f"{'':>20}{example}")
     print(f"wrote {total:,} conversations to {args.out} (summary: {Path(args.out).with_suffix('.summary.json')})")

@@ -394,6 +394,20 @@ MUTATIONS = [
         "if not messages:",
         ["tests/test_dpo.py", "-k", "readers"],
     ),
+    Mutation(
+        "record_parts_counted_as_skipped_records",
+        "corpora.py",
+        "(self.parts if part else self.counts)[reason] += count",
+        "self.counts[reason] += count",
+        ["tests/test_sft.py", "-k", "summary_counts"],
+    ),
+    Mutation(
+        "unparsed_records_not_counted_as_read",
+        "corpora.py",
+        "        self.records += 1\n        self.add(reason, file, line, detail)",
+        "        self.add(reason, file, line, detail)",
+        ["tests/test_sft.py", "-k", "round_trips"],
+    ),
 ]
 
 

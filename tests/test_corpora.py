@@ -386,11 +386,9 @@ def test_disc_med_and_sharegpt_variants(tmp_path):
     )
     turns, problems = dialogues("sharegpt", odd)
     assert turns == [[("问", "答")]]
-    assert problems.counts == {
-        "answer before any question": 2,
-        "last question without an answer": 1,
-        "no complete question-answer turn": 1,
-    }
+    assert problems.counts == {"no complete question-answer turn": 1}  # the second record, once
+    assert problems.parts == {"answer before any question": 2, "last question without an answer": 1}
+    assert problems.records == 2
 
 
 def test_empty_answers_drop_the_dialogue_and_are_counted(tmp_path):
@@ -1270,7 +1268,8 @@ def test_pdf_textless_pages_and_damaged_files_are_counted(tmp_path):
     fake.write_text("not a pdf at all", encoding="utf-8")
     docs, problems = texts("pdf", mixed, cut, fake)
     assert docs == ["First page text.\nThird page text."]
-    assert problems.counts == {"page without a text layer: needs OCR": 1, "unreadable PDF": 2}
+    assert problems.counts == {"unreadable PDF": 2}
+    assert problems.parts == {"page without a text layer: needs OCR": 1}
     assert f"{mixed}: page without a text layer: needs OCR (page 2)" in problems.examples
 
 

@@ -117,8 +117,33 @@ def test_csv_round_trips_commas_quotes_newlines(tmp_path):
     s = summary["chatmed_consult"]
     assert s["kept"] == 2 and s["dropped"] == {"duplicate": 1}
     assert sum(s["skipped_records"].values()) == 3  # empty prompt, wrong fields, broken JSON line
+    assert s["read"] == 6  # every record of the file, each kept, dropped or skipped once
     assert any(":7" in e or ":6" in e for e in s["examples"])  # file:line of a bad record
     assert json.loads((tmp_path / "out.summary.json").read_text())["chatmed_consult"]["kept"] == 2
+
+
+def test_summary_counts_each_record_once_and_parts_apart(tmp_path):
+    conversations = [
+        [{"from": "human", "value": "头痛怎么办？"}, {"from": "gpt", "value": "多休息。"}],
+        [{"from": "gpt", "value": "你好"}, {"from": "human", "value": "发烧了"}],  # no complete turn
+        ["not a message", {"from": "gpt", "value": "x"}],
+        [
+            {"from": "gpt", "value": "开场白"},
+            {"from": "human", "value": "问"},
+            {"from": "gpt", "value": "答"},
+            {"from": "human", "value": "无人回答"},
+        ],
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([{"conversations": c} for c in conversations], ensure_ascii=False), encoding="utf-8")
+    s = sft_data_process.process([corpora.parse_source(f"sharegpt={path}")], tmp_path / "out.csv")["sharegpt"]
+    assert s["read"] == 4 and s["kept"] == 2
+    assert s["skipped_records"] == {
+        "no complete question-answer turn": 1,
+        "a message of 'conversations' is not an object": 1,
+    }
+    assert s["parts_left_out"] == {"answer before any question": 2, "last question without an answer": 2}
+    assert s["read"] == s["kept"] + sum(s["dropped"].values()) + sum(s["skipped_records"].values())
 
 
 def test_length_filters(tmp_path):
