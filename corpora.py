@@ -356,6 +356,23 @@ def read_lines(path, problems: Problems, span: Span | None = None) -> Iterator[t
         problems.add("truncated or corrupt gzip file", path, lineno, str(err))
 
 
+LONE_SURROGATE = "lone surrogate escape in a JSON string (\\ud800-\\udfff without its pair), record skipped"
+SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+def holds_surrogate(value) -> bool:
+    """Whether a string of a parsed JSON value holds a UTF-16 surrogate. Python's json decodes an escape
+    such as \\ud83d that lacks its pair (web text cut inside an emoji) to one; such text cannot be
+    written as UTF-8, so one record would stop a whole run where its text is encoded."""
+    if isinstance(value, str):
+        return SURROGATES.search(value) is not None
+    if isinstance(value, dict):
+        return any(holds_surrogate(key) or holds_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(map(holds_surrogate, value))
+    return False
+
+
 def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, object]]:
     for lineno, line, clean in read_lines(path, problems, span):
         if not clean:
@@ -365,12 +382,17 @@ def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, objec
         if not line:
             continue
         try:
-            yield lineno, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if line == "{" and lineno == 1:  # a pretty-printed single object, e.g. CMeKG's predicate.json
                 problems.add("not a record file (one JSON object)", path, None)
                 return
             problems.skip_record("malformed JSON line", path, lineno, str(err))
+            continue
+        if "\\u" in line and holds_surrogate(record):  # decoded text has no surrogates; only an escape makes one
+            problems.skip_record(LONE_SURROGATE, path, lineno)
+            continue
+        yield lineno, record
 
 
 class _Utf8Reader:
@@ -1445,6 +1467,8 @@ def minimind_v(record):
             conversations = json.loads(conversations)
         except json.JSONDecodeError as err:
             raise BadRecord("field 'conversations' is not JSON", str(err)) from None
+        if holds_surrogate(conversations):
+            raise BadRecord(LONE_SURROGATE)
     messages = messages_field({"conversations": conversations}, "conversations", "role", "content")
     if not any(IMAGE_PLACEHOLDER in text for _, text in messages):
         images = []

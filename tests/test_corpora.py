@@ -61,6 +61,21 @@ def test_jsonl_bad_lines_are_counted_with_file_and_line(tmp_path):
     assert "skipped 4" in problems.summary()
 
 
+def test_a_lone_surrogate_escape_skips_its_record_and_a_paired_one_is_text(tmp_path):
+    path = tmp_path / "c.jsonl"
+    lines = [
+        '{"text": "表情 \\ud83d\\ude00 完整"}',  # a pair: one astral character
+        '{"text": "表情被截断 \\ud83d"}',  # web text cut inside an emoji
+        json.dumps({"text": "全部转义的一行"}),  # ensure_ascii: every character an escape, none a surrogate
+        '{"text": "ok", "meta": ["\\udc00"]}',  # in any string of the record
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    docs, problems = texts("skypile", path)
+    assert docs == ["表情 😀 完整", "全部转义的一行"]
+    assert problems.counts == {corpora.LONE_SURROGATE: 2} and problems.records == 4
+    assert problems.examples[0].startswith(f"{path}:2: lone surrogate")
+
+
 def test_json_array_streams_and_a_truncated_file_keeps_what_parsed(tmp_path):
     records = [{"completion": f"第{i}条百科\n历史\n内容", "source": "wikipedia.zh2307"} for i in range(5)]
     whole = json.dumps(records, ensure_ascii=False, indent=2)

@@ -131,6 +131,16 @@ def test_bad_records_are_counted_in_the_manifest_with_file_and_line(tmp_path, to
     assert any(e.startswith(f"{path}:5: missing field 'text'") for e in manifest["skipped_examples"])
 
 
+def test_a_lone_surrogate_in_one_record_does_not_stop_the_run(tmp_path, tokenizer):
+    path = write_corpus(
+        tmp_path / "s.jsonl", many_docs(4), bad_lines=[(1, '{"text": "截断的表情 \\ud83d 之后的正文"}')]
+    )
+    manifest = process([Source("skypile", "skypile", [path])], tmp_path / "out", tokenizer)[0]
+    assert manifest["documents_kept"] == 4
+    assert manifest["skipped"] == {corpora.LONE_SURROGATE: 1}
+    assert manifest["skipped_examples"][0].startswith(f"{path}:2: lone surrogate")
+
+
 def test_exact_duplicates_are_dropped_across_the_sources_of_a_run(tmp_path, tokenizer):
     first = write_corpus(tmp_path / "a.jsonl", [DOCS[0], DOCS[1], DOCS[0]])
     second = write_corpus(tmp_path / "b.jsonl", [DOCS[2], "  " + DOCS[1] + "   \n\n", DOCS[3]])
