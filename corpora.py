@@ -364,13 +364,30 @@ def holds_surrogate(value) -> bool:
     """Whether a string of a parsed JSON value holds a UTF-16 surrogate. Python's json decodes an escape
     such as \\ud83d that lacks its pair (web text cut inside an emoji) to one; such text cannot be
     written as UTF-8, so one record would stop a whole run where its text is encoded."""
-    if isinstance(value, str):
-        return SURROGATES.search(value) is not None
-    if isinstance(value, dict):
-        return any(holds_surrogate(key) or holds_surrogate(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(map(holds_surrogate, value))
+    pending = [value]  # a loop, not recursion: a record may nest as deep as json.loads allows
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and SURROGATES.search(item):
+            return True
+        if isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            pending += item
     return False
+
+
+def json_loads(text):
+    """json.loads for text from a file or a request, where every kind of malformed JSON is a JSONDecodeError:
+    json.loads raises RecursionError for JSON nested deeper than Python's recursion limit and a plain
+    ValueError for an integer of more than 4,300 digits, and either would stop a run with a traceback."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except ValueError as err:
+        raise json.JSONDecodeError(str(err), "", 0) from None
 
 
 def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, object]]:
@@ -382,7 +399,7 @@ def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, objec
         if not line:
             continue
         try:
-            record = json.loads(line)
+            record = json_loads(line)
         except json.JSONDecodeError as err:
             if line == "{" and lineno == 1:  # a pretty-printed single object, e.g. CMeKG's predicate.json
                 problems.add("not a record file (one JSON object)", path, None)
@@ -943,7 +960,7 @@ def annotation_spans(annotations: dict, name: str, size: int) -> list[tuple[int,
     layer = annotations.get(name)
     if isinstance(layer, str):
         try:
-            layer = json.loads(layer)
+            layer = json_loads(layer)
         except json.JSONDecodeError:
             raise BadRecord(f"annotation '{name}' is not JSON", layer[:60]) from None
     spans = []
@@ -1464,7 +1481,7 @@ def minimind_v(record):
     conversations = _value(record, "conversations", True)
     if isinstance(conversations, str):
         try:
-            conversations = json.loads(conversations)
+            conversations = json_loads(conversations)
         except json.JSONDecodeError as err:
             raise BadRecord("field 'conversations' is not JSON", str(err)) from None
         if holds_surrogate(conversations):

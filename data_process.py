@@ -432,7 +432,7 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return corpora.json_loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8
         print(f"note: {path} is unreadable ({type(err).__name__}: {str(err)[:80]}), so {folder.name} is redone")
         return None

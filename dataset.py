@@ -7,11 +7,12 @@ takes its own rows, so DDP, gradient accumulation and resume all see exactly the
 DistributedSampler and no iterator state to save (sequential mode saves its cursors).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from corpora import json_loads
 
 
 def global_rows(micro_step, rank, world, batch_size):
@@ -34,7 +35,7 @@ def read_manifest(directory):
             f"{directory}: no manifest.json, so no complete data_process.py output: run it (again) for this source"
         )
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json_loads(manifest_path.read_text(encoding="utf-8"))
         shards = manifest["shards"]
         files = [(str(shard["file"]), int(shard["tokens"])) for shard in shards]
         tokenizer_sha256 = manifest["tokenizer"]["sha256"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from corpora import BadRecord, Problems, iter_csv
+from corpora import BadRecord, Problems, iter_csv, json_loads
 from dataset import global_rows
 from lm_head import IGNORE_INDEX
 
@@ -113,7 +113,7 @@ def encode_turns(tokenizer, conversations, encode_prompts=None):
 def conversation_turns(row) -> list[tuple[str, str]]:
     """The turns of one CSV row (history, then prompt -> answer); BadRecord for anything else."""
     try:
-        history = json.loads(row.get("history") or "[]")
+        history = json_loads(row.get("history") or "[]")
     except json.JSONDecodeError as err:
         raise BadRecord("history is not JSON", str(err)) from None
     if not isinstance(history, list):

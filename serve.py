@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from corpora import json_loads
 from engine import Engine, QueueFull
 from inference import DEFAULTS, MODES, TextDecoder, build_prompt, load
 
@@ -276,7 +277,7 @@ class Server:
     async def body(self, request, fields):
         self.authorize(request)
         try:
-            body = json.loads(await request.body())
+            body = json_loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON: {err}", None, "invalid_json") from None
         if not isinstance(body, dict):

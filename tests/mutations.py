@@ -415,6 +415,20 @@ MUTATIONS = [
         "if False:",
         ["tests/test_data_process.py", "-k", "surrogate"],
     ),
+    Mutation(
+        "deeply_nested_json_raises_recursion_error",
+        "corpora.py",
+        "    except RecursionError:\n",
+        "    except ZeroDivisionError:\n",
+        ["tests/test_corpora.py", "-k", "nested", "tests/test_serve.py", "-k", "request_errors"],
+    ),
+    Mutation(
+        "huge_json_integer_raises_value_error",
+        "corpora.py",
+        '    except ValueError as err:\n        raise json.JSONDecodeError(str(err), "", 0) from None\n',
+        "",
+        ["tests/test_corpora.py", "-k", "nested"],
+    ),
 ]
 
 

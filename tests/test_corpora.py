@@ -76,6 +76,17 @@ def test_a_lone_surrogate_escape_skips_its_record_and_a_paired_one_is_text(tmp_p
     assert problems.examples[0].startswith(f"{path}:2: lone surrogate")
 
 
+def test_json_nested_too_deep_or_with_a_huge_integer_is_a_malformed_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    deep, huge = "[" * 100_000 + "]" * 100_000, "1" * 5000
+    path.write_text(
+        f'{{"text": "前"}}\n{{"text": {deep}}}\n{{"text": "中", "id": {huge}}}\n{{"text": "后"}}\n', encoding="utf-8"
+    )
+    docs, problems = texts("skypile", path)
+    assert docs == ["前", "后"] and problems.counts == {"malformed JSON line": 2}
+    assert "nested too deeply" in problems.examples[0] and "4300 digits" in problems.examples[1]
+
+
 def test_json_array_streams_and_a_truncated_file_keeps_what_parsed(tmp_path):
     records = [{"completion": f"第{i}条百科\n历史\n内容", "source": "wikipedia.zh2307"} for i in range(5)]
     whole = json.dumps(records, ensure_ascii=False, indent=2)
