@@ -416,6 +416,13 @@ MUTATIONS = [
         ["tests/test_data_process.py", "-k", "surrogate"],
     ),
     Mutation(
+        "server_encodes_lone_surrogates",
+        "serve.py",
+        "        if holds_surrogate(body):",
+        "        if False:",
+        ["tests/test_serve.py", "-k", "request_errors"],
+    ),
+    Mutation(
         "deeply_nested_json_raises_recursion_error",
         "corpora.py",
         "    except RecursionError:\n",
