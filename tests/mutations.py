@@ -416,6 +416,20 @@ MUTATIONS = [
         ["tests/test_data_process.py", "-k", "surrogate"],
     ),
     Mutation(
+        "adapter_with_nan_matrices_is_merged",
+        "lora.py",
+        "if not torch.isfinite(tensors[name]).all():",
+        "if False:",
+        ["tests/test_lora.py", "-k", "damaged"],
+    ),
+    Mutation(
+        "infinite_lora_alpha_is_accepted",
+        "lora.py",
+        "    if not 0 < alpha < math.inf:\n",
+        "    if not 0 < alpha:\n",
+        ["tests/test_lora.py", "-k", "bad_lora_settings"],
+    ),
+    Mutation(
         "server_encodes_lone_surrogates",
         "serve.py",
         "        if holds_surrogate(body):",
