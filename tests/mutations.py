@@ -430,6 +430,20 @@ MUTATIONS = [
         ["tests/test_lora.py", "-k", "bad_lora_settings"],
     ),
     Mutation(
+        "text_fine_tuning_starts_from_a_vlm",
+        "checkpoint.py",
+        '    if "vision" in meta.get("model_args", {}):\n        raise CheckpointError(',
+        "    if False:\n        raise CheckpointError(",
+        ["tests/test_dpo.py", "-k", "vision_language"],
+    ),
+    Mutation(
+        "infinite_dpo_beta_is_accepted",
+        "dpo.py",
+        'if not 0 < cfg["beta"] < math.inf:',
+        'if not 0 < cfg["beta"]:',
+        ["tests/test_dpo.py", "-k", "bad_dpo_settings"],
+    ),
+    Mutation(
         "server_encodes_lone_surrogates",
         "serve.py",
         "        if holds_surrogate(body):",
