@@ -98,6 +98,18 @@ def checkpoint_meta(path):
     return load_checkpoint(path, mmap=True)
 
 
+def text_model_meta(path):
+    """checkpoint_meta of the checkpoint a text fine-tuning run (sft.py, dpo.py) starts from: a vision-language
+    one is refused here, before the run claims its out_dir."""
+    meta = checkpoint_meta(path)
+    if "vision" in meta.get("model_args", {}):
+        raise CheckpointError(
+            f"{path} is a vision-language checkpoint: fine-tune it with vlm_train.py (stage instruct, LoRA too), "
+            "or start from a text checkpoint"
+        )
+    return meta
+
+
 def load_model(path, device="cpu", tokenizer=None):
     """(model in eval mode, checkpoint dict). Refuses checkpoints whose weights don't match their own
     model_args (strict loading: no silently missing keys) or whose tokenizer differs from `tokenizer`."""

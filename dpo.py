@@ -27,6 +27,7 @@ prompt, the same for both; a pair whose longer answer cannot fit is dropped and 
 """
 
 import itertools
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -44,10 +45,10 @@ from checkpoint import (
     base_record,
     check_base,
     check_tokenizer,
-    checkpoint_meta,
     claim_run,
     load_checkpoint,
     load_weights,
+    text_model_meta,
 )
 from configurator import configure, overrides
 from corpora import Problems, iter_preferences, parse_source
@@ -294,8 +295,8 @@ def plot_dpo(records, out_path, title):
 # ---------------------------------------------------------------------------- the run
 def check_dpo_config(cfg):
     check_config(cfg)
-    if cfg["beta"] <= 0:
-        raise SystemExit(f"config: beta must be > 0, not {cfg['beta']}")
+    if not 0 < cfg["beta"] < math.inf:
+        raise SystemExit(f"config: beta must be a number > 0, not {cfg['beta']}")
     if not 0 <= cfg["label_smoothing"] < 0.5:
         raise SystemExit(f"config: label_smoothing must be in [0, 0.5), not {cfg['label_smoothing']}")
     if cfg["parallel"] != "ddp":
@@ -324,7 +325,7 @@ def train(cfg, settings, sources):
     out = Path(cfg["out_dir"])
     resume = cfg["init_from"] == "resume"
     source = out / "ckpt.pt" if resume else Path(cfg["init_from"])
-    start = checkpoint_meta(source)
+    start = text_model_meta(source)
     if start.get("lora") and not resume:
         raise SystemExit(
             f"{source} holds LoRA adapters, not a model: start from a full checkpoint (merge_lora.py "

@@ -113,8 +113,8 @@ def settings_from(cfg):
         raise SystemExit(f"config: lora_rank must be >= 0 (0: no LoRA), not {rank}")
     if rank == 0:
         return None
-    if alpha <= 0:
-        raise SystemExit(f"config: lora_alpha must be > 0, not {alpha}")
+    if not 0 < alpha < math.inf:
+        raise SystemExit(f"config: lora_alpha must be a number > 0, not {alpha}")
     if not 0 <= dropout < 1:
         raise SystemExit(f"config: lora_dropout must be in [0, 1), not {dropout}")
     targets = [t.strip() for t in cfg["lora_targets"].split(",") if t.strip()]
@@ -369,7 +369,7 @@ def read_adapter(folder):
     if unsupported:
         raise CheckpointError(f"{config_path}: settings this loader does not apply: {', '.join(map(str, unsupported))}")
     rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
         raise CheckpointError(f"{config_path}: r={rank!r} and lora_alpha={alpha!r} must be positive numbers")
     settings = {
         "rank": rank,
@@ -389,6 +389,8 @@ def read_adapter(folder):
                         f"{', '.join(HF_MODULE.values())}: not an adapter for this model"
                     )
                 tensors[name] = f.get_tensor(key)
+                if not torch.isfinite(tensors[name]).all():  # folded in, it would make every logit NaN
+                    raise CheckpointError(f"{weights_path}: tensor {key!r} holds NaN or inf values: a damaged adapter")
     except SafetensorError as err:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file ({err})") from None
     return settings, tensors, metadata

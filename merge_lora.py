@@ -32,7 +32,7 @@ def merge_checkpoint(ckpt_path, adapter, out):
     unmerged = model(ids)
     lora.merge(model)
     diff = (model(ids) - unmerged).abs().max().item()
-    if diff > CHECK_TOLERANCE:
+    if not diff <= CHECK_TOLERANCE:  # NaN too
         raise CheckpointError(f"the merged model's logits differ from the adapter's by {diff:.2e}: {out} not written")
     fingerprint = info.get("tokenizer_fingerprint", ckpt.get("tokenizer_fingerprint"))
     merged_from = {"base": str(ckpt_path), "adapter": str(adapter)}

@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from corpora import json_loads
+from corpora import holds_surrogate, json_loads
 from engine import Engine, QueueFull
 from inference import DEFAULTS, MODES, TextDecoder, build_prompt, load
 
@@ -282,6 +282,14 @@ class Server:
             raise ApiError(400, f"the request body is not valid JSON: {err}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+        if holds_surrogate(body):  # "\ud83d" without its pair decodes to text no tokenizer can encode
+            raise ApiError(
+                400,
+                "the request body holds a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                "send whole characters",
+                None,
+                "invalid_json",
+            )
         check_fields(body, fields)
         if body.get("model") not in (None, self.model_name):
             raise ApiError(

@@ -22,10 +22,10 @@ from chatglm_tokenizer import load_tokenizer
 from checkpoint import (
     CheckpointError,
     check_tokenizer,
-    checkpoint_meta,
     claim_run,
     latest_checkpoint,
     run_id_of,
+    text_model_meta,
 )
 from configurator import configure, overrides
 from dataset_sft import SFTData
@@ -85,7 +85,7 @@ def train(cfg, settings):
     out = Path(cfg["out_dir"])
     resume = cfg["init_from"] == "resume"
     source = out / "ckpt.pt" if resume else Path(cfg["init_from"] or latest_pretrain_checkpoint(cfg["pretrain_dir"]))
-    start = checkpoint_meta(source)
+    start = text_model_meta(source)
     run_id = claim_run(out, resume, source, start, cfg["overwrite"], "sft.py", d)
     args = ModelArgs(**{**start["model_args"], "dropout": cfg["dropout"]})
     check_tokenizer(start, source, tok, cfg["tokenizer"])

@@ -387,7 +387,8 @@ def test_dpo_resumes_bit_exactly(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, l
 
 def test_bad_dpo_settings_stop_before_anything_runs(tmp_path, tiny_tokenizer_dir):
     for value, message in (
-        ("--beta=0", "beta must be > 0"),
+        ("--beta=0", "beta must be a number > 0"),
+        ("--beta=1e400", "beta must be a number > 0, not inf"),
         ("--label_smoothing=0.5", "label_smoothing"),
         ("--parallel=fsdp", "parallel=ddp"),
         ("--sources=[]", "sources is empty"),
@@ -395,3 +396,25 @@ def test_bad_dpo_settings_stop_before_anything_runs(tmp_path, tiny_tokenizer_dir
         with pytest.raises(SystemExit, match=message):
             run_dpo(tmp_path / "out", tmp_path / "missing.pt", tiny_tokenizer_dir, value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vision_language_checkpoint_is_refused_before_the_run_claims_its_folder(
+    tmp_path, tiny_tokenizer, tiny_tokenizer_dir
+):
+    import sft
+
+    start = torch.load(make_start(tmp_path, tiny_tokenizer), weights_only=True)
+    start["model_args"]["vision"] = {"image_tokens": 4}
+    atomic_save(start, tmp_path / "vlm.pt")
+    with pytest.raises(SystemExit, match="vlm.pt is a vision-language checkpoint: fine-tune it with vlm_train.py"):
+        run_dpo(tmp_path / "dpo", tmp_path / "vlm.pt", tiny_tokenizer_dir)
+    with pytest.raises(SystemExit, match="vlm.pt is a vision-language checkpoint"):
+        sft.main(
+            [
+                "config/sft_tiny.py",
+                f"--init_from={tmp_path / 'vlm.pt'}",
+                f"--out_dir={tmp_path / 'sft'}",
+                f"--tokenizer={tiny_tokenizer_dir}",
+            ]
+        )
+    assert not (tmp_path / "dpo").exists() and not (tmp_path / "sft").exists()

@@ -251,12 +251,43 @@ def test_an_adapter_is_refused_on_another_model(adapter_on_export, tiny_tokenize
         lora.load_adapter(base_model(tiny_tokenizer.vocab_size), tmp_path)
 
 
+def test_a_damaged_adapter_is_refused_and_no_merged_file_written(adapter_on_export, tiny_tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root, _ = adapter_on_export
+    source = root / "adapter"
+    config = json.loads((source / "adapter_config.json").read_text())
+    with safe_open(str(source / "adapter_model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(source / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    damaged = tmp_path / "nan"
+    damaged.mkdir()
+    (damaged / "adapter_config.json").write_text(json.dumps(config))
+    save_file(
+        {**tensors, key: torch.full_like(tensors[key], float("nan"))}, damaged / "adapter_model.safetensors", metadata
+    )
+    out = tmp_path / "merged.pt"
+    with pytest.raises(SystemExit, match="holds NaN or inf values"):
+        merge_lora.main(["--ckpt", str(root / "base.pt"), "--adapter", str(damaged), "--out", str(out)])
+    assert not out.exists()
+    infinite = tmp_path / "inf"
+    infinite.mkdir()
+    (infinite / "adapter_model.safetensors").write_bytes((source / "adapter_model.safetensors").read_bytes())
+    (infinite / "adapter_config.json").write_text(
+        json.dumps(config).replace(f'"lora_alpha": {config["lora_alpha"]}', '"lora_alpha": Infinity')
+    )
+    with pytest.raises(CheckpointError, match="lora_alpha=inf must be positive numbers"):
+        lora.load_adapter(base_model(tiny_tokenizer.vocab_size), infinite)
+
+
 @pytest.mark.parametrize(
     "value,message",
     [
         ("--lora_rank=-1", "lora_rank must be >= 0"),
         ("--lora_targets=wq,wx", "unknown: wx"),
         ("--lora_dropout=1.0", "lora_dropout must be in"),
+        ("--lora_alpha=1e400", "lora_alpha must be a number > 0, not inf"),
     ],
 )
 def test_bad_lora_settings_stop_before_anything_runs(tmp_path, tiny_tokenizer_dir, value, message):

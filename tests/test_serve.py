@@ -316,6 +316,11 @@ def test_request_errors(served):
     assert "not valid JSON" in error_of(post(running, url, '{"messages": [}'), 400)["message"]
     assert error_of(post(running, url, "[1, 2]"), 400)["code"] == "invalid_json"
     assert "nested too deeply" in error_of(post(running, url, "[" * 100_000 + "]" * 100_000), 400)["message"]
+    for path, body in [
+        (url, '{"messages": [{"role": "user", "content": "\\ud83d"}]}'),
+        ("/v1/completions", '{"prompt": "a\\udfff"}'),
+    ]:
+        assert "lone surrogate" in error_of(post(running, path, body), 400)["message"]
     error = error_of(post(running, url, chat(n=2)), 400)
     assert error["param"] == "n" and "'n' must be 1" in error["message"]
     for field, value in [
