@@ -136,7 +136,19 @@ def load_model(path, device="cpu", tokenizer=None):
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not match the model arguments stored with them:\n{err}") from None
+    check_finite(model, path)
     return model.to(device).eval(), ckpt
+
+
+def check_finite(model, path):
+    """Refuse loaded weights that hold NaN or inf: every logit would be NaN (chat would print nothing, eval
+    score 0, an export compare NaN with NaN)."""
+    damaged = [name for name, weight in model.state_dict().items() if not torch.isfinite(weight).all()]
+    if damaged:
+        raise CheckpointError(
+            f"{path}: {len(damaged)} weight tensor(s) hold NaN or inf values (e.g. {damaged[0]}): a damaged or "
+            "diverged checkpoint; use an earlier one"
+        )
 
 
 def check_model_args(ckpt, args, path):

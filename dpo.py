@@ -58,7 +58,7 @@ from lora import LoRAConfig
 from model import ModelArgs, Transformer
 from parallel import Dist
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, epoch_schedule
+from trainer import NonFiniteLoss, TrainConfig, Trainer, check_config, epoch_schedule
 
 # ---- DPO's own keys
 out_dir = "out/dpo"
@@ -315,7 +315,7 @@ def main(argv):
         raise SystemExit(f"dpo.py: {err}") from None
     try:
         train(cfg, settings, sources)
-    except (CheckpointError, LogError, OSError) as err:
+    except (CheckpointError, LogError, OSError, NonFiniteLoss) as err:
         raise SystemExit(f"dpo.py: {err}") from None
 
 

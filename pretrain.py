@@ -28,7 +28,7 @@ from model import ModelArgs, Transformer
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, wsd_lr
+from trainer import NonFiniteLoss, TrainConfig, Trainer, check_config, wsd_lr
 
 # ---- pretraining's own keys; the keys every training script shares (batch_size, learning_rate, dtype, ...) are
 # trainer.TrainConfig's, whose defaults are pretraining's: set any of them here, in a config file or as --key=value
@@ -156,7 +156,7 @@ def main(argv):
     cfg["phases"] = planned_phases(cfg)
     try:
         train(cfg)
-    except (CheckpointError, DataError, LogError, OSError) as err:
+    except (CheckpointError, DataError, LogError, OSError, NonFiniteLoss) as err:
         raise SystemExit(f"pretrain.py: {err}") from None
 
 

@@ -34,7 +34,7 @@ from model import ModelArgs, Transformer
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, epoch_schedule
+from trainer import NonFiniteLoss, TrainConfig, Trainer, check_config, epoch_schedule
 
 SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
 
@@ -75,7 +75,7 @@ def main(argv):
     settings = lora.settings_from(cfg)
     try:
         train(cfg, settings)
-    except (CheckpointError, LogError, OSError) as err:
+    except (CheckpointError, LogError, OSError, NonFiniteLoss) as err:
         raise SystemExit(f"sft.py: {err}") from None
 
 

@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -463,9 +464,13 @@ class Trainer:
                 skipped_in_a_row += 1
                 message = f"[{phase}] {err}"
                 if cfg["nan_policy"] == "stop" or skipped_in_a_row > cfg["max_nan_skips"]:
+                    last = (
+                        f"the last good checkpoint is {ckpt_path}"
+                        if Path(ckpt_path).exists()
+                        else "this run has written no checkpoint yet"
+                    )
                     raise NonFiniteLoss(
-                        message + f"; stopped. The last good checkpoint is {ckpt_path} "
-                        "(lower learning_rate, or nan_policy=skip)"
+                        message + f"; stopped: {last} (lower learning_rate, or nan_policy=skip)"
                     ) from None
                 log.say(message + "; update skipped (nan_policy=skip)")
                 log.write({"step": self.step, "phase": phase, "skipped": "non-finite loss", "lr": lr})

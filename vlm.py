@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, checkpoint_meta, load_checkpoint
+from checkpoint import CheckpointError, check_finite, checkpoint_meta, load_checkpoint
 from corpora import IMAGE_PLACEHOLDER
 from model import ModelArgs, Transformer
 from vision import has_cls_token, load_tower, tower_from_config
@@ -272,4 +272,5 @@ def load_vlm(path, device="cpu", tokenizer=None):
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not match the model arguments stored with them:\n{err}") from None
+    check_finite(model, path)
     return model.to(device).eval(), ckpt

@@ -33,7 +33,7 @@ from lora import LoRAConfig
 from parallel import Dist
 from plot import plot_runs
 from runlog import LogError, RunLog, read_log
-from trainer import TrainConfig, Trainer, check_config, epoch_schedule
+from trainer import NonFiniteLoss, TrainConfig, Trainer, check_config, epoch_schedule
 from vlm import VLM, VLMArgs, build_vlm, is_vlm_checkpoint, set_trainable
 
 SHARED = (TrainConfig, LoRAConfig)  # the keys it shares with the other training scripts
@@ -91,7 +91,7 @@ def main(argv):
         raise SystemExit("config: LoRA is for the instruct stage (align trains the projector alone)")
     try:
         train(cfg, settings)
-    except (CheckpointError, LogError, OSError) as err:
+    except (CheckpointError, LogError, OSError, NonFiniteLoss) as err:
         raise SystemExit(f"vlm_train.py: {err}") from None
 
 

@@ -464,6 +464,27 @@ MUTATIONS = [
         "",
         ["tests/test_corpora.py", "-k", "nested"],
     ),
+    Mutation(
+        "checkpoint_with_nan_weights_is_loaded",
+        "checkpoint.py",
+        "    if damaged:\n        raise CheckpointError(",
+        "    if False:\n        raise CheckpointError(",
+        ["tests/test_export.py", "-k", "nan"],
+    ),
+    Mutation(
+        "non_finite_loss_is_a_traceback",
+        "pretrain.py",
+        "    except (CheckpointError, DataError, LogError, OSError, NonFiniteLoss) as err:",
+        "    except (CheckpointError, DataError, LogError, OSError) as err:",
+        ["tests/test_pretrain.py", "-k", "non_finite"],
+    ),
+    Mutation(
+        "nan_stop_names_a_checkpoint_that_does_not_exist",
+        "trainer.py",
+        "                        if Path(ckpt_path).exists()\n",
+        "                        if True\n",
+        ["tests/test_pretrain.py", "-k", "non_finite"],
+    ),
 ]
 
 

@@ -160,6 +160,18 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, tiny_tokenizer_dir):
         )
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_and_nothing_written(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
+    model = Transformer(ModelArgs(vocab_size=tiny_tokenizer.vocab_size, **ARGS))
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[3, 5] = float("nan")
+    atomic_save(model_checkpoint(model, model.args, phase="sft", step=1), tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"1 weight tensor\(s\) hold NaN or inf values \(e.g. layers.1.feed_forward"):
+        export_hf.main(
+            ["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "hf"), "--tokenizer", str(tiny_tokenizer_dir)]
+        )
+    assert not (tmp_path / "hf").exists()
+
+
 def test_generate_with_the_exported_generation_config_is_our_greedy(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
     """A user's plain generate() gives what our greedy decoding gives, for SFT prompts (ids, then <s>)."""
     from transformers import LlamaForCausalLM

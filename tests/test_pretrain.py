@@ -201,7 +201,7 @@ def test_nan_guard_stops_without_overwriting_checkpoint(token_dir, tmp_path):
     before = (tmp_path / "ckpt.pt").read_bytes()
     with torch.no_grad():
         t.raw_model.tok_embeddings.weight[5:400] = float("nan")
-    with pytest.raises(NonFiniteLoss, match="step 2"):
+    with pytest.raises(NonFiniteLoss, match="step 2; stopped: the last good checkpoint is .*ckpt.pt"):
         t.run(data, 2, 4, lambda s: 1e-3, RunLog(tmp_path / "log.jsonl"), tmp_path / "ckpt.pt")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     skipping = make_trainer(nan_policy="skip", max_nan_skips=5)
@@ -384,6 +384,12 @@ def test_config_mistakes_stop_before_anything_is_written(tmp_path, token_dir, ti
     with pytest.raises(SystemExit, match=message):
         run_pretrain(out, token_dir, tiny_tokenizer_dir, *extra)
     assert not out.exists()
+
+
+def test_a_non_finite_loss_stops_the_command_with_one_line(tmp_path, token_dir, tiny_tokenizer_dir):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"pretrain.py: \[one\] loss is (nan|inf) at step \d+; stopped: this run has "):
+        run_pretrain(out, token_dir, tiny_tokenizer_dir, "--learning_rate=1e30", "--grad_clip=0.0")
 
 
 def test_a_new_run_never_picks_up_an_earlier_runs_checkpoints(tmp_path, token_dir, tiny_tokenizer_dir):
