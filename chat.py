@@ -18,7 +18,8 @@ message. Images sit in front of their message's text.
 
 Interactive commands: /reset forgets the conversation, /image PATH, /quit (or Ctrl-D) leaves, Ctrl-C stops an
 answer midway. The conversation is kept across turns; when it no longer fits in max_seq_len minus
---max-new-tokens, its oldest turns are dropped (and the chat says so).
+--max-new-tokens, its oldest turns are dropped, then the start of a prompt too long alone (the chat says
+which, in one-shot answers too).
 
 Generation: KV cache, temperature (0 = greedy), top-k, top-p, repetition penalty, stop at <eos> per
 sequence; answers stream as they are generated (the growing id list is decoded and only the new
@@ -69,12 +70,26 @@ def read_prompts(args):
     return prompts
 
 
+def cut_note(model, tok, prompt, mode, args):
+    """A note when the prompt alone is longer than the context leaves beside --max-new-tokens (its start is cut
+    to fit, as build_prompt does), else None."""
+    budget = model.args.max_seq_len - args.max_new_tokens
+    length = len(build_prompt(tok, prompt, (), mode, None, model)[0])
+    if length <= budget:
+        return None
+    return (
+        f"(the prompt is {length} tokens and the model's {model.args.max_seq_len}-token context leaves {budget} "
+        f"beside --max-new-tokens {args.max_new_tokens}: its first {length - budget} tokens were cut)"
+    )
+
+
 def one_shot(model, tok, mode, prompts, args, sampling):
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         replies = answer(model, tok, batch, None, mode, args.max_new_tokens, args.seed, args.image, **sampling)
         for prompt, reply in zip(batch, replies):
-            print(f"用户> {prompt}\n助手> {reply}\n", flush=True)
+            note = cut_note(model, tok, with_images(prompt, len(args.image or ())), mode, args)
+            print(f"用户> {prompt}\n" + (f"{note}\n" if note else "") + f"助手> {reply}\n", flush=True)
 
 
 def interactive(model, tok, mode, args, sampling):
@@ -126,6 +141,9 @@ def interactive(model, tok, mode, args, sampling):
                 f"(the conversation is longer than the model's {model.args.max_seq_len}-token context: "
                 f"dropped the oldest {dropped} turn(s))"
             )
+        note = None if history else cut_note(model, tok, prompt, mode, args)
+        if note:
+            print(note)
         images = kept
         print("助手> ", end="", flush=True)
         pieces = []

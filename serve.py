@@ -20,6 +20,7 @@ trim_history. Unset sampling fields take chat.py's defaults (inference.DEFAULTS)
 
 import argparse
 import asyncio
+import bisect
 import hmac
 import json
 import sys
@@ -302,13 +303,14 @@ class Server:
 
     def fit(self, prompt_length, max_tokens):
         """max_tokens for a prompt of this length; 400 if they do not fit the context."""
+        asked = f"and max_tokens {max_tokens}" if max_tokens is not None else "which leaves no room for an answer"
         if max_tokens is None:
             max_tokens = min(DEFAULTS["max_new_tokens"], self.context - prompt_length)
         if max_tokens < 1 or prompt_length + max_tokens > self.context:
             raise ApiError(
                 400,
                 f"this model's context is {self.context} tokens; the prompt is {prompt_length} tokens "
-                f"and max_tokens {max_tokens}: send a shorter conversation, lower max_tokens, or set "
+                f"{asked}: send a shorter conversation, lower max_tokens, or set "
                 '"trim_history": true to drop the oldest turns',
                 "messages",
                 "context_length_exceeded",
@@ -339,10 +341,13 @@ class Server:
             return ids, self.fit(len(ids), max_tokens), None
         wanted = max_tokens or min(DEFAULTS["max_new_tokens"], self.context // 2)
         budget = self.context - wanted
-        for dropped in range(len(pairs) + 1):  # the system text stays in front of the first kept prompt
+        # the fewest oldest turns to drop (the system text stays in front of the first kept prompt), by
+        # bisection: every render encodes the whole conversation, so trying each count in turn would cost the
+        # square of the number of turns, and dropping turns only shortens the ids
+        dropped = bisect.bisect_left(range(len(pairs) + 1), True, key=lambda d: len(render(pairs[d:])) <= budget)
+        if dropped <= len(pairs):
             ids = render(pairs[dropped:])
-            if len(ids) <= budget:
-                return ids, self.fit(len(ids), max_tokens or wanted), dropped
+            return ids, self.fit(len(ids), max_tokens or wanted), dropped
         try:  # the last prompt alone is too long: its start is cut
             ids = build_prompt(self.tokenizer, with_system(last), (), self.mode, budget)[0]
         except ValueError as err:
@@ -539,7 +544,7 @@ def create_app(server):
     async def chat_completions(request: Request):
         body = await server.body(request, CHAT_FIELDS)
         options = request_options(body)
-        ids, max_tokens, trimmed = server.chat_prompt(body)
+        ids, max_tokens, trimmed = await asyncio.to_thread(server.chat_prompt, body)  # encoding: not in the event loop
         generation = server.start(ids, max_tokens, options)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         extra = {} if trimmed is None else {"trimmed_turns": trimmed}
@@ -582,7 +587,7 @@ def create_app(server):
     async def completions(request: Request):
         body = await server.body(request, COMPLETION_FIELDS)
         options = request_options(body)
-        ids, max_tokens = server.completion_prompt(body)
+        ids, max_tokens = await asyncio.to_thread(server.completion_prompt, body)
         generation = server.start(ids, max_tokens, options)
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",

@@ -472,6 +472,20 @@ MUTATIONS = [
         ["tests/test_export.py", "-k", "nan"],
     ),
     Mutation(
+        "history_trimmed_one_turn_at_a_time",
+        "serve.py",
+        "dropped = bisect.bisect_left(range(len(pairs) + 1), True, key=lambda d: len(render(pairs[d:])) <= budget)",
+        "dropped = next((d for d in range(len(pairs) + 1) if len(render(pairs[d:])) <= budget), len(pairs) + 1)",
+        ["tests/test_serve.py", "-k", "trimming or context_overflow"],
+    ),
+    Mutation(
+        "prompt_cut_without_a_note",
+        "chat.py",
+        "    if length <= budget:\n        return None\n",
+        "    return None\n",
+        ["tests/test_chat.py", "-k", "start_was_cut"],
+    ),
+    Mutation(
         "non_finite_loss_is_a_traceback",
         "pretrain.py",
         "    except (CheckpointError, DataError, LogError, OSError, NonFiniteLoss) as err:",

@@ -178,6 +178,19 @@ def test_mode_from_checkpoint_and_cli(tiny_tokenizer, tiny_tokenizer_dir, tmp_pa
     assert out.count("用户> ") == 3 and out.count("助手> ") == 3 and "头痛" in out
 
 
+def test_a_prompt_longer_than_the_context_says_its_start_was_cut(tiny_tokenizer, tiny_tokenizer_dir, tmp_path, capsys):
+    model = wander(tiny_model(tiny_tokenizer.vocab_size))
+    sft = save(model, tmp_path / "sft.pt", tiny_tokenizer, phase="sft")
+    long = "高血压患者饮食上要注意什么？" * 40
+    length, budget = len(inference.build_prompt(tiny_tokenizer, long)[0]), model.args.max_seq_len - 8
+    assert length > budget
+    cli = ["--ckpt", str(sft), "--tokenizer", str(tiny_tokenizer_dir), "--max-new-tokens", "8", "--device", "cpu"]
+    chat.main(cli + ["--prompt", "感冒", "--prompt", long])
+    out = capsys.readouterr().out
+    assert out.count("tokens were cut)") == 1 and out.count("助手> ") == 2
+    assert f"(the prompt is {length} tokens" in out and f"its first {length - budget} tokens were cut)" in out
+
+
 def test_missing_and_mismatched_checkpoints(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
     def run(path):
         with pytest.raises(SystemExit) as err:

@@ -2,6 +2,7 @@
 official client, every error case over raw HTTP, disconnects, and the chat page in headless Chromium."""
 
 import json
+import math
 import shutil
 import socket
 import threading
@@ -385,6 +386,12 @@ def test_context_overflow_is_refused_or_trimmed(served, tiny_tokenizer):
     messages.append({"role": "user", "content": "还有呢？"})
     error = error_of(post(running, "/v1/chat/completions", {"messages": messages, "max_tokens": 10}), 400)
     assert error["code"] == "context_length_exceeded" and f"context is {CONTEXT} tokens" in error["message"]
+    longer = messages[:1] + messages[1:-1] * 4 + messages[-1:]  # no room left at all, max_tokens not sent
+    error = error_of(post(running, "/v1/chat/completions", {"messages": longer}), 400)
+    assert error["message"].endswith(
+        "which leaves no room for an answer: send a shorter conversation, lower max_tokens, or set "
+        '"trim_history": true to drop the oldest turns'
+    )
     reply = post(
         running, "/v1/chat/completions", {"messages": messages, "max_tokens": 10, "trim_history": True, **GREEDY}
     )
@@ -398,6 +405,18 @@ def test_context_overflow_is_refused_or_trimmed(served, tiny_tokenizer):
     one_more = [("你是医生。\n" + turns[dropped - 1][0], turns[dropped - 1][1])] + turns[dropped:]
     assert len(inference.build_prompt(tok, "还有呢？", one_more)[0]) > CONTEXT - 10  # one turn more would not fit
     assert body["choices"][0]["message"]["content"] == greedy_text(model, tok, ids, 10)[0]
+
+
+def test_trimming_a_long_conversation_encodes_it_a_few_times_not_once_per_turn(served, monkeypatch):
+    calls, build_prompt = [], serve.build_prompt
+    monkeypatch.setattr(serve, "build_prompt", lambda *args: calls.append(1) or build_prompt(*args))
+    messages = []
+    for i in range(300):
+        messages += [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": f"答{i}"}]
+    body = {"messages": messages + [{"role": "user", "content": "还有呢？"}], "max_tokens": 2, "trim_history": True}
+    reply = post(served[0], "/v1/chat/completions", body)
+    assert reply.status_code == 200 and 0 < reply.json()["trimmed_turns"] < 300
+    assert len(calls) <= 2 + math.ceil(math.log2(301))  # bisection over the 301 counts, then the chosen one
 
 
 def test_full_queue_and_disconnect_free_the_slot(slow):
