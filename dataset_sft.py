@@ -26,6 +26,7 @@ of 1 or 3 items, a history of `5`, a short or long row, an unterminated quote, b
 and counted with its file:line, so no row can lend its text to another conversation.
 """
 
+import hashlib
 import itertools
 import json
 from collections import Counter, defaultdict
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import CheckpointError
 from corpora import BadRecord, Problems, iter_csv, json_loads
 from dataset import global_rows
 from lm_head import IGNORE_INDEX
@@ -140,10 +142,29 @@ def read_sft_csv(path, problems: Problems):
             problems.add(err.reason, path, line, err.detail)
 
 
+def rows_sha256(*parts) -> str:
+    """sha256 over arrays, numbers, strings, bytes and (nested) lists of them: what a data class's rows hold."""
+    digest, pending = hashlib.sha256(), list(reversed(parts))
+    while pending:
+        part = pending.pop()
+        if isinstance(part, (list, tuple)):
+            digest.update(f"[{len(part)}".encode())
+            pending += reversed(part)
+        elif isinstance(part, np.ndarray):
+            digest.update(f"{part.dtype}{part.shape}".encode() + np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(part if isinstance(part, bytes) else f"{type(part).__name__}:{part}".encode())
+    return digest.hexdigest()
+
+
 class RowBatches:
     """Deterministic batches over global rows, for data that gives row(g) (what global row g holds, counting
-    across epochs), val_row(i) (the row of held-out item i), to_batch(rows), val_ids and sources. Step s of
-    any (world, grad_accum) split gets the same global rows; nothing to save for resume."""
+    across epochs), val_row(i) (the row of held-out item i), to_batch(rows), val_ids, sources and `fingerprint`
+    (rows_sha256 of everything the rows and their order depend on). Step s of any (world, grad_accum) split
+    gets the same global rows, so resuming needs only the same rows: the checkpoint keeps the fingerprint and
+    load_state_dict refuses other data, which would go on with the run's schedule on different batches."""
+
+    fingerprint = None
 
     def train_batches(self, step, micro_steps, batch_size, rank=0, world=1):
         base = step * micro_steps * world * batch_size
@@ -168,10 +189,17 @@ class RowBatches:
         return out
 
     def state_dict(self):
-        return {}
+        return {"rows_sha256": self.fingerprint}
 
-    def load_state_dict(self, state):
-        pass
+    def load_state_dict(self, state, path):
+        """Check that `path`'s run trained on these rows (a checkpoint without a fingerprint is not checked)."""
+        trained_on = (state or {}).get("rows_sha256")
+        if trained_on not in (None, self.fingerprint):
+            raise CheckpointError(
+                f"{path} was trained on other data (rows sha256 {trained_on[:12]}…, now {self.fingerprint[:12]}…): "
+                "resuming would go on with its schedule on different batches. Give the data, seed, val_fraction "
+                "and pack it started with, or start a new run (--overwrite=True)"
+            )
 
 
 class SFTData(RowBatches):
@@ -219,6 +247,7 @@ class SFTData(RowBatches):
         n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
         self.val_ids, self.train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
         self.epoch_rows = []  # row plans of the epochs built so far, see epoch()
+        self.fingerprint = rows_sha256(self.tokens, self.masks, self.offsets, self.train_ids, self.seed, self.pack)
 
     def __len__(self):
         return len(self.train_ids)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from corpora import IMAGE_PLACEHOLDER, Problems, iter_image_dialogues
-from dataset_sft import SFTData, fit_turns, render
+from dataset_sft import SFTData, fit_turns, render, rows_sha256
 from lm_head import IGNORE_INDEX
 from vision import ImageError, open_image, output_size, preprocess_image
 from vlm import encode_texts, images_kept
@@ -103,6 +103,7 @@ class VLMData(SFTData):
                 f"({dict(self.dropped)}; {self.problems.summary()})"
             )
         self.store(tokens, masks, names, val_fraction)
+        self.fingerprint = rows_sha256(self.fingerprint, self.images)
 
     def describe(self):
         images = sum(len(refs) for refs in self.images)

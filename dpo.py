@@ -52,7 +52,7 @@ from checkpoint import (
 )
 from configurator import configure, overrides
 from corpora import Problems, iter_preferences, parse_source
-from dataset_sft import RowBatches, fit_turns, labels_for, padded_batch, render
+from dataset_sft import RowBatches, fit_turns, labels_for, padded_batch, render, rows_sha256
 from lm_head import IGNORE_INDEX
 from lora import LoRAConfig
 from model import ModelArgs, Transformer
@@ -205,6 +205,7 @@ class PreferenceData(RowBatches):
         order = np.random.default_rng(seed).permutation(len(self.rows))
         n_val = int(round(len(order) * val_fraction)) if len(order) > 1 else 0
         self.val_ids, self.train_ids = np.sort(order[:n_val]), np.sort(order[n_val:])
+        self.fingerprint = rows_sha256(self.rows, self.train_ids, seed)
 
     def render_pair(self, history, prompt, chosen, rejected, bos_id, eos_id):
         """((x, y) of the chosen conversation, (x, y) of the rejected one), cut to max_seq_len the same way: the
@@ -355,7 +356,7 @@ def train(cfg, settings, sources):
     total, lr_at, plan = epoch_schedule(cfg, len(data), d.world, unit="pairs")
 
     if resume:
-        trainer.load(source)
+        data.load_state_dict(trainer.load(source)["data_state"], source)
     elif not settings:
         trainer.load_weights(source)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])

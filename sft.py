@@ -103,7 +103,7 @@ def train(cfg, settings):
     total, lr_at, plan = epoch_schedule(cfg, len(data.epoch(0)), d.world)
 
     if resume:
-        trainer.load(source)
+        data.load_state_dict(trainer.load(source)["data_state"], source)
     elif not settings:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(source)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])

@@ -113,8 +113,9 @@ def train(cfg, settings):
     meta = lora.prepare(model, settings, source, start, resume)
     trained_dtype = start.get("dtype_trained") if resume else None
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
+    data_state = None
     if resume:
-        trainer.load(source)
+        data_state = trainer.load(source)["data_state"]
     elif weights is not None and not settings:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(weights)
     args = model.args
@@ -132,6 +133,8 @@ def train(cfg, settings):
         cfg["pack"],
         cfg["image_folders"],
     )
+    if resume:
+        data.load_state_dict(data_state, source)
     total, lr_at, plan = epoch_schedule(cfg, len(data.epoch(0)), d.world)
 
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])

@@ -486,6 +486,13 @@ MUTATIONS = [
         ["tests/test_chat.py", "-k", "start_was_cut"],
     ),
     Mutation(
+        "resume_on_other_rows_accepted",
+        "dataset_sft.py",
+        "if trained_on not in (None, self.fingerprint):",
+        "if False:",
+        ["tests/test_trainer.py", "-k", "changed_csv", "tests/test_dpo.py", "-k", "other_data"],
+    ),
+    Mutation(
         "non_finite_loss_is_a_traceback",
         "pretrain.py",
         "    except (CheckpointError, DataError, LogError, OSError, NonFiniteLoss) as err:",

@@ -385,6 +385,18 @@ def test_dpo_resumes_bit_exactly(tmp_path, tiny_tokenizer, tiny_tokenizer_dir, l
     assert (tmp_path / "full" / "adapter" / "adapter_model.safetensors").is_file() == bool(lora_rank)
 
 
+def test_resuming_on_other_data_is_refused(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    start, out = make_start(tmp_path, tiny_tokenizer), tmp_path / "run"
+    short = ("--max_iters=4", "--eval_interval=100", "--batch_size=2")
+    run_dpo(out, start, tiny_tokenizer_dir, *short, "--stop_at=2")
+    one_source = '--sources=["dpo_pairs=data/sample/preference/dpo_pairs"]'
+    for changed in (one_source, "--seed=7"):
+        with pytest.raises(SystemExit, match=r"ckpt.pt was trained on other data \(rows sha256 .*--overwrite=True"):
+            run_dpo(out, "resume", tiny_tokenizer_dir, *short, changed)
+    run_dpo(out, "resume", tiny_tokenizer_dir, *short)  # the same data: goes on to the end
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+
 def test_bad_dpo_settings_stop_before_anything_runs(tmp_path, tiny_tokenizer_dir):
     for value, message in (
         ("--beta=0", "beta must be a number > 0"),

@@ -166,6 +166,17 @@ def test_sft_resume_is_bit_exact(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
     assert len(full) == 8 and part == full
 
 
+def test_sft_resume_on_a_changed_csv_is_refused(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    sft_setup(tmp_path, tiny_tokenizer)
+    run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, "--stop_at=3")
+    csv_path = tmp_path / "sft.csv"
+    csv_path.write_text(
+        csv_path.read_text(encoding="utf-8").replace("头痛", "头疼", 1), encoding="utf-8"
+    )  # one row edited
+    with pytest.raises(SystemExit, match=r"sft.py: .*ckpt.pt was trained on other data"):
+        run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, init_from="resume")
+
+
 KILL_AT_POINTER = """
 import os, sys
 sys.path.insert(0, {root!r})
