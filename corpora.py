@@ -1502,6 +1502,10 @@ def vqa_item(question, answer, image, answer_type="", options=None, label=""):
     """One VQA question as a one-turn ImageDialogue: "<image>\nquestion" (+ "A. option" lines) -> answer."""
     if not question or not answer:
         raise BadRecord("empty question or answer")
+    if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:  # one image: the placeholder put in front
+        raise BadRecord(
+            "<image> placeholders do not match the images", f"{1 + question.count(IMAGE_PLACEHOLDER)} placeholder(s)"
+        )
     kind = {"CLOSED": "closed", "OPEN": "open"}.get(answer_type.strip().upper())
     kind = kind or ("closed" if options or answer.strip().lower() in YES_NO else "open")
     choices = "".join(f"\n{letter}. {text}" for letter, text in (options or {}).items())

@@ -292,6 +292,8 @@ class Server:
                 "invalid_json",
             )
         check_fields(body, fields)
+        if not isinstance(body.get("model") or "", str):
+            raise ApiError(400, "'model' must be a string", "model", "invalid_type")
         if body.get("model") not in (None, self.model_name):
             raise ApiError(
                 404,

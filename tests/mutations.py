@@ -493,6 +493,13 @@ MUTATIONS = [
         ["tests/test_trainer.py", "-k", "changed_csv", "tests/test_dpo.py", "-k", "other_data"],
     ),
     Mutation(
+        "vqa_question_placeholders_kept",
+        "corpora.py",
+        "    if IMAGE_PLACEHOLDER in question or IMAGE_PLACEHOLDER in answer:",
+        "    if False:",
+        ["tests/test_vlm.py", "-k", "placeholders_is_skipped"],
+    ),
+    Mutation(
         "non_finite_loss_is_a_traceback",
         "pretrain.py",
         "    except (CheckpointError, DataError, LogError, OSError, NonFiniteLoss) as err:",

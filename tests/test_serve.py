@@ -316,6 +316,7 @@ def test_request_errors(served):
     url = "/v1/chat/completions"
     assert "not valid JSON" in error_of(post(running, url, '{"messages": [}'), 400)["message"]
     assert error_of(post(running, url, "[1, 2]"), 400)["code"] == "invalid_json"
+    assert error_of(post(running, url, chat(model=["x"])), 400)["code"] == "invalid_type"
     assert "nested too deeply" in error_of(post(running, url, "[" * 100_000 + "]" * 100_000), 400)["message"]
     for path, body in [
         (url, '{"messages": [{"role": "user", "content": "\\ud83d"}]}'),

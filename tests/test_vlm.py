@@ -265,6 +265,17 @@ def test_values_that_are_not_text_never_become_text(tmp_path):
     assert not any(leaked in s for s in strings for leaked in ("5", "True", "[", "{"))
 
 
+def test_a_vqa_question_holding_placeholders_is_skipped_not_misaligned(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    drawn().save(tmp_path / "imgs" / "a.png")
+    good = {"qid": 1, "img_name": "a.png", "question": "有异常吗？", "answer": "没有", "answer_type": "CLOSED"}
+    records = [good, {**good, "question": "<image><image>这两张呢？"}, {**good, "answer": "见<image>"}]
+    (tmp_path / "slake.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    items, problems = read(f"slake={tmp_path / 'slake.json'}")
+    assert [i.turns[0][0] for i in items] == ["<image>\n有异常吗？"]
+    assert problems.counts == {"<image> placeholders do not match the images": 2}
+
+
 # ---------------------------------------------------------------------------- splicing and labels
 
 
