@@ -51,7 +51,9 @@ mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: corpora.py)
   dev split (CMB, CMExam, or a dev file itself) the first K other questions of the same file that have
   an answer, never the question asked. Dev files in a source folder only supply shots. Shots that do
   not fit max_seq_len are dropped, the last first; a question too long even alone loses its start
-  (counted as "truncated").
+  (counted as "truncated"). Fewer shots than K are reported with their reason: the average pool size
+  ("shots_available": a dev split or file with fewer than K answered questions) and how many fit
+  ("shots_used").
   Multi-answer items (several gold letters: CMB 多项选择题, some CMExam): the candidates are every
   non-empty combination of the options (their texts joined by "；" in letter order), and the item is
   correct only when the best combination equals the gold set exactly. The model is told an item has
@@ -415,6 +417,7 @@ def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
                     "subject": q["subject"] or source.name,
                     "answer": q["answer"],
                     "shots": used,
+                    "shots_available": len(examples),
                     "candidates": [c for c, _ in candidates(q)],
                     "first": len(requests),
                 }
@@ -433,12 +436,14 @@ def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
         del item["candidates"]
     subjects = sorted({i["subject"] for i in items})
     shots_used = sum(i["shots"] for i in items) / len(items) if items else 0
+    shots_available = sum(i["shots_available"] for i in items) / len(items) if items else 0
     return {
         "files": files,
         "skipped": dict(problems.counts.most_common()),
         "skipped_examples": problems.examples,
         "shot_pool_skipped": dict(pool_problems.counts),
         "truncated": truncated,
+        "shots_available": shots_available,
         "shots_used": shots_used,
         "overall": summarise(items),
         "single": summarise([i for i in items if not i["multi"]]),
@@ -463,7 +468,10 @@ def skip_reason(q):
 
 def print_mcq(name, r, norm, mode, shots):
     other = NORMS[1 - NORMS.index(norm)]
-    fit = f", {r['shots_used']:.1f} fit max_seq_len on average" if r["shots_used"] < shots else ""
+    # two reasons for fewer shots than asked: a small pool (dev split or file), or max_seq_len
+    pool = f", {r['shots_available']:.1f} in the shot pool" if r["shots_available"] < shots else ""
+    fit = f", {r['shots_used']:.1f} fit max_seq_len" if r["shots_used"] < r["shots_available"] else ""
+    fit = f"{pool}{fit} on average" if pool or fit else ""
     skipped = sum(r["skipped"].values())
     print(
         f"\n{name} ({mode} prompt, {shots}-shot{fit}): {r['overall']['n']} questions scored, "

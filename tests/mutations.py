@@ -513,6 +513,13 @@ MUTATIONS = [
         "                        if True\n",
         ["tests/test_pretrain.py", "-k", "non_finite"],
     ),
+    Mutation(
+        "mcq_few_shots_blamed_on_max_seq_len",
+        "eval.py",
+        """pool = f", {r['shots_available']:.1f} in the shot pool" if r["shots_available"] < shots else \"\"""",
+        'pool = ""',
+        ["tests/test_eval.py", "-k", "small_pool"],
+    ),
 ]
 
 

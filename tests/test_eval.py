@@ -537,3 +537,14 @@ def test_out_problems_are_one_line_and_leave_no_temporary_file(
         ev.main(args + ["--out", str(tmp_path / "res" / "ppl.json")])
     assert str(exit_info.value) == f"eval.py ppl: cannot write {tmp_path / 'res' / 'ppl.json'}: No space left on device"
     assert list((tmp_path / "res").iterdir()) == []
+
+
+def test_fewer_shots_than_asked_names_the_small_pool_not_max_seq_len(tiny_tokenizer, tmp_path, capsys):
+    """The dev split holds 2 questions: --shots 5 gives 2 shots, all of which fit, and the line says so."""
+    tok = tiny_tokenizer
+    root, preferred = ceval_dir(tmp_path)
+    r = ev.evaluate_mcq(parse_source(f"ceval={root}"), tok, table_scorer(tok, preferred, True), "continue", shots=5)
+    assert r["shots_available"] == 2 and r["shots_used"] == 2
+    ev.print_mcq("ceval", r, "mean", "continue", 5)
+    printed = capsys.readouterr().out
+    assert "5-shot, 2.0 in the shot pool on average)" in printed and "fit max_seq_len" not in printed
