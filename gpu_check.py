@@ -39,6 +39,7 @@ import train_tokenizer
 from atomic import atomic_write_text
 from chatglm_tokenizer import load_tokenizer
 from configurator import configure
+from corpora import check_out
 from dataset import PretrainData
 from lm_head import chunked_cross_entropy
 from model import ModelArgs, Transformer
@@ -244,6 +245,10 @@ def main(argv=None):
     parser.add_argument("--device", default=os.environ.get("DEVICE", "cuda"), choices=["cuda", "cpu"])
     parser.add_argument("--out", default="out/gpu_check")
     args = parser.parse_args(argv)
+    try:
+        check_out(args.out, folder=True)  # the report is written last: a bad --out would waste the whole check
+    except ValueError as err:
+        parser.error(str(err))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: torch sees no GPU (a CPU build of torch?); DEVICE=cpu runs the plumbing check")

@@ -520,6 +520,13 @@ MUTATIONS = [
         'pool = ""',
         ["tests/test_eval.py", "-k", "small_pool"],
     ),
+    Mutation(
+        "gpu_check_out_checked_only_at_the_end",
+        "gpu_check.py",
+        "        check_out(args.out, folder=True)  # the report",
+        "        (args.out, True)  # the report",
+        ["tests/test_gpu_check.py", "-k", "out_that_is_a_file"],
+    ),
 ]
 
 
