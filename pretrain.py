@@ -259,6 +259,11 @@ def train(cfg):
             print(f"all phases already done ({out}); nothing to train")
         d.close()
         return
+    if cfg["stop_at"] and trainer.step >= cfg["stop_at"]:
+        if d.is_master:
+            print(f"{source} is at step {trainer.step}, already at or past stop_at={cfg['stop_at']}; nothing to train")
+        d.close()
+        return
 
     for i in range(first_phase, len(ranges)):
         phase, first, end = ranges[i]

@@ -527,6 +527,13 @@ MUTATIONS = [
         "        (args.out, True)  # the report",
         ["tests/test_gpu_check.py", "-k", "out_that_is_a_file"],
     ),
+    Mutation(
+        "pretrain_resume_past_stop_at_is_silent",
+        "pretrain.py",
+        """    if cfg["stop_at"] and trainer.step >= cfg["stop_at"]:\n        if d.is_master:""",
+        """    if False:\n        if d.is_master:""",
+        ["tests/test_pretrain.py", "-k", "past_stop_at"],
+    ),
 ]
 
 

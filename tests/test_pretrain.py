@@ -486,3 +486,13 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path, token_dir, tiny_tokenizer_
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(SystemExit, match="out_dir .*taken is a file, not a folder"):
         run_pretrain(tmp_path / "taken", token_dir, tiny_tokenizer_dir)
+
+
+def test_a_resume_already_past_stop_at_says_so(tmp_path, token_dir, tiny_tokenizer_dir, capsys):
+    run_pretrain(tmp_path, token_dir, tiny_tokenizer_dir, "--stop_at=9")
+    log = (tmp_path / "log.jsonl").read_text()
+    capsys.readouterr()
+    run_pretrain(tmp_path, token_dir, tiny_tokenizer_dir, "--init_from=resume", "--stop_at=6")
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'two' / 'ckpt.pt'} is at step 9, already at or past stop_at=6; nothing to train" in printed
+    assert (tmp_path / "log.jsonl").read_text() == log
