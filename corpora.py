@@ -1329,6 +1329,11 @@ def make_question(question, options, answer, subject, explanation):
 
 
 def letter_options(record, letters="ABCD"):
+    """The four option columns of a C-Eval / CMMLU row; a filled column named by another letter would be an
+    option silently left out of the question, so the row is refused (CMB / CMExam take any number)."""
+    extra = [key for key, value in record.items() if isinstance(key, str) and re.fullmatch("[E-Z]", key) and value]
+    if extra:
+        raise BadRecord("option columns beyond D (this format has four options, A-D)", ", ".join(extra))
     return {letter: text_field(record, letter) for letter in letters}
 
 

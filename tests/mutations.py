@@ -534,6 +534,13 @@ MUTATIONS = [
         """    if False:\n        if d.is_master:""",
         ["tests/test_pretrain.py", "-k", "past_stop_at"],
     ),
+    Mutation(
+        "ceval_options_beyond_d_silently_dropped",
+        "corpora.py",
+        """    if extra:\n        raise BadRecord("option columns beyond D""",
+        """    if False:\n        raise BadRecord("option columns beyond D""",
+        ["tests/test_corpora.py", "-k", "beyond_d"],
+    ),
 ]
 
 

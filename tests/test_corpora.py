@@ -1407,3 +1407,16 @@ def test_line_blocks_decode_as_their_lines_one_by_one():
             assert text == "".join(
                 line if line is not None else corpora._with_replacements(lines[i]) for i, line in zip(chosen, expected)
             )
+
+
+def test_ceval_row_with_options_beyond_d_is_refused_not_cut_to_four(tmp_path):
+    path = tmp_path / "x_val.csv"
+    path.write_text(
+        "id,question,A,B,C,D,E,F,answer,explanation\n"
+        "0,六选一____,一,二,三,四,五,六,B,\n"
+        "1,四选一____,一,二,三,四,,,C,\n",
+        encoding="utf-8",
+    )
+    found, problems = questions("ceval", path)
+    assert [q["answer"] for q in found] == ["C"] and found[0]["options"] == {"A": "一", "B": "二", "C": "三", "D": "四"}
+    assert problems.examples == [f"{path}:2: option columns beyond D (this format has four options, A-D) (E, F)"]
