@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,13 @@ def train(texts, out_dir, vocab_size=8000, max_lines=2_000_000, character_covera
             minloglevel=2,
         )
     except RuntimeError as err:  # SentencePiece's message, e.g. too many distinct characters
+        needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+        if needed:  # its advice names its own flag; say what to change here
+            raise ValueError(
+                f"vocab_size {vocab_size} is below the {needed[1]} pieces this text needs (its characters at "
+                f"character_coverage {character_coverage}, 256 byte-fallback pieces, <unk> <s> </s>): "
+                f"use --vocab-size >= {needed[1]}"
+            ) from None
         raise ValueError(
             f"SentencePiece could not train with vocab_size={vocab_size}, "
             f"character_coverage={character_coverage}: {err}"

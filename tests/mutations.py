@@ -541,6 +541,13 @@ MUTATIONS = [
         """    if False:\n        raise BadRecord("option columns beyond D""",
         ["tests/test_corpora.py", "-k", "beyond_d"],
     ),
+    Mutation(
+        "tokenizer_too_small_vocab_keeps_sentencepiece_advice",
+        "train_tokenizer.py",
+        "        if needed:  # its advice",
+        "        if False:  # its advice",
+        ["tests/test_tokenizer.py", "-k", "too_small"],
+    ),
 ]
 
 

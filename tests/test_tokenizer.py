@@ -1,5 +1,7 @@
 """chatglm_tokenizer and train_tokenizer.py: id layout, exact round trips, the HF API, errors."""
 
+import re
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -110,9 +112,17 @@ def test_train_refuses_vocab_beyond_uint16(tmp_path):
 
 
 def test_train_explains_a_vocab_too_small_for_the_characters(tmp_path):
-    text = "".join(chr(0x4E00 + i) for i in range(600))
-    with pytest.raises(ValueError, match="character_coverage"):
-        train_tokenizer.train([text] * 3, tmp_path, vocab_size=300)
+    """The message names the smallest vocab_size that trains (checked by training at it and one below) and
+    this script's --vocab-size, not SentencePiece's own --character_coverage flag."""
+    texts = ["".join(chr(0x4E00 + i) for i in range(600))] * 3
+    with pytest.raises(ValueError) as refused:
+        train_tokenizer.train(texts, tmp_path / "small", vocab_size=300)
+    message = str(refused.value)
+    needed = int(re.search(r"use --vocab-size >= (\d+)$", message)[1])
+    assert "--character_coverage" not in message and 600 + 256 + 3 <= needed <= 600 + 256 + 3 + 5
+    with pytest.raises(ValueError, match=f"use --vocab-size >= {needed}$"):
+        train_tokenizer.train(texts, tmp_path / "below", vocab_size=needed - 1)
+    assert train_tokenizer.train(texts, tmp_path / "enough", vocab_size=needed).n_pieces >= needed
 
 
 def test_missing_model_names_path_and_remedies(tmp_path):
