@@ -128,8 +128,9 @@ def load_model(path, device="cpu", tokenizer=None):
     if ckpt.get("lora"):
         base = (ckpt.get("base") or {}).get("path", "its base checkpoint")
         raise CheckpointError(
-            f"{path} holds the LoRA adapters of a run, not a model: load its base with the adapter folder, "
-            f"--ckpt {base} --adapter {Path(path).parent / 'adapter'} (or fold them in with merge_lora.py)"
+            f"{path} holds the LoRA adapters of a run, not a model: fold them into their base with merge_lora.py "
+            f"--ckpt {base} --adapter {Path(path).parent / 'adapter'} --out merged.pt (chat.py, eval.py and "
+            "serve.py also take that --ckpt and --adapter)"
         )
     model = Transformer(args)
     try:

@@ -548,6 +548,13 @@ MUTATIONS = [
         "        if False:  # its advice",
         ["tests/test_tokenizer.py", "-k", "too_small"],
     ),
+    Mutation(
+        "lora_run_checkpoint_advice_names_a_missing_flag",
+        "checkpoint.py",
+        "--out merged.pt (chat.py, eval.py and ",
+        "(chat.py, eval.py and ",
+        ["tests/test_lora.py", "-k", "points_to_merge_lora"],
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ from checkpoint import CheckpointError, atomic_save, load_model, model_checkpoin
 from inference import load
 from model import Transformer
 
-from conftest import ROOT, tiny_model, wander
+from conftest import ROOT, save, tiny_model, wander
 
 SETTINGS = {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": list(lora.TARGETS)}
 
@@ -319,3 +319,18 @@ def test_lora_sft_resumes_bit_exactly_and_saves_only_adapters(tmp_path, tiny_tok
     atomic_save(model_checkpoint(base, base.args, step=11, phase="clinical"), tmp_path / "pretrained.pt")
     with pytest.raises(SystemExit, match="no longer the checkpoint this run was built on"):
         run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, *lora_args, "--max_iters=10", init_from="resume")
+
+
+def test_exporting_a_lora_runs_checkpoint_points_to_merge_lora(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
+    """export_hf.py takes no --adapter: the message names the command that makes an exportable checkpoint."""
+    run = tmp_path / "sft_lora"
+    run.mkdir()
+    save(
+        tiny_model(tiny_tokenizer.vocab_size), run / "ckpt.pt", tiny_tokenizer, lora={"rank": 4}, base={"path": "b.pt"}
+    )
+    with pytest.raises(SystemExit) as refused:
+        export_hf.main(
+            ["--ckpt", str(run / "ckpt.pt"), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "hf")]
+        )
+    assert f"merge_lora.py --ckpt b.pt --adapter {run / 'adapter'} --out merged.pt" in str(refused.value)
+    assert not (tmp_path / "hf").exists()
