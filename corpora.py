@@ -1709,8 +1709,8 @@ def infer_format(name: str) -> str:
         if key == candidate or key.startswith(candidate + "_"):
             return names[candidate]
     raise ValueError(
-        f"cannot tell the format of source '{name}': name it after a format or pass --format. "
-        f"Formats: {known_formats()}"
+        f"cannot tell the format of source '{name}': name it after its format, FORMAT or FORMAT_anything "
+        f"(e.g. text_{name}=PATH for plain text). Formats: {known_formats()}"
     )
 
 

@@ -555,6 +555,13 @@ MUTATIONS = [
         "(chat.py, eval.py and ",
         ["tests/test_lora.py", "-k", "points_to_merge_lora"],
     ),
+    Mutation(
+        "unknown_source_name_advises_a_missing_flag",
+        "corpora.py",
+        'name it after its format, FORMAT or FORMAT_anything "\n',
+        'name it after a format or pass --format "\n',
+        ["tests/test_corpora.py", "-k", "parse_source_errors"],
+    ),
 ]
 
 

@@ -631,8 +631,11 @@ def test_parse_source_infers_formats_from_names():
 
 
 def test_parse_source_errors_are_clear(tmp_path):
-    with pytest.raises(ValueError, match="cannot tell the format.*wiki"):
+    with pytest.raises(ValueError, match="cannot tell the format.*wiki") as unknown:
         parse_source(f"mystery={tmp_path}")
+    # the advice works with every tool (eval.py has no --format): the name it suggests reads as plain text
+    assert "--format" not in str(unknown.value) and "e.g. text_mystery=PATH for plain text" in str(unknown.value)
+    assert parse_source(f"text_mystery={tmp_path}").format == "text"
     with pytest.raises(ValueError, match="unknown format 'nope'.*Formats"):
         parse_source(f"x={tmp_path}", "nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
