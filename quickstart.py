@@ -23,6 +23,7 @@ runs, every later one runs too. Any failure stops the run with the failing comma
 import argparse
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -36,8 +37,11 @@ from chatglm_tokenizer import DEFAULT_DIR, load_tokenizer, tokenizer_model_path
 from plot import plot_runs
 from runlog import read_log
 
+ROOT = Path(__file__).resolve().parent  # the stages run here: their commands name the repository's files
 SAMPLE = Path("data/sample")
-SOURCES = json.loads((SAMPLE / "sources.json").read_text(encoding="utf-8"))  # which sample folder feeds which stage
+SOURCES = json.loads(
+    (ROOT / SAMPLE / "sources.json").read_text(encoding="utf-8")
+)  # which sample folder feeds which stage
 PRETRAIN_SOURCES, SFT_SOURCES, MCQ_SOURCES, VQA_SOURCES = (SOURCES[k] for k in ("pretrain", "sft", "mcq", "vqa"))
 VLM_QUESTION = ("vlm/slake/imgs/xmlab2/source.jpg", "这张胸片有什么异常吗？")  # a film with an opacity in the left lung
 SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase
@@ -87,11 +91,12 @@ class Pipeline:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out/quickstart", help="everything goes here")
+    parser.add_argument("--out", help="everything goes here (default: the repository's out/quickstart)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
     parser.add_argument("--smoke", action="store_true", help="3 steps a phase: a plumbing check in seconds")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve() if args.out else ROOT / "out" / "quickstart"  # --out: from where it was run
+    os.chdir(ROOT)
     py = [sys.executable]
     pipeline = Pipeline(out, args.force)
     started = time.time()

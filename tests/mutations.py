@@ -562,6 +562,13 @@ MUTATIONS = [
         'name it after a format or pass --format "\n',
         ["tests/test_corpora.py", "-k", "parse_source_errors"],
     ),
+    Mutation(
+        "quickstart_runs_stages_from_the_callers_folder",
+        "quickstart.py",
+        "    os.chdir(ROOT)\n",
+        "",
+        ["tests/test_quickstart.py", "-k", "smoke_runs"],
+    ),
 ]
 
 

@@ -45,9 +45,9 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
         for name in ("general", "clinical")
     }
     assert heldout["clinical"] < heldout["general"]  # the held-out loss falls from the first phase to the last
-    again = subprocess.run(
-        [sys.executable, "quickstart.py", "--smoke", "--out", str(out)],
-        cwd=ROOT,
+    again = subprocess.run(  # from another folder: a relative --out is taken from there, the stages run in ROOT
+        [sys.executable, str(ROOT / "quickstart.py"), "--smoke", "--out", out.name],
+        cwd=out.parent,
         capture_output=True,
         text=True,
         timeout=600,
