@@ -75,7 +75,13 @@ class Pipeline:
         start = time.time()
         for command in commands:
             print(f"== {stage}: {shlex.join(command)}", flush=True)
-            result = subprocess.run(command, stdout=subprocess.PIPE if stdout else None, text=True)
+            try:
+                result = subprocess.run(command, stdout=subprocess.PIPE if stdout else None, text=True)
+            except KeyboardInterrupt:  # Ctrl-C: subprocess.run has stopped the command; no stamp is written
+                sys.exit(
+                    f"quickstart: interrupted in stage '{stage}' ({command[1]}); run it again to go on "
+                    "(finished stages are skipped)"
+                )
             if stdout:
                 print(result.stdout, end="")
                 atomic_write_text(stdout, result.stdout)

@@ -569,6 +569,13 @@ MUTATIONS = [
         "",
         ["tests/test_quickstart.py", "-k", "smoke_runs"],
     ),
+    Mutation(
+        "quickstart_ctrl_c_is_a_traceback",
+        "quickstart.py",
+        "            except KeyboardInterrupt:  # Ctrl-C",
+        "            except ZeroDivisionError:  # Ctrl-C",
+        ["tests/test_quickstart.py", "-k", "ctrl_c"],
+    ),
 ]
 
 

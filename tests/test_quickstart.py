@@ -131,3 +131,16 @@ def test_paths_named_in_docstrings_exist():
         if not ((ROOT / path).exists() or ("/" not in path and any(ROOT.glob(f"**/{path}"))))
     ]
     assert len(named) > 20 and not missing, missing
+
+
+def test_ctrl_c_in_a_stage_is_one_line_and_leaves_no_stamp(tmp_path):
+    """The stage's command sends SIGINT to the quickstart, as Ctrl-C in a terminal does."""
+    stage = "import os, signal, time; os.kill(os.getppid(), signal.SIGINT); time.sleep(30)"
+    driver = (
+        "import sys, quickstart; from pathlib import Path; "
+        f"quickstart.Pipeline(Path({str(tmp_path)!r}), False).run('pretrain', [[sys.executable, '-c', {stage!r}]])"
+    )
+    result = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "quickstart: interrupted in stage 'pretrain' (-c); run it again to go on" in result.stderr
+    assert not (tmp_path / "stamps" / "pretrain").exists()
