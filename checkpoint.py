@@ -268,7 +268,7 @@ def claim_run(out_dir, resume, source, meta, overwrite, script, dist):
         if meta.get("run_id") != run_id:
             raise CheckpointError(f"{source} belongs to another run than {out_dir}/run.json: start a new run instead")
         return run_id
-    return dist.broadcast(start_run(out_dir, overwrite, script) if dist.is_master else None)
+    return dist.from_master(lambda: start_run(out_dir, overwrite, script))
 
 
 def check_tokenizer(meta, source, tok, tokenizer_name):

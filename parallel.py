@@ -58,6 +58,25 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def from_master(self, work):
+        """work() run on rank 0 only, its result on every rank. When it raises, rank 0 raises that error (its
+        script prints the one line) and the other ranks exit with status 1 quietly, instead of each dying in
+        the broadcast with a "connection closed by peer" traceback."""
+        if not self.enabled:
+            return work()
+        value, failure = None, None
+        if self.is_master:
+            try:
+                value = work()
+            except BaseException as err:  # SystemExit too: the line is rank 0's to print
+                failure = err
+        value, failed = self.broadcast((value, failure is not None))
+        if failure is not None:
+            raise failure
+        if failed:
+            raise SystemExit(1)
+        return value
+
     def all_gather(self, value):
         """[every rank's value] (picklable objects)."""
         if not self.enabled:

@@ -202,7 +202,7 @@ def train(cfg):
     if continuing:
         run_id = run_id_of(out)
     else:
-        run_id = d.broadcast(start_run(out, cfg["overwrite"], "pretrain.py") if d.is_master else None)
+        run_id = d.from_master(lambda: start_run(out, cfg["overwrite"], "pretrain.py"))
     # the checkpoint this run continues from: its latest (resume), its previous phase's (start_phase), or none
     first_phase = names.index(cfg["start_phase"]) if cfg["start_phase"] else 0
     if cfg["init_from"] == "resume":

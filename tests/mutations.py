@@ -576,6 +576,13 @@ MUTATIONS = [
         "            except ZeroDivisionError:  # Ctrl-C",
         ["tests/test_quickstart.py", "-k", "ctrl_c"],
     ),
+    Mutation(
+        "pretrain_claim_failure_kills_other_ranks_in_the_broadcast",
+        "pretrain.py",
+        """run_id = d.from_master(lambda: start_run(out, cfg["overwrite"], "pretrain.py"))""",
+        """run_id = d.broadcast(start_run(out, cfg["overwrite"], "pretrain.py") if d.is_master else None)""",
+        ["tests/test_pretrain.py", "-k", "refused_out_dir_under_torchrun"],
+    ),
 ]
 
 

@@ -496,3 +496,13 @@ def test_a_resume_already_past_stop_at_says_so(tmp_path, token_dir, tiny_tokeniz
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'two' / 'ckpt.pt'} is at step 9, already at or past stop_at=6; nothing to train" in printed
     assert (tmp_path / "log.jsonl").read_text() == log
+
+
+def test_a_refused_out_dir_under_torchrun_is_rank_0s_line_without_other_ranks_tracebacks(
+    tmp_path, token_dir, tiny_tokenizer_dir
+):
+    cli(tmp_path, token_dir, tiny_tokenizer_dir, "--stop_at=2")
+    result = cli(tmp_path, token_dir, tiny_tokenizer_dir, "--stop_at=2", nproc=2, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and output.count(f"{tmp_path} holds an earlier run") == 1
+    assert "[rank1]" not in output and "closed by peer" not in output  # rank 1 did not die in the broadcast
