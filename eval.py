@@ -68,6 +68,7 @@ mcq: multiple-choice accuracy (C-Eval, CMMLU, CMB, CMExam; formats: corpora.py)
 
 generate: answers to a file of questions (one a line) from one or more checkpoints, side by side in a
   Markdown file with the sampling settings and every checkpoint's phase and step (inference.answer()).
+  Every --ckpt is checked (present, readable) before the first answer is generated.
 
 vqa: visual question answering with a vision-language checkpoint (vlm_train.py) on SLAKE, PMC-VQA,
   VQA-RAD (or any image format of corpora.py: the last turn is asked, earlier turns are history).
@@ -99,6 +100,7 @@ import torch
 from tqdm import tqdm
 
 from atomic import atomic_write_text
+from checkpoint import checkpoint_meta
 from corpora import (
     Problems,
     Source,
@@ -545,6 +547,8 @@ def run_generate(args):
     adapters = args.adapter or ["-"] * len(args.ckpt)
     if len(adapters) != len(args.ckpt):
         raise ValueError(f"{len(adapters)} --adapter for {len(args.ckpt)} --ckpt: give one per --ckpt, '-' for none")
+    for path in args.ckpt:  # a missing or damaged one is found before the others' answers are generated
+        checkpoint_meta(path)
     runs = []
     for path, adapter in zip(args.ckpt, adapters):
         adapter = None if adapter == "-" else adapter

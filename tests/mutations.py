@@ -583,6 +583,13 @@ MUTATIONS = [
         """run_id = d.broadcast(start_run(out, cfg["overwrite"], "pretrain.py") if d.is_master else None)""",
         ["tests/test_pretrain.py", "-k", "refused_out_dir_under_torchrun"],
     ),
+    Mutation(
+        "generate_finds_a_damaged_checkpoint_after_the_others_answered",
+        "eval.py",
+        "        checkpoint_meta(path)\n    runs = []",
+        "        pass\n    runs = []",
+        ["tests/test_eval.py", "-k", "checks_every_checkpoint"],
+    ),
 ]
 
 

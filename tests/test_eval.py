@@ -548,3 +548,16 @@ def test_fewer_shots_than_asked_names_the_small_pool_not_max_seq_len(tiny_tokeni
     ev.print_mcq("ceval", r, "mean", "continue", 5)
     printed = capsys.readouterr().out
     assert "5-shot, 2.0 in the shot pool on average)" in printed and "fit max_seq_len" not in printed
+
+
+def test_generate_checks_every_checkpoint_before_answering(tiny_tokenizer, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    good = save(tiny_model(tiny_tokenizer.vocab_size, max_seq_len=256), tmp_path / "good.pt", tiny_tokenizer)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(open(good, "rb").read()[:5000])
+    answered = []
+    monkeypatch.setattr(ev, "answer", lambda *args, **kw: answered.append(1) or [""] * len(args[2]))
+    out = tmp_path / "answers.md"
+    argv = ["generate", "--ckpt", good, "--ckpt", str(damaged), "--tokenizer", str(tiny_tokenizer_dir)]
+    with pytest.raises(SystemExit, match=f"{damaged} is not a readable checkpoint"):
+        ev.main(argv + ["--questions", str(SAMPLE / "chat_questions.txt"), "--out", str(out), "--device", "cpu"])
+    assert answered == [] and not out.exists()
