@@ -243,13 +243,16 @@ def train(cfg):
     data_state = None
     if cfg["init_from"] == "resume":
         ckpt = trainer.load(source)
+        trainer.check_same_batch(ckpt, source)
         phase_of_checkpoint = first_phase
         first_phase = phase_of_checkpoint if trainer.step < ranges[phase_of_checkpoint][2] else phase_of_checkpoint + 1
         data_state = ckpt.get("data_state") if first_phase == phase_of_checkpoint else None
     elif source is not None:
         ckpt = trainer.load(source)  # weights and optimizer: the run continues from there
         same_phase = ckpt.get("phase") == names[first_phase] and trainer.step < ranges[first_phase][2]
-        if not same_phase:
+        if same_phase:
+            trainer.check_same_batch(ckpt, source)
+        else:
             trainer.step = ranges[first_phase][1]
         data_state = ckpt.get("data_state") if same_phase else None
         if d.is_master:

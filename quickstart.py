@@ -39,9 +39,8 @@ from runlog import read_log
 
 ROOT = Path(__file__).resolve().parent  # the stages run here: their commands name the repository's files
 SAMPLE = Path("data/sample")
-SOURCES = json.loads(
-    (ROOT / SAMPLE / "sources.json").read_text(encoding="utf-8")
-)  # which sample folder feeds which stage
+# which sample folder feeds which stage
+SOURCES = json.loads((ROOT / SAMPLE / "sources.json").read_text(encoding="utf-8"))
 PRETRAIN_SOURCES, SFT_SOURCES, MCQ_SOURCES, VQA_SOURCES = (SOURCES[k] for k in ("pretrain", "sft", "mcq", "vqa"))
 VLM_QUESTION = ("vlm/slake/imgs/xmlab2/source.jpg", "这张胸片有什么异常吗？")  # a film with an opacity in the left lung
 SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase

@@ -395,6 +395,7 @@ class Trainer:
             "run_id": self.run_id,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "dtype_trained": self.dtype,
+            "rows_per_step": self.rows_per_step,
             **self.meta,
         }
         error = None
@@ -411,13 +412,38 @@ class Trainer:
         self.dist.barrier()
 
     def load(self, path):
-        """Restore weights, optimizer, scaler, step and RNG; returns the checkpoint dict."""
+        """Restore weights, optimizer, scaler, step and RNG; returns the rest of the checkpoint (phase, data_state,
+        rows_per_step, ...), without the weights and optimizer state, which the caller need not keep alive."""
         ckpt = load_checkpoint(path, map_location="cpu")
         check_model_args(ckpt, self.model_args, path)
         self.parallel.load(path, ckpt, self.optimizer)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["step"]
-        return ckpt
+        return {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
+
+    @property
+    def rows_per_step(self):
+        return self.cfg["batch_size"] * self.cfg["grad_accum"] * self.dist.world
+
+    def check_same_batch(self, ckpt, path):
+        """A run continued mid-schedule must take as many rows a step as it did: step s's rows are a function of
+        s and that number (any world x grad_accum split of it gives the same rows), so another number would
+        repeat or skip data and change what a step means for the learning-rate schedule."""
+        saved = ckpt.get("rows_per_step")
+        if saved is None or saved == self.rows_per_step:
+            return
+        batch_size, world = self.cfg["batch_size"], self.dist.world
+        if saved % (batch_size * world) == 0:
+            hint = f"--grad_accum={saved // (batch_size * world)}"
+        elif saved % world == 0:
+            hint = f"--batch_size={saved // world} --grad_accum=1"
+        else:
+            hint = f"a number of processes that divides {saved}"
+        raise CheckpointError(
+            f"{path} was trained with {saved} rows a step; this run takes {self.rows_per_step} (batch_size "
+            f"{batch_size} x grad_accum {self.cfg['grad_accum']} x {world} process(es)): continue it with "
+            f"{saved} ({hint}), or start a new run"
+        )
 
     def load_weights(self, path):
         """Start from another run's weights (a previous phase, or pretraining for SFT): fresh optimizer."""

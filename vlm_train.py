@@ -115,7 +115,9 @@ def train(cfg, settings):
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
     data_state = None
     if resume:
-        data_state = trainer.load(source)["data_state"]
+        resumed = trainer.load(source)
+        trainer.check_same_batch(resumed, source)
+        data_state = resumed["data_state"]
     elif weights is not None and not settings:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(weights)
     args = model.args

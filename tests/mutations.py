@@ -500,6 +500,13 @@ MUTATIONS = [
         ["tests/test_vlm.py", "-k", "placeholders_is_skipped"],
     ),
     Mutation(
+        "resume_with_other_rows_per_step_accepted",
+        "trainer.py",
+        "        if saved is None or saved == self.rows_per_step:\n            return\n",
+        "        return\n",
+        ["tests/test_trainer.py", "-k", "rows_a_step"],
+    ),
+    Mutation(
         "non_finite_loss_is_a_traceback",
         "pretrain.py",
         "    except (CheckpointError, DataError, LogError, OSError, NonFiniteLoss) as err:",

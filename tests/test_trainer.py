@@ -166,6 +166,19 @@ def test_sft_resume_is_bit_exact(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
     assert len(full) == 8 and part == full
 
 
+def test_resume_with_another_number_of_rows_a_step_is_refused(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    sft_setup(tmp_path, tiny_tokenizer)
+    run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, "--stop_at=3")  # batch 4 x grad_accum 1 x 1 process
+    with pytest.raises(
+        SystemExit, match=r"trained with 4 rows a step; this run takes 8 .*\(--batch_size=4 --grad_accum=1\)"
+    ):
+        run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, "--batch_size=8", init_from="resume")
+    with pytest.raises(SystemExit, match=r"trained with 4 rows a step; this run takes 8 .*\(--grad_accum=1\)"):
+        run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, "--grad_accum=2", init_from="resume")
+    run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, "--batch_size=2", "--grad_accum=2", init_from="resume")
+    assert len(train_losses(tmp_path / "part")) == 8  # 2 x 2 rows is the same 4 rows a step: it goes on
+
+
 def test_sft_resume_on_a_changed_csv_is_refused(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
     sft_setup(tmp_path, tiny_tokenizer)
     run_sft(tmp_path, tmp_path / "part", tiny_tokenizer_dir, "--stop_at=3")
