@@ -319,6 +319,13 @@ def main(argv=None):
     # 9. report
     write_report(out, pipeline, tokenizer, checkpoints, time.time() - started)
     print(f"quickstart finished in {time.time() - started:.0f} s: {out / 'report.md'}, {out / 'loss.png'}")
+    replaced = sorted(path for path in out.glob("**/*.replaced-*") if path.is_dir())
+    if replaced:  # the training scripts move an earlier run aside rather than delete it; say where they went
+        sizes = [sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) for path in replaced]
+        print(
+            f"earlier runs that reruns moved aside ({sum(sizes) / 2**20:.0f} MiB; delete them when not needed): "
+            + ", ".join(str(path) for path in replaced)
+        )
 
 
 def last(records, key, phase=None):

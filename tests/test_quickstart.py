@@ -45,6 +45,10 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
         for name in ("general", "clinical")
     }
     assert heldout["clinical"] < heldout["general"]  # the held-out loss falls from the first phase to the last
+    assert "moved aside" not in result.stdout
+    aside = out / "pretrain.replaced-20261203-101010"  # what a rerun of the pretraining stage leaves
+    aside.mkdir()
+    (aside / "ckpt.pt").write_bytes(bytes(3 << 20))
     again = subprocess.run(  # from another folder: a relative --out is taken from there, the stages run in ROOT
         [sys.executable, str(ROOT / "quickstart.py"), "--smoke", "--out", out.name],
         cwd=out.parent,
@@ -53,6 +57,7 @@ def test_quickstart_smoke_runs_every_stage(tmp_path):
         timeout=600,
     )
     assert again.returncode == 0 and again.stdout.count("up to date, skipped") >= 5  # finished stages are reused
+    assert f"earlier runs that reruns moved aside (3 MiB; delete them when not needed): {aside}" in again.stdout
 
 
 def readme_commands():
