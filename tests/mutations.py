@@ -383,8 +383,8 @@ MUTATIONS = [
     Mutation(
         "dpo_zero_beta_accepted",
         "dpo.py",
-        'if cfg["beta"] <= 0:',
-        "if False:",
+        'if not 0 < cfg["beta"] < math.inf:',
+        'if not cfg["beta"] < math.inf:',
         ["tests/test_dpo.py", "-k", "bad_dpo_settings"],
     ),
     Mutation(
