@@ -356,9 +356,7 @@ def train(cfg, settings, sources):
     total, lr_at, plan = epoch_schedule(cfg, len(data), d.world, unit="pairs")
 
     if resume:
-        resumed = trainer.load(source)
-        trainer.check_same_batch(resumed, source)
-        data.load_state_dict(resumed["data_state"], source)
+        trainer.resume(source, data)
     elif not settings:
         trainer.load_weights(source)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])

@@ -103,9 +103,7 @@ def train(cfg, settings):
     total, lr_at, plan = epoch_schedule(cfg, len(data.epoch(0)), d.world)
 
     if resume:
-        resumed = trainer.load(source)
-        trainer.check_same_batch(resumed, source)
-        data.load_state_dict(resumed["data_state"], source)
+        trainer.resume(source, data)
     elif not settings:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(source)
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])

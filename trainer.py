@@ -421,6 +421,13 @@ class Trainer:
         self.step = ckpt["step"]
         return {key: value for key, value in ckpt.items() if key not in ("model", "optimizer")}
 
+    def resume(self, path, data):
+        """load(path) for a run that continues mid-schedule on RowBatches data (SFT, DPO, VLM): the same rows a
+        step and the same rows (data.load_state_dict), or CheckpointError."""
+        resumed = self.load(path)
+        self.check_same_batch(resumed, path)
+        data.load_state_dict(resumed["data_state"], path)
+
     @property
     def rows_per_step(self):
         return self.cfg["batch_size"] * self.cfg["grad_accum"] * self.dist.world

@@ -113,12 +113,7 @@ def train(cfg, settings):
     meta = lora.prepare(model, settings, source, start, resume)
     trained_dtype = start.get("dtype_trained") if resume else None
     trainer = Trainer(model, cfg, d, tok.fingerprint, run_id, trained_dtype, meta, trained_only=bool(settings))
-    data_state = None
-    if resume:
-        resumed = trainer.load(source)
-        trainer.check_same_batch(resumed, source)
-        data_state = resumed["data_state"]
-    elif weights is not None and not settings:  # LoRA: lora.prepare loaded the base
+    if weights is not None and not settings and not resume:  # LoRA: lora.prepare loaded the base
         trainer.load_weights(weights)
     args = model.args
     sources = [parse_source(spec) for spec in cfg["sources"]]
@@ -136,7 +131,7 @@ def train(cfg, settings):
         cfg["image_folders"],
     )
     if resume:
-        data.load_state_dict(data_state, source)
+        trainer.resume(source, data)
     total, lr_at, plan = epoch_schedule(cfg, len(data.epoch(0)), d.world)
 
     log = RunLog(out / "log.jsonl", d.is_master, cfg["tensorboard"])
