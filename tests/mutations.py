@@ -219,6 +219,13 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "split_pieces"],
     ),
     Mutation(
+        "unit_line_numbers_miss_the_last_byte_of_each_read",
+        "corpora.py",
+        "found + int(np.count_nonzero(values[:got] == byte[0]))",
+        "found + int(np.count_nonzero(values[: got - 1] == byte[0]))",
+        ["tests/test_corpora.py", "-k", "split_pieces"],
+    ),
+    Mutation(
         "csv_unit_stops_inside_a_row",
         "corpora.py",
         "                span.read_to_end = True  # a row",
