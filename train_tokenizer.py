@@ -24,6 +24,7 @@ from atomic import atomic_write
 from chatglm_tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 MAX_IDS = 65536  # token files are uint16
+MIN_PIECES = 3 + 256  # <unk> <s> </s> and the 256 byte-fallback pieces, before any of the text's own
 MAX_LINE_CHARS = 2000  # SentencePiece skips longer sentences (max_sentence_length is in bytes)
 
 
@@ -135,8 +136,11 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece pieces (specials come on top)")
     parser.add_argument("--max-lines", type=int, default=2_000_000, help="lines sampled for training")
     args = parser.parse_args(argv)
-    if args.vocab_size < 1:
-        parser.error(f"--vocab-size must be >= 1, not {args.vocab_size}")
+    if args.vocab_size < MIN_PIECES:
+        parser.error(
+            f"--vocab-size must be >= {MIN_PIECES} (<unk> <s> </s> and 256 byte-fallback pieces; the text's "
+            f"characters come on top), not {args.vocab_size}"
+        )
     if args.max_lines < 1:
         parser.error(f"--max-lines must be >= 1, not {args.max_lines}")
 

@@ -587,7 +587,9 @@ def test_train_tokenizer_command_line_checks(tmp_path, capsys):
 
     corpus = write_corpus(tmp_path / "s.jsonl", many_docs(3))
     for args, message in [
-        (["--vocab-size", "0"], "--vocab-size must be >= 1"),
+        (["--vocab-size", "0"], "--vocab-size must be >= 259"),
+        (["--vocab-size", "1"], "--vocab-size must be >= 259"),
+        (["--vocab-size", "258"], "--vocab-size must be >= 259"),
         (["--max-lines", "-1"], "--max-lines must be >= 1"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
