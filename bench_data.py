@@ -307,7 +307,7 @@ def print_end_to_end(tmp: Path, documents: list[str], raw_documents: list[str], 
         f"{'code':8} {'layout':17} {'input':>5} {'MiB':>6} {'tokens':>11} {'seconds':>7} {'tokens/s':>10} "
         f"{'raw tok/s':>10} {'ratio':>5} {'CPU ratio':>9} {'parent CPU':>10} {'RSS parent':>10} {'RSS worker':>10}"
     )
-    for layout in [s for s in args.layouts.split(",") if s]:
+    for layout in args.layouts:
         for scale in (1, 10):
             corpus = write_layout(
                 tmp / f"{layout}_{scale}x", layout, documents, args.join, int(scale * args.mb * (1 << 20))
@@ -510,13 +510,29 @@ def compare_with_datatrove(tmp: Path, documents: list[str], args, tokenizer, tok
             )
 
 
+def layout_list(text):
+    """--layouts / --stages: comma-separated names of LAYOUTS, checked before minutes of work."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in LAYOUTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown layout {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
+    return names
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--mb", type=float, default=32, help="size of the 1x corpus in MiB (10x: ten times that)")
     parser.add_argument("--join", type=int, default=6, help="sample documents per synthetic document")
-    parser.add_argument("--layouts", default="skypile,medical_dialogue", help="layouts run end to end at 1x and 10x")
-    parser.add_argument("--stages", default=",".join(LAYOUTS), help="layouts whose stage shares are measured")
+    parser.add_argument(
+        "--layouts",
+        type=layout_list,
+        default="skypile,medical_dialogue",
+        help="layouts run end to end at 1x and 10x",
+    )
+    parser.add_argument(
+        "--stages", type=layout_list, default=",".join(LAYOUTS), help="layouts whose stage shares are measured"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="end-to-end runs of each code per layout and size")
     parser.add_argument(
         "--against",
@@ -544,7 +560,7 @@ def main():
             compare_with_datatrove(Path(tmp), documents, args, tokenizer, tokenizer_path)
             return
         print_raw(tokenizer, raw_documents, args.workers)
-        print_stages([s for s in args.stages.split(",") if s], Path(tmp), documents, args, tokenizer)
+        print_stages(args.stages, Path(tmp), documents, args, tokenizer)
         print_end_to_end(Path(tmp), documents, raw_documents, args, tokenizer, tokenizer_path)
     print("load average " + " ".join(f"{load:.1f}" for load in os.getloadavg()))
 

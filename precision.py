@@ -99,7 +99,10 @@ def probe_shape(purpose, dim, vocab=None):
 
 
 def _speed_words(factor):
-    return f"{factor:.1f}x faster than" if factor >= 1 else f"{1 / factor:.0f}x slower than"
+    if factor >= 1:
+        return f"{factor:.1f}x faster than"
+    slower = 1 / factor  # a decimal where it is near 1 (a "1x slower" reads as a tie)
+    return f"{slower:.1f}x slower than" if slower < 10 else f"{slower:.0f}x slower than"
 
 
 _warned_slow_bf16 = False

@@ -32,6 +32,10 @@ def test_start_up_line_names_the_factor():
         str(precision.resolve("auto", "cpu", speedup=2.31))
         == "bfloat16 (auto: bf16 matmul 2.3x faster than fp32 on this CPU)"
     )
+    assert (  # near a tie the factor keeps its decimal (generation on an AMX CPU: bf16 1.3x slower)
+        str(precision.resolve("auto", "cpu", speedup=1 / 1.3))
+        == "float32 (auto: bf16 matmul 1.3x slower than fp32 on this CPU)"
+    )
 
 
 def test_explicit_bf16_on_a_slow_cpu_runs_as_asked_and_warns_once(monkeypatch):
