@@ -101,6 +101,7 @@ class Problems:
         """count > 1 records a bulk drop (e.g. all duplicates of one work unit) under one example; part=True a
         part left out of a record that is otherwise read."""
         (self.parts if part else self.counts)[reason] += count
+        detail = detail.strip().split("\n", 1)[0]  # one line: yajl's messages draw a caret diagram below theirs
         examples = self._examples.setdefault(reason, [])
         example = (
             (f"{file}:{line}" if line is not None else f"{file}") + f": {reason}" + (f" ({detail})" if detail else "")

@@ -21,10 +21,12 @@ runs, every later one runs too. Any failure stops the run with the failing comma
 """
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +53,21 @@ SMOKE_PHASES = [  # --smoke: the tiny config's plan, 3 steps a phase
 ]
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent(parent_pid):
+    """preexec_fn of a stage (Linux): the kernel sends it SIGTERM when the quickstart dies, even by SIGKILL,
+    so a killed run leaves no stage writing on unseen into OUT, racing the next run over the same files."""
+
+    def preexec():
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the quickstart died before prctl took effect
+            os._exit(1)
+
+    return preexec if sys.platform == "linux" else None
+
+
 class Pipeline:
     def __init__(self, out, force):
         self.out, self.force = out, force
@@ -75,7 +92,12 @@ class Pipeline:
         for command in commands:
             print(f"== {stage}: {shlex.join(command)}", flush=True)
             try:
-                result = subprocess.run(command, stdout=subprocess.PIPE if stdout else None, text=True)
+                result = subprocess.run(
+                    command,
+                    stdout=subprocess.PIPE if stdout else None,
+                    text=True,
+                    preexec_fn=stop_with_parent(os.getpid()),
+                )
             except KeyboardInterrupt:  # Ctrl-C: subprocess.run has stopped the command; no stamp is written
                 sys.exit(
                     f"quickstart: interrupted in stage '{stage}' ({command[1]}); run it again to go on "

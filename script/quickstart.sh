@@ -3,4 +3,4 @@
 # Sets up .venv if needed. Arguments go to quickstart.py (--force, --smoke, --out DIR).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-python quickstart.py "$@"
+exec python quickstart.py "$@"  # exec: killing this script stops the run, not only the shell

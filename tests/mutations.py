@@ -226,6 +226,20 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "split_pieces"],
     ),
     Mutation(
+        "quickstart_stage_outlives_a_killed_run",
+        "quickstart.py",
+        "preexec_fn=stop_with_parent(os.getpid()),",
+        "preexec_fn=None,",
+        ["tests/test_quickstart.py", "-k", "killed"],
+    ),
+    Mutation(
+        "problem_example_keeps_a_multi_line_detail",
+        "corpora.py",
+        'detail = detail.strip().split("\\n", 1)[0]',
+        "detail = detail",
+        ["tests/test_corpora.py", "-k", "truncated_file_keeps"],
+    ),
+    Mutation(
         "csv_unit_stops_inside_a_row",
         "corpora.py",
         "                span.read_to_end = True  # a row",

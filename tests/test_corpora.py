@@ -99,6 +99,7 @@ def test_json_array_streams_and_a_truncated_file_keeps_what_parsed(tmp_path):
     assert docs == [r["completion"] for r in records[:3]]
     assert list(problems.counts) == ["JSON array cut short or malformed, rest of file skipped"]
     assert problems.examples[0].startswith(f"{tmp_path / 'cut.json'}:#3:")
+    assert "\n" not in problems.examples[0] and "premature EOF" in problems.examples[0]
 
 
 def test_json_array_items_with_wrong_fields_report_their_index(tmp_path):

@@ -1,10 +1,14 @@
 """The main job end to end (quickstart.py --smoke: every stage, 3 steps a phase), and README's commands."""
 
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +153,39 @@ def test_ctrl_c_in_a_stage_is_one_line_and_leaves_no_stamp(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "quickstart: interrupted in stage 'pretrain' (-c); run it again to go on" in result.stderr
     assert not (tmp_path / "stamps" / "pretrain").exists()
+
+
+def running(pid):
+    """Whether the process runs (a zombie waiting for a reaper that never comes, in a container, does not)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the stage's parent-death signal is Linux's prctl")
+def test_a_killed_quickstart_leaves_no_stage_running(tmp_path):
+    """SIGKILL of the quickstart (no handler can run) stops its stage too, rather than leaving it writing."""
+    pid_file = tmp_path / "stage.pid"
+    stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    driver = (
+        "import sys, quickstart; from pathlib import Path; "
+        f"quickstart.Pipeline(Path({str(tmp_path)!r}), False).run('pretrain', [[sys.executable, '-c', {stage!r}]])"
+    )
+    quickstart = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT)
+    for _ in range(600):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    stage_pid = int(pid_file.read_text())
+    quickstart.kill()
+    quickstart.wait()
+    for _ in range(200):
+        if not running(stage_pid):
+            break
+        time.sleep(0.05)
+    alive = running(stage_pid)
+    if alive:
+        os.kill(stage_pid, signal.SIGKILL)
+    assert not alive, "the stage kept running after the quickstart was killed"
