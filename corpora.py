@@ -414,11 +414,27 @@ def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, objec
         yield lineno, record
 
 
+# A \ud800-\udfff escape with the backslashes before it (an even number escape one another, and the "u" is text),
+# as a high-low pair or alone
+SURROGATE_ESCAPE = re.compile(
+    r"(\\+)(u[dD][89abAB][0-9a-fA-F]{2})(\\u[dD][c-fC-F][0-9a-fA-F]{2})|(\\+)(u[dD][89a-fA-F][0-9a-fA-F]{2})"
+)
+HIGH_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
+LONE_SURROGATE_MARK = "\uffff"  # U+FFFF, a noncharacter: a lone surrogate escape becomes it, to be found again
+
+
+def _backslash_run_start(text: str, index: int) -> int:
+    """Where the run of backslashes that ends just before text[index] starts."""
+    return len(text[:index].rstrip("\\"))
+
+
 class _Utf8Reader:
     """A JSON array file as UTF-8 for ijson, which reads UTF-8 only. Lines are decoded by LineDecoder's
     rule; a line longer than LINE_PIECE (a whole array on one line) is decoded piece by piece in the
     encoding its first non-ASCII piece shows. Undecodable bytes become U+FFFD and are counted in
-    bad_lines: the caller skips every item that holds a U+FFFD once there are any."""
+    bad_lines: the caller skips every item that holds a U+FFFD once there are any. yajl would read a lone
+    surrogate escape (\\ud83d without its pair) as "?": it is passed on as U+FFFF and counted in
+    lone_surrogates, and the caller skips every item that holds a U+FFFF once there are any."""
 
     def __init__(self, raw, encoding: str):
         self.raw, self.lines = raw, LineDecoder(encoding)
@@ -426,6 +442,8 @@ class _Utf8Reader:
         self.long = False  # the line in progress is longer than LINE_PIECE: decoded piece by piece ...
         self.decoder = None  # ... by this incremental decoder, once a non-ASCII piece chose its encoding
         self.bad_lines = 0
+        self.lone_surrogates = 0
+        self.held = ""  # decoded text whose end may be the start of an escape that goes on in the next read
         self.first = True
 
     def read(self, size=-1):
@@ -435,9 +453,34 @@ class _Utf8Reader:
             data = self.raw.read(SNIFF_BYTES)
             if self.first:
                 data, self.first = data.removeprefix(codecs.BOM_UTF8), False
-            text = self._decode(data)
+            text = self._mark_lone_surrogates(self._decode(data), final=not data)
             if text or not data:  # an empty result before the end would look like the end to ijson
                 return text.encode("utf-8")
+
+    def _mark_lone_surrogates(self, text: str, final: bool) -> str:
+        text, self.held = self.held + text, ""
+        if not final:  # an escape, or a pair's high half, at the end may go on in the next read: hold it back
+            last = text.rfind("\\", max(0, len(text) - 12))  # a pair is 12 characters
+            if last >= 0:
+                cut = _backslash_run_start(text, last)
+                if HIGH_SURROGATE_ESCAPE.fullmatch(text, max(0, cut - 6), cut):
+                    cut = _backslash_run_start(text, cut - 6)
+                text, self.held = text[:cut], text[cut:]
+        if "\\ud" in text or "\\uD" in text:
+            text = SURROGATE_ESCAPE.sub(self._mark, text)
+        return text
+
+    def _mark(self, match) -> str:
+        slashes, high, low = (match[1], match[2], match[3]) if match[1] else (match[4], match[5], None)
+        if len(slashes) % 2 == 0:  # "\\" and the text "ud83d"; a low half after it stands alone
+            if low is None:
+                return match[0]
+            self.lone_surrogates += 1
+            return slashes + high + LONE_SURROGATE_MARK
+        if low is not None:
+            return match[0]
+        self.lone_surrogates += 1
+        return slashes[:-1] + LONE_SURROGATE_MARK
 
     def _decode(self, data: bytes) -> str:
         buffer = self.rest + data
@@ -483,15 +526,66 @@ class _Utf8Reader:
         return text
 
 
+MAX_JSON_DEPTH = 512  # an array item nested deeper is skipped: no record format nests so deep
+TOO_DEEP = object()
+
+
+def _array_items(reader) -> Iterator[object]:
+    """The items of the top-level JSON array, built from ijson's flat events; an item nested deeper than
+    MAX_JSON_DEPTH comes as TOO_DEEP. ijson.items names every event by its path ("item.item.item..."), so a
+    deeply nested item costs memory quadratic in its depth: a 200 KB file of brackets took 4 GB."""
+    depth, open_containers, key, too_deep = 0, [], None, False  # depth 1: the top-level array
+    for event, value in ijson.basic_parse(reader, use_float=True):
+        if event == "map_key":
+            key = value  # every value in a map follows its key, so one slot serves every level
+            continue
+        if event == "end_map" or event == "end_array":
+            depth -= 1
+            if depth == 1:  # an item ends
+                yield TOO_DEEP if too_deep else open_containers[0]
+                open_containers, too_deep = [], False
+            elif depth > 1 and not too_deep:
+                open_containers.pop()
+            continue
+        starts = event == "start_map" or event == "start_array"
+        if starts:
+            depth += 1
+            if depth == 1:  # the top-level array
+                continue
+        if too_deep:
+            continue
+        if depth > MAX_JSON_DEPTH + 1:
+            too_deep = True
+            continue
+        if starts:
+            value = {} if event == "start_map" else []
+        if open_containers:
+            parent = open_containers[-1]
+            if type(parent) is dict:
+                parent[key] = value
+            else:
+                parent.append(value)
+        elif not starts:  # a scalar item
+            yield value
+        if starts:
+            open_containers.append(value)
+
+
 def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
     """Items of a top-level JSON array, streamed; a file cut mid-way yields what parsed, then counts it."""
     count = 0
     try:
         with open_binary(path) as raw:
             reader = _Utf8Reader(raw, file_encoding(path))
-            for item in ijson.items(reader, "item", use_float=True):
-                if reader.bad_lines and "\ufffd" in json.dumps(item, ensure_ascii=False):
+            for item in _array_items(reader):
+                if item is TOO_DEEP:
+                    problems.skip_record(
+                        f"JSON nested deeper than {MAX_JSON_DEPTH} levels, record skipped", path, f"#{count}"
+                    )
+                elif reader.bad_lines and "\ufffd" in json.dumps(item, ensure_ascii=False):
                     problems.skip_record(UNDECODABLE, path, f"#{count}")
+                elif reader.lone_surrogates and "\uffff" in json.dumps(item, ensure_ascii=False):
+                    problems.skip_record(LONE_SURROGATE, path, f"#{count}")
                 else:
                     yield f"#{count}", item
                 count += 1

@@ -240,6 +240,27 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "truncated_file_keeps"],
     ),
     Mutation(
+        "json_array_escape_cut_by_a_read_is_not_held_back",
+        "corpora.py",
+        "if not final:  # an escape, or a pair's high half, at the end may go on in the next read",
+        "if False:",
+        ["tests/test_corpora.py", "-k", "lone_surrogate_escape_are_skipped"],
+    ),
+    Mutation(
+        "json_array_pair_cut_between_its_halves_reads_as_two_lone_ones",
+        "corpora.py",
+        "if HIGH_SURROGATE_ESCAPE.fullmatch(text, max(0, cut - 6), cut):",
+        "if False:",
+        ["tests/test_corpora.py", "-k", "lone_surrogate_escape_are_skipped"],
+    ),
+    Mutation(
+        "json_array_item_depth_unbounded",
+        "corpora.py",
+        "if depth > MAX_JSON_DEPTH + 1:",
+        "if False:",
+        ["tests/test_corpora.py", "-k", "too_deep_one_is_skipped"],
+    ),
+    Mutation(
         "csv_unit_stops_inside_a_row",
         "corpora.py",
         "                span.read_to_end = True  # a row",

@@ -76,6 +76,62 @@ def test_a_lone_surrogate_escape_skips_its_record_and_a_paired_one_is_text(tmp_p
     assert problems.examples[0].startswith(f"{path}:2: lone surrogate")
 
 
+@pytest.mark.parametrize("piece", [64 << 10, 5, 7, 13])
+@pytest.mark.parametrize("one_line", [False, True])
+def test_json_array_items_with_a_lone_surrogate_escape_are_skipped_wherever_the_reads_cut(
+    tmp_path, monkeypatch, piece, one_line
+):
+    """As in JSON lines; the reads that feed ijson are cut at every offset (pieces of 5, 7, 13 characters), so an
+    escape, a pair, or the backslashes before an escape lie across two reads."""
+    monkeypatch.setattr(corpora, "SNIFF_BYTES", piece)
+    monkeypatch.setattr(corpora, "LINE_PIECE", piece)  # one_line: the whole array is one long line
+    strings = [
+        "表情 \\ud83d\\ude00 完整",  # a pair
+        "表情被截断 \\ud83d",  # a lone high half
+        "\\ud83d\\ud83d\\ude00",  # a lone high, then a pair
+        "\\ude00 低半个在前",  # a lone low half
+        "\\\\ud83d 反斜杠本身",  # an escaped backslash and the text ud83d
+        "\\\\\\ud83d 奇数个反斜杠",  # an escaped backslash, then a lone high half
+        "\\\\ud83d\\udc00",  # the text ud83d, then a lone low half
+        "\\u4e2d\\u6587 \\uD83D\\uDE00",  # ensure_ascii escapes; a pair in capitals
+        "?",
+        "😀 \\uffff",  # an astral character as UTF-8; the noncharacter as an escape
+    ]
+    separator = ", " if one_line else ",\n "
+    (tmp_path / "a.json").write_text(
+        "[" + separator.join('{"completion": "%s", "n": %d}' % (t, i) for i, t in enumerate(strings)) + "]",
+        encoding="utf-8",
+    )
+    expected = [json.loads('"%s"' % t) for t in strings]
+    problems = corpora.Problems()
+    got = [item["completion"] for _, item in corpora.iter_json_array(tmp_path / "a.json", problems)]
+    kept = [t for t in expected if not corpora.holds_surrogate(t)]  # what json.loads makes of them, without
+    assert kept[:4] == ["表情 😀 完整", "\\ud83d 反斜杠本身", "中文 😀", "?"]  # the five with a lone surrogate
+    assert got == kept[:4]  # and "😀 \\uffff" holds U+FFFF: skipped with them, in a file that holds any
+    assert problems.counts == {corpora.LONE_SURROGATE: 6}
+
+
+def test_json_array_items_are_what_json_loads_makes_and_a_too_deep_one_is_skipped(tmp_path):
+    items = [
+        {"completion": "正文", "n": 1, "x": 1.5, "ok": True, "none": None, "tags": ["a", {"b": []}], "m": {}},
+        "一个字符串",
+        7,
+        [],
+        [[1, [2, {"k": [3]}]]],
+        {"completion": "后文"},
+    ]
+    deep = "[" * 100_000 + "]" * 100_000  # ijson.items would take gigabytes on this
+    text = (
+        json.dumps(items[:5], ensure_ascii=False)[:-1] + ", " + deep + ", " + json.dumps(items[5], ensure_ascii=False)
+    )
+    (tmp_path / "a.json").write_text(text + "]", encoding="utf-8")
+    problems = corpora.Problems()
+    got = list(corpora.iter_json_array(tmp_path / "a.json", problems))
+    assert got == [(f"#{i}", item) for i, item in enumerate(items[:5])] + [("#6", items[5])]
+    assert problems.counts == {"JSON nested deeper than 512 levels, record skipped": 1}
+    assert problems.examples[0].startswith(f"{tmp_path / 'a.json'}:#5:")
+
+
 def test_json_nested_too_deep_or_with_a_huge_integer_is_a_malformed_line(tmp_path):
     path = tmp_path / "c.jsonl"
     deep, huge = "[" * 100_000 + "]" * 100_000, "1" * 5000
