@@ -30,11 +30,13 @@ import csv
 import functools
 import glob
 import gzip
+import html.entities
 import io
 import itertools
 import json
 import os
 import re
+import unicodedata
 import xml.etree.ElementTree as ET
 import zlib
 from collections import Counter
@@ -319,19 +321,19 @@ def line_blocks(path, span: Span | None = None) -> Iterator[bytes]:
     start, end = (span.start, span.end) if span else (0, None)
     with open_binary(path) as f:
         f.seek(start)
-        position, rest, size = start, b"", SNIFF_BYTES
+        position, rest, size = start, bytearray(), SNIFF_BYTES  # bytearray: a line of 100s of MB grows in place
         while end is None or position < end:
             data = f.read1(size if end is None else min(size, end - position))
             if not data:
                 break
             rest += data.removeprefix(codecs.BOM_UTF8) if position == 0 else data
             position, size = position + len(data), min(2 * size, LINE_BLOCK)
-            cut = rest.rfind(b"\n") + 1
+            cut = rest.rfind(b"\n", max(0, len(rest) - len(data))) + 1  # the bytes before this read hold no newline
             if cut:
-                yield rest[:cut]
-                rest = rest[cut:]
+                yield bytes(rest[:cut])
+                del rest[:cut]
         if rest:
-            yield rest
+            yield bytes(rest)
 
 
 def decoded_blocks(path, span: Span | None = None) -> Iterator[tuple[str, list[int], int]]:
@@ -690,56 +692,107 @@ class RefusedXML(Exception):
     """XML that declares entities: the way to XXE (external files, URLs) and billion laughs."""
 
 
+XML_RECORD_CHARS = 64 << 20  # a record holding more text is skipped: no article is so long, and a few MB of gzip
+# can expand to gigabytes of one element
+EXPAT_CODECS = ("utf-8", "utf-16", "utf-16-le", "utf-16-be", "iso8859-1", "ascii")  # the encodings expat reads itself
+XML_DECLARED_ENCODING = re.compile(rb"""\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._:-]+)["']""")
+
+
+def xml_transcoder(first_chunk: bytes):
+    """An incremental decoder for a file whose XML declaration names an encoding expat cannot read (GB2312,
+    GBK, GB18030, Shift_JIS, Big5, ...: expat stops with "multi-byte encodings are not supported"), else
+    None. LookupError for an encoding Python does not know either."""
+    declared = XML_DECLARED_ENCODING.match(first_chunk.removeprefix(codecs.BOM_UTF8))
+    if not declared:
+        return None
+    codec = codecs.lookup(declared[1].decode("ascii")).name
+    return None if codec in EXPAT_CODECS else codecs.getincrementaldecoder(codec)()
+
+
 def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, ET.Element]]:
     """(line, element) for every element named record_tag (namespace prefixes dropped from all names),
     streamed: an element is built only between its start and end tag and handed over whole, so memory
-    holds one record, never the file. A file that declares entities is refused: no external file, URL
-    or DTD is ever read, and no entity expands. A malformed file yields what parsed before the error."""
+    holds one record, never the file; a record of more than XML_RECORD_CHARS characters is skipped. A file
+    that declares entities is refused: no external file, URL or DTD is ever read, and no entity expands
+    (an entity left undefined by an unread DTD becomes its HTML character, or a space). A declared encoding
+    that expat lacks is decoded here. A malformed file yields what parsed before the error."""
     done = []  # (line, element) of the records finished since the last chunk
-    builder, first_line, depth = None, 0, 0  # the open record, where it starts, how deep we are in it
-    parser = expat.ParserCreate()
-    parser.buffer_text = True  # one data callback per text run, not per line
+    builder, first_line, depth = None, 0, 0  # the open record (None: being skipped), where it starts, how deep
+    size, found = 0, 0  # characters of the open record; records met in the file
+    parser = None
 
     def start(tag, attributes):
-        nonlocal builder, first_line, depth
+        nonlocal builder, first_line, depth, size
         tag = tag.rpartition(":")[2]
-        if builder is None:
+        if not depth:
             if tag != record_tag:
                 return
-            builder, first_line = ET.TreeBuilder(), parser.CurrentLineNumber
+            builder, first_line, size = ET.TreeBuilder(), parser.CurrentLineNumber, 0
         depth += 1
-        builder.start(tag, attributes)
+        if builder is not None:
+            builder.start(tag, attributes)
+            grow(sum(len(value) for value in attributes.values()))
 
     def end(tag):
-        nonlocal builder, depth
+        nonlocal builder, depth, found
+        if not depth:
+            return
+        depth -= 1
         if builder is not None:
             builder.end(tag.rpartition(":")[2])
-            depth -= 1
-            if not depth:
+        if not depth:
+            found += 1
+            if builder is None:
+                problems.skip_record(
+                    f"XML record of more than {XML_RECORD_CHARS >> 20}M characters, record skipped", path, first_line
+                )
+            else:
                 done.append((first_line, builder.close()))
-                builder = None
+            builder = None
+
+    def grow(characters):
+        nonlocal builder, size
+        size += characters
+        if size > XML_RECORD_CHARS:
+            builder = None  # the rest of the record is only counted through
 
     def data(text):
         if builder is not None:
             builder.data(text)
+            grow(len(text))
 
     def refuse(name, *_):
         raise RefusedXML(name)
 
     def skipped_entity(name, is_parameter):
-        problems.add("undefined XML entity dropped", path, parser.CurrentLineNumber, f"&{name};")
+        if builder is None:
+            return
+        if name in html.entities.name2codepoint:  # MEDLINE's and JATS's DTDs define these names as HTML does
+            builder.data(chr(html.entities.name2codepoint[name]))
+        else:
+            builder.data(" ")
+            problems.add(
+                "undefined XML entity replaced by a space", path, parser.CurrentLineNumber, f"&{name};", part=True
+            )
 
-    parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, data
-    parser.EntityDeclHandler = parser.UnparsedEntityDeclHandler = refuse
-    parser.ExternalEntityRefHandler = refuse
-    parser.SkippedEntityHandler = skipped_entity
+    complete = False
     try:
         with open_binary(path) as f:
-            while chunk := f.read(XML_CHUNK_BYTES):
-                parser.Parse(chunk, False)
+            chunk = f.read(XML_CHUNK_BYTES)
+            decoder = xml_transcoder(chunk)
+            parser = expat.ParserCreate("UTF-8" if decoder else None)
+            parser.buffer_text = True  # one data callback per text run, not per line
+            parser.StartElementHandler, parser.EndElementHandler, parser.CharacterDataHandler = start, end, data
+            parser.EntityDeclHandler = parser.UnparsedEntityDeclHandler = refuse
+            parser.ExternalEntityRefHandler = refuse
+            parser.SkippedEntityHandler = skipped_entity
+            while chunk:
+                parser.Parse(decoder.decode(chunk).encode("utf-8") if decoder else chunk, False)
                 yield from done
                 done.clear()
-            parser.Parse(b"", True)
+                chunk = f.read(XML_CHUNK_BYTES)
+            parser.Parse(decoder.decode(b"", True).encode("utf-8") if decoder else b"", True)
+            complete = True
     except RefusedXML as err:
         problems.add(
             "XML declares entities (XXE / billion laughs risk), file refused",
@@ -749,9 +802,20 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
         )
     except expat.ExpatError as err:
         problems.add("malformed XML, rest of file skipped", path, err.lineno, expat.errors.messages[err.code])
+    except LookupError as err:
+        problems.add("XML declares an encoding Python does not know, file skipped", path, 1, str(err))
+    except UnicodeDecodeError as err:
+        problems.add(
+            "undecodable bytes for the XML's declared encoding, rest of file skipped",
+            path,
+            parser.CurrentLineNumber,
+            f"{err.encoding}: {err.reason}; convert the file to UTF-8",
+        )
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        problems.add("truncated or corrupt gzip file", path, parser.CurrentLineNumber, str(err))
+        problems.add("truncated or corrupt gzip file", path, parser.CurrentLineNumber if parser else 1, str(err))
     yield from done  # the records that closed before the end of the file, or before an error
+    if complete and not found:
+        problems.add(f"no <{record_tag}> element in the file (an error page? another format?), file skipped", path)
 
 
 def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
@@ -1012,20 +1076,21 @@ def s2orc_classic(record, full: bool) -> list[str]:
     string marks its breaks with ':::'), paragraphs {section, text} in `body_text` at the top or in
     `pdf_parse` / `latex_parse` / `grobid_parse`; captions in `ref_entries`, the bibliography in `bib_entries`."""
     metadata = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    parse = next(
-        (
-            record[key]
-            for key in ("pdf_parse", "latex_parse", "grobid_parse")
-            if isinstance(record.get(key), dict) and record[key].get("body_text")
-        ),
-        record,
-    )
+    parses = [record[key] for key in ("pdf_parse", "latex_parse", "grobid_parse") if isinstance(record.get(key), dict)]
+    parse = next((p for p in parses if p.get("body_text")), record)
     lines = [text_field(record, "title", False) or text_field(metadata, "title", False)]
-    abstract = record.get("abstract") or metadata.get("abstract") or parse.get("abstract")
+    abstract = (
+        record.get("abstract")
+        or metadata.get("abstract")
+        or next((p["abstract"] for p in [parse, *parses] if p.get("abstract")), None)
+    )
     if isinstance(abstract, str):
-        lines += [part.strip() for part in abstract.split(":::")]
+        content = [part.strip() for part in abstract.split(":::")]
     elif abstract:
-        lines += paragraph_texts({"abstract": abstract}, "abstract")
+        content = paragraph_texts({"abstract": abstract}, "abstract")
+    else:
+        content = []
+    lines += content
     section = ""
     body = parse.get("body_text") or []
     for paragraph, text in zip(body, paragraph_texts(parse, "body_text")):
@@ -1034,6 +1099,7 @@ def s2orc_classic(record, full: bool) -> list[str]:
             lines.append(heading)
         section = heading
         lines.append(text)
+        content.append(text)
     if full:
         captions, bibliography = parse.get("ref_entries") or {}, parse.get("bib_entries") or {}
         if not isinstance(captions, dict) or not isinstance(bibliography, dict):
@@ -1045,7 +1111,7 @@ def s2orc_classic(record, full: bool) -> list[str]:
             for entry in bibliography.values()
             if isinstance(entry, dict)
         ]
-    if not body and not abstract:
+    if not any(text.strip() for text in content):  # a title and headings are not a document
         raise BadRecord("no abstract and no body_text", text_field(record, "paper_id", False))
     return lines
 
@@ -1059,12 +1125,15 @@ def annotation_spans(annotations: dict, name: str, size: int) -> list[tuple[int,
             layer = json_loads(layer)
         except json.JSONDecodeError:
             raise BadRecord(f"annotation '{name}' is not JSON", layer[:60]) from None
+    if layer is None:
+        return []
+    if not isinstance(layer, list):
+        raise BadRecord(f"annotation '{name}' is not a list of spans", repr(layer)[:60])
     spans = []
-    for span in layer or []:
-        try:
-            start, end = int(span["start"]), int(span["end"])
-        except (TypeError, KeyError, ValueError):
-            raise BadRecord(f"annotation '{name}' has a span without start and end", repr(span)[:60]) from None
+    for span in layer:
+        start, end = (span.get("start"), span.get("end")) if isinstance(span, dict) else (None, None)
+        if not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool) or isinstance(end, bool):
+            raise BadRecord(f"annotation '{name}' has a span without integer start and end", repr(span)[:60])
         if not 0 <= start <= end <= size:
             raise BadRecord(f"annotation '{name}' points outside the text", f"{start}-{end} of {size} characters")
         spans.append((start, end))
@@ -1089,14 +1158,18 @@ def s2orc_datasets(content, full: bool) -> list[str]:
         name: annotation_spans(annotations, name, len(text))
         for name in ("title", "abstract", "sectionheader", "paragraph", "figure", "figurecaption", "table", "bibentry")
     }
-    head = spans["title"][:1] + spans["abstract"][:1]
+    head = spans["title"][:1] + spans["abstract"]
     not_body = head + spans["figure"] + spans["table"] + spans["bibentry"]
-    body = sorted(
+    candidates = sorted(
         (start, end, name)
         for name in ("sectionheader", "paragraph")
         for start, end in spans[name]
         if not any(outer <= start and end <= outer_end for outer, outer_end in not_body)
     )
+    body = []  # a span listed twice, or one over two paragraphs, would repeat their text: the first of overlaps
+    for span in candidates:
+        if not body or span[0] >= body[-1][1]:
+            body.append(span)
     while body and body[-1][2] == "sectionheader":
         body.pop()
     if not body and not spans["abstract"]:
@@ -1127,29 +1200,60 @@ def s2orc_full(record):
     yield s2orc_document(record, full=True)
 
 
-JATS_FLOATS = frozenset({"fig", "fig-group", "table-wrap", "table-wrap-group"})
+JATS_FLOATS = frozenset({"fig", "fig-group", "table-wrap", "table-wrap-group", "supplementary-material"})
 JATS_LINES = frozenset({"title", "p"})  # elements whose text is one line of the document
+JATS_NOT_INLINE = frozenset({"fn"})  # a footnote inside a paragraph would split its sentence
+NUMBER = re.compile(r"[-−–]?\d+(?:\.\d+)?")
 PMC_COMPANIONS = ("*.filelist.*", "oa_file_list.*", "*.jpg", "*.gif", "*.png", "*.tif", "*.pdf", "*.md5")
 
 
 def inline_text(element, skip=frozenset()) -> str:
-    """The element's text with its children's inline, except children named in skip; whitespace runs
-    (XML indentation) become one space."""
+    """The element's text with its children's inline, except children named in skip or JATS_NOT_INLINE;
+    whitespace runs (XML indentation) become one space. Of <alternatives> (a formula as TeX and as MathML)
+    one is kept, TeX first; a superscript made only of citation links (<sup><xref ref-type="bibr">) is
+    left out, and a numeric one after a digit is written as a power (10<sup>6</sup>: 10^6, not 106)."""
+    if element.tag == "alternatives" and len(element):
+        chosen = next((child for child in element if child.tag == "tex-math"), element[0])
+        return inline_text(chosen, skip)
     parts = [element.text or ""]
     for child in element:
-        if child.tag not in skip:
+        if child.tag in skip or child.tag in JATS_NOT_INLINE or citation_marks(child):
+            pass
+        elif child.tag == "sup" and after_digit(parts) and NUMBER.fullmatch(text := inline_text(child, skip)):
+            parts.append("^" + text)
+        else:
             parts.append(inline_text(child, skip))
         parts.append(child.tail or "")
     return " ".join("".join(parts).split())
+
+
+def after_digit(parts: list[str]) -> bool:
+    return next((part for part in reversed(parts) if part), "")[-1:].isdigit()
+
+
+def citation_marks(element) -> bool:
+    """A superscript holding only links to the reference list (and the commas or dashes between them)."""
+    return (
+        element.tag == "sup"
+        and len(element) > 0
+        and all(child.tag == "xref" and child.get("ref-type") == "bibr" for child in element)
+        and not "".join([element.text or "", *(child.tail or "" for child in element)]).strip(" ,-–")
+    )
 
 
 def jats_lines(element, full: bool, lines: list):
     """Titles and paragraphs under element in document order. Figures and tables (their captions) and
     the reference list (a line per reference) only when full; a float inside a paragraph follows it."""
     for child in element:
-        if not full and (child.tag in JATS_FLOATS or child.tag == "ref-list"):
+        if not full and (
+            child.tag in JATS_FLOATS or child.tag == "ref-list" or child.get("sec-type") == "display-objects"
+        ):
             continue
-        if child.tag == "ref":  # mixed-citation carries its punctuation; element-citation is bare fields
+        if child.tag == "def-item":  # a glossary entry: "term: definition" on one line
+            term = inline_text(child.find("term")) if child.find("term") is not None else ""
+            meaning = " ".join(inline_text(d, JATS_FLOATS) for d in child.findall("def"))
+            lines.append(f"{term}: {meaning}" if term and meaning else term or meaning)
+        elif child.tag == "ref":  # mixed-citation carries its punctuation; element-citation is bare fields
             mixed = child.find("mixed-citation") is not None
             lines.append(inline_text(child) if mixed else " ".join(" ".join(child.itertext()).split()))
         elif child.tag in JATS_LINES:
@@ -1224,18 +1328,37 @@ def pubmed(record):
 
 PDF_EDGE_LINES = 2  # lines at the top and at the bottom of a page where running headers and footers sit
 DIGIT_RUNS = re.compile(r"\d+")
-LINE_END_HYPHEN = re.compile(r"(?<=[A-Za-z])-\n(?=[a-z])")
+LINE_END_HYPHEN = re.compile(r"(?<=[A-Za-z])[-\u00ad]\n(?=[a-z])")  # a hyphen or a soft hyphen, then a line break
+PDF_CHARACTERS = str.maketrans(
+    {"\u00ad": "", **{chr(code): unicodedata.normalize("NFKC", chr(code)) for code in range(0xFB00, 0xFB07)}}
+)  # soft hyphens left inside lines go; the ligatures ﬀ ﬁ ﬂ ﬃ ﬄ ﬅ ﬆ become their letters
 
 
 def running_lines(pages: list[list[str]]) -> set[str]:
-    """Headers and footers: lines near a page's top or bottom that recur on most pages of a document of
-    3 or more pages, digits aside (page numbers), compared without spaces."""
+    """Headers and footers, as edge_key()s: lines near a page's top or bottom that recur on most pages of a
+    document of 3 or more pages, compared without spaces: the same line, or the same but for a number that
+    goes up with the page (a page number). A line whose numbers differ otherwise, such as a dose in the last
+    row of each page's table, is text."""
     if len(pages) < 3:
         return set()
-    seen = Counter()
-    for lines in pages:
-        seen.update({edge_key(line) for line in lines[:PDF_EDGE_LINES] + lines[-PDF_EDGE_LINES:]})
-    return {key for key, count in seen.items() if count > len(pages) / 2}
+    seen = collections.defaultdict(list)  # edge key -> [(page index, the line's numbers)]
+    for index, lines in enumerate(pages):
+        for line in set(lines[:PDF_EDGE_LINES] + lines[-PDF_EDGE_LINES:]):
+            numbers = [int(run) if len(run) < 10 else -1 for run in DIGIT_RUNS.findall("".join(line.split()))]
+            seen[edge_key(line)].append((index, numbers))
+    most = len(pages) / 2
+    running = set()
+    for key, found in seen.items():
+        if len(found) <= most:
+            continue
+        same = Counter(tuple(numbers) for _, numbers in found).most_common(1)[0][1] > most
+        paging = any(
+            Counter(numbers[at] - index for index, numbers in found).most_common(1)[0][1] > most
+            for at in range(len(found[0][1]))
+        )
+        if same or paging:
+            running.add(key)
+    return running
 
 
 def edge_key(line: str) -> str:
@@ -1247,6 +1370,8 @@ def pdf(pages):
     """Guidelines as PDF (e.g. Medsci's): the text layer of each page, with running headers and footers
     removed and words hyphenated at a line end joined; one document per file. A PDF without any text
     (a scan) is counted as needing OCR, and so is each textless page of one that has text."""
+    if not pages:
+        raise BadRecord("PDF has no pages")
     if not any(page.strip() for page in pages):
         raise BadRecord("no text layer: needs OCR", f"{len(pages)} page(s)")
     lines = [[line.strip() for line in page.splitlines() if line.strip()] for page in pages]
@@ -1257,7 +1382,7 @@ def pdf(pages):
             yield Skipped("page without a text layer: needs OCR", f"page {number}")
         edge = set(range(PDF_EDGE_LINES)) | set(range(len(page) - PDF_EDGE_LINES, len(page)))
         kept += [line for i, line in enumerate(page) if i not in edge or edge_key(line) not in running]
-    yield LINE_END_HYPHEN.sub("", "\n".join(kept))
+    yield LINE_END_HYPHEN.sub("", "\n".join(kept)).translate(PDF_CHARACTERS)
 
 
 # ---- SFT dialogues
@@ -1927,6 +2052,8 @@ def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[
                         yield path, where, output
             except BadRecord as err:
                 problems.add(err.reason, path, where, err.detail)
+            except RecursionError:  # the XML readers walk elements recursively: 5,000 nested <sec> exceed the limit
+                problems.add("record nested too deeply, record skipped", path, where)
 
 
 def iter_texts(source: Source, problems: Problems, span=None) -> Iterator[str]:

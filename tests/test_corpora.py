@@ -1151,6 +1151,35 @@ def test_s2orc_sample_both_layouts_in_reading_order():
         assert all(x in doc for x in spans_text(record, "figurecaption") + spans_text(record, "bibentry"))
 
 
+def test_s2orc_every_abstract_span_once_and_overlapping_paragraphs_once(tmp_path):
+    text = "\nTitle\nAbstract one.\nAbstract two.\nBody one.\nFigure 1: a caption.\nBody two."
+    at = {part: (text.index(part), text.index(part) + len(part)) for part in text.split("\n") if part}
+
+    def layer(*parts):
+        return json.dumps([{"start": at[p][0], "end": at[p][1]} for p in parts])
+
+    covering = {"start": at["Body one."][0], "end": at["Body two."][1]}  # over both paragraphs and the caption
+    annotations = {
+        "title": layer("Title"),
+        "abstract": layer("Abstract one.", "Abstract two."),
+        "paragraph": json.dumps([*json.loads(layer("Body one.", "Body one.", "Body two.")), covering]),
+        "figurecaption": layer("Figure 1: a caption."),
+    }
+    path = write_jsonl(tmp_path / "s2orc.jsonl", [{"content": {"text": text, "annotations": annotations}}])
+    docs, problems = texts("s2orc", path)
+    assert docs == ["Title\nAbstract one.\nAbstract two.\nBody one.\nBody two."] and not problems.counts
+
+
+def test_s2orc_classic_abstract_from_another_parse_than_the_body(tmp_path):
+    record = {
+        "paper_id": "9",
+        "pdf_parse": {"abstract": [{"text": "The abstract.", "section": "Abstract"}], "body_text": []},
+        "latex_parse": {"body_text": [{"text": "The body.", "section": "Intro"}]},
+    }
+    docs, _ = texts("s2orc", write_jsonl(tmp_path / "s2orc.jsonl", [record]))
+    assert docs == ["The abstract.\nIntro\nThe body."]
+
+
 def test_s2orc_bad_records_are_counted(tmp_path):
     text = "\nTitle of a paper\nA paragraph of text."
     layers = {"title": '[{"start":1,"end":17}]', "paragraph": '[{"start":18,"end":38}]'}
@@ -1162,9 +1191,18 @@ def test_s2orc_bad_records_are_counted(tmp_path):
             {"content": {"text": text, "annotations": {"paragraph": "[{start: 1}"}}},
             {"content": {"text": text, "annotations": {"paragraph": '[{"start":18,"end":99}]'}}},
             {"content": {"text": text, "annotations": {"paragraph": '[{"begin":18}]'}}},
+            {"content": {"text": text, "annotations": {"paragraph": '[{"start":1e400,"end":3}]'}}},
+            {"content": {"text": text, "annotations": {"paragraph": '[{"start":1.9,"end":3}]'}}},
+            {"content": {"text": text, "annotations": {"paragraph": "5"}}},
             {"content": "just text"},
             {"paper_id": "1", "title": "Only a title"},
             {"paper_id": "2", "title": "T", "body_text": "not a list"},
+            {
+                "paper_id": "3",
+                "title": "Headings only",
+                "abstract": "  ",
+                "body_text": [{"section": "Intro", "text": ""}],
+            },
         ],
     )
     docs, problems = texts("s2orc", path)
@@ -1172,9 +1210,10 @@ def test_s2orc_bad_records_are_counted(tmp_path):
     assert problems.counts == {
         "annotation 'paragraph' is not JSON": 1,
         "annotation 'paragraph' points outside the text": 1,
-        "annotation 'paragraph' has a span without start and end": 1,
+        "annotation 'paragraph' has a span without integer start and end": 3,
+        "annotation 'paragraph' is not a list of spans": 1,
         "field 'content' is not an object": 1,
-        "no abstract and no body_text": 1,
+        "no abstract and no body_text": 2,
         "field 'body_text' is not a list of paragraphs": 1,
     }
     assert any(
@@ -1248,6 +1287,42 @@ def test_pmc_article_sets_gzip_and_malformed_files(tmp_path):
     assert f"{cut}:2: malformed XML, rest of file skipped (junk after document element)" in problems.examples
 
 
+def test_pmc_inline_markup_glossaries_supplements_and_deep_nesting(tmp_path):
+    body = (
+        "<sec><title>Methods</title>"
+        "<p>Counts of 10<sup>6</sup> cells and 10<sup>−3</sup> M; CD4<sup>+</sup> T cells; "
+        'risk rises<sup><xref ref-type="bibr" rid="B1">1</xref>,<xref ref-type="bibr" rid="B2">2</xref></sup> '
+        'with age [<xref ref-type="bibr" rid="B3">3</xref>]<fn><p>A footnote.</p></fn> daily.</p>'
+        "<p>Formula <inline-formula><alternatives><tex-math>x^2</tex-math>"
+        "<mml:math><mml:mi>x</mml:mi><mml:mn>2</mml:mn></mml:math></alternatives></inline-formula> end.</p>"
+        "<def-list><def-item><term>BP</term><def><p>blood pressure</p></def></def-item></def-list>"
+        "<supplementary-material><caption><p>Supplementary table S1.</p></caption></supplementary-material>"
+        "</sec>"
+        '<sec sec-type="display-objects"><title>Figures and Tables</title>'
+        "<fig><caption><p>Figure 1.</p></caption></fig></sec>"
+    )
+    article = (
+        "<article><front><article-meta><title-group><article-title>T</article-title></title-group>"
+        "<abstract><p>Abstract.</p></abstract></article-meta></front><body>{}</body></article>"
+    )
+    path = tmp_path / "a.xml"
+    deep = "<sec><title>t</title>" * 5000 + "<p>x</p>" + "</sec>" * 5000
+    path.write_text(
+        "<pmc-articleset>" + article.format(body) + article.format(deep) + article.format(body) + "</pmc-articleset>",
+        encoding="utf-8",
+    )
+    docs, problems = texts("pmc", path)
+    expected = (
+        "T\nAbstract.\nMethods\n"
+        "Counts of 10^6 cells and 10^−3 M; CD4+ T cells; risk rises with age [3] daily.\n"
+        "Formula x^2 end.\nBP: blood pressure"
+    )
+    assert docs == [expected, expected]
+    assert problems.counts == {"record nested too deeply, record skipped": 1}
+    full, _ = texts("pmc_full", path)
+    assert "Supplementary table S1." in full[0] and "Figures and Tables\nFigure 1." in full[0]
+
+
 def test_xml_entity_declarations_are_refused_and_external_dtds_never_read(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET", encoding="utf-8")
@@ -1268,15 +1343,40 @@ def test_xml_entity_declarations_are_refused_and_external_dtds_never_read(tmp_pa
     dtd.write_text(f'<!ENTITY leak SYSTEM "{secret.as_uri()}">', encoding="utf-8")
     external = tmp_path / "external.xml"
     external.write_text(
-        f'<!DOCTYPE PubmedArticleSet SYSTEM "{dtd.as_uri()}">' + article.format("A &leak; title"), encoding="utf-8"
+        f'<!DOCTYPE PubmedArticleSet SYSTEM "{dtd.as_uri()}">'
+        + article.format("A &leak;title of&nbsp;an &alpha;-type"),
+        encoding="utf-8",
     )
     docs, problems = texts("pubmed", xxe, laughs, external)
-    assert docs == ["A title\nText."]
-    assert problems.counts == {
-        "XML declares entities (XXE / billion laughs risk), file refused": 2,
-        "undefined XML entity dropped": 1,
-    }
+    assert docs == [
+        "A title of an α-type\nText."
+    ]  # an HTML name is its character (&nbsp;: a space here), another a space
+    assert problems.counts == {"XML declares entities (XXE / billion laughs risk), file refused": 2}
+    assert problems.parts == {"undefined XML entity replaced by a space": 1}
     assert "TOP-SECRET" not in " ".join(docs + problems.examples)
+
+
+def test_xml_in_an_encoding_expat_lacks_a_file_without_records_and_a_huge_record(tmp_path, monkeypatch):
+    article = (
+        '<?xml version="1.0" encoding="{}"?>\n<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID>'
+        "<Article><ArticleTitle>{}</ArticleTitle><Abstract><AbstractText>{}</AbstractText></Abstract></Article>"
+        "</MedlineCitation></PubmedArticle></PubmedArticleSet>"
+    )
+    for encoding in ("GB2312", "GBK", "GB18030"):
+        (tmp_path / f"{encoding}.xml").write_bytes(article.format(encoding, "高血压", "摘要").encode(encoding))
+    (tmp_path / "unknown.xml").write_bytes(article.format("x-nonesuch", "T", "A").encode())
+    (tmp_path / "bad.xml").write_bytes(article.format("GB2312", "T", "A").encode() + b"\xff\xff")
+    (tmp_path / "error.xml").write_text("<html><body>503 Service Unavailable</body></html>", encoding="utf-8")
+    monkeypatch.setattr(corpora, "XML_RECORD_CHARS", 1000)
+    (tmp_path / "huge.xml").write_text(article.format("UTF-8", "T", "词" * 2000) + "\n", encoding="utf-8")
+    docs, problems = texts("pubmed", *sorted(tmp_path.iterdir()))
+    assert docs == ["高血压\n摘要"] * 3
+    assert problems.counts == {
+        "undecodable bytes for the XML's declared encoding, rest of file skipped": 1,
+        "no <PubmedArticle> element in the file (an error page? another format?), file skipped": 1,
+        "XML record of more than 0M characters, record skipped": 1,
+        "XML declares an encoding Python does not know, file skipped": 1,
+    }
 
 
 @needs_sample
@@ -1342,6 +1442,27 @@ def test_pdf_sample_drops_running_headers_joins_hyphens_and_counts_scans():
     written = [guideline["title"]] + [line for head, texts in guideline["sections"] for line in [head] + texts]
     assert english.split() == " ".join(written).split()  # every word in order, none cut by a hyphen, no furniture
     assert "pres-" not in english and "pressure monitoring" in english
+
+
+def test_pdf_running_lines_are_page_furniture_not_numbered_text():
+    topics = ["salt", "exercise", "sleep", "smoking", "alcohol", "weight"]
+    pages = [
+        f"Hypertension guideline 2024\nBody text about {topic}.\nMaximum dose {10 * i} mg per day\nPage {i} of 6"
+        for i, topic in enumerate(topics, 1)
+    ]
+    (doc,) = corpora.pdf(pages)
+    assert doc.split("\n") == [
+        line
+        for i, topic in enumerate(topics, 1)
+        for line in (f"Body text about {topic}.", f"Maximum dose {10 * i} mg per day")
+    ]
+    printed = [f"{topic.title()}\nAdvice on {topic}.\n- {i + 4} -" for i, topic in enumerate(topics, 1)]  # page + 4
+    (doc,) = corpora.pdf(printed)
+    assert doc == "\n".join(f"{topic.title()}\nAdvice on {topic}." for topic in topics)  # the page numbers only
+    (doc,) = corpora.pdf(["Treat\u00ad\nment with the ﬁrst-line drug; soft\u00adhyphen kept out.", "ﬂuid ﬀ."])
+    assert doc == "Treatment with the first-line drug; softhyphen kept out.\nfluid ff."
+    with pytest.raises(corpora.BadRecord, match="PDF has no pages"):
+        list(corpora.pdf([]))
 
 
 def test_pdf_textless_pages_and_damaged_files_are_counted(tmp_path):
