@@ -453,17 +453,44 @@ def remove_owned(path: Path, folder: Path):
     path.unlink(missing_ok=True)
 
 
-def install_output(folder: Path, writer: ShardWriter, logs: list, manifest: dict):
-    """New shards are complete and fsynced as *.tmp: drop the old manifest (from here until the new one
-    lands the folder reads as unfinished), remove stale shards, rename the new ones, write the manifest."""
-    remove_owned(folder / "manifest.json", folder)
+PENDING_MANIFEST = "manifest.json.new"  # the new output's manifest, written before any old file goes
+
+
+def install_output(folder: Path, manifest: dict):
+    """The new shards and hash logs are complete and fsynced as NAME.tmp. Their manifest is written beside
+    the old one first, as manifest.json.new: the commit point. A run killed before it leaves the old output
+    whole (the next run clears the .tmp files); one killed after it leaves a commit that finish_install
+    carries out, here or at the start of the next run."""
+    atomic_write_text(folder / PENDING_MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))
+    sync_folder(folder)
+    finish_install(folder)
+
+
+def finish_install(folder: Path):
+    """Carry out a committed install (a no-op without manifest.json.new): the old manifest and the shards
+    the new one does not list go, each new file takes its name, the new manifest takes manifest.json.
+    Every step can be repeated, so a kill at any point is finished by the next call."""
+    pending = folder / PENDING_MANIFEST
+    if not pending.is_file():
+        return
+    try:
+        manifest = corpora.json_loads(pending.read_text(encoding="utf-8"))
+        names = [shard["file"] for shard in manifest["shards"]] + list(manifest["dedup_files"])
+    except (OSError, ValueError, KeyError, TypeError):  # not this program's (atomic_write_text writes it whole)
+        remove_owned(pending, folder)
+        return
+    remove_owned(folder / "manifest.json", folder)  # from here until the rename below the folder reads as unfinished
     for stale in folder.glob("*.bin"):
-        remove_owned(stale, folder)
-    for shard in writer.shards:
-        os.replace(folder / (shard["file"] + ".tmp"), folder / shard["file"])
-    for log in logs:
-        os.replace(log.file.name, log.path)
-    atomic_write_text(folder / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=1))
+        if stale.name not in names:
+            remove_owned(stale, folder)
+    for name in names:
+        if corpora.is_plain_name(name) and (folder / (name + ".tmp")).is_file():
+            os.replace(folder / (name + ".tmp"), folder / name)
+    os.replace(pending, folder / "manifest.json")
+    sync_folder(folder)
+
+
+def sync_folder(folder: Path):
     directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)  # the renames themselves survive a power cut
@@ -496,6 +523,8 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         "settings": run.settings,
         "dedup_against": list(run.dedup.sources),
     }
+    if folder.is_dir():
+        finish_install(folder)  # a run killed after committing its output
     manifest = read_manifest(folder)
     if not run.force and up_to_date(manifest, expected, folder):
         print(f"{source.name}: up to date, skipped ({manifest['tokens']:,} tokens; --force redoes it)")
@@ -584,13 +613,14 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
             "dedup_files": {log.path.name: log.bytes for log in logs},
             "dedup_sha256": dedup_sha,
         }
-        install_output(folder, writer, logs, manifest)
+        install_output(folder, manifest)
     except BaseException as err:  # an error, a full disk or Ctrl-C: no temporary files left behind
         for file in [writer.file] + [log.file for log in logs]:
             if file is not None:
                 with contextlib.suppress(OSError):
                     file.close()
-        clear_leftovers(folder)
+        if not (folder / PENDING_MANIFEST).is_file():  # committed: the next run finishes the install instead
+            clear_leftovers(folder)
         if isinstance(err, OSError):
             where = f" ({err.filename})" if err.filename else ""
             raise OSError(

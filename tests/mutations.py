@@ -261,6 +261,21 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "too_deep_one_is_skipped"],
     ),
     Mutation(
+        "data_process_drops_the_old_manifest_before_the_commit",
+        "data_process.py",
+        "    atomic_write_text(folder / PENDING_MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))",
+        '    remove_owned(folder / "manifest.json", folder)\n'
+        "    atomic_write_text(folder / PENDING_MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))",
+        ["tests/test_data_process.py", "-k", "killed_while_installing"],
+    ),
+    Mutation(
+        "data_process_never_finishes_a_committed_install",
+        "data_process.py",
+        "        finish_install(folder)  # a run killed after committing its output",
+        "        pass",
+        ["tests/test_data_process.py", "-k", "killed_while_installing"],
+    ),
+    Mutation(
         "csv_unit_stops_inside_a_row",
         "corpora.py",
         "                span.read_to_end = True  # a row",

@@ -283,6 +283,44 @@ def test_a_failed_run_leaves_the_earlier_output_intact(tmp_path, tokenizer, monk
     assert sorted(p.name for p in folder.glob("*.bin")) == [s["file"] for s in manifest["shards"]]
 
 
+@pytest.mark.parametrize("killed_at", ["the commit", "a rename after it"])
+def test_a_run_killed_while_installing_leaves_the_old_output_or_the_new(tmp_path, tokenizer, monkeypatch, killed_at):
+    path = write_corpus(tmp_path / "s.jsonl", many_docs(200))
+    source = Source("s", "skypile", [path])
+    folder = tmp_path / "out" / "s"
+    old = process([source], tmp_path / "out", tokenizer, shard_tokens=2000)[0]
+    write_corpus(path, many_docs(120, "新"))
+    real_finish, real_replace = dp.finish_install, os.replace
+    if killed_at == "the commit":  # killed just after manifest.json.new landed: nothing old is touched yet
+        finishes = []
+        monkeypatch.setattr(
+            dp, "finish_install", lambda f: real_finish(f) if finishes.append(1) or len(finishes) == 1 else exit(9)
+        )
+    else:  # killed between two renames of the new shards: no manifest.json until the next run
+        renames = []
+
+        def replace_then_die(src, dst):
+            renames.append(1)
+            if len(renames) == 3:
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+
+        monkeypatch.setattr(dp.os, "replace", replace_then_die)
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        process([source], tmp_path / "out", tokenizer, shard_tokens=2000)
+    monkeypatch.setattr(dp, "finish_install", real_finish)
+    monkeypatch.setattr(dp.os, "replace", real_replace)
+    if killed_at == "the commit":
+        assert decoded_documents(folder, dp.read_manifest(folder), tokenizer) == cleaned(many_docs(200))
+    else:
+        assert not (folder / "manifest.json").exists()  # unfinished: readers refuse it rather than mix two outputs
+    new = process([source], tmp_path / "out", tokenizer, shard_tokens=2000)[0]  # finishes the install, then: up to date
+    assert new["inputs"] != old["inputs"] and new == dp.read_manifest(folder)
+    assert decoded_documents(folder, new, tokenizer) == cleaned(many_docs(120, "新"))
+    expected = sorted([s["file"] for s in new["shards"]] + list(new["dedup_files"]) + ["manifest.json"])
+    assert sorted(p.name for p in folder.iterdir()) == expected
+
+
 def test_leftovers_of_a_killed_run_are_never_read_and_are_cleared(tmp_path, tokenizer):
     folder = tmp_path / "out" / "s"
     (folder / "parts.tmp").mkdir(parents=True)
@@ -573,10 +611,8 @@ def test_a_full_disk_says_so_and_leaves_no_temporary_files(tmp_path, tokenizer, 
     assert "\n" not in message and "temporary files were removed" in message
     leftovers = [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert leftovers == []
-    if where == "shards":  # the earlier output is untouched
-        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    else:  # the new shards were in place, the manifest was not: the folder reads as unfinished and is redone
-        assert not (folder / "manifest.json").exists()
+    # the earlier output is untouched, the new manifest (the commit) having failed before any old file went
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     monkeypatch.undo()
     dp.main(args)
     assert json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["documents_kept"] == 300
