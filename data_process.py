@@ -38,6 +38,8 @@ Every file the run deletes lies in OUT/NAME, whose NAME is a plain folder name.
 
 import argparse
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -695,6 +697,11 @@ def process_sources(
             )
         if names.count(source.name) > 1:
             raise ValueError(f"source name '{source.name}' given twice: each names its own output folder")
+    out_root = Path(out_dir).resolve()
+    sources = [  # a folder or glob that holds --out would read this program's output back as input
+        dataclasses.replace(source, files=[p for p in source.files if not p.resolve().is_relative_to(out_root)])
+        for source in sources
+    ]
     run = Run(
         {
             "path": str(tokenizer_path),
@@ -713,8 +720,9 @@ def process_sources(
         force,
     )
     manifests, failed, bands_folder = [], [], None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = claim_out(Path(out_dir))
     if minhash:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
         bands_folder = Path(tempfile.mkdtemp(prefix=".minhash-", suffix=".tmp", dir=out_dir))  # this run's alone
         run.dedup.bands = BandKeys(bands_folder)
     try:
@@ -732,9 +740,38 @@ def process_sources(
     finally:
         if bands_folder is not None:
             shutil.rmtree(bands_folder, ignore_errors=True)
+        lock.close()
     if failed:
         raise NothingKept(f"{len(failed)} of {len(sources)} source(s) yielded no document: " + " | ".join(failed))
     return manifests
+
+
+OUT_LOCK = ".data_process.lock"
+
+
+def claim_out(out_dir: Path):
+    """An exclusive lock on --out for this run (the open lock file; closing it lets go, and so does the
+    kernel when the process dies): two runs writing one folder would delete each other's temporary files.
+    Holding it, the MinHash folders of killed runs are removed."""
+    lock = open(out_dir / OUT_LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(
+            f"--out {out_dir} is being written by another data_process run (pid {holder}); "
+            "wait for it to finish or give another --out"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    for stale in out_dir.glob(".minhash-*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+    return lock
 
 
 class worker_pool:

@@ -66,6 +66,15 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
     full or read-only disk: OSError naming the file), leaving no temporary file."""
     corpora.check_out(out_path)
     out_path = Path(out_path)
+    summary_path = summary_path_of(out_path)
+    names = [source.name for source in sources]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"--source name {', '.join(twice)} given twice: give each source a name of its own")
+    inputs = {path.resolve(): source.name for source in sources for path in source.files}
+    for path in (out_path, summary_path):
+        if path.resolve() in inputs:
+            raise ValueError(f"--out would overwrite {path}, an input file of source '{inputs[path.resolve()]}'")
     summary, seen = {}, set()
 
     def write_csv(tmp):
@@ -100,8 +109,13 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
             raise ValueError(f"nothing written to {out_path}: " + " | ".join(empty))
 
     atomic_write(out_path, write_csv)
-    atomic_write_text(out_path.with_suffix(".summary.json"), json.dumps(summary, ensure_ascii=False, indent=2))
+    atomic_write_text(summary_path, json.dumps(summary, ensure_ascii=False, indent=2))
     return summary
+
+
+def summary_path_of(out_path: Path) -> Path:
+    """sft_data.csv -> sft_data.summary.json; sft_v1.5 -> sft_v1.5.summary.json (not sft_v1.summary.json)."""
+    return out_path.with_name(out_path.name.removesuffix(".csv") + ".summary.json")
 
 
 def main(argv=None):
@@ -141,7 +155,7 @@ def main(argv=None):
         )
         for example in s["examples"]:
             print(f"{'':>20}{example}")
-    print(f"wrote {total:,} conversations to {args.out} (summary: {Path(args.out).with_suffix('.summary.json')})")
+    print(f"wrote {total:,} conversations to {args.out} (summary: {summary_path_of(Path(args.out))})")
 
 
 if __name__ == "__main__":

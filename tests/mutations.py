@@ -276,6 +276,27 @@ MUTATIONS = [
         ["tests/test_data_process.py", "-k", "killed_while_installing"],
     ),
     Mutation(
+        "data_process_lets_a_second_run_write_the_same_out",
+        "data_process.py",
+        "fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "pass",
+        ["tests/test_data_process.py", "-k", "one_run_at_a_time"],
+    ),
+    Mutation(
+        "data_process_reads_its_own_output_back",
+        "data_process.py",
+        "files=[p for p in source.files if not p.resolve().is_relative_to(out_root)]",
+        "files=list(source.files)",
+        ["tests/test_data_process.py", "-k", "one_run_at_a_time"],
+    ),
+    Mutation(
+        "sft_data_process_overwrites_its_input",
+        "sft_data_process.py",
+        "        if path.resolve() in inputs:",
+        "        if False:",
+        ["tests/test_sft.py", "-k", "out_errors"],
+    ),
+    Mutation(
         "csv_unit_stops_inside_a_row",
         "corpora.py",
         "                span.read_to_end = True  # a row",

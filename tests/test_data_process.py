@@ -321,6 +321,30 @@ def test_a_run_killed_while_installing_leaves_the_old_output_or_the_new(tmp_path
     assert sorted(p.name for p in folder.iterdir()) == expected
 
 
+def test_one_run_at_a_time_writes_an_out_folder_and_its_own_output_is_never_input(tmp_path, tokenizer):
+    import fcntl
+
+    out = tmp_path / "corpus" / "out"  # inside the input folder
+    out.mkdir(parents=True)
+    write_corpus(tmp_path / "corpus" / "s.jsonl", many_docs(20))
+    stale = out / ".minhash-abc.tmp"  # a killed --minhash run's band keys
+    stale.mkdir(parents=True)
+    (stale / "part_00.u64").write_bytes(b"\0" * 64)
+    source = corpora.parse_source(f"s={tmp_path / 'corpus'}", "skypile")
+    with open(out / dp.OUT_LOCK, "a+") as other:  # another run holds the folder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="is being written by another data_process run"):
+            process([source], out, tokenizer)
+    assert stale.is_dir() and not (out / "s").exists()
+    first = process([source], out, tokenizer)[0]
+    assert not stale.exists()
+    again = corpora.parse_source(f"s={tmp_path / 'corpus'}", "skypile")  # now lists the shards and manifest too
+    assert len(again.files) > 2
+    second = process([again], out, tokenizer)[0]
+    assert second == first  # up to date: its own output is not an input
+    assert first["documents_kept"] == 20 and len(first["inputs"]) == 1
+
+
 def test_leftovers_of_a_killed_run_are_never_read_and_are_cleared(tmp_path, tokenizer):
     folder = tmp_path / "out" / "s"
     (folder / "parts.tmp").mkdir(parents=True)
@@ -403,7 +427,7 @@ def test_a_source_that_yields_nothing_is_an_error_after_the_others_are_done(tmp_
     assert "'cmedqa2' yielded no document (0 read from 2 file(s)" in message and "question.csv" in message
     assert "file of a kind this format does not read': 2" in message  # counted once per file
     assert "'c4_zh' yielded no document (5 read" in message and "shorter than --min-chars" in message
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c4_zh", "cmedqa2", "skypile"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [dp.OUT_LOCK, "c4_zh", "cmedqa2", "skypile"]
     for name in ("c4_zh", "cmedqa2"):  # no output, so a re-run does not take them for done
         assert list((tmp_path / "out" / name).iterdir()) == []
     manifest = json.loads((tmp_path / "out" / "skypile" / "manifest.json").read_text(encoding="utf-8"))

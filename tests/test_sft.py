@@ -350,6 +350,14 @@ def test_sft_data_process_out_errors_are_one_line_and_leave_nothing(tmp_path, mo
         sft_data_process.main(source + ["--out", str(tmp_path / "o.csv"), "--max-prompt-chars", "-1"])
     assert exit_info.value.code == 2 and "--max-prompt-chars must be >= 0" in capsys.readouterr().err
 
+    with pytest.raises(SystemExit, match=f"--out would overwrite {src}, an input file of source 'chatmed_consult'"):
+        sft_data_process.main(source + ["--out", str(src)])
+    assert json.loads(src.read_text(encoding="utf-8")) == {"query": "问", "response": "答"}
+    with pytest.raises(SystemExit, match="--source name chatmed_consult given twice"):
+        sft_data_process.main(source + source + ["--out", str(tmp_path / "o.csv")])
+    sft_data_process.main(source + ["--out", str(tmp_path / "v1.5")])
+    assert (tmp_path / "v1.5.summary.json").is_file()
+
     class FullDisk(csv.DictWriter):
         def writerow(self, row):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
