@@ -246,12 +246,12 @@ class LineDecoder:
         encoding = self.choose(raw)
         return raw.decode(encoding) if encoding else None
 
-    def decode_block(self, block: bytes) -> tuple[str, list[int]]:
+    def decode_block(self, block: bytes, marker: str = "\ufffd") -> tuple[str, list[int]]:
         """Whole lines, each decoded as decode() decodes it, a stretch of lines per call where that gives
         the same text: in a UTF-8 file, a block that is all valid UTF-8; in a GB18030 file, the valid
         GB18030 between the lines that are also valid UTF-8 with multi-byte characters (which decode()
         may read as UTF-8: they are decided one by one). Returns the text and the indices of the
-        undecodable lines, which read as _with_replacements."""
+        undecodable lines, which read as _with_replacements, with marker for U+FFFD."""
         if self.utf8:
             try:
                 return block.decode("utf-8"), []
@@ -272,7 +272,7 @@ class LineDecoder:
             line = self.decode(raw)
             if line is None:
                 bad.append(index)
-                line = _with_replacements(raw)
+                line = _with_replacements(raw).replace("\ufffd", marker)
             lines.append(line)
         return "".join(lines), bad
 
@@ -423,6 +423,7 @@ SURROGATE_ESCAPE = re.compile(
 )
 HIGH_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 LONE_SURROGATE_MARK = "\uffff"  # U+FFFF, a noncharacter: a lone surrogate escape becomes it, to be found again
+UNDECODABLE_MARK = "\ufffe"  # U+FFFE, another: undecodable bytes become it (U+FFFD is common in real text)
 
 
 def _backslash_run_start(text: str, index: int) -> int:
@@ -433,8 +434,8 @@ def _backslash_run_start(text: str, index: int) -> int:
 class _Utf8Reader:
     """A JSON array file as UTF-8 for ijson, which reads UTF-8 only. Lines are decoded by LineDecoder's
     rule; a line longer than LINE_PIECE (a whole array on one line) is decoded piece by piece in the
-    encoding its first non-ASCII piece shows. Undecodable bytes become U+FFFD and are counted in
-    bad_lines: the caller skips every item that holds a U+FFFD once there are any. yajl would read a lone
+    encoding its first non-ASCII piece shows. Undecodable bytes become U+FFFE and are counted in
+    bad_lines: the caller skips every item that holds a U+FFFE once there are any. yajl would read a lone
     surrogate escape (\\ud83d without its pair) as "?": it is passed on as U+FFFF and counted in
     lone_surrogates, and the caller skips every item that holds a U+FFFF once there are any."""
 
@@ -502,7 +503,7 @@ class _Utf8Reader:
         return "".join(out)
 
     def _lines(self, block: bytes) -> str:
-        text, bad = self.lines.decode_block(block)
+        text, bad = self.lines.decode_block(block, UNDECODABLE_MARK)
         self.bad_lines += len(bad)
         return text
 
@@ -522,22 +523,23 @@ class _Utf8Reader:
                 self.bad_lines += 1
                 self.decoder.setstate(state)
                 self.decoder.errors = "replace"
-                text = self.decoder.decode(piece, final)
+                text = self.decoder.decode(piece, final).replace("\ufffd", UNDECODABLE_MARK)
         if final:
             self.long, self.decoder = False, None
         return text
 
 
+IJSON_PYTHON = ijson.get_backend("python")
 MAX_JSON_DEPTH = 512  # an array item nested deeper is skipped: no record format nests so deep
 TOO_DEEP = object()
 
 
-def _array_items(reader) -> Iterator[object]:
+def _array_items(reader, backend) -> Iterator[object]:
     """The items of the top-level JSON array, built from ijson's flat events; an item nested deeper than
     MAX_JSON_DEPTH comes as TOO_DEEP. ijson.items names every event by its path ("item.item.item..."), so a
     deeply nested item costs memory quadratic in its depth: a 200 KB file of brackets took 4 GB."""
     depth, open_containers, key, too_deep = 0, [], None, False  # depth 1: the top-level array
-    for event, value in ijson.basic_parse(reader, use_float=True):
+    for event, value in backend.basic_parse(reader, use_float=True):
         if event == "map_key":
             key = value  # every value in a map follows its key, so one slot serves every level
             continue
@@ -574,27 +576,39 @@ def _array_items(reader) -> Iterator[object]:
 
 
 def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
-    """Items of a top-level JSON array, streamed; a file cut mid-way yields what parsed, then counts it."""
+    """Items of a top-level JSON array, streamed; a file cut mid-way yields what parsed, then counts it.
+    yajl (ijson's C backend) refuses integers past 64 bits, valid JSON that JSON lines read: from such an
+    error on, the file is read again with ijson's Python backend, past the items already handled."""
     count = 0
-    try:
-        with open_binary(path) as raw:
-            reader = _Utf8Reader(raw, file_encoding(path))
-            for item in _array_items(reader):
-                if item is TOO_DEEP:
-                    problems.skip_record(
-                        f"JSON nested deeper than {MAX_JSON_DEPTH} levels, record skipped", path, f"#{count}"
-                    )
-                elif reader.bad_lines and "\ufffd" in json.dumps(item, ensure_ascii=False):
-                    problems.skip_record(UNDECODABLE, path, f"#{count}")
-                elif reader.lone_surrogates and "\uffff" in json.dumps(item, ensure_ascii=False):
-                    problems.skip_record(LONE_SURROGATE, path, f"#{count}")
-                else:
-                    yield f"#{count}", item
-                count += 1
-    except ijson.JSONError as err:
-        problems.add("JSON array cut short or malformed, rest of file skipped", path, f"#{count}", str(err)[:200])
-    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        problems.add("truncated or corrupt gzip file", path, f"#{count}", str(err))
+    for backend in (ijson, IJSON_PYTHON):
+        try:
+            with open_binary(path) as raw:
+                reader = _Utf8Reader(raw, file_encoding(path))
+                for index, item in enumerate(_array_items(reader, backend)):
+                    if index < count:  # handled before the C backend's error
+                        continue
+                    if item is TOO_DEEP:
+                        problems.skip_record(
+                            f"JSON nested deeper than {MAX_JSON_DEPTH} levels, record skipped", path, f"#{count}"
+                        )
+                    elif reader.bad_lines and UNDECODABLE_MARK in json.dumps(item, ensure_ascii=False):
+                        problems.skip_record(UNDECODABLE, path, f"#{count}")
+                    elif reader.lone_surrogates and LONE_SURROGATE_MARK in json.dumps(item, ensure_ascii=False):
+                        problems.skip_record(LONE_SURROGATE, path, f"#{count}")
+                    else:
+                        yield f"#{count}", item
+                    count += 1
+            return
+        except (ijson.JSONError, json.JSONDecodeError) as err:
+            detail = err.args[0] if err.args else err
+            detail = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+            if backend is ijson and "integer overflow" in detail:
+                continue
+            problems.add("JSON array cut short or malformed, rest of file skipped", path, f"#{count}", detail[:200])
+            return
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+            problems.add("truncated or corrupt gzip file", path, f"#{count}", str(err))
+            return
 
 
 def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tuple[int, dict]]:
@@ -604,9 +618,20 @@ def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tup
     if span is not None and span.start:  # the header is the file's first row, read before the span
         before = _csv_rows(path, Problems(), Span(0, span.start, 1))
         header = next(([name.strip() for name in row] for _, row, _ in before), None)
+        if header and len(set(header)) < len(header):  # the unit that starts the file reports it
+            return
     for where, row, last in _csv_rows(path, problems, span):
         if header is None:
             header = [name.strip() for name in row]
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:  # a row would keep only the last of them, silently
+                problems.add(
+                    "CSV header names a column twice, file skipped",
+                    path,
+                    where,
+                    f"{', '.join(twice)}: rename one in the header",
+                )
+                return
         elif len(row) != len(header):
             spans = f"; the row runs over lines {where}-{last} (an unterminated quote?)" if last > where else ""
             problems.add(
@@ -1039,8 +1064,16 @@ def cmedqa2(files, problems):
                 break  # a file without these columns is not part of cMedQA2: one report, not one per row
             if "ans_id" in row:
                 answers.setdefault(key, []).append((content, path, where))
+            elif key in questions:
+                first = questions[key]
+                problems.add(
+                    "question_id given twice, the later question skipped",
+                    path,
+                    where,
+                    f"{key}: first at {first[1]}:{first[2]}",
+                )
             else:
-                questions.setdefault(key, (content, path, where))
+                questions[key] = (content, path, where)
     for key, (question, path, where) in questions.items():
         replies = [answer for answer, _, _ in answers.pop(key, []) if answer]
         if question and replies:
@@ -1957,14 +1990,17 @@ def parse_source(spec: str, fmt: str | None = None) -> Source:
     fmt = fmt or infer_format(name)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format '{fmt}' for source '{name}'. Formats: {known_formats()}")
-    if any(char in location for char in "*?["):
+    if os.path.exists(location):  # a real name, even one holding glob characters ("sky[1].jsonl")
+        files = _files_below(location) if os.path.isdir(location) else [Path(location)]
+    elif any(char in location for char in "*?["):
         matches = sorted(glob.glob(location, recursive=True))
         files = [f for match in matches for f in (_files_below(match) if os.path.isdir(match) else [Path(match)])]
-    elif not os.path.exists(location):
-        raise FileNotFoundError(f"source '{name}': {location} does not exist")
+        files = list(dict.fromkeys(files))  # "**" matches a folder and the files below it
     else:
-        files = _files_below(location) if os.path.isdir(location) else [Path(location)]
+        raise FileNotFoundError(f"source '{name}': {location} does not exist")
     for path in files:
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(f"source '{name}': {path} is a broken link (to {os.readlink(path)})")
         if not os.access(path, os.R_OK):
             raise PermissionError(f"source '{name}': cannot read {path}")
     return Source(name, fmt, files, location)
@@ -1993,9 +2029,10 @@ def _files_below(folder) -> list[Path]:
     def refuse(err):
         raise PermissionError(f"cannot list folder {err.filename}: {err.strerror}")
 
-    files = []
-    for root, dirs, names in os.walk(folder, onerror=refuse):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    files, seen = [], {os.path.realpath(folder)}
+    for root, dirs, names in os.walk(folder, onerror=refuse, followlinks=True):  # a linked folder, like a linked file
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen]
+        seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # each folder once: links may loop
         files += [Path(root, n) for n in names if not n.startswith(".")]
     return sorted(files, key=str)
 

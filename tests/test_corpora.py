@@ -132,6 +132,23 @@ def test_json_array_items_are_what_json_loads_makes_and_a_too_deep_one_is_skippe
     assert problems.examples[0].startswith(f"{tmp_path / 'a.json'}:#5:")
 
 
+def test_json_array_with_a_64_bit_overflow_real_replacement_characters_and_a_bad_line(tmp_path):
+    items = [{"completion": f"第{i}条 \ufffd 原文就有的替换符", "id": i} for i in range(6)]
+    items[2]["id"] = 123456789012345678901  # valid JSON that yajl refuses
+    lines = [json.dumps(item, ensure_ascii=False).encode() for item in items]
+    lines[4] = lines[4].replace("原文".encode(), b"\xff\xfe\xfd\xfc")  # undecodable bytes in item 4 only
+    (tmp_path / "a.json").write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    problems = corpora.Problems()
+    got = [item for _, item in corpora.iter_json_array(tmp_path / "a.json", problems)]
+    assert got == items[:4] + items[5:]
+    assert problems.counts == {corpora.UNDECODABLE: 1} and problems.examples[0].startswith(f"{tmp_path / 'a.json'}:#4:")
+    (tmp_path / "b.json").write_text('[{"completion": "中文"} {"completion": "x"}]', encoding="utf-8")
+    problems = corpora.Problems()
+    assert [item for _, item in corpora.iter_json_array(tmp_path / "b.json", problems)] == [{"completion": "中文"}]
+    (example,) = problems.examples
+    assert "\n" not in example and "b'" not in example and "parse error" in example
+
+
 def test_json_nested_too_deep_or_with_a_huge_integer_is_a_malformed_line(tmp_path):
     path = tmp_path / "c.jsonl"
     deep, huge = "[" * 100_000 + "]" * 100_000, "1" * 5000
@@ -346,7 +363,7 @@ def test_cmekg_turns_triples_into_sentences_and_skips_predicate_json(tmp_path):
 
 def test_cmedqa2_joins_answers_to_questions_and_counts_orphans(tmp_path):
     (tmp_path / "question.csv").write_text(
-        "question_id,content\n1,口干舌燥是什么原因？\n2,没有回答的问题\n", encoding="utf-8"
+        "question_id,content\n1,口干舌燥是什么原因？\n2,没有回答的问题\n1,同号的另一个问题\n", encoding="utf-8"
     )
     (tmp_path / "answer.csv").write_text(
         "ans_id,question_id,content\n10,1,可能饮水不足。\n11,1,注意作息。\n12,99,孤儿回答\n", encoding="utf-8"
@@ -354,8 +371,23 @@ def test_cmedqa2_joins_answers_to_questions_and_counts_orphans(tmp_path):
     (tmp_path / "dev_candidates.txt").write_text("question_id,ans_id,cnt,label\n1,10,0,1\n", encoding="utf-8")
     docs, problems = texts("cmedqa2", *parse_source(f"cmedqa2={tmp_path}").files)
     assert docs == ["口干舌燥是什么原因？\n可能饮水不足。\n注意作息。"]
-    assert problems.counts == {"question without answers": 1, "answer to an unknown question_id": 1}
+    assert problems.counts == {
+        "question without answers": 1,
+        "answer to an unknown question_id": 1,
+        "question_id given twice, the later question skipped": 1,
+    }
     assert f"{tmp_path / 'answer.csv'}:4: answer to an unknown question_id (99)" in problems.examples
+    assert any(e.startswith(f"{tmp_path / 'question.csv'}:4: question_id given twice") for e in problems.examples)
+
+
+def test_a_csv_header_naming_a_column_twice_skips_the_file(tmp_path):
+    path = tmp_path / "dialog.csv"
+    path.write_text("department,title,ask,answer,answer\n内科,头痛,头痛怎么办？,多休息。,\n", encoding="utf-8")
+    docs, problems = texts("medical_dialogue", path)
+    assert docs == [] and problems.counts == {"CSV header names a column twice, file skipped": 1}
+    assert problems.examples == [
+        f"{path}:1: CSV header names a column twice, file skipped (answer: rename one in the header)"
+    ]
 
 
 def test_plain_text_is_one_document_per_blank_line_separated_block(tmp_path):
@@ -714,6 +746,24 @@ def test_parse_source_glob_and_folder_are_sorted(tmp_path):
     assert [p.name for p in parse_source(f"skypile={tmp_path}").files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
     assert [p.name for p in parse_source(f"skypile={tmp_path}/*.jsonl").files] == ["a.jsonl", "b.jsonl"]
     assert [p.name for p in parse_source(f"skypile={tmp_path}/**/*.jsonl").files] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert [p.name for p in parse_source(f"skypile={tmp_path}/**").files] == ["a.jsonl", "b.jsonl", "c.jsonl"]  # once
+    (tmp_path / "sky[1].jsonl").write_text("{}\n", encoding="utf-8")  # a real name with glob characters
+    (tmp_path / "sky1.jsonl").write_text("{}\n", encoding="utf-8")
+    assert parse_source(f"skypile={tmp_path}/sky[1].jsonl").files == [tmp_path / "sky[1].jsonl"]
+
+
+def test_parse_source_follows_linked_folders_once_and_names_a_broken_link(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.jsonl").write_text("{}\n", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("{}\n", encoding="utf-8")
+    (corpus / "linked").symlink_to(tmp_path / "elsewhere")
+    (corpus / "loop").symlink_to(corpus)  # a link back up: read once, not forever
+    assert [p.name for p in parse_source(f"skypile={corpus}").files] == ["a.jsonl", "b.jsonl"]
+    (corpus / "gone.jsonl").symlink_to(tmp_path / "nothing.jsonl")
+    with pytest.raises(FileNotFoundError, match="gone.jsonl is a broken link"):
+        parse_source(f"skypile={corpus}")
 
 
 # ---------------------------------------------------------------- splitting for workers
