@@ -164,6 +164,9 @@ class Skipped:
 # ---------------------------------------------------------------- containers
 
 UNDECODABLE = "undecodable bytes (neither UTF-8 nor GB18030), record skipped"
+# GB18030 decodes Big5 (and other double-byte encodings) without error but into this Private Use Area, which
+# real GB text does not use: a line that reads into it is not GB18030
+PRIVATE_USE = re.compile("[\ue000-\uf8ff]")
 
 
 def detect_encoding(prefix: bytes) -> str:
@@ -218,7 +221,29 @@ def _file_encoding(path: str, size: int, mtime_ns: int) -> str:
             if first:
                 head = block[block.rfind(b"\n", 0, first.start()) + 1 :]
                 head += f.read(max(0, SNIFF_BYTES - len(head)))
-    return detect_encoding(head)
+    return vote_encoding(head) or detect_encoding(head)
+
+
+def vote_encoding(head: bytes) -> str | None:
+    """UTF-8 or GB18030 by a vote of the non-ASCII lines that decode in one of them (None: no line does).
+    GB text is practically never valid UTF-8, while short UTF-8 lines often are valid GB18030, so a line
+    valid as UTF-8 votes UTF-8: a UTF-8 file with a few GB18030 lines stays UTF-8, and its UTF-8 lines are
+    not read as GB18030 mojibake."""
+    if head.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    lines = head.split(b"\n")
+    utf8 = gb = 0
+    for index, line in enumerate(lines):
+        if line.isascii():
+            continue
+        whole = index < len(lines) - 1  # the last may be cut inside a character
+        if _strict(line, "utf-8", whole) is not None:
+            utf8 += 1
+        elif (as_gb := _strict(line, "gb18030", whole)) is not None and not PRIVATE_USE.search(as_gb):
+            gb += 1
+    if not utf8 and not gb:
+        return None
+    return "utf-8" if utf8 >= gb else "gb18030"
 
 
 class LineDecoder:
@@ -264,7 +289,9 @@ class LineDecoder:
                     start, end = line.start(1) - 1, line.end(1) - 1
                     pieces += [block[done:start].decode("gb18030"), self.decode(block[start:end])]
                     done = end
-                return "".join(pieces) + block[done:].decode("gb18030"), []
+                text = "".join(pieces) + block[done:].decode("gb18030")
+                if not PRIVATE_USE.search(text):
+                    return text, []
             except UnicodeDecodeError:
                 pass
         lines, bad = [], []
@@ -272,7 +299,7 @@ class LineDecoder:
             line = self.decode(raw)
             if line is None:
                 bad.append(index)
-                line = _with_replacements(raw).replace("\ufffd", marker)
+                line = PRIVATE_USE.sub(marker, _with_replacements(raw).replace("\ufffd", marker))
             lines.append(line)
         return "".join(lines), bad
 
@@ -282,7 +309,8 @@ class LineDecoder:
         as_utf8 = _strict(raw, "utf-8", final)
         if as_utf8 is not None and (self.utf8 or len(raw) - len(as_utf8) >= STRONG_UTF8_BYTES):
             return "utf-8"
-        if _strict(raw, "gb18030", final) is None:
+        as_gb = _strict(raw, "gb18030", final)
+        if as_gb is None or PRIVATE_USE.search(as_gb):
             return "utf-8" if as_utf8 is not None else None
         if as_utf8 is None and self.utf8 and _mostly_utf8(raw):
             return None
@@ -683,6 +711,13 @@ def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int
             bad_lines.popleft()
         if undecodable:
             problems.skip_record(UNDECODABLE, path, where, str(row) if isinstance(row, csv.Error) else "")
+        elif isinstance(row, csv.Error) and "new-line character seen in unquoted field" in str(row):
+            problems.skip_record(
+                "CSV with lone \\r line endings (classic Mac OS), record skipped",
+                path,
+                where,
+                "convert them to \\n, e.g. tr '\\r' '\\n' < FILE > FILE.csv",
+            )
         elif isinstance(row, csv.Error):
             problems.skip_record("malformed CSV row", path, where, str(row))
         elif row:
@@ -693,7 +728,7 @@ def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int,
     """Plain text: one document per block of lines separated by blank lines (an undecodable line is
     never blank: its bytes read as U+FFFD)."""
     block, first, clean = [], None, True
-    for lineno, line, line_clean in read_lines(path, problems, span):
+    for lineno, line, line_clean in _cr_lines(read_lines(path, problems, span)):
         if line.strip():
             if not block:
                 first, clean = lineno, True
@@ -704,6 +739,20 @@ def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int,
             block = []
     if block:
         yield from _whole_block(path, problems, first, block, clean)
+
+
+def _cr_lines(lines):
+    """Lines ended by a lone \r (classic Mac OS files) split there, as \n-ended lines under the same number:
+    otherwise such a file is one line, and its blank lines never separate documents."""
+    for lineno, line, clean in lines:
+        if "\r" not in line.replace("\r\n", ""):
+            yield lineno, line, clean
+            continue
+        pieces = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        for piece in pieces[:-1]:
+            yield lineno, piece + "\n", clean
+        if pieces[-1]:
+            yield lineno, pieces[-1], clean
 
 
 def _whole_block(path, problems, first, lines, clean):
@@ -1439,8 +1488,8 @@ def dialogue(messages):
     are joined with a newline; an answer before any question and a last question without answer are
     left out (and counted)."""
     turns, system, prompt = [], [], None
-    for role, text in messages:
-        role = ROLES.get(str(role).strip().lower())
+    for given, text in messages:
+        role = ROLES.get(str(given).strip().lower())
         if role == "system":
             system.append(text)
         elif role == "user":
@@ -1453,7 +1502,7 @@ def dialogue(messages):
         elif role == "assistant":
             yield Skipped("answer before any question")
         else:
-            yield Skipped("message with an unknown role", repr(role))
+            yield Skipped("message with an unknown role", repr(given))
     if prompt is not None:
         yield Skipped("last question without an answer")
     elif system:

@@ -396,6 +396,12 @@ def test_plain_text_is_one_document_per_blank_line_separated_block(tmp_path):
     assert texts("text", path)[0] == ["第一段第一行\n第一段第二行\n", "第二段\n", "第三段"]
 
 
+def test_plain_text_with_lone_cr_line_endings_is_still_one_document_per_block(tmp_path):
+    path = tmp_path / "mac.txt"
+    path.write_bytes("第一段\r第一段第二行\r\r第二段\r\r第三段\r".encode())
+    assert texts("text", path)[0] == ["第一段\n第一段第二行\n", "第二段\n", "第三段\n"]
+
+
 def test_dialogue_formats_read_as_text_flattened(tmp_path):
     path = write_jsonl(tmp_path / "ChatMed_TCM-v0.2.json", [{"query": "示例草有什么功效？", "response": "清热生津。"}])
     assert texts("chatmed_tcm", path)[0] == ["示例草有什么功效？\n清热生津。"]
@@ -493,6 +499,7 @@ def test_disc_med_and_sharegpt_variants(tmp_path):
                     {"from": "gpt", "value": "开场白"},
                     {"from": "human", "value": "问"},
                     {"from": "gpt", "value": "答"},
+                    {"from": "tool", "value": "工具输出"},
                     {"from": "human", "value": "无人回答"},
                 ]
             },
@@ -502,7 +509,12 @@ def test_disc_med_and_sharegpt_variants(tmp_path):
     turns, problems = dialogues("sharegpt", odd)
     assert turns == [[("问", "答")]]
     assert problems.counts == {"no complete question-answer turn": 1}  # the second record, once
-    assert problems.parts == {"answer before any question": 2, "last question without an answer": 1}
+    assert problems.parts == {
+        "answer before any question": 2,
+        "last question without an answer": 1,
+        "message with an unknown role": 1,
+    }
+    assert any("message with an unknown role ('tool')" in e for e in problems.examples)
     assert problems.records == 2
 
 
@@ -1635,9 +1647,25 @@ def test_line_blocks_decode_as_their_lines_one_by_one():
             expected = [decoder.decode(lines[i]) for i in chosen]
             text, bad = decoder.decode_block(block)
             assert bad == [index for index, line in enumerate(expected) if line is None]
-            assert text == "".join(
-                line if line is not None else corpora._with_replacements(lines[i]) for i, line in zip(chosen, expected)
+            assert text == "".join(  # an undecodable line's private-use characters (GB18030's reading) marked too
+                line if line is not None else corpora.PRIVATE_USE.sub("\ufffd", corpora._with_replacements(lines[i]))
+                for i, line in zip(chosen, expected)
             )
+
+
+def test_mostly_utf8_file_with_gb18030_lines_and_a_big5_file(tmp_path):
+    docs = [f"记录{i}：é糖尿病" for i in range(200)]  # short: valid UTF-8 lines that also read as GB18030
+    lines = [
+        json.dumps({"text": d}, ensure_ascii=False).encode("gb18030" if i % 20 == 0 else "utf-8")
+        for i, d in enumerate(docs)
+    ]
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")  # 5% GB18030 lines
+    got, problems = texts("skypile", tmp_path / "mixed.jsonl")
+    assert got == docs and not problems.counts
+    traditional = ["高血壓患者應定期監測血壓，遵醫囑服藥。", "糖尿病患者需要控制飲食並規律運動。"] * 3
+    (tmp_path / "big5.txt").write_bytes("\n\n".join(traditional).encode("big5"))
+    got, problems = texts("text", tmp_path / "big5.txt")
+    assert got == [] and problems.counts == {corpora.UNDECODABLE: 6}  # not kept as GB18030 mojibake
 
 
 def test_ceval_row_with_options_beyond_d_is_refused_not_cut_to_four(tmp_path):
