@@ -766,8 +766,8 @@ class RefusedXML(Exception):
     """XML that declares entities: the way to XXE (external files, URLs) and billion laughs."""
 
 
-XML_RECORD_CHARS = 64 << 20  # a record holding more text is skipped: no article is so long, and a few MB of gzip
-# can expand to gigabytes of one element
+MAX_RECORD_CHARS = 64 << 20  # an XML record or a PDF holding more text is skipped: no article or guideline is so
+# long, and a few MB of gzip can expand to gigabytes of one element (a small PDF can list one page 20,000 times)
 EXPAT_CODECS = ("utf-8", "utf-16", "utf-16-le", "utf-16-be", "iso8859-1", "ascii")  # the encodings expat reads itself
 XML_DECLARED_ENCODING = re.compile(rb"""\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._:-]+)["']""")
 
@@ -786,7 +786,7 @@ def xml_transcoder(first_chunk: bytes):
 def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, ET.Element]]:
     """(line, element) for every element named record_tag (namespace prefixes dropped from all names),
     streamed: an element is built only between its start and end tag and handed over whole, so memory
-    holds one record, never the file; a record of more than XML_RECORD_CHARS characters is skipped. A file
+    holds one record, never the file; a record of more than MAX_RECORD_CHARS characters is skipped. A file
     that declares entities is refused: no external file, URL or DTD is ever read, and no entity expands
     (an entity left undefined by an unread DTD becomes its HTML character, or a space). A declared encoding
     that expat lacks is decoded here. A malformed file yields what parsed before the error."""
@@ -818,7 +818,7 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
             found += 1
             if builder is None:
                 problems.skip_record(
-                    f"XML record of more than {XML_RECORD_CHARS >> 20}M characters, record skipped", path, first_line
+                    f"XML record of more than {MAX_RECORD_CHARS:,} characters, record skipped", path, first_line
                 )
             else:
                 done.append((first_line, builder.close()))
@@ -827,7 +827,7 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
     def grow(characters):
         nonlocal builder, size
         size += characters
-        if size > XML_RECORD_CHARS:
+        if size > MAX_RECORD_CHARS:
             builder = None  # the rest of the record is only counted through
 
     def data(text):
@@ -905,7 +905,18 @@ def iter_pdf(path, problems: Problems) -> Iterator[tuple[None, list[str]]]:
             if reader.is_encrypted and not reader.decrypt(""):
                 problems.add("encrypted PDF: needs its password", path)
                 return
-            pages = [page.extract_text() or "" for page in reader.pages]
+            pages, characters = [], 0
+            for page in reader.pages:
+                pages.append(page.extract_text() or "")
+                characters += len(pages[-1])
+                if characters > MAX_RECORD_CHARS:  # a small file can list one page thousands of times
+                    problems.add(
+                        f"PDF of more than {MAX_RECORD_CHARS:,} characters of text, file skipped",
+                        path,
+                        None,
+                        f"{len(pages)} of {len(reader.pages)} pages read",
+                    )
+                    return
     except Exception as err:  # noqa: BLE001 - pypdf raises many kinds on damaged files; none may stop a run
         problems.add("unreadable PDF", path, None, f"{type(err).__name__}: {str(err)[:160]}")
         return

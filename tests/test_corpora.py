@@ -1429,14 +1429,14 @@ def test_xml_in_an_encoding_expat_lacks_a_file_without_records_and_a_huge_record
     (tmp_path / "unknown.xml").write_bytes(article.format("x-nonesuch", "T", "A").encode())
     (tmp_path / "bad.xml").write_bytes(article.format("GB2312", "T", "A").encode() + b"\xff\xff")
     (tmp_path / "error.xml").write_text("<html><body>503 Service Unavailable</body></html>", encoding="utf-8")
-    monkeypatch.setattr(corpora, "XML_RECORD_CHARS", 1000)
+    monkeypatch.setattr(corpora, "MAX_RECORD_CHARS", 1000)
     (tmp_path / "huge.xml").write_text(article.format("UTF-8", "T", "词" * 2000) + "\n", encoding="utf-8")
     docs, problems = texts("pubmed", *sorted(tmp_path.iterdir()))
     assert docs == ["高血压\n摘要"] * 3
     assert problems.counts == {
         "undecodable bytes for the XML's declared encoding, rest of file skipped": 1,
         "no <PubmedArticle> element in the file (an error page? another format?), file skipped": 1,
-        "XML record of more than 0M characters, record skipped": 1,
+        "XML record of more than 1,000 characters, record skipped": 1,
         "XML declares an encoding Python does not know, file skipped": 1,
     }
 
@@ -1525,6 +1525,16 @@ def test_pdf_running_lines_are_page_furniture_not_numbered_text():
     assert doc == "Treatment with the first-line drug; softhyphen kept out.\nfluid ff."
     with pytest.raises(corpora.BadRecord, match="PDF has no pages"):
         list(corpora.pdf([]))
+
+
+def test_a_pdf_whose_text_passes_the_record_limit_is_skipped(tmp_path, monkeypatch):
+    pdf_bytes = sample_generator().pdf_bytes
+    path = tmp_path / "long.pdf"
+    path.write_bytes(pdf_bytes([("F1", [f"Line {i} of a long page of text."]) for i in range(8)]))
+    monkeypatch.setattr(corpora, "MAX_RECORD_CHARS", 100)
+    docs, problems = texts("pdf", path)
+    assert docs == [] and problems.counts == {"PDF of more than 100 characters of text, file skipped": 1}
+    assert "pages read" in problems.examples[0]
 
 
 def test_pdf_textless_pages_and_damaged_files_are_counted(tmp_path):
