@@ -1692,6 +1692,7 @@ def cmb(record, path):
     )
 
 
+CMEXAM_NO_VALUE = ("", "不符合", "N/A", "NA", "nan")  # what CMExam's annotation columns hold where none applies
 CMEXAM_OPTION = re.compile(r"([A-Z])(?:[\s.．、:：]+(.*))?")
 
 
@@ -1704,8 +1705,20 @@ def cmexam(record, path):
         match = CMEXAM_OPTION.fullmatch(line)
         if not match:
             raise BadRecord("Options line is not '<LETTER> <text>'", line[:40])
+        if match[1] in options:
+            raise BadRecord("Options gives a letter twice", line[:40])
         options[match[1]] = (match[2] or "").strip()
-    subject = text_field(record, "Clinical Department", False) or text_field(record, "Medical Discipline", False)
+    subject = next(
+        (
+            value
+            for value in (
+                text_field(record, "Clinical Department", False),
+                text_field(record, "Medical Discipline", False),
+            )
+            if value not in CMEXAM_NO_VALUE
+        ),
+        "",
+    )
     yield make_question(
         text_field(record, "Question"),
         options,
@@ -1785,6 +1798,8 @@ def llava(record):
     Chinese LLaVA caption and instruction sets; JSON array or lines): `id`, `image` (a path under the image
     folder, or a list of them; absent: a text-only conversation), `conversations` [{from: human|gpt, value}]."""
     images = image_names(_value(record, "image", False), "image")
+    if "conversations" not in record and "conversatons" in record:  # LLaVA-Med's files spell it so
+        record = {**record, "conversations": record["conversatons"]}
     messages = messages_field(record, "conversations", "from", "value")
     messages = [(role, placeholders_first(text)) for role, text in messages]
     yield from image_dialogue(messages, images)
@@ -1839,7 +1854,7 @@ def slake(record):
     content_type, modality, location, base_type, triple}. Both languages are kept."""
     yield vqa_item(
         text_field(record, "question"),
-        text_field(record, "answer"),
+        count_or_text(record, "answer"),
         text_field(record, "img_name"),
         text_field(record, "answer_type", False),
     )
@@ -1850,16 +1865,20 @@ PMC_CHOICE = re.compile(r"^\s*([A-D])\s*[:：]\s*")
 
 @register("pmc_vqa", "image", containers=("csv",), companions=IMAGE_FILES)
 def pmc_vqa(record):
-    """PMC-VQA (train.csv / test.csv and the *_2.csv versions; images under images/): Figure_path, Question,
-    Answer (spelt Anwser in an older release), Choice A-D ("A:CT", " B:MRI "), Answer_label (the gold letter).
-    Four-option questions: the prompt lists "A. CT" lines, the answer is "B. MRI"."""
+    """PMC-VQA (images under images/). train.csv / test.csv: Figure_path, Question, Answer (the gold choice's
+    text; spelt Anwser in an older release), Choice A-D ("A:CT", " B:MRI "), Answer_label (the gold letter).
+    train_2.csv / test_2.csv: no Answer_label, and Answer is the gold letter. Four-option questions: the prompt
+    lists "A. CT" lines, the answer is "B. MRI"."""
     options = {letter: PMC_CHOICE.sub("", text_field(record, f"Choice {letter}")).strip() for letter in "ABCD"}
     answer = PMC_CHOICE.sub("", text_field(record, "Answer" if "Answer" in record else "Anwser")).strip()
-    label = text_field(record, "Answer_label", False).upper() or next(
-        (letter for letter, text in options.items() if text == answer), ""
-    )
+    if "Answer_label" not in record and answer.upper() in ("A", "B", "C", "D"):  # *_2.csv: Answer is the letter
+        label = answer.upper()
+    else:
+        label = text_field(record, "Answer_label", False).upper() or next(
+            (letter for letter, text in options.items() if text == answer), ""
+        )
     if not options.get(label):
-        raise BadRecord("Answer_label is not one of the choices", repr(label))
+        raise BadRecord("the answer is none of the choices (by Answer_label, letter or text)", repr(label or answer))
     yield vqa_item(
         text_field(record, "Question"),
         f"{label}. {options[label]}",
@@ -1882,8 +1901,16 @@ def vqa_rad(record):
     else:
         image = text_field(record, "image_name")
     yield vqa_item(
-        text_field(record, "question"), text_field(record, "answer"), image, text_field(record, "answer_type", False)
+        text_field(record, "question"), count_or_text(record, "answer"), image, text_field(record, "answer_type", False)
     )
+
+
+def count_or_text(record, name: str) -> str:
+    """A VQA answer: text, or an integer (VQA-RAD's "How many gallstones?" is answered 4, not "4")."""
+    value = _value(record, name, True)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return text_field(record, name)
 
 
 # ---- preference pairs (DPO): {"history": [(prompt, answer), ...], "prompt", "chosen", "rejected"}

@@ -592,17 +592,29 @@ def normalise_answer(text):
     return "".join(ch for ch in text if not (ch.isspace() or unicodedata.category(ch).startswith("P")))
 
 
-OPTION_LETTER = re.compile(r"([A-Za-z])(?:$|[\s.:、)])")  # after NFKC: "B", "B. MRI", "b：MRI", "B)"
+LETTER_ALONE = re.compile(r"\(?([A-Za-z])[.:、)]?")  # after NFKC: "B", "B.", "(B)", "b："
+LETTER_FIRST = re.compile(r"\(?([A-Za-z])[.:、)]\s*(.*)")  # "B. MRI", "b：MRI", "B) MRI"
+LETTER_SPACE = re.compile(r"([A-Za-z])\s+(.+)")  # "B MRI": a letter only if the rest is its option's text
 
 
 def option_letter(prediction, options):
-    """The option a prediction picks: its leading letter, or the option whose text it is; "" if neither."""
+    """The option a prediction picks, "" if none: a letter alone; else the option whose text it is ("A cyst"
+    is option B's text, not the letter A); else a letter before punctuation; else a letter, a space and that
+    option's text."""
     text = unicodedata.normalize("NFKC", prediction).strip()
-    match = OPTION_LETTER.match(text)
-    if match and match[1].upper() in options:
+    if (match := LETTER_ALONE.fullmatch(text)) and match[1].upper() in options:
         return match[1].upper()
     said = normalise_answer(text)
-    return next((letter for letter, option in options.items() if normalise_answer(option) == said), "")
+    by_text = next((letter for letter, option in options.items() if said and normalise_answer(option) == said), "")
+    if by_text:
+        return by_text
+    if (match := LETTER_FIRST.fullmatch(text)) and match[1].upper() in options:
+        return match[1].upper()
+    if (match := LETTER_SPACE.fullmatch(text)) and normalise_answer(match[2]) == normalise_answer(
+        options.get(match[1].upper(), "\0")
+    ):
+        return match[1].upper()
+    return ""
 
 
 def judge(item, prediction):

@@ -388,6 +388,27 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "lone_cr"],
     ),
     Mutation(
+        "pmc_vqa_v2_letter_read_as_choice_text",
+        "corpora.py",
+        'if "Answer_label" not in record and answer.upper() in ("A", "B", "C", "D"):',
+        "if False:",
+        ["tests/test_vlm.py", "-k", "bad_records_are_counted_not_fatal"],
+    ),
+    Mutation(
+        "vqa_option_text_starting_with_a_read_as_letter_a",
+        "eval.py",
+        "by_text = next(",
+        "by_text = '' and next(",
+        ["tests/test_vlm.py", "-k", "scoring"],
+    ),
+    Mutation(
+        "cmexam_repeated_letter_overwrites",
+        "corpora.py",
+        "        if match[1] in options:",
+        "        if False:",
+        ["tests/test_corpora.py", "-k", "cmmlu_cmb_cmexam"],
+    ),
+    Mutation(
         "csv_unit_stops_inside_a_row",
         "corpora.py",
         "                span.read_to_end = True  # a row",

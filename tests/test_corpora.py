@@ -689,10 +689,15 @@ def test_cmmlu_cmb_cmexam(tmp_path):
     cmexam.write_text(
         "Question,Options,Answer,Explanation,Clinical Department\n"
         '"初步评估贫血首选的检查是","A 血常规\nB 头颅CT\nC 肌电图",A,"血常规反映血红蛋白。",内科\n'
-        '"没有答案的题","A 甲\nB 乙",,,\n',
+        '"没有答案的题","A 甲\nB 乙",,,\n'
+        '"科室不适用的题","A 甲\nB 乙",B,,不符合\n'
+        '"字母重复的题","A 甲\nB 乙\nB 丙",B,,内科\n',
         encoding="utf-8",
     )
     found, problems = questions("cmexam", cmexam)
+    assert found[2]["subject"] == "" and len(found) == 3  # "不符合" (not applicable) is no subject
+    assert problems.counts == {"Options gives a letter twice": 1}
+    found = found[:2]
     assert found[0] == {
         "question": "初步评估贫血首选的检查是",
         "options": {"A": "血常规", "B": "头颅CT", "C": "肌电图"},
@@ -701,7 +706,7 @@ def test_cmmlu_cmb_cmexam(tmp_path):
         "explanation": "血常规反映血红蛋白。",
         "where": 2,
     }
-    assert found[1]["answer"] == "" and not problems.counts
+    assert found[1]["answer"] == ""
 
 
 def test_reading_a_format_as_the_wrong_kind_is_an_error():

@@ -162,7 +162,7 @@ def read(spec, folder=None):
     return list(corpora.iter_image_dialogues(corpora.parse_source(spec), problems, folder)), problems
 
 
-def test_readers_on_the_sample():
+def test_readers_on_the_sample(tmp_path):
     items, problems = read(f"llava={VLM_SAMPLE / 'llava' / 'llava_v1_5_mix665k_sample.json'}")
     assert len(items) == 13 and not problems.total
     assert items[0].turns == [("<image>\n图中左上角是什么形状？", "是一个圆形。"), ("它是什么颜色的？", "红色。")]
@@ -194,6 +194,17 @@ def test_readers_on_the_sample():
 
     items, problems = read(f"vqa_rad={VLM_SAMPLE / 'vqa_rad'}")  # the folder: images are skipped quietly
     assert len(items) == 24 and not problems.total
+    counting = tmp_path / "VQA_RAD Dataset Public.json"  # an answer that is a count is a number in the real file
+    (tmp_path / "VQA_RAD Image Folder").mkdir()
+    drawn().save(tmp_path / "VQA_RAD Image Folder" / "a.jpg")
+    record = {"qid": 1, "image_name": "a.jpg", "question": "How many gallstones?", "answer": 4, "answer_type": "OPEN"}
+    counting.write_text(json.dumps([record, {**record, "answer": True}]), encoding="utf-8")
+    counted, problems = read(f"vqa_rad={counting}")
+    assert [item.turns[0][1] for item in counted] == ["4"] and problems.counts == {"field 'answer' is not text": 1}
+    llava_med = tmp_path / "llava_med.json"  # LLaVA-Med's files spell the field "conversatons"
+    conversation = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cyst."}]
+    llava_med.write_text(json.dumps([{"id": "1", "image": "a.jpg", "conversatons": conversation}]), encoding="utf-8")
+    assert len(read(f"llava={llava_med}", tmp_path / "VQA_RAD Image Folder")[0]) == 1
     assert items[1].turns == [("<image>\n图像中有病灶吗？", "没有")] and items[4].turns[0][1] == "有"
     assert items[1].answer_type == "closed" and items[0].images[0].parent.name == "VQA_RAD Image Folder"
 
@@ -236,7 +247,17 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
     (tmp_path / "pmc.csv").write_text(rows, encoding="utf-8")
     items, problems = read(f"pmc_vqa={tmp_path / 'pmc.csv'}")
     assert [(i.label, i.turns[0][1]) for i in items] == [("B", "B. CT")]
-    assert problems.counts == {"Answer_label is not one of the choices": 1}
+    assert problems.counts == {"the answer is none of the choices (by Answer_label, letter or text)": 1}
+    # the *_2.csv layout: no Answer_label, Answer is the gold letter (here against a choice whose text is "C")
+    rows = (
+        "index,Figure_path,Caption,Question,Choice A,Choice B,Choice C,Choice D,Answer,split\n"
+        "0,a.png,cap,哪个字母？,A:D,B:C,C:A,D:B,A,test\n"
+        "1,a.png,cap,哪种检查？,A:超声,B:CT,C:MRI,D:X线,E,test\n"
+    )
+    (tmp_path / "test_2.csv").write_text(rows, encoding="utf-8")
+    items, problems = read(f"pmc_vqa={tmp_path / 'test_2.csv'}")
+    assert [(i.label, i.turns[0][1]) for i in items] == [("A", "A. D")]
+    assert problems.counts == {"the answer is none of the choices (by Answer_label, letter or text)": 1}
 
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
     items, problems = read(f"minimind_v={tmp_path / 'broken.parquet'}")
@@ -245,7 +266,8 @@ def test_bad_records_are_counted_not_fatal(tmp_path):
 
 def test_values_that_are_not_text_never_become_text(tmp_path):
     """Image-text readers take only strings as questions, answers and image names: a number, a list, an
-    object or a boolean makes the record a counted bad one, never "5" or "None" as text."""
+    object or a boolean makes the record a counted bad one, never "5" or "None" as text. The one exception:
+    an answer that is an integer, a count (VQA-RAD's "How many?")."""
     (tmp_path / "imgs").mkdir()
     drawn().save(tmp_path / "imgs" / "a.png")
     good = {
@@ -260,8 +282,9 @@ def test_values_that_are_not_text_never_become_text(tmp_path):
     records = [good] + [{**good, field: value} for field in ("question", "answer", "img_name") for value in not_text]
     (tmp_path / "slake.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     items, problems = read(f"slake={tmp_path / 'slake.json'}")
-    assert [i.turns[0][1] for i in items] == ["没有"]
-    assert problems.total == 3 * len(not_text)
+    assert [i.turns[0][1] for i in items] == ["没有", "5"]
+    assert problems.total == 3 * len(not_text) - 1
+    items = items[:1]
     # image paths relative to the data folder: tmp_path itself may hold a "5" (pytest-15)
     strings = [text for i in items for turn in i.turns for text in turn]
     strings += [str(Path(p).relative_to(tmp_path)) for i in items for p in i.images]
@@ -589,6 +612,17 @@ def test_vqa_scoring():
         ("", False),
     ]:
         assert evaluate.judge(options, prediction) == (right, right), prediction
+    english = corpora.ImageDialogue(
+        [("<image>\nq", "B. A cyst")], [], "closed", {"A": "Benign tumor", "B": "A cyst"}, "B"
+    )
+    for prediction, right in [
+        ("A cyst", True),
+        ("a cyst.", True),
+        ("B A cyst", True),
+        ("A", False),
+        ("A. Benign tumor", False),
+    ]:
+        assert evaluate.judge(english, prediction) == (right, right), prediction
     opened = corpora.ImageDialogue([("<image>\n哪一侧？", "左肺")], [], "open", origin=("f.json", "#3"))
     table = {"有异常吗": "yes", "q": "B", "哪一侧": "左肺。"}
     r = evaluate.evaluate_vqa(
