@@ -4,7 +4,7 @@ every script uses.
 A checkpoint holds the fp32 master weights, optimizer and grad-scaler state, the global step, the
 phase, the data sampler's state, every RNG, the config, the model arguments, the tokenizer's
 fingerprint and the id of the run that wrote it. Under FSDP2 the optimizer and the sharded weights
-resume from a torch.distributed.checkpoint folder (`<name>.dcp/`, one shard per rank); the `<name>`
+resume from a torch.distributed.checkpoint folder (`<name>.dcp-<step>/`, one shard per rank); the `<name>`
 file beside it holds everything else and the full weights gathered for inference, so every reader
 loads it alike.
 

@@ -6,7 +6,7 @@
 
 Stages, each one of the project's own commands run exactly as a user would run it:
  1. tokenizer   ChatGLM2's when chatglm_tokenizer/tokenizer.model exists, else one trained on the sample
- 2. data        data_process.py over every sample pretraining corpus
+ 2. data        data_process.py over the sample corpora listed in data/sample/sources.json
  3. pretrain    pretrain.py config/pretrain_tiny.py: the four MiniCPM phases
  4. sft         sft_data_process.py over every sample SFT set, then sft.py config/sft_tiny.py
  5. eval        eval.py: held-out perplexity after every phase and after SFT; the sample C-Eval/CMMLU/

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corpora import holds_surrogate, json_loads
 from engine import Engine, QueueFull
 from inference import DEFAULTS, MODES, TextDecoder, build_prompt, load
+from vlm import is_vlm_file
 
 PAGE = Path(__file__).with_name("serve.html")
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -325,7 +326,7 @@ class Server:
         if images:
             raise ApiError(
                 400,
-                f"image inputs need a vision-language checkpoint; '{self.model_name}' is a text-only model",
+                f"image inputs are not served: '{self.model_name}' is a text model (serve.py serves text checkpoints)",
                 "messages",
                 "unsupported_content",
             )
@@ -633,9 +634,15 @@ def main(argv=None):
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on a GPU that supports it, else float32",
+        help="auto: bfloat16 where it is faster here (a GPU that supports it; a CPU whose measured bf16 decoding "
+        "matmul beats fp32), else float32",
     )
     args = parser.parse_args(argv)
+    if is_vlm_file(args.ckpt):  # the engine batches text rows; chat.py --image and eval.py vqa take images
+        raise SystemExit(
+            f"serve.py: {args.ckpt} is a vision-language checkpoint; serve.py serves text checkpoints "
+            "(for images: chat.py --image, eval.py vqa)"
+        )
     try:
         model, tok, ckpt, mode = load(args.ckpt, args.tokenizer, args.device, args.dtype, adapter=args.adapter)
     except (FileNotFoundError, ValueError) as err:

@@ -2,8 +2,8 @@
 script applies each one to a scratch copy of the repository, runs the tests that should catch it, and
 prints a caught/escaped table. Not collected by pytest (no test_ prefix): run it by hand.
 
-    python tests/mutations.py                 # every mutation (about 15-25 minutes on 2 cores)
-    python tests/mutations.py -k no_sync      # the mutations whose name contains "no_sync"
+    python tests/mutations.py                 # every mutation (about 10-15 minutes on 2 cores)
+    python tests/mutations.py -k micro_step   # the mutations whose name contains "micro_step"
     python tests/mutations.py --list
 
 A mutation is (name, file, the exact text it replaces, the replacement, the tests to run). The text must

@@ -569,6 +569,13 @@ def vlm_ckpt(tmp_path_factory, tiny_tokenizer, tower_dir, text_ckpt):
     return save(model, tmp_path_factory.mktemp("vlm") / "ckpt.pt", tiny_tokenizer, phase="instruct")
 
 
+def test_serve_refuses_a_vision_language_checkpoint_in_one_line(vlm_ckpt, tiny_tokenizer_dir):
+    import serve
+
+    with pytest.raises(SystemExit, match="is a vision-language checkpoint; serve.py serves text checkpoints"):
+        serve.main(["--ckpt", str(vlm_ckpt), "--tokenizer", str(tiny_tokenizer_dir)])
+
+
 def test_chat_with_images(vlm_ckpt, text_ckpt, tiny_tokenizer_dir, capsys):
     image = str(VLM_SAMPLE / "slake" / "imgs" / "xmlab2" / "source.jpg")
     model, tok, _, mode = inference.load(vlm_ckpt, tiny_tokenizer_dir)
