@@ -1653,11 +1653,12 @@ def test_line_blocks_decode_as_their_lines_one_by_one():
         ("中文" * 10 + "\n").encode(),
         b"plain ascii\r\n",
         BINARY_LINE + b"\n",
+        ("记录：é糖尿病" * 4 + "\n").encode(),  # long UTF-8 whose GB18030 reading is CJK, not private use
         "末行".encode("gb18030"),
     ]
     for encoding in ("utf-8", "gb18030"):
         decoder = corpora.LineDecoder(encoding)
-        for chosen in ([0, 4], [1, 2, 4], [1, 3, 6], [3, 1], [0, 1, 5, 4], [2, 4, 6], list(range(7))):
+        for chosen in ([0, 4], [1, 2, 4], [1, 3, 7], [3, 1], [0, 1, 5, 4], [2, 4, 7], [1, 6, 2], list(range(8))):
             block = b"".join(lines[i] for i in chosen)
             expected = [decoder.decode(lines[i]) for i in chosen]
             text, bad = decoder.decode_block(block)
