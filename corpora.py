@@ -195,6 +195,12 @@ def _strict(data: bytes, encoding: str, final: bool = True) -> str | None:
         return None
 
 
+def _strict_gb18030(data: bytes, final: bool = True) -> str | None:
+    """data as GB18030, or None: invalid, or read into the Private Use Area (Big5 and the like)."""
+    text = _strict(data, "gb18030", final)
+    return None if text is None or PRIVATE_USE.search(text) else text
+
+
 def open_binary(path):
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
@@ -228,9 +234,7 @@ def vote_encoding(head: bytes) -> str | None:
     """UTF-8 or GB18030 by a vote of the non-ASCII lines that decode in one of them (None: no line does).
     GB text is practically never valid UTF-8, while short UTF-8 lines often are valid GB18030, so a line
     valid as UTF-8 votes UTF-8: a UTF-8 file with a few GB18030 lines stays UTF-8, and its UTF-8 lines are
-    not read as GB18030 mojibake."""
-    if head.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
+    not read as GB18030 mojibake. (A BOM is valid UTF-8: such a file votes UTF-8.)"""
     lines = head.split(b"\n")
     utf8 = gb = 0
     for index, line in enumerate(lines):
@@ -239,7 +243,7 @@ def vote_encoding(head: bytes) -> str | None:
         whole = index < len(lines) - 1  # the last may be cut inside a character
         if _strict(line, "utf-8", whole) is not None:
             utf8 += 1
-        elif (as_gb := _strict(line, "gb18030", whole)) is not None and not PRIVATE_USE.search(as_gb):
+        elif _strict_gb18030(line, whole) is not None:
             gb += 1
     if not utf8 and not gb:
         return None
@@ -309,8 +313,7 @@ class LineDecoder:
         as_utf8 = _strict(raw, "utf-8", final)
         if as_utf8 is not None and (self.utf8 or len(raw) - len(as_utf8) >= STRONG_UTF8_BYTES):
             return "utf-8"
-        as_gb = _strict(raw, "gb18030", final)
-        if as_gb is None or PRIVATE_USE.search(as_gb):
+        if _strict_gb18030(raw, final) is None:
             return "utf-8" if as_utf8 is not None else None
         if as_utf8 is None and self.utf8 and _mostly_utf8(raw):
             return None
@@ -615,13 +618,15 @@ def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
                 for index, item in enumerate(_array_items(reader, backend)):
                     if index < count:  # handled before the C backend's error
                         continue
+                    marked = (reader.bad_lines or reader.lone_surrogates) and item is not TOO_DEEP
+                    text = json.dumps(item, ensure_ascii=False) if marked else ""
                     if item is TOO_DEEP:
                         problems.skip_record(
                             f"JSON nested deeper than {MAX_JSON_DEPTH} levels, record skipped", path, f"#{count}"
                         )
-                    elif reader.bad_lines and UNDECODABLE_MARK in json.dumps(item, ensure_ascii=False):
+                    elif UNDECODABLE_MARK in text:
                         problems.skip_record(UNDECODABLE, path, f"#{count}")
-                    elif reader.lone_surrogates and LONE_SURROGATE_MARK in json.dumps(item, ensure_ascii=False):
+                    elif LONE_SURROGATE_MARK in text:
                         problems.skip_record(LONE_SURROGATE, path, f"#{count}")
                     else:
                         yield f"#{count}", item
@@ -646,12 +651,12 @@ def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tup
     if span is not None and span.start:  # the header is the file's first row, read before the span
         before = _csv_rows(path, Problems(), Span(0, span.start, 1))
         header = next(([name.strip() for name in row] for _, row, _ in before), None)
-        if header and len(set(header)) < len(header):  # the unit that starts the file reports it
+        if header and repeated_columns(header):  # the unit that starts the file reports it
             return
     for where, row, last in _csv_rows(path, problems, span):
         if header is None:
             header = [name.strip() for name in row]
-            twice = sorted({name for name in header if header.count(name) > 1})
+            twice = repeated_columns(header)
             if twice:  # a row would keep only the last of them, silently
                 problems.add(
                     "CSV header names a column twice, file skipped",
@@ -670,6 +675,10 @@ def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tup
             )
         else:
             yield where, dict(zip(header, row))
+
+
+def repeated_columns(header: list[str]) -> list[str]:
+    return sorted({name for name in header if header.count(name) > 1})
 
 
 def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int, list, int]]:
@@ -745,7 +754,7 @@ def _cr_lines(lines):
     """Lines ended by a lone \r (classic Mac OS files) split there, as \n-ended lines under the same number:
     otherwise such a file is one line, and its blank lines never separate documents."""
     for lineno, line, clean in lines:
-        if "\r" not in line.replace("\r\n", ""):
+        if "\r" not in line or "\r" not in line.replace("\r\n", ""):
             yield lineno, line, clean
             continue
         pieces = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -1310,12 +1319,10 @@ def inline_text(element, skip=frozenset()) -> str:
         return inline_text(chosen, skip)
     parts = [element.text or ""]
     for child in element:
-        if child.tag in skip or child.tag in JATS_NOT_INLINE or citation_marks(child):
-            pass
-        elif child.tag == "sup" and after_digit(parts) and NUMBER.fullmatch(text := inline_text(child, skip)):
-            parts.append("^" + text)
-        else:
-            parts.append(inline_text(child, skip))
+        if not (child.tag in skip or child.tag in JATS_NOT_INLINE or citation_marks(child)):
+            text = inline_text(child, skip)
+            power = child.tag == "sup" and after_digit(parts) and NUMBER.fullmatch(text)
+            parts.append("^" + text if power else text)
         parts.append(child.tail or "")
     return " ".join("".join(parts).split())
 

@@ -610,10 +610,9 @@ def option_letter(prediction, options):
         return by_text
     if (match := LETTER_FIRST.fullmatch(text)) and match[1].upper() in options:
         return match[1].upper()
-    if (match := LETTER_SPACE.fullmatch(text)) and normalise_answer(match[2]) == normalise_answer(
-        options.get(match[1].upper(), "\0")
-    ):
-        return match[1].upper()
+    if (match := LETTER_SPACE.fullmatch(text)) and match[1].upper() in options:
+        letter = match[1].upper()
+        return letter if normalise_answer(match[2]) == normalise_answer(options[letter]) else ""
     return ""
 
 

@@ -362,8 +362,8 @@ MUTATIONS = [
     Mutation(
         "gb18030_private_use_taken_as_text",
         "corpora.py",
-        "if as_gb is None or PRIVATE_USE.search(as_gb):",
-        "if as_gb is None:",
+        "return None if text is None or PRIVATE_USE.search(text) else text",
+        "return text",
         ["tests/test_corpora.py", "-k", "big5"],
     ),
     Mutation(
