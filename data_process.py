@@ -36,6 +36,13 @@ A source that yields no document is an error (after the other sources are done),
 Every file the run deletes lies in OUT/NAME, whose NAME is a plain folder name.
 """
 
+import os
+
+if __name__ == "__main__":
+    # numpy's OpenBLAS starts a thread per core at import that spins for ~0.1 CPU second, taken from the
+    # workers on a small machine; nothing here multiplies matrices (the worker processes are the parallelism)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import contextlib
 import dataclasses
@@ -44,7 +51,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import re
 import shutil
 import sys
@@ -255,7 +261,7 @@ class UnitResult:
     read_to_end: bool  # a CSV unit read on to the end of its file (corpora.Span): the file's later units are void
 
 
-_tokenizer = None  # set in each worker by _init_worker
+_tokenizer = None  # the encoder of this process: inherited by forked workers, loaded by _init_worker in others
 
 
 def _init_worker(tokenizer_path):
@@ -726,7 +732,7 @@ def process_sources(
         bands_folder = Path(tempfile.mkdtemp(prefix=".minhash-", suffix=".tmp", dir=out_dir))  # this run's alone
         run.dedup.bands = BandKeys(bands_folder)
     try:
-        with worker_pool(workers, tokenizer_path) as encode:
+        with worker_pool(workers, tokenizer, tokenizer_path) as encode:
             for source in sources:
                 if not source.files:
                     failed.append(f"source '{source.name}': nothing matches {source.location!r}")
@@ -777,14 +783,16 @@ def claim_out(out_dir: Path):
 class worker_pool:
     """`encode(function, tasks)`: results in task order; workers=1 runs in this process."""
 
-    def __init__(self, workers, tokenizer_path):
-        self.workers, self.tokenizer_path, self.pool = workers, tokenizer_path, None
+    def __init__(self, workers, tokenizer, tokenizer_path):
+        self.workers, self.tokenizer, self.tokenizer_path, self.pool = workers, tokenizer, tokenizer_path, None
 
     def __enter__(self):
+        global _tokenizer
+        _tokenizer = self.tokenizer
         if self.workers <= 1:
-            _init_worker(self.tokenizer_path)
             return map
-        self.pool = multiprocessing.Pool(self.workers, _init_worker, (self.tokenizer_path,))
+        forked = multiprocessing.get_start_method() == "fork"  # Linux: the workers start with the encoder loaded
+        self.pool = multiprocessing.Pool(self.workers, None if forked else _init_worker, (self.tokenizer_path,))
         return lambda function, tasks: self.pool.imap(function, tasks, chunksize=1)
 
     def __exit__(self, *error):

@@ -283,6 +283,13 @@ MUTATIONS = [
         ["tests/test_data_process.py", "-k", "one_run_at_a_time"],
     ),
     Mutation(
+        "data_process_spawned_workers_have_no_encoder",
+        "data_process.py",
+        "None if forked else _init_worker",
+        "None",
+        ["tests/test_data_process.py", "-k", "spawned_workers"],
+    ),
+    Mutation(
         "data_process_reads_its_own_output_back",
         "data_process.py",
         "files=[p for p in source.files if not p.resolve().is_relative_to(out_root)]",

@@ -4,6 +4,8 @@ idempotent re-runs, crash safety, and the errors raised before any work."""
 import errno
 import json
 import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import corpora
 import data_process as dp
 from corpora import Source
 
-from conftest import SAMPLE, SAMPLE_SOURCES
+from conftest import ROOT, SAMPLE, SAMPLE_SOURCES
 
 DOCS = [
     "高血压患者应定期监测血压，遵医嘱服药。",
@@ -206,6 +208,35 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     assert runs["one"][0]["skipped"] == {"exact duplicate of an earlier document": 50, "malformed JSON line": 1}
     assert runs["one"][1]["documents_kept"] == 120
     assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
+
+
+def test_spawned_workers_load_their_own_encoder(tmp_path, tokenizer):
+    """Forked workers (Linux) start with the parent's encoder; spawned ones (macOS, Windows) load theirs.
+    The output is the same bytes either way."""
+    path = write_corpus(tmp_path / "c.jsonl", random_docs(300))
+    for method in ("fork", "spawn"):
+        code = (
+            f"import multiprocessing, sys; multiprocessing.set_start_method({method!r}); "
+            "import data_process; data_process.main(sys.argv[1:])"
+        )
+        command = [
+            "--source",
+            f"skypile_c={path}",
+            "--out",
+            str(tmp_path / method),
+            "--tokenizer",
+            str(tokenizer.vocab_file),
+        ]
+        command += ["--workers", "2", "--unit-mb", "0.002"]
+        subprocess.run([sys.executable, "-c", code, *command], cwd=ROOT, check=True, capture_output=True)
+    fork, spawn = (
+        json.loads((tmp_path / method / "skypile_c" / "manifest.json").read_text()) for method in ("fork", "spawn")
+    )
+    assert fork["documents_kept"] == spawn["documents_kept"] == 300 and fork["shards"] == spawn["shards"]
+    assert (
+        shard_tokens(tmp_path / "fork" / "skypile_c", fork).tobytes()
+        == shard_tokens(tmp_path / "spawn" / "skypile_c", spawn).tobytes()
+    )
 
 
 def test_shards_hold_whole_documents_and_sort_in_order(tmp_path, tokenizer):
