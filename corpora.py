@@ -53,6 +53,8 @@ PRIOR_SCAN_BYTES = 1 << 26  # ... looked for this far into a file whose head is 
 STRONG_UTF8_BYTES = 16  # a valid UTF-8 line with this many extra bytes of multi-byte characters is UTF-8
 LINE_PIECE = 1 << 20  # a JSON array line longer than this is decoded piece by piece
 LINE_BLOCK = 1 << 18  # lines are read and decoded this many bytes at a time (one decode call, not one per line)
+MAX_LINE_BYTES = 64 << 20  # a longer line of a line-based file is skipped unread: decoded and parsed, a line
+# takes about ten times its size in memory, and no JSON-lines record, CSV row or text line is this long
 XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
@@ -344,15 +346,16 @@ def _with_replacements(raw: bytes) -> str:
     return raw.decode(detect_encoding(raw), "replace")
 
 
-def line_blocks(path, span: Span | None = None) -> Iterator[bytes]:
+def line_blocks(path, span: Span | None = None) -> Iterator[bytes | None]:
     """The file (or the span's range) as blocks of whole lines, growing from SNIFF_BYTES to LINE_BLOCK
     bytes (a reader that wants only the first lines reads little); the UTF-8 BOM at the start of a file
-    removed. Blocks are read with read1, so a truncated .gz yields every block before the damage, then
-    raises."""
+    removed. A line of more than MAX_LINE_BYTES is never held whole: None stands for it. Blocks are read
+    with read1, so a truncated .gz yields every block before the damage, then raises."""
     start, end = (span.start, span.end) if span else (0, None)
     with open_binary(path) as f:
         f.seek(start)
-        position, rest, size = start, bytearray(), SNIFF_BYTES  # bytearray: a line of 100s of MB grows in place
+        position, rest, size = start, bytearray(), SNIFF_BYTES  # bytearray: a long line grows in place
+        overlong = False  # inside a line of more than MAX_LINE_BYTES, whose bytes are dropped as they come
         while end is None or position < end:
             data = f.read1(size if end is None else min(size, end - position))
             if not data:
@@ -360,32 +363,71 @@ def line_blocks(path, span: Span | None = None) -> Iterator[bytes]:
             rest += data.removeprefix(codecs.BOM_UTF8) if position == 0 else data
             position, size = position + len(data), min(2 * size, LINE_BLOCK)
             cut = rest.rfind(b"\n", max(0, len(rest) - len(data))) + 1  # the bytes before this read hold no newline
+            if overlong:
+                if not cut:
+                    rest.clear()
+                    continue
+                yield None
+                del rest[: rest.find(b"\n") + 1]
+                overlong, cut = False, rest.rfind(b"\n") + 1
             if cut:
-                yield bytes(rest[:cut])
+                yield from _overlong_lines_as_none(bytes(rest[:cut]))
                 del rest[:cut]
-        if rest:
-            yield bytes(rest)
+            if len(rest) > MAX_LINE_BYTES:
+                overlong = True
+                rest.clear()
+        if overlong:
+            yield None
+        elif rest:
+            yield from _overlong_lines_as_none(bytes(rest))
 
 
-def decoded_blocks(path, span: Span | None = None) -> Iterator[tuple[str, list[int], int]]:
-    """(text, indices of its undecodable lines, its line count) per line block, each line decoded on its
-    own by LineDecoder's rule (see LineDecoder.decode_block)."""
+def _overlong_lines_as_none(block: bytes) -> Iterator[bytes | None]:
+    """The block, with None for each of its lines of more than MAX_LINE_BYTES (only so long a block can
+    hold one: a line's first MAX_LINE_BYTES bytes and one more read)."""
+    if len(block) <= MAX_LINE_BYTES:
+        yield block
+        return
+    done = start = 0  # done: the end of what was yielded; start: of the line looked at
+    while start < len(block):
+        end = block.find(b"\n", start) + 1 or len(block)
+        if end - start > MAX_LINE_BYTES:
+            if done < start:
+                yield block[done:start]
+            yield None
+            done = end
+        start = end
+    if done < len(block):
+        yield block[done:]
+
+
+OVERLONG_LINE = f"line of more than {MAX_LINE_BYTES >> 20} MiB, record skipped"
+
+
+def decoded_blocks(path, span: Span | None = None) -> Iterator[tuple[str, dict[int, str], int]]:
+    """(text, {index of a line: why its record is skipped}, its line count) per line block, each line
+    decoded on its own by LineDecoder's rule (see LineDecoder.decode_block). A line of more than
+    MAX_LINE_BYTES reads as one empty line."""
     decoder = LineDecoder(file_encoding(path))
     for block in line_blocks(path, span):
+        if block is None:
+            yield "\n", {0: OVERLONG_LINE}, 1
+            continue
         text, bad = decoder.decode_block(block)
-        yield text, bad, block.count(b"\n") + (not block.endswith(b"\n"))
+        yield text, dict.fromkeys(bad, UNDECODABLE), block.count(b"\n") + (not block.endswith(b"\n"))
 
 
-def read_lines(path, problems: Problems, span: Span | None = None) -> Iterator[tuple[int, str, bool]]:
-    """(line number, line with its line ending, clean). A line LineDecoder cannot decode comes with
-    clean=False and U+FFFD for its bad bytes (quotes, commas and newlines intact, so a CSV row keeps its
-    shape): the caller skips the record that holds it and counts it (UNDECODABLE). With a span, only
-    that byte range is read (see split_source)."""
+def read_lines(path, problems: Problems, span: Span | None = None) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, line with its line ending, problem). A line LineDecoder cannot decode comes with
+    problem UNDECODABLE and U+FFFD for its bad bytes (quotes, commas and newlines intact, so a CSV row
+    keeps its shape), a line of more than MAX_LINE_BYTES as an empty line with problem OVERLONG_LINE: the
+    caller skips the record that holds it and counts it under that reason. With a span, only that byte
+    range is read (see split_source)."""
     lineno = span.first_line if span else 1
     try:
         for text, bad, count in decoded_blocks(path, span):
             for index, line in enumerate(io.StringIO(text, newline="\n")):  # lines end at "\n" only
-                yield lineno + index, line, index not in bad
+                yield lineno + index, line, bad.get(index)
             lineno += count
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         problems.add("truncated or corrupt gzip file", path, lineno, str(err))
@@ -426,9 +468,9 @@ def json_loads(text):
 
 
 def iter_jsonl(path, problems: Problems, span=None) -> Iterator[tuple[int, object]]:
-    for lineno, line, clean in read_lines(path, problems, span):
-        if not clean:
-            problems.skip_record(UNDECODABLE, path, lineno)
+    for lineno, line, problem in read_lines(path, problems, span):
+        if problem:
+            problems.skip_record(problem, path, lineno)
             continue
         line = line.strip()
         if not line:
@@ -683,10 +725,10 @@ def repeated_columns(header: list[str]) -> list[str]:
 
 def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int, list, int]]:
     """(first line, fields, last line) of every non-empty row that starts in the span (None: the file);
-    rows holding an undecodable line and malformed rows are counted, not yielded. The csv module reads
+    rows holding an undecodable or overlong line and malformed rows are counted, not yielded. The csv module reads
     the lines straight from each decoded block (no Python step per line)."""
     first_line = span.first_line if span else 1
-    bad_lines = collections.deque()  # numbers of the undecodable lines not yet passed, ascending
+    bad_lines = collections.deque()  # (number, problem) of the lines read_lines flags not yet passed, ascending
     row_began = 0  # reader.line_num when the row being read began
 
     def lines():
@@ -695,7 +737,7 @@ def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int
         try:
             while True:
                 for text, bad, count in blocks:
-                    bad_lines.extend(lineno + index for index in bad)
+                    bad_lines.extend((lineno + index, problem) for index, problem in bad.items())
                     lineno += count
                     yield io.StringIO(text, newline="\n")  # lines end at "\n" only
                 if span is None or span.read_to_end or reader.line_num == row_began:
@@ -715,11 +757,11 @@ def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int
         except csv.Error as err:
             row = err
         where, last = first_line + row_began, first_line + reader.line_num - 1
-        undecodable = bool(bad_lines) and bad_lines[0] <= last
-        while bad_lines and bad_lines[0] <= last:
+        problem = bad_lines[0][1] if bad_lines and bad_lines[0][0] <= last else None
+        while bad_lines and bad_lines[0][0] <= last:
             bad_lines.popleft()
-        if undecodable:
-            problems.skip_record(UNDECODABLE, path, where, str(row) if isinstance(row, csv.Error) else "")
+        if problem:
+            problems.skip_record(problem, path, where, str(row) if isinstance(row, csv.Error) else "")
         elif isinstance(row, csv.Error) and "new-line character seen in unquoted field" in str(row):
             problems.skip_record(
                 "CSV with lone \\r line endings (classic Mac OS), record skipped",
@@ -735,40 +777,40 @@ def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int
 
 def iter_text_blocks(path, problems: Problems, span=None) -> Iterator[tuple[int, str]]:
     """Plain text: one document per block of lines separated by blank lines (an undecodable line is
-    never blank: its bytes read as U+FFFD)."""
-    block, first, clean = [], None, True
-    for lineno, line, line_clean in _cr_lines(read_lines(path, problems, span)):
-        if line.strip():
+    never blank: its bytes read as U+FFFD; an overlong one is part of the block it stands in)."""
+    block, first, problem = [], None, None
+    for lineno, line, line_problem in _cr_lines(read_lines(path, problems, span)):
+        if line.strip() or line_problem:
             if not block:
-                first, clean = lineno, True
+                first, problem = lineno, None
             block.append(line)
-            clean = clean and line_clean
+            problem = problem or line_problem
         elif block:
-            yield from _whole_block(path, problems, first, block, clean)
+            yield from _whole_block(path, problems, first, block, problem)
             block = []
     if block:
-        yield from _whole_block(path, problems, first, block, clean)
+        yield from _whole_block(path, problems, first, block, problem)
 
 
 def _cr_lines(lines):
     """Lines ended by a lone \r (classic Mac OS files) split there, as \n-ended lines under the same number:
     otherwise such a file is one line, and its blank lines never separate documents."""
-    for lineno, line, clean in lines:
+    for lineno, line, problem in lines:
         if "\r" not in line or "\r" not in line.replace("\r\n", ""):
-            yield lineno, line, clean
+            yield lineno, line, problem
             continue
         pieces = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         for piece in pieces[:-1]:
-            yield lineno, piece + "\n", clean
+            yield lineno, piece + "\n", problem
         if pieces[-1]:
-            yield lineno, pieces[-1], clean
+            yield lineno, pieces[-1], problem
 
 
-def _whole_block(path, problems, first, lines, clean):
-    if clean:
-        yield first, "".join(lines)
+def _whole_block(path, problems, first, lines, problem):
+    if problem:
+        problems.skip_record(problem, path, first)
     else:
-        problems.skip_record(UNDECODABLE, path, first)
+        yield first, "".join(lines)
 
 
 class RefusedXML(Exception):

@@ -388,10 +388,31 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "column_twice"],
     ),
     Mutation(
+        "overlong_line_held_whole",
+        "corpora.py",
+        "            if len(rest) > MAX_LINE_BYTES:\n                overlong = True",
+        "            if False:\n                overlong = True",
+        ["tests/test_corpora.py", "-k", "overlong_lines"],
+    ),
+    Mutation(
+        "overlong_line_inside_a_block_read",
+        "corpora.py",
+        "    if len(block) <= MAX_LINE_BYTES:\n        yield block\n        return",
+        "    yield block\n    return",
+        ["tests/test_corpora.py", "-k", "overlong_lines"],
+    ),
+    Mutation(
+        "overlong_text_line_ends_its_block_uncounted",
+        "corpora.py",
+        "if line.strip() or line_problem:",
+        "if line.strip():",
+        ["tests/test_corpora.py", "-k", "overlong_lines"],
+    ),
+    Mutation(
         "plain_text_lone_cr_is_one_line",
         "corpora.py",
-        "for lineno, line, line_clean in _cr_lines(read_lines(path, problems, span)):",
-        "for lineno, line, line_clean in read_lines(path, problems, span):",
+        "for lineno, line, line_problem in _cr_lines(read_lines(path, problems, span)):",
+        "for lineno, line, line_problem in read_lines(path, problems, span):",
         ["tests/test_corpora.py", "-k", "lone_cr"],
     ),
     Mutation(

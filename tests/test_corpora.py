@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -400,6 +401,45 @@ def test_plain_text_with_lone_cr_line_endings_is_still_one_document_per_block(tm
     path = tmp_path / "mac.txt"
     path.write_bytes("第一段\r第一段第二行\r\r第二段\r\r第三段\r".encode())
     assert texts("text", path)[0] == ["第一段\n第一段第二行\n", "第二段\n", "第三段\n"]
+
+
+def test_overlong_lines_are_skipped_unread_and_counted_where_they_are(tmp_path, monkeypatch):
+    """A line of more than MAX_LINE_BYTES is dropped as it is read (never held whole), and the record
+    that holds it is skipped and counted at its line, in JSON lines, CSV and plain text, read whole or
+    cut into units; the lines after it keep their numbers."""
+    monkeypatch.setattr(corpora, "MAX_LINE_BYTES", 3000)
+    long = "长" * 2000  # 6,000 bytes of UTF-8
+    records = ["第一篇", long, "第三篇", long + long, "第五篇", long]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in records), encoding="utf-8")
+    rows = ["department,title,ask,answer", "内科,标题一,问一,答一", f'内科,标题二,"问二\n{long}\n问二完",答二']
+    rows += ["外科,标题三,问三,答三", f"外科,{long},问四,答四", "儿科,标题五,问五,答五"]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    text = tmp_path / "t.txt"
+    text.write_text(f"第一段\n\n第二段\n{long}\n第二段完\n\n{long}\n\n第四段\n", encoding="utf-8")
+    expected = {
+        "skypile": (jsonl, ["第一篇", "第三篇", "第五篇"], [2, 4, 6]),
+        "medical_dialogue": (csv_path, ["问一\n答一", "问三\n答三", "问五\n答五"], [3, 7]),
+        "text": (text, ["第一段\n", "第四段\n"], [3, 7]),
+    }
+    for fmt, (path, kept, lines) in expected.items():
+        source = Source("t", fmt, [path])
+        for unit_bytes in (1 << 30, 50):
+            problems, got = Problems(), []
+            for unit, span in corpora.split_source(source, unit_bytes):
+                got += [t for t in iter_texts(unit, problems, span)]
+            assert [t.split("\n", 1)[-1] if fmt == "medical_dialogue" else t for t in got] == kept, (fmt, unit_bytes)
+            assert problems.counts == {corpora.OVERLONG_LINE: len(lines)}, (fmt, unit_bytes)
+            assert problems.examples == [f"{path}:{line}: {corpora.OVERLONG_LINE}" for line in lines]
+    big = tmp_path / "big.jsonl"  # a line 24x the limit goes through in bounded memory
+    big.write_bytes(b'{"text": "' + b"x" * 24_000_000 + b'"}\n{"text": "after"}\n')
+    monkeypatch.setattr(corpora, "MAX_LINE_BYTES", 1 << 20)
+    tracemalloc.start()
+    got, problems = texts("skypile", big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == ["after"] and problems.counts == {corpora.OVERLONG_LINE: 1} and peak < 8 << 20
 
 
 def test_dialogue_formats_read_as_text_flattened(tmp_path):
