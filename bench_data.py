@@ -7,7 +7,8 @@ stay flat as the input grows, and how does --minhash compare with datatrove's Mi
     python bench_data.py --datatrove [--mb 8] [--workers 2]    # needs: pip install datatrove xxhash spacy jieba
 
 Builds corpora in real dataset layouts from the sample's pretraining text (data/sample/): SkyPile JSON
-lines, Toyhom's GB18030 CSV (department,title,ask,answer), a Wikipedia JSON array and MEDLINE XML.gz.
+lines, Toyhom's GB18030 CSV (department,title,ask,answer), a Wikipedia JSON array, MEDLINE XML.gz, and
+(end to end only: --layouts pmc) a PubMed Central folder of small JATS articles, one file each (~22 KB).
 A synthetic document joins JOIN sample documents drawn at random (the sample's are short, ~190
 characters; real ones are not, and per-document costs weigh with the number of documents) and starts
 with its own line, so dedup keeps them all and MinHash nearly all. Then prints, from one run:
@@ -46,6 +47,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +124,23 @@ def medline_article(text: str, index: int) -> bytes:
     ).encode()
 
 
+def jats_article(text: str, index: int) -> bytes:
+    """A PMC OA article file: PMC_SECTIONS synthetic documents as the sections of its body."""
+    body = []
+    for section in text.split("\n\n"):
+        heading, *paragraphs = section.split("\n")
+        body += [f"<sec><title>{escape(heading)}</title>", *(f"<p>{escape(p)}</p>" for p in paragraphs), "</sec>"]
+    title = text.partition("\n")[0]
+    body = "".join(body)
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<article><front><article-meta><title-group><article-title>'
+        f"{escape(title)}</article-title></title-group></article-meta></front><body>{body}</body></article>\n"
+    ).encode()
+
+
+PMC_SECTIONS = 6  # synthetic documents per article: ~22 KB of XML, a short real article
+
+
 # layout -> (file name, header, one record's bytes, footer): what data_process reads for that format
 LAYOUTS = {
     "skypile": ("corpus.jsonl", b"", jsonl_record, b""),
@@ -131,10 +150,23 @@ LAYOUTS = {
 }
 
 
+FOLDER_LAYOUTS = {"pmc"}  # a folder of one-article files: end to end only (its stages are pubmed's, per file)
+
+
 def write_layout(folder: Path, layout: str, documents: list[str], join: int, target_bytes: int) -> Path:
-    """The layout's file, about target_bytes before compression."""
-    name, header, record, footer = LAYOUTS[layout]
+    """The layout's file (a folder of files for FOLDER_LAYOUTS), about target_bytes before compression."""
     folder.mkdir(parents=True, exist_ok=True)
+    if layout == "pmc":
+        articles, written = folder / "pmc_oa", 0
+        articles.mkdir()
+        texts = synthetic_documents(documents, join)
+        for index in itertools.count():
+            data = jats_article("\n\n".join(itertools.islice(texts, PMC_SECTIONS)), index)
+            (articles / f"PMC{index + 1:07d}.xml").write_bytes(data)
+            written += len(data)
+            if written >= target_bytes:
+                return articles
+    name, header, record, footer = LAYOUTS[layout]
     path = folder / name
     with open(path, "wb") as out:
         f = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) if name.endswith(".gz") else out
@@ -320,14 +352,18 @@ def print_end_to_end(tmp: Path, documents: list[str], raw_documents: list[str], 
                 after = raw_rates(tokenizer.encode_arrays, raw_documents, args.workers)
                 raw, raw_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                 rate = run["tokens"] / run["seconds"]
+                size = sum(p.stat().st_size for p in corpus.iterdir()) if corpus.is_dir() else corpus.stat().st_size
                 print(
-                    f"{code:8} {layout:17} {f'{scale}x':>5} {corpus.stat().st_size / (1 << 20):>6.0f} "
+                    f"{code:8} {layout:17} {f'{scale}x':>5} {size / (1 << 20):>6.0f} "
                     f"{run['tokens']:>11,} {run['seconds']:>7.1f} {rate:>10,.0f} {raw:>10,.0f} {rate / raw:>5.2f} "
                     f"{run['tokens'] / run['cpu'] / raw_cpu:>9.2f} {run['cpu_parent']:>9.1f}s "
                     f"{run['rss_parent'] / 1024:>8.0f}Mi {run['rss_worker'] / 1024:>8.0f}Mi",
                     flush=True,
                 )
-            corpus.unlink()
+            if corpus.is_dir():
+                shutil.rmtree(corpus)
+            else:
+                corpus.unlink()
 
 
 # ---------------------------------------------------------------- --minhash next to datatrove's MinHash
@@ -510,12 +546,12 @@ def compare_with_datatrove(tmp: Path, documents: list[str], args, tokenizer, tok
             )
 
 
-def layout_list(text):
-    """--layouts / --stages: comma-separated names of LAYOUTS, checked before minutes of work."""
+def layout_list(text, known=(*LAYOUTS, *FOLDER_LAYOUTS)):
+    """--layouts / --stages: comma-separated names of layouts, checked before minutes of work."""
     names = [name for name in text.split(",") if name]
-    unknown = [name for name in names if name not in LAYOUTS]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown layout {', '.join(unknown)}: choose from {', '.join(LAYOUTS)}")
+        raise argparse.ArgumentTypeError(f"unknown layout {', '.join(unknown)}: choose from {', '.join(known)}")
     return names
 
 
@@ -531,7 +567,10 @@ def main():
         help="layouts run end to end at 1x and 10x",
     )
     parser.add_argument(
-        "--stages", type=layout_list, default=",".join(LAYOUTS), help="layouts whose stage shares are measured"
+        "--stages",
+        type=lambda text: layout_list(text, LAYOUTS),
+        default=",".join(LAYOUTS),
+        help="layouts whose stage shares are measured",
     )
     parser.add_argument("--repeat", type=int, default=1, help="end-to-end runs of each code per layout and size")
     parser.add_argument(

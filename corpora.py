@@ -118,9 +118,23 @@ class Problems:
         self.records += 1
         self.add(reason, file, line, detail)
 
+    @staticmethod
+    def _ranked(counter: Counter) -> dict[str, int]:
+        """Most first, ties by reason: one order however the records were cut into work units."""
+        return dict(sorted(counter.items(), key=lambda item: (-item[1], item[0])))
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self._ranked(self.counts)
+
+    @property
+    def parts_left_out(self) -> dict[str, int]:
+        return self._ranked(self.parts)
+
     @property
     def examples(self) -> list[str]:
-        return [example for examples in self._examples.values() for example in examples]
+        """Each reason's first examples, reasons in the order of skipped, then of parts_left_out."""
+        return [example for reason in {**self.skipped, **self.parts_left_out} for example in self._examples[reason]]
 
     @property
     def total(self) -> int:
@@ -139,10 +153,10 @@ class Problems:
         if not self.counts and not self.parts:
             return "no records skipped"
         lines = [f"skipped {self.total:,}:"] if self.counts else []
-        lines += [f"  {count:>10,}  {reason}" for reason, count in self.counts.most_common()]
+        lines += [f"  {count:>10,}  {reason}" for reason, count in self.skipped.items()]
         if self.parts:
             lines += [f"parts of records left out {sum(self.parts.values()):,}:"]
-            lines += [f"  {count:>10,}  {reason}" for reason, count in self.parts.most_common()]
+            lines += [f"  {count:>10,}  {reason}" for reason, count in self.parts_left_out.items()]
         lines += ["first examples:"] + [f"  {example}" for example in self.examples]
         return "\n".join(lines)
 
@@ -2324,34 +2338,42 @@ def image_file(root: Path, name: str) -> Path:
 
 
 def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span | None]]:
-    """Independently readable pieces of a source, in reading order: (one-file Source, Span or None).
+    """Independently readable pieces of a source, in reading order: (Source, Span or None).
     Plain JSON-lines, CSV and text files larger than target_bytes are cut into byte ranges that begin at
     a record start: a line; for text, one after a blank line; for CSV, one where the quotes before it
     pair up (a newline inside a quoted field is not a row end). Reading the pieces one after another
     gives exactly what reading the file gives (a CSV cut that the quote count got wrong is caught as
-    it is read: see Span). Everything else (JSON arrays, a pretty-printed JSON object, .gz, files the
-    format does not read, formats that join files) is one piece per file or per source: what is counted
-    once per file stays counted once."""
+    it is read: see Span). Every other file is read whole, and consecutive ones are grouped into pieces
+    of up to target_bytes (a folder of 100,000 small articles is not 100,000 pieces: each costs a
+    worker round trip and a part file); formats that join files are one piece. What is counted once per
+    file stays counted once."""
     fmt = FORMATS[source.format]
     if fmt.whole_source:
         return [(source, None)]
     target_bytes = max(target_bytes, 1)
-    pieces = []
-    for path in source.files:
-        single = Source(source.name, source.format, [path], source.location)
-        kind = container(path)
-        splittable = (
-            kind in fmt.containers
-            and not str(path).endswith(".gz")
-            and (
-                kind in ("text", "csv") or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path))
-            )
-        )
-        if splittable and os.path.getsize(path) > target_bytes:
-            pieces += [(single, span) for span in _spans(path, target_bytes, kind)]
-        else:
-            pieces.append((single, None))
+    pieces, group, group_bytes = [], [], 0
+    for path in source.files + [None]:  # None: the end, which closes the last group
+        size = os.path.getsize(path) if path else 0
+        if group and (path is None or group_bytes + size > target_bytes):  # a file that is cut is never grouped
+            pieces.append((Source(source.name, source.format, group, source.location), None))
+            group, group_bytes = [], 0
+        if path is not None and size > target_bytes and _splittable(path, fmt):
+            single = Source(source.name, source.format, [path], source.location)
+            pieces += [(single, span) for span in _spans(path, target_bytes, container(path))]
+        elif path is not None:
+            group.append(path)
+            group_bytes += size
     return pieces
+
+
+def _splittable(path, fmt: Format) -> bool:
+    """A plain JSON-lines, CSV or text file the format reads: one that can be cut at record starts."""
+    kind = container(path)
+    return (
+        kind in fmt.containers
+        and not str(path).endswith(".gz")
+        and (kind in ("text", "csv") or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path)))
+    )
 
 
 def _one_json_object(path) -> bool:

@@ -16,8 +16,8 @@ Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py):
                                                deduplicates the others against it
 
 How it works:
-  1. corpora.split_source cuts every source into work units: whole files, and byte ranges (at record
-     boundaries) of JSON-lines / CSV / text files, about 16 per worker and at most --unit-mb each.
+  1. corpora.split_source cuts every source into work units: byte ranges (at record boundaries) of large
+     JSON-lines / CSV / text files, and runs of whole files, about 16 per worker and at most --unit-mb each.
   2. Workers, one unit at a time: read records, clean, drop short documents, hash, encode in batches and
      append the tokens to a part file (ids come from SentencePiece as numpy arrays: no Python object per
      token). Nothing holds a corpus in memory.
@@ -255,6 +255,7 @@ class UnitResult:
     part: Path  # uint16 tokens of the unit's documents, each followed by eos
     lengths: np.ndarray  # tokens per document (eos included)
     hashes: np.ndarray  # uint64 hash of each document's cleaned text
+    file_numbers: np.ndarray | None  # each document's file, an index into unit_labels(unit); None: one label
     bands: np.ndarray | None  # (documents, bands) LSH keys, with --minhash
     documents_read: int
     problems: corpora.Problems
@@ -269,13 +270,34 @@ def _init_worker(tokenizer_path):
     _tokenizer = load_encoder(tokenizer_path)
 
 
+def unit_labels(unit: corpora.Source) -> list[str]:
+    """Where a unit's problems without a line of their own (documents too short after cleaning,
+    duplicates) are said to be: each of its files, which it reads one by one, or the source's location
+    for a format that reads its files together. The same however the files were grouped into units."""
+    if corpora.FORMATS[unit.format].whole_source:
+        return [unit.location]
+    return [str(path) for path in unit.files]
+
+
+def count_per_file(problems: corpora.Problems, reason: str, labels: list[str], file_numbers, dropped: np.ndarray):
+    """One count per file for the documents of a unit the parent drops (dropped: their indices in the unit;
+    file_numbers: UnitResult.file_numbers)."""
+    if file_numbers is None:
+        problems.add(reason, labels[0], count=len(dropped))
+        return
+    numbers, counts = np.unique(file_numbers[dropped], return_counts=True)
+    for number, count in zip(numbers, counts):
+        problems.add(reason, labels[number], count=int(count))
+
+
 def encode_unit(task) -> UnitResult:
     """Read, clean, filter, hash and encode one work unit into its part file."""
     source, span, part, min_chars, minhash = task
-    label = source.files[0] if len(source.files) == 1 else source.location
+    labels = unit_labels(source)
+    pieces = [source] if len(labels) == 1 else [dataclasses.replace(source, files=[path]) for path in source.files]
     problems = corpora.Problems()
     eos = np.array([_tokenizer.eos_id], np.int32)
-    lengths, hashes, bands, batch, batch_bytes, read = [], [], [], [], 0, 0
+    lengths, hashes, bands, file_numbers, batch, batch_bytes, read = [], [], [], [], [], 0, 0
 
     def flush(out):
         ids = _tokenizer.encode_arrays(batch, num_threads=1)  # the processes are the parallelism
@@ -285,27 +307,31 @@ def encode_unit(task) -> UnitResult:
         batch.clear()
 
     with open(part, "wb") as out:
-        for text in corpora.iter_texts(source, problems, span):
-            read += 1
-            text = clean_text(text)
-            if len(text) < min_chars:
-                problems.add("shorter than --min-chars after cleaning" if text else "empty after cleaning", label)
-                continue
-            data = text.encode("utf-8")  # hashed, and what SentencePiece reads (it would encode the str itself)
-            hashes.append(text_hash(data))
-            if minhash:
-                bands.append(minhash_bands(text))
-            batch.append(data)
-            batch_bytes += len(data)
-            if batch_bytes >= BATCH_BYTES:
-                flush(out)
-                batch_bytes = 0
+        for number, piece in enumerate(pieces):
+            for text in corpora.iter_texts(piece, problems, span):
+                read += 1
+                text = clean_text(text)
+                if len(text) < min_chars:
+                    reason = "shorter than --min-chars after cleaning" if text else "empty after cleaning"
+                    problems.add(reason, labels[number])
+                    continue
+                data = text.encode("utf-8")  # hashed, and what SentencePiece reads (it would encode the str itself)
+                hashes.append(text_hash(data))
+                file_numbers.append(number)
+                if minhash:
+                    bands.append(minhash_bands(text))
+                batch.append(data)
+                batch_bytes += len(data)
+                if batch_bytes >= BATCH_BYTES:
+                    flush(out)
+                    batch_bytes = 0
         flush(out)
     band_keys = np.array(bands, np.uint64).reshape(-1, MINHASH["bands"]) if minhash else None
     return UnitResult(
         part,
         np.array(lengths, np.int64),
         np.array(hashes, np.uint64),
+        np.array(file_numbers, np.int32) if len(labels) > 1 else None,
         band_keys,
         read,
         problems,
@@ -375,12 +401,13 @@ class HashLog:
         self.file.close()
 
 
-def exact_dedup(result: UnitResult, dedup: Dedup, log: HashLog, label) -> np.ndarray:
+def exact_dedup(result: UnitResult, dedup: Dedup, log: HashLog, labels: list[str]) -> np.ndarray:
     """True for the unit's documents whose text no earlier document of the run had."""
     new = dedup.exact.add(result.hashes)
     log.write(result.hashes[new])
     if not new.all():
-        result.problems.add("exact duplicate of an earlier document", label, count=int((~new).sum()))
+        dropped = np.flatnonzero(~new)
+        count_per_file(result.problems, "exact duplicate of an earlier document", labels, result.file_numbers, dropped)
     return new
 
 
@@ -555,7 +582,7 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
     writer = ShardWriter(folder, source.name, run.settings["shard_tokens"])
     logs = []
     problems, read, kept = corpora.Problems(), 0, 0
-    deferred, staged = [], 0  # --minhash: units wait for the source's near duplicates: (result, keep, first, label)
+    deferred, staged = [], 0  # --minhash: units wait for the source's near duplicates: (result, keep, first, labels)
     void_file = None  # a file one of whose units read on to its end: its later units were cut inside a row
     try:
         logs.append(HashLog(folder / "dedup_hashes.u64"))
@@ -569,25 +596,26 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
                     continue
                 if result.read_to_end:
                     void_file = unit.files[0]
-                label = unit.files[0] if len(unit.files) == 1 else source.location
-                keep = exact_dedup(result, run.dedup, logs[0], label)
+                labels = unit_labels(unit)
+                keep = exact_dedup(result, run.dedup, logs[0], labels)
                 if result.bands is None:
                     kept += copy_unit(result, keep, writer)
                 else:
                     run.dedup.bands.stage(result.bands[keep], staged)
-                    deferred.append((result, keep, staged, label))
+                    deferred.append((result, keep, staged, labels))
                     staged += int(keep.sum())
                     result.bands = result.hashes = None
                 problems.merge(result.problems)
                 read += result.documents_read
         if deferred:
             near = run.dedup.bands.near_duplicates(staged, logs[1])
-            for result, keep, first, label in tqdm(deferred, desc=f"{source.name} near duplicates dropped, copying"):
+            for result, keep, first, labels in tqdm(deferred, desc=f"{source.name} near duplicates dropped, copying"):
                 exact = np.flatnonzero(keep)
                 dropped = near[first : first + len(exact)]
                 keep[exact[dropped]] = False
                 if dropped.any():
-                    problems.add("near duplicate (MinHash) of an earlier document", label, count=int(dropped.sum()))
+                    reason = "near duplicate (MinHash) of an earlier document"
+                    count_per_file(problems, reason, labels, result.file_numbers, exact[dropped])
                 kept += copy_unit(result, keep, writer)
         writer.close()
         for log in logs:
@@ -614,8 +642,8 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
             "documents_read": read,
             "documents_kept": kept,
             "tokens": sum(s["tokens"] for s in writer.shards),
-            "skipped": dict(problems.counts.most_common()),
-            "parts_left_out": dict(problems.parts.most_common()),
+            "skipped": problems.skipped,
+            "parts_left_out": problems.parts_left_out,
             "skipped_examples": problems.examples,
             "shards": writer.shards,
             "dedup_files": {log.path.name: log.bytes for log in logs},

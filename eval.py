@@ -268,7 +268,7 @@ def run_ppl(args):
             expected = expected_input(source.format) if isinstance(source, Source) else "data_process.py token shards"
             where = source.location if isinstance(source, Source) else source
             empty.append(f"no document read from source '{name}' ({where}); expected {expected}")
-            results[name] = {"documents": 0, "skipped": dict(problems.counts), "skipped_examples": problems.examples}
+            results[name] = {"documents": 0, "skipped": problems.skipped, "skipped_examples": problems.examples}
             print(f"{name:<20} {0:>7}  nothing to score")
             if problems.counts:
                 print(problems.summary())
@@ -441,7 +441,7 @@ def evaluate_mcq(source, tokenizer, score, mode, shots=0, max_len=512):
     shots_available = sum(i["shots_available"] for i in items) / len(items) if items else 0
     return {
         "files": files,
-        "skipped": dict(problems.counts.most_common()),
+        "skipped": problems.skipped,
         "skipped_examples": problems.examples,
         "shot_pool_skipped": dict(pool_problems.counts),
         "truncated": truncated,

@@ -942,6 +942,30 @@ def test_files_the_format_does_not_read_are_counted_once_each_however_big(tmp_pa
     assert problems.counts == {"file of a kind this format does not read": 2, "not a record file (one JSON object)": 1}
 
 
+def test_small_files_are_grouped_into_pieces_in_reading_order(tmp_path):
+    """Consecutive files read whole share a piece of up to target_bytes; a file cut into spans closes the
+    group before it, so the pieces read in the source's order, and their problems are the same."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(30):
+        lines = [json.dumps({"text": f"第{i}号文件第{j}篇"}, ensure_ascii=False) for j in range(3)]
+        (folder / f"part_{i:02d}.jsonl").write_text("\n".join(lines + (["{oops"] if i == 7 else [])) + "\n")
+    write_jsonl(folder / "part_15_big.jsonl", [{"text": f"大文件第{j}篇"} for j in range(200)])
+    source = parse_source(f"skypile={folder}")
+    pieces = corpora.split_source(source, 600)
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    split, split_problems = read_split(pieces)
+    assert split == whole and len(whole) == 290 and split_problems.examples == whole_problems.examples
+    grouped = [piece.files for piece, span in pieces if span is None]
+    assert [path for files in grouped for path in files] == [p for p in source.files if "big" not in p.name]
+    assert max(map(len, grouped)) > 3 and all(sum(p.stat().st_size for p in files) <= 600 for files in grouped)
+    spans = [index for index, (piece, span) in enumerate(pieces) if span is not None]
+    assert spans == list(range(spans[0], spans[-1] + 1)) and len(spans) > 5  # the big file's spans, together
+    assert pieces[spans[0] - 1][0].files[-1].name == "part_15.jsonl"
+    assert pieces[spans[-1] + 1][0].files[0].name == "part_16.jsonl"
+
+
 def test_json_arrays_csv_and_gzip_are_not_split(tmp_path):
     array = tmp_path / "a.json"
     array.write_text(json.dumps([{"completion": "x" * 100}] * 50), encoding="utf-8")

@@ -181,10 +181,18 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(random_docs(120, seed=1)), encoding="utf-8")
     dialogues = write_dialogue_csv(tmp_path / "dialogue.csv", random_docs(200, seed=2), stray_quote_at=120)
+    folder = tmp_path / "many"  # small files, grouped into units, around one that is cut into spans
+    folder.mkdir()
+    small = random_docs(120, seed=3)
+    small[16], small[38] = "短", small[10]  # file 5: too short; file 12: a copy of file 3's
+    for i in range(40):
+        write_corpus(folder / f"part_{i:02d}.jsonl", small[3 * i : 3 * i + 3])
+    write_corpus(folder / "part_20_big.jsonl", random_docs(100, seed=4))
     sources = [
         Source("big", "skypile", [path]),
         Source("notes", "text", [text]),
         Source("dialogue", "medical_dialogue", [dialogues]),
+        corpora.parse_source(f"skypile_many={folder}"),
     ]
     units = corpora.split_source(sources[2], 2000)
     for unit, span in units:  # the CSV is cut into pieces, one of which reads on to the end of the file
@@ -208,6 +216,13 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     assert runs["one"][0]["skipped"] == {"exact duplicate of an earlier document": 50, "malformed JSON line": 1}
     assert runs["one"][1]["documents_kept"] == 120
     assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
+    units = corpora.split_source(sources[3], 2000)
+    grouped = [piece.files for piece, span in units if span is None]
+    assert len(grouped) < 25 and sum(map(len, grouped)) == 40 and len(units) - len(grouped) > 3  # 40 grouped, 1 cut
+    assert runs["two"][3]["skipped_examples"] == [  # each named by its file, however the files were grouped
+        f"{folder / 'part_12.jsonl'}: exact duplicate of an earlier document",
+        f"{folder / 'part_05.jsonl'}: shorter than --min-chars after cleaning",
+    ]
 
 
 def test_spawned_workers_load_their_own_encoder(tmp_path, tokenizer):
