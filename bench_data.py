@@ -124,7 +124,7 @@ def medline_article(text: str, index: int) -> bytes:
     ).encode()
 
 
-def jats_article(text: str, index: int) -> bytes:
+def jats_article(text: str) -> bytes:
     """A PMC OA article file: PMC_SECTIONS synthetic documents as the sections of its body."""
     body = []
     for section in text.split("\n\n"):
@@ -161,7 +161,7 @@ def write_layout(folder: Path, layout: str, documents: list[str], join: int, tar
         articles.mkdir()
         texts = synthetic_documents(documents, join)
         for index in itertools.count():
-            data = jats_article("\n\n".join(itertools.islice(texts, PMC_SECTIONS)), index)
+            data = jats_article("\n\n".join(itertools.islice(texts, PMC_SECTIONS)))
             (articles / f"PMC{index + 1:07d}.xml").write_bytes(data)
             written += len(data)
             if written >= target_bytes:

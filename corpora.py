@@ -707,12 +707,12 @@ def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tup
     if span is not None and span.start:  # the header is the file's first row, read before the span
         before = _csv_rows(path, Problems(), Span(0, span.start, 1))
         header = next(([name.strip() for name in row] for _, row, _ in before), None)
-        if header and repeated_columns(header):  # the unit that starts the file reports it
+        if header and repeated(header):  # the unit that starts the file reports it
             return
     for where, row, last in _csv_rows(path, problems, span):
         if header is None:
             header = [name.strip() for name in row]
-            twice = repeated_columns(header)
+            twice = repeated(header)
             if twice:  # a row would keep only the last of them, silently
                 problems.add(
                     "CSV header names a column twice, file skipped",
@@ -733,8 +733,9 @@ def iter_csv(path, problems: Problems, span: Span | None = None) -> Iterator[tup
             yield where, dict(zip(header, row))
 
 
-def repeated_columns(header: list[str]) -> list[str]:
-    return sorted({name for name in header if header.count(name) > 1})
+def repeated(names: list[str]) -> list[str]:
+    """The names given more than once (a CSV header's columns, --source names), sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
 
 
 def _csv_rows(path, problems: Problems, span: Span | None) -> Iterator[tuple[int, list, int]]:
@@ -2351,18 +2352,18 @@ def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span |
     if fmt.whole_source:
         return [(source, None)]
     target_bytes = max(target_bytes, 1)
-    pieces, group, group_bytes = [], [], 0
-    for path in source.files + [None]:  # None: the end, which closes the last group
-        size = os.path.getsize(path) if path else 0
-        if group and (path is None or group_bytes + size > target_bytes):  # a file that is cut is never grouped
-            pieces.append((Source(source.name, source.format, group, source.location), None))
-            group, group_bytes = [], 0
-        if path is not None and size > target_bytes and _splittable(path, fmt):
+    pieces, group_bytes = [], 0  # group_bytes: of the last piece, when it is a group of whole files
+    for path in source.files:
+        size = os.path.getsize(path)
+        if size > target_bytes and _splittable(path, fmt):
             single = Source(source.name, source.format, [path], source.location)
             pieces += [(single, span) for span in _spans(path, target_bytes, container(path))]
-        elif path is not None:
-            group.append(path)
+        elif pieces and pieces[-1][1] is None and group_bytes + size <= target_bytes:
+            pieces[-1][0].files.append(path)
             group_bytes += size
+        else:
+            pieces.append((Source(source.name, source.format, [path], source.location), None))
+            group_bytes = size
     return pieces
 
 

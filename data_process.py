@@ -445,7 +445,7 @@ class Run:
 
 
 def inputs_of(source: corpora.Source) -> list[dict]:
-    return [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in source.files]
+    return [{"path": str(p), "bytes": (stat := p.stat()).st_size, "mtime_ns": stat.st_mtime_ns} for p in source.files]
 
 
 def up_to_date(manifest: dict | None, expected: dict, folder: Path) -> bool:
@@ -567,14 +567,14 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         run.dedup.sources.append({"name": source.name, "dedup_sha256": manifest["dedup_sha256"]})
         return manifest
 
-    total = sum(path.stat().st_size for path in source.files)
-    unit_bytes = max(MIN_UNIT_BYTES, total // (UNITS_PER_WORKER * run.workers))
+    file_bytes = {item["path"]: item["bytes"] for item in expected["inputs"]}  # one stat a file: folders hold millions
+    unit_bytes = max(MIN_UNIT_BYTES, sum(file_bytes.values()) // (UNITS_PER_WORKER * run.workers))
     units = corpora.split_source(source, min(run.unit_bytes, unit_bytes))
     folder.mkdir(parents=True, exist_ok=True)
     clear_leftovers(folder)
     parts = folder / "parts.tmp"
     parts.mkdir()
-    sizes = [(span.end - span.start) if span else sum(p.stat().st_size for p in unit.files) for unit, span in units]
+    sizes = [(span.end - span.start) if span else sum(file_bytes[str(p)] for p in unit.files) for unit, span in units]
     tasks = [
         (unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
         for i, (unit, span) in enumerate(units)

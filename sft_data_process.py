@@ -67,8 +67,7 @@ def process(sources, out_path, max_prompt_chars=2048, max_answer_chars=4096):
     corpora.check_out(out_path)
     out_path = Path(out_path)
     summary_path = summary_path_of(out_path)
-    names = [source.name for source in sources]
-    twice = sorted({name for name in names if names.count(name) > 1})
+    twice = corpora.repeated([source.name for source in sources])
     if twice:
         raise ValueError(f"--source name {', '.join(twice)} given twice: give each source a name of its own")
     inputs = {path.resolve(): source.name for source in sources for path in source.files}

@@ -285,8 +285,8 @@ MUTATIONS = [
     Mutation(
         "small_files_one_unit_each",
         "corpora.py",
-        "if group and (path is None or group_bytes + size > target_bytes):",
-        "if group:",
+        "elif pieces and pieces[-1][1] is None and group_bytes + size <= target_bytes:",
+        "elif False:",
         ["tests/test_corpora.py", "-k", "grouped", "tests/test_data_process.py", "-k", "same_bytes"],
     ),
     Mutation(
