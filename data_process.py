@@ -444,8 +444,17 @@ class Run:
     dedup: Dedup = field(default_factory=Dedup)
 
 
-def inputs_of(source: corpora.Source) -> list[dict]:
-    return [{"path": str(p), "bytes": (stat := p.stat()).st_size, "mtime_ns": stat.st_mtime_ns} for p in source.files]
+def inputs_of(source: corpora.Source) -> tuple[dict, list[int]]:
+    """What the manifest records of a source's files, and their sizes (one stat a file). The record is
+    their count, total size and one SHA-256 over every path, size and modification time, not a list:
+    a folder of PubMed Central articles holds millions of files, whose list would make each manifest
+    hundreds of MB to write, and to read back on every re-run."""
+    digest, sizes = hashlib.sha256(), []
+    for path in source.files:
+        stat = path.stat()
+        sizes.append(stat.st_size)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return {"files": len(sizes), "bytes": sum(sizes), "sha256": digest.hexdigest()}, sizes
 
 
 def up_to_date(manifest: dict | None, expected: dict, folder: Path) -> bool:
@@ -551,9 +560,10 @@ class NothingKept(ValueError):
 
 def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict:
     folder = Path(out_dir) / source.name  # source.name is a plain name (corpora.parse_source)
+    inputs, file_sizes = inputs_of(source)
     expected = {
         "format": source.format,
-        "inputs": inputs_of(source),
+        "inputs": inputs,
         "tokenizer_sha256": run.tokenizer["sha256"],
         "settings": run.settings,
         "dedup_against": list(run.dedup.sources),
@@ -567,14 +577,14 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
         run.dedup.sources.append({"name": source.name, "dedup_sha256": manifest["dedup_sha256"]})
         return manifest
 
-    file_bytes = {item["path"]: item["bytes"] for item in expected["inputs"]}  # one stat a file: folders hold millions
-    unit_bytes = max(MIN_UNIT_BYTES, sum(file_bytes.values()) // (UNITS_PER_WORKER * run.workers))
+    file_bytes = dict(zip(source.files, file_sizes))
+    unit_bytes = max(MIN_UNIT_BYTES, inputs["bytes"] // (UNITS_PER_WORKER * run.workers))
     units = corpora.split_source(source, min(run.unit_bytes, unit_bytes))
     folder.mkdir(parents=True, exist_ok=True)
     clear_leftovers(folder)
     parts = folder / "parts.tmp"
     parts.mkdir()
-    sizes = [(span.end - span.start) if span else sum(file_bytes[str(p)] for p in unit.files) for unit, span in units]
+    sizes = [(span.end - span.start) if span else sum(file_bytes[path] for path in unit.files) for unit, span in units]
     tasks = [
         (unit, span, parts / f"unit_{i:06d}.bin", run.settings["min_chars"], run.settings["minhash"] is not None)
         for i, (unit, span) in enumerate(units)
@@ -733,8 +743,7 @@ def process_sources(
             raise ValueError(f"source name '{source.name}' given twice: each names its own output folder")
     out_root = Path(out_dir).resolve()
     sources = [  # a folder or glob that holds --out would read this program's output back as input
-        dataclasses.replace(source, files=[p for p in source.files if not p.resolve().is_relative_to(out_root)])
-        for source in sources
+        dataclasses.replace(source, files=files_outside(source.files, out_root)) for source in sources
     ]
     run = Run(
         {
@@ -778,6 +787,25 @@ def process_sources(
     if failed:
         raise NothingKept(f"{len(failed)} of {len(sources)} source(s) yielded no document: " + " | ".join(failed))
     return manifests
+
+
+def files_outside(files: list[Path], folder: Path) -> list[Path]:
+    """The files whose real location is not inside folder (a resolved path). Each file's folder is
+    resolved once, not each file: resolving looks at every component of a path, and a source may hold
+    millions of files; a linked file is resolved itself."""
+    inside = {}  # a file's folder as listed -> whether it really lies inside folder
+    kept = []
+    for path in files:
+        if os.path.islink(path):
+            keep = not Path(os.path.realpath(path)).is_relative_to(folder)
+        else:
+            parent = os.path.dirname(path)
+            if parent not in inside:
+                inside[parent] = Path(os.path.realpath(parent)).is_relative_to(folder)
+            keep = not inside[parent]
+        if keep:
+            kept.append(path)
+    return kept
 
 
 OUT_LOCK = ".data_process.lock"

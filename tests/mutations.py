@@ -320,9 +320,37 @@ MUTATIONS = [
     Mutation(
         "data_process_reads_its_own_output_back",
         "data_process.py",
-        "files=[p for p in source.files if not p.resolve().is_relative_to(out_root)]",
+        "files=files_outside(source.files, out_root)",
         "files=list(source.files)",
         ["tests/test_data_process.py", "-k", "one_run_at_a_time"],
+    ),
+    Mutation(
+        "xml_record_size_leaves_out_attributes",
+        "corpora.py",
+        "            if attributes:\n",
+        "            if False:\n",
+        ["tests/test_corpora.py", "-k", "xml_in_an_encoding"],
+    ),
+    Mutation(
+        "companion_glob_checks_the_name_alone",
+        "corpora.py",
+        'regex.match("/".join(components[-depth:]))',
+        "regex.match(components[-1])",
+        ["tests/test_corpora.py", "-k", "companion"],
+    ),
+    Mutation(
+        "data_process_follows_no_link_into_its_output",
+        "data_process.py",
+        "        if os.path.islink(path):",
+        "        if False:",
+        ["tests/test_data_process.py", "-k", "however_they_are_reached"],
+    ),
+    Mutation(
+        "data_process_input_digest_without_modification_time",
+        "data_process.py",
+        '{stat.st_size}\\0{stat.st_mtime_ns}\\n".encode(',
+        '{stat.st_size}\\n".encode(',
+        ["tests/test_data_process.py", "-k", "any_change_to_a_folder"],
     ),
     Mutation(
         "sft_data_process_overwrites_its_input",

@@ -1500,12 +1500,14 @@ def test_xml_in_an_encoding_expat_lacks_a_file_without_records_and_a_huge_record
     (tmp_path / "error.xml").write_text("<html><body>503 Service Unavailable</body></html>", encoding="utf-8")
     monkeypatch.setattr(corpora, "MAX_RECORD_CHARS", 1000)
     (tmp_path / "huge.xml").write_text(article.format("UTF-8", "T", "词" * 2000) + "\n", encoding="utf-8")
+    in_attributes = article.format("UTF-8", "T", "A").replace("<PMID>", f'<PMID Version="{"1" * 2000}">')
+    (tmp_path / "huge_attributes.xml").write_text(in_attributes, encoding="utf-8")  # counted like text
     docs, problems = texts("pubmed", *sorted(tmp_path.iterdir()))
     assert docs == ["高血压\n摘要"] * 3
     assert problems.counts == {
         "undecodable bytes for the XML's declared encoding, rest of file skipped": 1,
         "no <PubmedArticle> element in the file (an error page? another format?), file skipped": 1,
-        "XML record of more than 1,000 characters, record skipped": 1,
+        "XML record of more than 1,000 characters, record skipped": 2,
         "XML declares an encoding Python does not know, file skipped": 1,
     }
 
@@ -1759,3 +1761,35 @@ def test_ceval_row_with_options_beyond_d_is_refused_not_cut_to_four(tmp_path):
     found, problems = questions("ceval", path)
     assert [q["answer"] for q in found] == ["C"] and found[0]["options"] == {"A": "一", "B": "二", "C": "三", "D": "四"}
     assert problems.examples == [f"{path}:2: option columns beyond D (this format has four options, A-D) (E, F)"]
+
+
+def test_companion_globs_match_as_path_match_does():
+    """Files shipped beside a dataset's records (file lists, checksums, images, SLAKE's KG/ folder) are
+    recognised by the formats' globs with Path.match's rule: a glob matches the path's last components."""
+    globs = tuple(sorted({glob for fmt in corpora.FORMATS.values() for glob in fmt.companions}))
+    assert "KG/*" in globs and "*.md5" in globs  # one glob with a folder, others on the name alone
+    paths = [
+        "KG/en_kg.csv",
+        "/data/slake/KG/en_kg.csv",
+        "data/KG",
+        "/KG",
+        "data/KGx/a.csv",
+        "oa_file_list.csv",
+        "/pmc/oa_file_list.txt",
+        "/pmc/PMC001/PMC0012345.xml",
+        "/pmc/PMC001/PMC0012345.XML.md5",
+        "/pmc/PMC001/figure.JPG",
+        "/pmc/PMC001/figure.jpg",
+        "train_candidates.txt",
+        "/s2orc/LICENSE",
+        "/s2orc/LICENSE.txt",
+        "/s2orc/xLICENSE",
+        "predicate.json",
+        "sub/predicate.json",
+        "a.filelist.csv",
+        "dir.md5/article.xml",
+    ]
+    for path in paths:
+        for glob in globs:
+            assert corpora.matches_any(path, (glob,)) == Path(path).match(glob), (path, glob)
+        assert corpora.matches_any(path, globs) == any(Path(path).match(glob) for glob in globs), path

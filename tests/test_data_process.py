@@ -2,6 +2,7 @@
 idempotent re-runs, crash safety, and the errors raised before any work."""
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -115,13 +116,9 @@ def test_shards_decode_back_to_the_cleaned_documents(tmp_path, tokenizer):
         tokenizer.vocab_size,
     )
     assert manifest["tokenizer"]["sha256"] == tokenizer.fingerprint
-    assert manifest["inputs"] == [
-        {
-            "path": str(source.files[0]),
-            "bytes": source.files[0].stat().st_size,
-            "mtime_ns": source.files[0].stat().st_mtime_ns,
-        }
-    ]
+    stat = source.files[0].stat()
+    digest = hashlib.sha256(f"{source.files[0]}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()).hexdigest()
+    assert manifest["inputs"] == {"files": 1, "bytes": stat.st_size, "sha256": digest}
 
 
 def test_bad_records_are_counted_in_the_manifest_with_file_and_line(tmp_path, tokenizer):
@@ -290,6 +287,60 @@ def test_rerun_skips_up_to_date_sources_and_redoes_changed_ones(tmp_path, tokeni
     assert shard.is_file()
 
 
+def test_rerun_sees_any_change_to_a_folder_of_files(tmp_path, tokenizer, capsys):
+    """The manifest keeps one digest of the files, not their list: a file touched (same size), added,
+    removed or renamed still makes the source redone."""
+    folder = tmp_path / "articles"
+    folder.mkdir()
+    for i in range(3):
+        write_corpus(folder / f"a{i}.jsonl", many_docs(4, f"第{i}篇"))
+
+    def run():
+        capsys.readouterr()
+        manifest = process([corpora.parse_source(f"s={folder}", "skypile")], tmp_path / "out", tokenizer)[0]
+        return manifest, "up to date" in capsys.readouterr().out
+
+    first, skipped = run()
+    assert first["inputs"]["files"] == 3 and not skipped
+    assert first["inputs"]["bytes"] == sum(path.stat().st_size for path in folder.iterdir())
+    assert run() == (first, True)
+    changes = [
+        lambda: os.utime(folder / "a1.jsonl", ns=(1, 1)),
+        lambda: write_corpus(folder / "a3.jsonl", many_docs(2, "新")),
+        lambda: (folder / "a3.jsonl").rename(folder / "a4.jsonl"),
+        lambda: (folder / "a4.jsonl").unlink(),
+    ]
+    seen = [first["inputs"]["sha256"]]
+    for change in changes:
+        change()
+        manifest, skipped = run()
+        assert not skipped and manifest["inputs"]["sha256"] != seen[-1]
+        seen.append(manifest["inputs"]["sha256"])
+        assert run() == (manifest, True)
+    assert len(set(seen)) == 4 and seen[-1] == seen[1]  # the files of the first change again: the same digest
+
+
+def test_files_under_out_are_left_out_however_they_are_reached(tmp_path):
+    """A source's folder may link to a folder inside --out or to one of its files (--out inside the
+    folder itself: test_one_run_at_a_time_...): neither is input. Files beside them, and links to
+    files elsewhere, are."""
+    out, corpus, elsewhere = tmp_path / "out", tmp_path / "corpus", tmp_path / "elsewhere"
+    for folder in (out / "s", corpus, elsewhere):
+        folder.mkdir(parents=True)
+    for path in (out / "s" / "manifest.json", corpus / "a.jsonl", elsewhere / "b.jsonl"):
+        path.write_text("{}\n")
+    (corpus / "sub").mkdir()
+    (corpus / "sub" / "to_out").symlink_to(out / "s")
+    (corpus / "sub" / "to_file").symlink_to(out / "s" / "manifest.json")
+    (corpus / "sub" / "to_b").symlink_to(elsewhere / "b.jsonl")
+    files = corpora.parse_source(f"s={corpus}", "skypile").files
+    assert [path.relative_to(corpus) for path in files] == [
+        Path(name) for name in ("a.jsonl", "sub/to_b", "sub/to_file", "sub/to_out/manifest.json")
+    ]
+    kept = dp.files_outside(files, out.resolve())
+    assert kept == [corpus / "a.jsonl", corpus / "sub" / "to_b"]
+
+
 def test_an_up_to_date_source_still_deduplicates_the_next_one(tmp_path, tokenizer):
     a = Source("a", "skypile", [write_corpus(tmp_path / "a.jsonl", many_docs(10))])
     b_path = write_corpus(tmp_path / "b.jsonl", many_docs(4) + many_docs(3, "新"))
@@ -388,7 +439,7 @@ def test_one_run_at_a_time_writes_an_out_folder_and_its_own_output_is_never_inpu
     assert len(again.files) > 2
     second = process([again], out, tokenizer)[0]
     assert second == first  # up to date: its own output is not an input
-    assert first["documents_kept"] == 20 and len(first["inputs"]) == 1
+    assert first["documents_kept"] == 20 and first["inputs"]["files"] == 1
 
 
 def test_leftovers_of_a_killed_run_are_never_read_and_are_cleared(tmp_path, tokenizer):
