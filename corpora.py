@@ -1487,7 +1487,8 @@ def pubmed(record):
 
 PDF_EDGE_LINES = 2  # lines at the top and at the bottom of a page where running headers and footers sit
 DIGIT_RUNS = re.compile(r"\d+")
-LINE_END_HYPHEN = re.compile(r"(?<=[A-Za-z])[-\u00ad]\n(?=[a-z])")  # a hyphen or a soft hyphen, then a line break
+LINE_END_HYPHEN = re.compile(r"([A-Za-z]+)([-\u00ad])\n([a-z]+)")  # a hyphen or a soft hyphen, then a line break
+HYPHENATED_WORD = re.compile(r"[A-Za-z]+-[a-z]+")  # a compound written with its hyphen inside a line
 PDF_CHARACTERS = str.maketrans(
     {"\u00ad": "", **{chr(code): unicodedata.normalize("NFKC", chr(code)) for code in range(0xFB00, 0xFB07)}}
 )  # soft hyphens left inside lines go; the ligatures ﬀ ﬁ ﬂ ﬃ ﬄ ﬅ ﬆ become their letters
@@ -1541,7 +1542,21 @@ def pdf(pages):
             yield Skipped("page without a text layer: needs OCR", f"page {number}")
         edge = set(range(PDF_EDGE_LINES)) | set(range(len(page) - PDF_EDGE_LINES, len(page)))
         kept += [line for i, line in enumerate(page) if i not in edge or edge_key(line) not in running]
-    yield LINE_END_HYPHEN.sub("", "\n".join(kept)).translate(PDF_CHARACTERS)
+    yield join_hyphenated("\n".join(kept)).translate(PDF_CHARACTERS)
+
+
+def join_hyphenated(text: str) -> str:
+    """Words hyphenated at a line end joined ("treat-\nment" -> "treatment"), except a compound that the
+    document also writes with its hyphen inside a line ("well-known" there: "well-\nknown" stays
+    "well-known"): a compound's hyphen at a line end looks like a break's. A soft hyphen is always a break."""
+    compounds = {word.lower() for word in HYPHENATED_WORD.findall(text)}
+
+    def join(match):
+        left, mark, right = match.groups()
+        compound = f"{left}-{right}"
+        return compound if mark == "-" and compound.lower() in compounds else left + right
+
+    return LINE_END_HYPHEN.sub(join, text)
 
 
 # ---- SFT dialogues

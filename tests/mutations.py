@@ -332,6 +332,20 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "xml_in_an_encoding"],
     ),
     Mutation(
+        "pdf_line_end_hyphen_of_a_compound_dropped",
+        "corpora.py",
+        'return compound if mark == "-" and compound.lower() in compounds else left + right',
+        "return left + right",
+        ["tests/test_corpora.py", "-k", "pdf"],
+    ),
+    Mutation(
+        "pdf_soft_hyphen_kept_as_a_compound",
+        "corpora.py",
+        'return compound if mark == "-" and compound.lower() in compounds else left + right',
+        "return compound if compound.lower() in compounds else left + right",
+        ["tests/test_corpora.py", "-k", "pdf"],
+    ),
+    Mutation(
         "companion_glob_checks_the_name_alone",
         "corpora.py",
         'regex.match("/".join(components[-depth:]))',

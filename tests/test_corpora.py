@@ -1594,6 +1594,11 @@ def test_pdf_running_lines_are_page_furniture_not_numbered_text():
     assert doc == "\n".join(f"{topic.title()}\nAdvice on {topic}." for topic in topics)  # the page numbers only
     (doc,) = corpora.pdf(["Treat\u00ad\nment with the ﬁrst-line drug; soft\u00adhyphen kept out.", "ﬂuid ﬀ."])
     assert doc == "Treatment with the first-line drug; softhyphen kept out.\nfluid ff."
+    text = "A well-\nknown drug, well-known to GPs; Well-\nKnown stays; treat-\nment; anti-inflam-\nmatory; "
+    text += "well\u00ad\nknown"
+    assert corpora.join_hyphenated(text) == (
+        "A well-known drug, well-known to GPs; Well-\nKnown stays; treatment; anti-inflammatory; wellknown"
+    )  # a soft hyphen marks a break even where the compound exists
     with pytest.raises(corpora.BadRecord, match="PDF has no pages"):
         list(corpora.pdf([]))
 
