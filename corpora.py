@@ -48,6 +48,7 @@ from xml.parsers import expat
 
 import ijson
 import numpy as np
+from tqdm import tqdm
 
 SNIFF_BYTES = 1 << 16  # how much of a file's first non-ASCII text gives its encoding ...
 PRIOR_SCAN_BYTES = 1 << 26  # ... looked for this far into a file whose head is ASCII
@@ -2166,7 +2167,7 @@ def parse_source(spec: str, fmt: str | None = None) -> Source:
         files = list(dict.fromkeys(files))  # "**" matches a folder and the files below it
     else:
         raise FileNotFoundError(f"source '{name}': {location} does not exist")
-    for path in files:
+    for path in tqdm(files, desc=f"{name}: checking files", unit=" files", delay=LISTING_BAR_DELAY, leave=False):
         if path.is_symlink() and not path.exists():
             raise FileNotFoundError(f"source '{name}': {path} is a broken link (to {os.readlink(path)})")
         if not os.access(path, os.R_OK):
@@ -2190,6 +2191,9 @@ def check_out(path, folder: bool = False):
         raise ValueError(f"--out {path}: cannot write in {existing} (read-only?)")
 
 
+LISTING_BAR_DELAY = 2  # seconds before listing or checking a source's files shows progress: small ones print nothing
+
+
 def _files_below(folder) -> list[Path]:
     if not os.access(folder, os.R_OK | os.X_OK):
         raise PermissionError(f"cannot list folder {folder}")
@@ -2198,10 +2202,12 @@ def _files_below(folder) -> list[Path]:
         raise PermissionError(f"cannot list folder {err.filename}: {err.strerror}")
 
     files, seen = [], {os.path.realpath(folder)}
-    for root, dirs, names in os.walk(folder, onerror=refuse, followlinks=True):  # a linked folder, like a linked file
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen]
-        seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # each folder once: links may loop
-        files += [Path(root, n) for n in names if not n.startswith(".")]
+    with tqdm(desc=f"listing {folder}", unit=" files", delay=LISTING_BAR_DELAY, leave=False) as bar:
+        for root, dirs, names in os.walk(folder, onerror=refuse, followlinks=True):  # a linked folder, like a file
+            dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in seen]
+            seen.update(os.path.realpath(os.path.join(root, d)) for d in dirs)  # each folder once: links may loop
+            files += [Path(root, n) for n in names if not n.startswith(".")]
+            bar.update(len(names))
     return sorted(files, key=str)
 
 
@@ -2375,7 +2381,7 @@ def image_file(root: Path, name: str) -> Path:
 # ---------------------------------------------------------------- splitting big files for parallel work
 
 
-def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span | None]]:
+def split_source(source: Source, target_bytes: int, sizes: list[int] | None = None) -> list[tuple[Source, Span | None]]:
     """Independently readable pieces of a source, in reading order: (Source, Span or None).
     Plain JSON-lines, CSV and text files larger than target_bytes are cut into byte ranges that begin at
     a record start: a line; for text, one after a blank line; for CSV, one where the quotes before it
@@ -2384,14 +2390,14 @@ def split_source(source: Source, target_bytes: int) -> list[tuple[Source, Span |
     it is read: see Span). Every other file is read whole, and consecutive ones are grouped into pieces
     of up to target_bytes (a folder of 100,000 small articles is not 100,000 pieces: each costs a
     worker round trip and a part file); formats that join files are one piece. What is counted once per
-    file stays counted once."""
+    file stays counted once. sizes: the files' sizes where the caller has them (one stat a file is not
+    free on a network file system holding millions)."""
     fmt = FORMATS[source.format]
     if fmt.whole_source:
         return [(source, None)]
     target_bytes = max(target_bytes, 1)
     pieces, group_bytes = [], 0  # group_bytes: of the last piece, when it is a group of whole files
-    for path in source.files:
-        size = os.path.getsize(path)
+    for path, size in zip(source.files, sizes or map(os.path.getsize, source.files)):
         if size > target_bytes and _splittable(path, fmt):
             single = Source(source.name, source.format, [path], source.location)
             pieces += [(single, span) for span in _spans(path, target_bytes, container(path))]

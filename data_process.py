@@ -450,7 +450,9 @@ def inputs_of(source: corpora.Source) -> tuple[dict, list[int]]:
     a folder of PubMed Central articles holds millions of files, whose list would make each manifest
     hundreds of MB to write, and to read back on every re-run."""
     digest, sizes = hashlib.sha256(), []
-    for path in source.files:
+    for path in tqdm(
+        source.files, f"{source.name}: reading file sizes", unit=" files", delay=corpora.LISTING_BAR_DELAY, leave=False
+    ):
         stat = path.stat()
         sizes.append(stat.st_size)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
@@ -579,7 +581,7 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
 
     file_bytes = dict(zip(source.files, file_sizes))
     unit_bytes = max(MIN_UNIT_BYTES, inputs["bytes"] // (UNITS_PER_WORKER * run.workers))
-    units = corpora.split_source(source, min(run.unit_bytes, unit_bytes))
+    units = corpora.split_source(source, min(run.unit_bytes, unit_bytes), file_sizes)
     folder.mkdir(parents=True, exist_ok=True)
     clear_leftovers(folder)
     parts = folder / "parts.tmp"
@@ -795,7 +797,7 @@ def files_outside(files: list[Path], folder: Path) -> list[Path]:
     millions of files; a linked file is resolved itself."""
     inside = {}  # a file's folder as listed -> whether it really lies inside folder
     kept = []
-    for path in files:
+    for path in tqdm(files, desc="leaving out --out", unit=" files", delay=corpora.LISTING_BAR_DELAY, leave=False):
         if os.path.islink(path):
             keep = not Path(os.path.realpath(path)).is_relative_to(folder)
         else:

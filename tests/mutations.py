@@ -346,6 +346,13 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "pdf"],
     ),
     Mutation(
+        "split_source_stats_files_it_was_given_sizes_of",
+        "corpora.py",
+        "zip(source.files, sizes or map(os.path.getsize, source.files))",
+        "zip(source.files, map(os.path.getsize, source.files))",
+        ["tests/test_corpora.py", "-k", "grouped"],
+    ),
+    Mutation(
         "companion_glob_checks_the_name_alone",
         "corpora.py",
         'regex.match("/".join(components[-depth:]))',

@@ -964,6 +964,22 @@ def test_small_files_are_grouped_into_pieces_in_reading_order(tmp_path):
     assert spans == list(range(spans[0], spans[-1] + 1)) and len(spans) > 5  # the big file's spans, together
     assert pieces[spans[0] - 1][0].files[-1].name == "part_15.jsonl"
     assert pieces[spans[-1] + 1][0].files[0].name == "part_16.jsonl"
+    sizes = [path.stat().st_size for path in source.files]
+    assert corpora.split_source(source, 600, sizes) == pieces  # the caller's sizes, no stat of its own
+    assert corpora.split_source(source, 600, [1] * len(sizes)) != pieces  # and they are what it goes by
+
+
+def test_listing_and_checking_many_files_shows_progress(tmp_path, monkeypatch, capsys):
+    """A folder of millions of files takes minutes to list and check before any work starts: a bar says so
+    (after LISTING_BAR_DELAY seconds; small folders print nothing)."""
+    for i in range(5):
+        (tmp_path / f"{i}.jsonl").write_text('{"text": "x"}\n')
+    parse_source(f"skypile={tmp_path}")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(corpora, "LISTING_BAR_DELAY", 0)
+    parse_source(f"skypile={tmp_path}")
+    err = capsys.readouterr().err
+    assert f"listing {tmp_path}" in err and "skypile: checking files" in err and "/5 " in err
 
 
 def test_json_arrays_csv_and_gzip_are_not_split(tmp_path):
