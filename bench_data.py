@@ -8,7 +8,7 @@ stay flat as the input grows, and how does --minhash compare with datatrove's Mi
 
 Builds corpora in real dataset layouts from the sample's pretraining text (data/sample/): SkyPile JSON
 lines, Toyhom's GB18030 CSV (department,title,ask,answer), a Wikipedia JSON array, MEDLINE XML.gz, and
-(end to end only: --layouts pmc) a PubMed Central folder of small JATS articles, one file each (~22 KB).
+(when named: --layouts pmc, --stages ...,pmc) a PubMed Central folder of small JATS articles, one file each (~22 KB).
 A synthetic document joins JOIN sample documents drawn at random (the sample's are short, ~190
 characters; real ones are not, and per-document costs weigh with the number of documents) and starts
 with its own line, so dedup keeps them all and MinHash nearly all. Then prints, from one run:
@@ -150,7 +150,7 @@ LAYOUTS = {
 }
 
 
-FOLDER_LAYOUTS = {"pmc"}  # a folder of one-article files: end to end only (its stages are pubmed's, per file)
+FOLDER_LAYOUTS = {"pmc"}  # a folder of one-article files
 
 
 def write_layout(folder: Path, layout: str, documents: list[str], join: int, target_bytes: int) -> Path:
@@ -199,17 +199,20 @@ def cpu_timed(function):
 
 def stage_seconds(path: Path, layout: str, tokenizer) -> dict:
     """CPU seconds per stage of data_process's worker (encode_unit), one stage at a time over the whole
-    file, one thread."""
+    file (or folder of files), one thread."""
     fmt = corpora.FORMATS[layout]
-    source = corpora.Source(layout, layout, [path], str(path))
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    source = corpora.Source(layout, layout, files, str(path))
 
     def read():
-        with corpora.open_binary(path) as f:
-            while f.read(1 << 20):
-                pass
+        for file in files:
+            with corpora.open_binary(file) as f:
+                while f.read(1 << 20):
+                    pass
 
     def parse():
-        return sum(1 for _ in corpora.iter_records(path, corpora.Problems(), None, fmt.record_tag))
+        problems = corpora.Problems()
+        return sum(1 for file in files for _ in corpora.iter_records(file, problems, None, fmt.record_tag))
 
     _, seconds_read = cpu_timed(read)
     _, seconds_container = cpu_timed(parse)
@@ -568,7 +571,7 @@ def main():
     )
     parser.add_argument(
         "--stages",
-        type=lambda text: layout_list(text, LAYOUTS),
+        type=layout_list,
         default=",".join(LAYOUTS),
         help="layouts whose stage shares are measured",
     )
