@@ -851,36 +851,47 @@ def xml_transcoder(first_chunk: bytes):
     return None if codec in EXPAT_CODECS else codecs.getincrementaldecoder(codec)()
 
 
-def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, ET.Element]]:
+def iter_xml(path, problems: Problems, record_tag: str, unread=None) -> Iterator[tuple[int, ET.Element]]:
     """(line, element) for every element named record_tag (namespace prefixes dropped from all names),
     streamed: an element is built only between its start and end tag and handed over whole, so memory
-    holds one record, never the file; a record of more than MAX_RECORD_CHARS characters is skipped. A file
+    holds one record, never the file; a record of more than MAX_RECORD_CHARS characters is skipped. Inside
+    a record, an element for which unread(tag, attributes) is true is not built, nor anything in it (the
+    text after it is kept): a reader that never looks at reference lists or tables does not pay for them,
+    about half of a real article's XML. A file
     that declares entities is refused: no external file, URL or DTD is ever read, and no entity expands
     (an entity left undefined by an unread DTD becomes its HTML character, or a space). A declared encoding
     that expat lacks is decoded here. A malformed file yields what parsed before the error."""
     done = []  # (line, element) of the records finished since the last chunk
     builder, first_line, depth = None, 0, 0  # the open record (None: being skipped), where it starts, how deep
+    passing = 0  # the depth of an unread element being passed over, 0 when none is
     size, found = 0, 0  # characters of the open record; records met in the file
     parser = None
 
     def start(tag, attributes):
-        nonlocal builder, first_line, depth, size
+        nonlocal builder, first_line, depth, size, passing
         tag = tag.rpartition(":")[2]
         if not depth:
             if tag != record_tag:
                 return
             builder, first_line, size = ET.TreeBuilder(), parser.CurrentLineNumber, 0
         depth += 1
-        if builder is not None:
+        if builder is not None and not passing:
+            if depth > 1 and unread is not None and unread(tag, attributes):
+                passing = depth
+                return
             builder.start(tag, attributes)
             if attributes:
                 grow(sum(map(len, attributes.values())))
 
     def end(tag):
-        nonlocal builder, depth, found
+        nonlocal builder, depth, found, passing
         if not depth:
             return
         depth -= 1
+        if passing:
+            if depth < passing:  # the unread element itself ends
+                passing = 0
+            return
         if builder is not None:
             builder.end(tag.rpartition(":")[2])
         if not depth:
@@ -900,7 +911,7 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
             builder = None  # the rest of the record is only counted through
 
     def data(text):
-        if builder is not None:
+        if builder is not None and not passing:
             builder.data(text)
             grow(len(text))
 
@@ -908,7 +919,7 @@ def iter_xml(path, problems: Problems, record_tag: str) -> Iterator[tuple[int, E
         raise RefusedXML(name)
 
     def skipped_entity(name, is_parameter):
-        if builder is None:
+        if builder is None or passing:
             return
         if name in html.entities.name2codepoint:  # MEDLINE's and JATS's DTDs define these names as HTML does
             builder.data(chr(html.entities.name2codepoint[name]))
@@ -1036,12 +1047,12 @@ def _first_byte(path) -> bytes:
     return prefix[:1]
 
 
-def iter_records(path, problems: Problems, span=None, record_tag=None) -> Iterator[tuple[object, object]]:
+def iter_records(path, problems: Problems, span=None, record_tag=None, unread=None) -> Iterator[tuple[object, object]]:
     """(location, record) for any container; span only for JSON lines, CSV and plain text, record_tag (the
-    element that is one record) only for XML."""
+    element that is one record) and unread (see iter_xml) only for XML."""
     kind = container(path)
     if kind == "xml":
-        yield from iter_xml(path, problems, record_tag)
+        yield from iter_xml(path, problems, record_tag, unread)
     elif kind == "pdf":
         yield from iter_pdf(path, problems)
     elif kind == "csv":
@@ -1067,14 +1078,15 @@ class Format:
     companions: tuple = ()  # file-name globs that ship with the dataset but hold no records: skipped quietly
     whole_source: bool = False  # needs all its files at once (a join), so it cannot be split
     record_tag: str | None = None  # XML: the element that is one record
+    unread: Callable | None = None  # XML: (tag, attributes) -> True for elements the reader never looks into
 
 
 FORMATS: dict[str, Format] = {}
 
 
-def register(name, kind="text", containers=("json",), companions=(), whole_source=False, record_tag=None):
+def register(name, kind="text", containers=("json",), companions=(), whole_source=False, record_tag=None, unread=None):
     def add(read):
-        FORMATS[name] = Format(kind, read, containers, companions, whole_source, record_tag)
+        FORMATS[name] = Format(kind, read, containers, companions, whole_source, record_tag, unread)
         return read
 
     return add
@@ -1366,6 +1378,10 @@ JATS_FLOATS = frozenset({"fig", "fig-group", "table-wrap", "table-wrap-group", "
 JATS_LINES = frozenset({"title", "p"})  # elements whose text is one line of the document
 JATS_NOT_INLINE = frozenset({"fn"})  # a footnote inside a paragraph would split its sentence
 NUMBER = re.compile(r"[-−–]?\d+(?:\.\d+)?")
+# What pmc (not pmc_full) never reads, wherever it sits: floats, reference lists, back matter, the floats
+# group, sub-articles (reviews, replies: pmc_document reads the article's own front and body) and the journal's
+# metadata, and sections of display objects. Not built at all, they cost only expat's own parse.
+JATS_UNREAD = JATS_FLOATS | {"ref-list", "back", "floats-group", "sub-article", "journal-meta"}
 PMC_COMPANIONS = ("*.filelist.*", "oa_file_list.*", "*.jpg", "*.gif", "*.png", "*.tif", "*.pdf", "*.md5")
 
 
@@ -1451,7 +1467,11 @@ def pmc_document(article, full: bool) -> str:
     return "\n".join(lines)
 
 
-@register("pmc", containers=("xml",), companions=PMC_COMPANIONS, record_tag="article")
+def jats_unread(tag: str, attributes: dict) -> bool:
+    return tag in JATS_UNREAD or attributes.get("sec-type") == "display-objects"
+
+
+@register("pmc", containers=("xml",), companions=PMC_COMPANIONS, record_tag="article", unread=jats_unread)
 def pmc(article):
     """PubMed Central Open Access JATS XML (`.xml` / `.nxml`, one article per file or many in a set)."""
     yield pmc_document(article, full=False)
@@ -2273,7 +2293,7 @@ def _readable_files(source: Source, fmt: Format, problems: Problems) -> Iterator
 def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[tuple[Path, object, object]]:
     """(file, location, output) for every output of the source's reader; everything skipped is counted."""
     for path in _readable_files(source, fmt, problems):
-        for where, record in iter_records(path, problems, span, fmt.record_tag):
+        for where, record in iter_records(path, problems, span, fmt.record_tag, fmt.unread):
             problems.records += 1
             try:
                 for output in fmt.read(record, path) if fmt.kind == "question" else fmt.read(record):

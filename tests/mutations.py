@@ -353,6 +353,27 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "grouped"],
     ),
     Mutation(
+        "pmc_builds_what_it_never_reads",
+        "corpora.py",
+        "if depth > 1 and unread is not None and unread(tag, attributes):",
+        "if False:",
+        ["tests/test_corpora.py", "-k", "never_builds"],
+    ),
+    Mutation(
+        "pmc_text_inside_an_unread_element_kept",
+        "corpora.py",
+        "    def data(text):\n        if builder is not None and not passing:",
+        "    def data(text):\n        if builder is not None:",
+        ["tests/test_corpora.py", "-k", "never_builds"],
+    ),
+    Mutation(
+        "pmc_text_after_an_unread_element_lost",
+        "corpora.py",
+        "            if depth < passing:  # the unread element itself ends",
+        "            if depth < 0:",
+        ["tests/test_corpora.py", "-k", "never_builds"],
+    ),
+    Mutation(
         "companion_glob_checks_the_name_alone",
         "corpora.py",
         'regex.match("/".join(components[-depth:]))',

@@ -3,6 +3,7 @@
 import gzip
 import json
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -1468,6 +1469,40 @@ def test_pmc_inline_markup_glossaries_supplements_and_deep_nesting(tmp_path):
     assert problems.counts == {"record nested too deeply, record skipped": 1}
     full, _ = texts("pmc_full", path)
     assert "Supplementary table S1." in full[0] and "Figures and Tables\nFigure 1." in full[0]
+
+
+def test_pmc_never_builds_what_it_does_not_read(tmp_path, monkeypatch):
+    """Reference lists, tables, figures, back matter, sub-articles and journal metadata are passed over
+    while parsing (not built, not counted against the record size cap), and the documents are the same
+    as reading the whole tree: text after a figure inside a paragraph is kept."""
+    article = (
+        "<article><front><journal-meta><journal-title>J</journal-title></journal-meta><article-meta>"
+        "<title-group><article-title>T</article-title></title-group><abstract><p>Abstract.</p></abstract>"
+        "</article-meta></front><body><sec><title>Results</title>"
+        "<p>Before <fig><caption><p>Figure 1.</p></caption></fig> after, then 10<sup>6</sup>.</p>"
+        "<table-wrap><table><tr><td>{cells}</td></tr></table></table-wrap><p>Last.</p></sec>"
+        '<sec sec-type="display-objects"><title>Figures</title></sec></body>'
+        "<back><ack><p>Thanks.</p></ack><ref-list><ref><mixed-citation>Ref 1.</mixed-citation></ref></ref-list>"
+        "</back><floats-group><fig><caption><p>F2.</p></caption></fig></floats-group>"
+        "<sub-article><front-stub><title-group><article-title>Reply</article-title></title-group></front-stub>"
+        "<body><p>Sub.</p></body></sub-article></article>"
+    )
+    path = tmp_path / "a.xml"
+    path.write_text(article.format(cells="cell " * 400), encoding="utf-8")
+    monkeypatch.setattr(corpora, "MAX_RECORD_CHARS", 1000)  # the table alone is 2,000 characters
+    fmt = corpora.FORMATS["pmc"]
+    ((_, record),) = corpora.iter_records(path, Problems(), None, fmt.record_tag, fmt.unread)
+    built = {element.tag for element in record.iter()}
+    assert built >= {"article", "front", "article-meta", "abstract", "body", "sec", "p", "sup"}
+    assert not built & (corpora.JATS_UNREAD | {"table", "td", "caption"})
+    assert "Figures" not in {element.text for element in record.iter("title")}
+    docs, problems = texts("pmc", path)
+    assert docs == ["T\nAbstract.\nResults\nBefore after, then 10^6.\nLast."] and not problems.counts
+    monkeypatch.setattr(corpora, "MAX_RECORD_CHARS", 1 << 20)
+    files = [path, *parse_source(f"pmc={SAMPLE / 'pmc'}").files]
+    docs = texts("pmc", *files)[0]
+    monkeypatch.setitem(corpora.FORMATS, "pmc", replace(fmt, unread=None))
+    assert texts("pmc", *files)[0] == docs and len(docs) == 4  # the same as from the whole tree
 
 
 def test_xml_entity_declarations_are_refused_and_external_dtds_never_read(tmp_path):
