@@ -1436,6 +1436,11 @@ def jats_lines(element, full: bool, lines: list):
             lines.append(inline_text(child, JATS_FLOATS))
             if full:
                 jats_floats(child, lines)
+        elif child.tag == "sec" and child.find("title") is not None:  # a heading over nothing kept is dropped
+            section = []  # ("Supplementary Material" over files, a section of figures left out)
+            jats_lines(child, full, section)
+            if sum(1 for line in section if line) > 1:
+                lines += section
         else:
             jats_lines(child, full, lines)
 

@@ -353,6 +353,13 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "grouped"],
     ),
     Mutation(
+        "pmc_keeps_headings_over_nothing",
+        "corpora.py",
+        "            if sum(1 for line in section if line) > 1:",
+        "            if True:",
+        ["tests/test_corpora.py", "-k", "headings_over_nothing"],
+    ),
+    Mutation(
         "pmc_builds_what_it_never_reads",
         "corpora.py",
         "if depth > 1 and unread is not None and unread(tag, attributes):",

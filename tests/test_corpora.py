@@ -1471,6 +1471,25 @@ def test_pmc_inline_markup_glossaries_supplements_and_deep_nesting(tmp_path):
     assert "Supplementary table S1." in full[0] and "Figures and Tables\nFigure 1." in full[0]
 
 
+def test_pmc_drops_headings_over_nothing_kept(tmp_path):
+    body = (
+        "<sec><title>Results</title><p>Found.</p><sec><title>Table 1</title><table-wrap><caption><p>T1.</p>"
+        "</caption></table-wrap></sec></sec><sec><p>Untitled section.</p></sec>"
+        "<sec><title>Supplementary Material</title><supplementary-material><caption><p>Data S1.</p></caption>"
+        "</supplementary-material></sec>"
+    )
+    path = tmp_path / "a.xml"
+    path.write_text(
+        "<article><front><article-meta><title-group><article-title>T</article-title></title-group>"
+        f"<abstract><p>Abstract.</p></abstract></article-meta></front><body>{body}</body></article>",
+        encoding="utf-8",
+    )
+    assert texts("pmc", path)[0] == ["T\nAbstract.\nResults\nFound.\nUntitled section."]
+    assert texts("pmc_full", path)[0] == [
+        "T\nAbstract.\nResults\nFound.\nTable 1\nT1.\nUntitled section.\nSupplementary Material\nData S1."
+    ]
+
+
 def test_pmc_never_builds_what_it_does_not_read(tmp_path, monkeypatch):
     """Reference lists, tables, figures, back matter, sub-articles and journal metadata are passed over
     while parsing (not built, not counted against the record size cap), and the documents are the same
