@@ -449,19 +449,30 @@ def inputs_of(source: corpora.Source) -> tuple[dict, list[int]]:
     their count, total size and one SHA-256 over every path, size and modification time, not a list:
     a folder of PubMed Central articles holds millions of files, whose list would make each manifest
     hundreds of MB to write, and to read back on every re-run."""
-    digest, sizes = hashlib.sha256(), []
+    files = []
     for path in tqdm(
         source.files, f"{source.name}: reading file sizes", unit=" files", delay=corpora.LISTING_BAR_DELAY, leave=False
     ):
         stat = path.stat()
-        sizes.append(stat.st_size)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return {"files": len(sizes), "bytes": sum(sizes), "sha256": digest.hexdigest()}, sizes
+        files.append((path, stat.st_size, stat.st_mtime_ns))
+    return inputs_summary(files), [size for _, size, _ in files]
+
+
+def inputs_summary(files) -> dict:
+    """files: (path, size, mtime_ns) of each input file, in order."""
+    digest, count, total = hashlib.sha256(), 0, 0
+    for path, size, mtime_ns in files:
+        digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        count, total = count + 1, total + size
+    return {"files": count, "bytes": total, "sha256": digest.hexdigest()}
 
 
 def up_to_date(manifest: dict | None, expected: dict, folder: Path) -> bool:
     """The manifest describes these inputs and settings, and every file it lists is there at its size."""
     try:
+        if isinstance(manifest["inputs"], list):  # written when manifests listed every input file: still good
+            listed = ((item["path"], item["bytes"], item["mtime_ns"]) for item in manifest["inputs"])
+            manifest = {**manifest, "inputs": inputs_summary(listed)}
         if any(manifest[key] != value for key, value in expected.items()):
             return False
         if "max_token_id" not in manifest:  # written before manifests recorded it

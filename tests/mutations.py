@@ -388,6 +388,13 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "companion"],
     ),
     Mutation(
+        "data_process_redoes_sources_whose_manifest_lists_its_files",
+        "data_process.py",
+        '        if isinstance(manifest["inputs"], list):',
+        "        if False:",
+        ["tests/test_data_process.py", "-k", "any_change_to_a_folder"],
+    ),
+    Mutation(
         "data_process_follows_no_link_into_its_output",
         "data_process.py",
         "        if os.path.islink(path):",
@@ -397,8 +404,8 @@ MUTATIONS = [
     Mutation(
         "data_process_input_digest_without_modification_time",
         "data_process.py",
-        '{stat.st_size}\\0{stat.st_mtime_ns}\\n".encode(',
-        '{stat.st_size}\\n".encode(',
+        '{size}\\0{mtime_ns}\\n".encode(',
+        '{size}\\n".encode(',
         ["tests/test_data_process.py", "-k", "any_change_to_a_folder"],
     ),
     Mutation(

@@ -304,6 +304,16 @@ def test_rerun_sees_any_change_to_a_folder_of_files(tmp_path, tokenizer, capsys)
     assert first["inputs"]["files"] == 3 and not skipped
     assert first["inputs"]["bytes"] == sum(path.stat().st_size for path in folder.iterdir())
     assert run() == (first, True)
+    manifest_file = tmp_path / "out" / "s" / "manifest.json"
+    listed = [  # a manifest of the earlier layout, which listed every input file, is still up to date
+        {"path": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+        for path in sorted(folder.iterdir())
+    ]
+    manifest_file.write_text(json.dumps({**first, "inputs": listed}), encoding="utf-8")
+    assert run() == ({**first, "inputs": listed}, True)
+    listed[0]["mtime_ns"] += 1
+    manifest_file.write_text(json.dumps({**first, "inputs": listed}), encoding="utf-8")
+    assert run() == (first, False)
     changes = [
         lambda: os.utime(folder / "a1.jsonl", ns=(1, 1)),
         lambda: write_corpus(folder / "a3.jsonl", many_docs(2, "新")),
