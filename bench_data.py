@@ -2,13 +2,14 @@
 stay flat as the input grows, and how does --minhash compare with datatrove's MinHash?
 
     python bench_data.py [--workers 2] [--mb 32] [--join 6] [--layouts skypile,medical_dialogue]
-                         [--stages skypile,medical_dialogue,wiki,pubmed] [--repeat 1] [--against DIR]
+                         [--stages skypile,medical_dialogue,wiki,pubmed,s2orc] [--repeat 1] [--against DIR]
                          [--minhash] [--tokenizer DIR]
     python bench_data.py --datatrove [--mb 8] [--workers 2]    # needs: pip install datatrove xxhash spacy jieba
 
 Builds corpora in real dataset layouts from the sample's pretraining text (data/sample/): SkyPile JSON
-lines, Toyhom's GB18030 CSV (department,title,ask,answer), a Wikipedia JSON array, MEDLINE XML.gz, and
-(when named: --layouts pmc, --stages ...,pmc) a PubMed Central folder of small JATS articles, one file each (~22 KB).
+lines, Toyhom's GB18030 CSV (department,title,ask,answer), a Wikipedia JSON array, MEDLINE XML.gz, Semantic
+Scholar's S2ORC JSON lines (content.text with annotation offsets, 30 references a paper), and (when named:
+--layouts pmc, --stages ...,pmc) a PubMed Central folder of small JATS articles, one file each (~22 KB).
 A synthetic document joins JOIN sample documents drawn at random (the sample's are short, ~190
 characters; real ones are not, and per-document costs weigh with the number of documents) and starts
 with its own line, so dedup keeps them all and MinHash nearly all. Then prints, from one run:
@@ -124,6 +125,31 @@ def medline_article(text: str, index: int) -> bytes:
     ).encode()
 
 
+S2ORC_REFERENCES = 30  # bibliography entries per paper: a short real paper's
+
+
+def s2orc_record(text: str, index: int) -> bytes:
+    """A Semantic Scholar datasets S2ORC line: content.text with its annotation layers as JSON strings of
+    offsets (title, abstract, a heading every third paragraph, paragraphs, the bibliography)."""
+    title, abstract, *paragraphs = text.split("\n")
+    pieces, layers, offset = [], {"title": [], "abstract": [], "sectionheader": [], "paragraph": [], "bibentry": []}, 0
+    blocks = [("title", title), ("abstract", abstract)]
+    for number, paragraph in enumerate(paragraphs):
+        blocks += [("sectionheader", f"第{number // 3 + 1}节")] if number % 3 == 0 else []
+        blocks.append(("paragraph", paragraph))
+    blocks += [
+        ("bibentry", f"Author {k}. A cited paper, number {k}. A Journal. 2020;{k}:1-9.")
+        for k in range(S2ORC_REFERENCES)
+    ]
+    for layer, block in blocks:
+        layers[layer].append({"start": offset, "end": offset + len(block)})
+        pieces.append(block + "\n")
+        offset += len(block) + 1
+    annotations = {layer: json.dumps(spans) for layer, spans in layers.items()}
+    record = {"corpusid": index, "content": {"text": "".join(pieces), "annotations": annotations}}
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def jats_article(text: str) -> bytes:
     """A PMC OA article file: PMC_SECTIONS synthetic documents as the sections of its body."""
     body = []
@@ -147,6 +173,7 @@ LAYOUTS = {
     "medical_dialogue": ("corpus.csv", "department,title,ask,answer\n".encode("gb18030"), csv_row, b""),
     "wiki": ("corpus.json", b"", array_item, b"]\n"),
     "pubmed": ("corpus.xml.gz", b"<PubmedArticleSet>\n", medline_article, b"</PubmedArticleSet>\n"),
+    "s2orc": ("corpus.jsonl", b"", s2orc_record, b""),
 }
 
 

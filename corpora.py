@@ -24,6 +24,7 @@ Nothing here knows about tokens; each reader's docstring names its record layout
 holds a small file of each.
 """
 
+import bisect
 import codecs
 import collections
 import csv
@@ -1333,12 +1334,15 @@ def s2orc_datasets(content, full: bool) -> list[str]:
         for name in ("title", "abstract", "sectionheader", "paragraph", "figure", "figurecaption", "table", "bibentry")
     }
     head = spans["title"][:1] + spans["abstract"]
-    not_body = head + spans["figure"] + spans["table"] + spans["bibentry"]
+    not_body = sorted(head + spans["figure"] + spans["table"] + spans["bibentry"])
+    # A span lies inside one of not_body iff the farthest end among those starting at or before it reaches
+    # its end: one binary search per span, not a scan of every figure and reference for every paragraph.
+    starts, reach = [start for start, _ in not_body], list(itertools.accumulate((end for _, end in not_body), max))
     candidates = sorted(
         (start, end, name)
         for name in ("sectionheader", "paragraph")
         for start, end in spans[name]
-        if not any(outer <= start and end <= outer_end for outer, outer_end in not_body)
+        if not ((index := bisect.bisect_right(starts, start) - 1) >= 0 and reach[index] >= end)
     )
     body = []  # a span listed twice, or one over two paragraphs, would repeat their text: the first of overlaps
     for span in candidates:

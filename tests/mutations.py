@@ -353,6 +353,20 @@ MUTATIONS = [
         ["tests/test_corpora.py", "-k", "grouped"],
     ),
     Mutation(
+        "s2orc_text_equal_to_a_reference_is_body",
+        "corpora.py",
+        "if not ((index := bisect.bisect_right(starts, start) - 1) >= 0 and reach[index] >= end)",
+        "if not ((index := bisect.bisect_right(starts, start) - 1) >= 0 and reach[index] > end)",
+        ["tests/test_corpora.py", "-k", "s2orc_text_inside"],
+    ),
+    Mutation(
+        "s2orc_text_straddling_two_figures_is_not_body",
+        "corpora.py",
+        "if not ((index := bisect.bisect_right(starts, start) - 1) >= 0 and reach[index] >= end)",
+        "if not ((index := bisect.bisect_right(starts, end) - 1) >= 0 and reach[index] >= end)",
+        ["tests/test_corpora.py", "-k", "s2orc_text_inside"],
+    ),
+    Mutation(
         "pmc_keeps_headings_over_nothing",
         "corpora.py",
         "            if sum(1 for line in section if line) > 1:",

@@ -1318,6 +1318,32 @@ def test_s2orc_every_abstract_span_once_and_overlapping_paragraphs_once(tmp_path
     assert docs == ["Title\nAbstract one.\nAbstract two.\nBody one.\nBody two."] and not problems.counts
 
 
+def test_s2orc_text_inside_figures_tables_and_references_is_not_body():
+    """A heading or paragraph lies inside a figure, table or bibliography entry only when one of them holds
+    it whole: one straddling two that overlap each other is body text."""
+    text = "T\nA\nfigure start. straddling paragraph. table end.\nIn the table.\nRef 1.\nBody."
+    figure, table = (4, 30), (25, 64)  # overlapping: together they cover the straddling paragraph
+    at = {part: (text.index(part), text.index(part) + len(part)) for part in ("T", "A", "Ref 1.", "Body.")}
+    inside = (text.index("In the table."), text.index("In the table.") + len("In the table."))
+    straddling = (text.index("straddling"), text.index("table end.") + len("table end."))
+    assert figure[0] < straddling[0] < table[0] < figure[1] < straddling[1] <= inside[0] < inside[1] == table[1]
+
+    def layer(*spans):
+        return json.dumps([{"start": start, "end": end} for start, end in spans])
+
+    annotations = {
+        "title": layer(at["T"]),
+        "abstract": layer(at["A"]),
+        "figure": layer(figure),
+        "table": layer(table),
+        "bibentry": layer(at["Ref 1."]),
+        "paragraph": layer((figure[0] + 1, figure[1] - 1), straddling, inside, at["Ref 1."], at["Body."]),
+        "sectionheader": layer((table[0] + 1, table[0] + 5)),
+    }
+    (doc,) = corpora.s2orc({"content": {"text": text, "annotations": annotations}})
+    assert doc == "T\nA\nstraddling paragraph. table end.\nBody."
+
+
 def test_s2orc_classic_abstract_from_another_parse_than_the_body(tmp_path):
     record = {
         "paper_id": "9",
