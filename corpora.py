@@ -1440,10 +1440,10 @@ def jats_lines(element, full: bool, lines: list):
             lines.append(inline_text(child, JATS_FLOATS))
             if full:
                 jats_floats(child, lines)
-        elif child.tag == "sec" and child.find("title") is not None:  # a heading over nothing kept is dropped
-            section = []  # ("Supplementary Material" over files, a section of figures left out)
+        elif child.tag == "sec":  # a heading over nothing kept is dropped ("Supplementary Material" over
+            section = []  # files, a section of figures left out)
             jats_lines(child, full, section)
-            if sum(1 for line in section if line) > 1:
+            if sum(1 for line in section if line) > 1 or child.find("title") is None:
                 lines += section
         else:
             jats_lines(child, full, lines)
