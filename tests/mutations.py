@@ -369,8 +369,15 @@ MUTATIONS = [
     Mutation(
         "pmc_keeps_headings_over_nothing",
         "corpora.py",
-        "            if sum(1 for line in section if line) > 1:",
+        '            if sum(1 for line in section if line) > 1 or child.find("title") is None:',
         "            if True:",
+        ["tests/test_corpora.py", "-k", "headings_over_nothing"],
+    ),
+    Mutation(
+        "pmc_drops_an_untitled_one_paragraph_section",
+        "corpora.py",
+        'if sum(1 for line in section if line) > 1 or child.find("title") is None:',
+        "if sum(1 for line in section if line) > 1:",
         ["tests/test_corpora.py", "-k", "headings_over_nothing"],
     ),
     Mutation(
