@@ -1425,9 +1425,7 @@ def jats_lines(element, full: bool, lines: list):
     """Titles and paragraphs under element in document order. Figures and tables (their captions) and
     the reference list (a line per reference) only when full; a float inside a paragraph follows it."""
     for child in element:
-        if not full and (
-            child.tag in JATS_FLOATS or child.tag == "ref-list" or child.get("sec-type") == "display-objects"
-        ):
+        if not full and jats_unread(child.tag, child.attrib):
             continue
         if child.tag == "def-item":  # a glossary entry: "term: definition" on one line
             term = inline_text(child.find("term")) if child.find("term") is not None else ""

@@ -737,7 +737,6 @@ def process_sources(
     corpora.check_out(out_dir, folder=True)
     tokenizer = load_encoder(tokenizer_path)  # FileNotFoundError says how to get one
     check_tokenizer(tokenizer, tokenizer_path)
-    names = [source.name for source in sources]
     for source in sources:
         if not corpora.is_plain_name(source.name):  # OUT/NAME is the only folder this run writes and cleans
             raise ValueError(f"source name {source.name!r} is not a plain folder name")
@@ -752,8 +751,9 @@ def process_sources(
                 f"source '{source.name}': format '{source.format}' is not pretraining text; "
                 f"use one of {', '.join(sorted(corpora.PRETRAIN_FORMATS))}"
             )
-        if names.count(source.name) > 1:
-            raise ValueError(f"source name '{source.name}' given twice: each names its own output folder")
+    twice = corpora.repeated([source.name for source in sources])
+    if twice:
+        raise ValueError(f"source name {', '.join(map(repr, twice))} given twice: each names its own output folder")
     out_root = Path(out_dir).resolve()
     sources = [  # a folder or glob that holds --out would read this program's output back as input
         dataclasses.replace(source, files=files_outside(source.files, out_root)) for source in sources

@@ -416,6 +416,13 @@ MUTATIONS = [
         ["tests/test_data_process.py", "-k", "any_change_to_a_folder"],
     ),
     Mutation(
+        "data_process_two_sources_share_an_output_folder",
+        "data_process.py",
+        "    twice = corpora.repeated([source.name for source in sources])",
+        "    twice = []",
+        ["tests/test_data_process.py", "-k", "named_dot_dot"],
+    ),
+    Mutation(
         "data_process_follows_no_link_into_its_output",
         "data_process.py",
         "        if os.path.islink(path):",

@@ -652,6 +652,10 @@ def test_a_source_named_dot_dot_never_deletes_outside_its_folder(tmp_path, token
             )
         with pytest.raises(ValueError, match="not a plain folder name"):
             process([Source(name, "skypile", [corpus])], out, tokenizer)
+    twice = [Source(name, "skypile", [corpus]) for name in ("a", "b", "a")]  # one output folder for two sources
+    with pytest.raises(ValueError, match="source name 'a' given twice"):
+        process(twice, out, tokenizer)
+    assert not (out / "a").exists()
     assert all(path.read_bytes() == b"mine" for path in keep)
     (out / "s").symlink_to(tmp_path / "data")  # OUT/NAME linking elsewhere: its *.bin are not the run's
     with pytest.raises(SystemExit, match="is a link"):
