@@ -14,8 +14,8 @@ A synthetic document joins JOIN sample documents drawn at random (the sample's a
 characters; real ones are not, and per-document costs weigh with the number of documents) and starts
 with its own line, so dedup keeps them all and MinHash nearly all. Then prints, from one run:
   raw     SentencePiece on the documents with 1 thread and with WORKERS threads, ids as numpy arrays
-          (encode_arrays, what data_process asks for) and as Python lists (encode_batch): tokens per
-          wall second and per CPU second
+          and as Python lists, then the tokenizer's encode_arrays (what data_process asks for: fast_bpe.c
+          where it is built, the same ids): tokens per wall second and per CPU second
   stages  per layout, one process: CPU seconds of reading (bytes off disk, gunzip), parsing (JSON/CSV/XML
           container), the reader (record -> text), cleaning (+ UTF-8), hashing, encoding and writing
           (ids -> uint16 part file), and that pipeline's tokens per CPU second next to encoding alone.
@@ -325,12 +325,26 @@ def end_to_end(script: Path, corpus: Path, layout: str, out: Path, tokenizer_pat
     }
 
 
+def sentencepiece_arrays(tokenizer):
+    """SentencePiece itself (ids as numpy arrays), whatever encoder the tokenizer's own methods use: the
+    yardstick the end-to-end ratios are taken against."""
+    return lambda texts, num_threads: tokenizer.sp.encode(list(texts), out_type="numpy", num_threads=num_threads)
+
+
 def print_raw(tokenizer, documents: list[str], workers: int):
-    print(f"raw SentencePiece on {len(documents):,} documents (tokens per wall second / per CPU second)")
-    for name, encode in (("ids as arrays", tokenizer.encode_arrays), ("ids as lists", tokenizer.encode_batch)):
+    print(f"raw encoding of {len(documents):,} documents (tokens per wall second / per CPU second)")
+    encoders = [("SentencePiece, ids as arrays", sentencepiece_arrays(tokenizer))]
+    encoders += [
+        ("SentencePiece, ids as lists", lambda texts, num_threads: tokenizer.sp.encode(texts, num_threads=num_threads))
+    ]
+    if tokenizer.fast is not None:
+        encoders += [("fast_bpe, ids as arrays (what data_process uses)", tokenizer.encode_arrays)]
+    else:
+        print(f"  ({tokenizer.fast_unavailable})")
+    for name, encode in encoders:
         one, many = raw_rates(encode, documents, 1), raw_rates(encode, documents, workers)
         print(
-            f"  {name:14} 1 thread {one[0]:>11,.0f} / {one[1]:>11,.0f}   {workers} threads {many[0]:>11,.0f} / "
+            f"  {name:49} 1 thread {one[0]:>11,.0f} / {one[1]:>11,.0f}   {workers} threads {many[0]:>11,.0f} / "
             f"{many[1]:>11,.0f} ({many[0] / one[0]:.2f}x)"
         )
 
@@ -375,11 +389,11 @@ def print_end_to_end(tmp: Path, documents: list[str], raw_documents: list[str], 
                 tmp / f"{layout}_{scale}x", layout, documents, args.join, int(scale * args.mb * (1 << 20))
             )
             for _, (code, script) in itertools.product(range(args.repeat), scripts):
-                before = raw_rates(tokenizer.encode_arrays, raw_documents, args.workers)
+                before = raw_rates(sentencepiece_arrays(tokenizer), raw_documents, args.workers)
                 run = end_to_end(
                     script, corpus, layout, tmp / f"out_{code}", tokenizer_path, args.workers, args.minhash
                 )
-                after = raw_rates(tokenizer.encode_arrays, raw_documents, args.workers)
+                after = raw_rates(sentencepiece_arrays(tokenizer), raw_documents, args.workers)
                 raw, raw_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                 rate = run["tokens"] / run["seconds"]
                 size = sum(p.stat().st_size for p in corpus.iterdir()) if corpus.is_dir() else corpus.stat().st_size

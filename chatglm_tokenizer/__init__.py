@@ -4,10 +4,13 @@ from chatglm_tokenizer import load_tokenizer
 tok = load_tokenizer()                       # chatglm_tokenizer/tokenizer.model
 tok = load_tokenizer("out/tokenizer")        # a folder (or a .model file) of your own
 ids = load_encoder()                         # the same ids without transformers: encode_batch, eos_id, ...
+ids.fast                                     # fast_bpe.c's encoder (same ids, ~3x faster), or None: see
+                                             # ids.fast_unavailable
 """
 
 from pathlib import Path
 
+from . import fast_bpe
 from .sentencepiece_ids import SPECIAL_TOKENS, SentencePieceIds
 
 DEFAULT_DIR = Path(__file__).resolve().parent
@@ -39,12 +42,16 @@ def load_tokenizer(path=DEFAULT_DIR):
     """The transformers tokenizer (encode, decode, chat use, save_pretrained)."""
     from .tokenization_chatglm import ChatGLMTokenizer
 
-    return ChatGLMTokenizer(vocab_file=existing_model_file(path))
+    tokenizer = ChatGLMTokenizer(vocab_file=existing_model_file(path))
+    fast_bpe.attach(tokenizer)
+    return tokenizer
 
 
 def load_encoder(path=DEFAULT_DIR) -> SentencePieceIds:
     """The same ids for corpus processing: encode_batch, eos_id, vocab_size, fingerprint; no transformers."""
-    return SentencePieceIds(existing_model_file(path))
+    encoder = SentencePieceIds(existing_model_file(path))
+    fast_bpe.attach(encoder)
+    return encoder
 
 
 def __getattr__(name):

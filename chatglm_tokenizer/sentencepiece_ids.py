@@ -16,6 +16,7 @@ and importing transformers costs seconds that a tokenizing run would spend befor
 
 import hashlib
 
+import numpy as np
 import sentencepiece as spm
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -29,6 +30,9 @@ class SentencePieceIds:
         self.special_ids = {token: self.n_pieces + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.special_tokens_by_id = {i: token for token, i in self.special_ids.items()}
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        # An encoder with SentencePiece's ids, faster (fast_bpe.FastBPE); load_encoder and load_tokenizer
+        # attach it. Not imported here: an exported model folder carries this file without fast_bpe.
+        self.fast, self.fast_unavailable = None, "not attached"
 
     @property
     def vocab_size(self):
@@ -41,9 +45,16 @@ class SentencePieceIds:
 
     def encode_batch(self, texts, num_threads=-1):
         """list[str] -> list[list[int]]; no special tokens added. num_threads=-1: all cores."""
-        return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
+        if self.fast is None:
+            return self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
+        ids, lengths = self.fast.encode_parallel(texts, num_threads)
+        ids, ends = ids.tolist(), np.cumsum(lengths).tolist()
+        return [ids[start:end] for start, end in zip([0, *ends], ends)]
 
     def encode_arrays(self, texts, num_threads=-1):
         """list[str | bytes (UTF-8)] -> one np.int32 array of ids per text, the same ids as encode_batch
         without a Python int per id (corpus processing: 15-25% less time than the lists)."""
-        return self.sp.encode(list(texts), out_type="numpy", num_threads=num_threads)
+        if self.fast is None:
+            return self.sp.encode(list(texts), out_type="numpy", num_threads=num_threads)
+        ids, lengths = self.fast.encode_parallel(texts, num_threads)
+        return np.split(ids, np.cumsum(lengths)[:-1])

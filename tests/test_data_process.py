@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 import atomic
+import chatglm_tokenizer
 import corpora
 import data_process as dp
 from corpora import Source
 
-from conftest import ROOT, SAMPLE, SAMPLE_SOURCES
+from conftest import ROOT, SAMPLE, SAMPLE_SOURCES, needs_compiler
 
 DOCS = [
     "高血压患者应定期监测血压，遵医嘱服药。",
@@ -220,6 +221,30 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
         f"{folder / 'part_12.jsonl'}: exact duplicate of an earlier document",
         f"{folder / 'part_05.jsonl'}: shorter than --min-chars after cleaning",
     ]
+
+
+@needs_compiler
+def test_shards_are_the_same_bytes_with_sentencepiece_encoding(tmp_path, tokenizer, monkeypatch, capsys):
+    texts = random_docs(300) + ["  spaces, English words, 数字 0123 and emoji 😀  "] * 2 + many_docs(20)
+    sources = [
+        Source("c", "skypile", [write_corpus(tmp_path / "c.jsonl", texts)]),
+        Source("d", "medical_dialogue", [write_dialogue_csv(tmp_path / "d.csv", random_docs(50, seed=5), None)]),
+    ]
+    fast = process(sources, tmp_path / "fast", tokenizer, workers=2, unit_bytes=4000)
+    assert "encoding with fast_bpe" in capsys.readouterr().out
+
+    def no_fast_encoder(encoder):
+        encoder.fast, encoder.fast_unavailable = None, "switched off by the test"
+
+    monkeypatch.setattr(chatglm_tokenizer.fast_bpe, "attach", no_fast_encoder)
+    slow = process(sources, tmp_path / "slow", tokenizer, workers=2, unit_bytes=4000)
+    assert "encoding with SentencePiece (switched off by the test)" in capsys.readouterr().out
+    for source, a, b in zip(sources, fast, slow):
+        assert a["tokens"] == b["tokens"] > 1000 and a["shards"] == b["shards"]
+        assert (
+            shard_tokens(tmp_path / "fast" / source.name, a).tobytes()
+            == shard_tokens(tmp_path / "slow" / source.name, b).tobytes()
+        )
 
 
 def test_spawned_workers_load_their_own_encoder(tmp_path, tokenizer):
