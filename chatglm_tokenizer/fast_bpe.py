@@ -34,6 +34,7 @@ ID_LIMIT = (1 << 21) - 1  # fast_bpe.c packs a merge into 64 bits, 21 per id
 NORMAL, UNKNOWN, USER_DEFINED, UNUSED, BYTE = 1, 2, 4, 5, 6  # SentencePiece's piece types (3: control)
 BPE = 2  # TrainerSpec.model_type
 PARALLEL_BYTES = 1 << 20  # a batch smaller than this is encoded on one thread
+MAX_TEXT_BYTES = (2**31 - 1 - 3) // 3  # fast_bpe.c's limit (32-bit positions): a longer text goes to SentencePiece
 PROBES = (
     "",
     " ",
@@ -229,8 +230,8 @@ def build_tables(pieces, trainer, normalizer) -> dict:
 class FastBPE:
     """The encoder for one model (see fast_bpe.c); `encode` gives SentencePiece's ids."""
 
-    def __init__(self, tables: dict):
-        self.lib = load_library()
+    def __init__(self, tables: dict, sentencepiece):
+        self.lib, self.sentencepiece = load_library(), sentencepiece
         chars, merges, inner = tables["chars"], tables["merges"], tables["inner"]
         columns = [np.ascontiguousarray(table[:, k]) for table, k in ((chars, 0), (chars, 1), (merges, 0))]
         columns += [
@@ -266,6 +267,9 @@ class FastBPE:
     def encode(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """UTF-8 bytes (or str) -> (all ids back to back as int32, ids per text as int64)."""
         data = [text.encode("utf-8") if isinstance(text, str) else text for text in texts]
+        if data and max(map(len, data)) > MAX_TEXT_BYTES:
+            ids = self.sentencepiece.encode(data, out_type="numpy")
+            return np.concatenate(ids), np.array([len(text) for text in ids], np.int64)
         offsets = np.zeros(len(data) + 1, np.int64)
         np.cumsum([len(text) for text in data], out=offsets[1:])
         out = np.empty(3 * int(offsets[-1]) + 3 * len(data), np.int32)  # normalizing at most triples a text
@@ -298,7 +302,7 @@ def attach(encoder) -> None:
         tables = model_tables(encoder.sp.serialized_model_proto())
         if "why" in tables:
             raise ValueError(f"the model has {tables['why']}")
-        fast = FastBPE(tables)
+        fast = FastBPE(tables, encoder.sp)
         texts = tables["probes"].tolist()
         ids, lengths = fast.encode(texts)
         expected = encoder.sp.encode(texts, out_type=int)

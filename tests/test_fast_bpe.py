@@ -195,3 +195,21 @@ def test_batch_methods_on_threads_give_the_same_ids(tiny_tokenizer, num_threads,
     assert tiny_tokenizer.encode_batch(texts, num_threads=num_threads) == expected
     arrays = tiny_tokenizer.encode_arrays([text.encode() for text in texts], num_threads=num_threads)
     assert [array.tolist() for array in arrays] == expected and all(a.dtype == np.int32 for a in arrays)
+
+
+@needs_compiler
+def test_a_text_too_long_for_fast_bpe_goes_to_sentencepiece(tiny_tokenizer, monkeypatch):
+    texts = [text.encode() for text in SAMPLE_TEXT]
+    calls = []
+
+    class Spy:
+        def encode(self, *args, **kwargs):
+            calls.append(len(args[0]))
+            return tiny_tokenizer.sp.encode(*args, **kwargs)
+
+    monkeypatch.setattr(fast_bpe, "MAX_TEXT_BYTES", max(map(len, texts)) - 1)
+    monkeypatch.setattr(tiny_tokenizer.fast, "sentencepiece", Spy())
+    ids, lengths = tiny_tokenizer.fast.encode(texts)
+    expected = tiny_tokenizer.sp.encode(texts, out_type=int)
+    assert calls == [len(texts)]
+    assert ids.tolist() == [i for text in expected for i in text] and lengths.tolist() == list(map(len, expected))
