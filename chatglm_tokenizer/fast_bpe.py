@@ -231,7 +231,7 @@ class FastBPE:
     """The encoder for one model (see fast_bpe.c); `encode` gives SentencePiece's ids."""
 
     def __init__(self, tables: dict, sentencepiece):
-        self.lib, self.sentencepiece = load_library(), sentencepiece
+        self.tables, self.sentencepiece, self.lib = tables, sentencepiece, load_library()
         chars, merges, inner = tables["chars"], tables["merges"], tables["inner"]
         columns = [np.ascontiguousarray(table[:, k]) for table, k in ((chars, 0), (chars, 1), (merges, 0))]
         columns += [
@@ -258,6 +258,12 @@ class FastBPE:
         )
         if not self.model:
             raise MemoryError("fast_bpe: no memory for the model's tables")
+
+    def __getstate__(self):  # a pickled or copied tokenizer (DataLoader workers, deepcopy) builds its own
+        return {"tables": self.tables, "sentencepiece": self.sentencepiece}
+
+    def __setstate__(self, state):
+        self.__init__(state["tables"], state["sentencepiece"])
 
     def __del__(self):
         if getattr(self, "model", None):

@@ -1025,6 +1025,20 @@ MUTATIONS = [
         "parts = list(pool.map(self.encode, [texts[a:b] for a, b in zip(bounds, bounds[1:])]))[::-1]",
         ["tests/test_fast_bpe.py", "-k", "threads"],
     ),
+    Mutation(
+        "fast_bpe_tokenizer_cannot_be_pickled",
+        "chatglm_tokenizer/fast_bpe.py",
+        "    def __getstate__(self):",
+        "    def _getstate(self):",
+        ["tests/test_fast_bpe.py", "-k", "pickled"],
+    ),
+    Mutation(
+        "fast_bpe_encodes_texts_past_its_32_bit_positions",
+        "chatglm_tokenizer/fast_bpe.py",
+        "        if data and max(map(len, data)) > MAX_TEXT_BYTES:",
+        "        if False:",
+        ["tests/test_fast_bpe.py", "-k", "too_long"],
+    ),
 ]
 
 

@@ -2,7 +2,9 @@
 of model it takes; a model it does not handle, a missing compiler or tables that disagree leave
 SentencePiece encoding."""
 
+import copy
 import io
+import pickle
 import random
 
 import numpy as np
@@ -213,3 +215,11 @@ def test_a_text_too_long_for_fast_bpe_goes_to_sentencepiece(tiny_tokenizer, monk
     expected = tiny_tokenizer.sp.encode(texts, out_type=int)
     assert calls == [len(texts)]
     assert ids.tolist() == [i for text in expected for i in text] and lengths.tolist() == list(map(len, expected))
+
+
+@needs_compiler
+def test_a_pickled_or_copied_tokenizer_keeps_the_fast_encoder(tiny_tokenizer, tiny_tokenizer_dir):
+    for original in (tiny_tokenizer, load_encoder(tiny_tokenizer_dir)):
+        for twin in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
+            assert twin.fast is not None and twin.fast.model != original.fast.model
+            assert twin.encode_batch(SAMPLE_TEXT) == original.sp.encode(SAMPLE_TEXT, out_type=int)
