@@ -177,8 +177,8 @@ def unsupported(pieces, trainer, normalizer) -> str | None:
 def model_tables(serialized: bytes) -> dict:
     """What fast_bpe.c needs of a model, as arrays ("why" instead when it cannot encode it), cached
     in BUILD per model and version of this code: building them takes 0.3 s, loading them 5 ms."""
-    key = hashlib.sha256(serialized + SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
-    cache = BUILD / f"tables-{key}.npz"
+    code = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
+    cache = BUILD / f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"
     with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):
         with np.load(cache, allow_pickle=False) as saved:
             return dict(saved)
@@ -192,6 +192,9 @@ def model_tables(serialized: bytes) -> dict:
         os.replace(tmp, cache)
     except OSError:
         tmp.unlink(missing_ok=True)  # a read-only checkout builds them again next time
+    for older in BUILD.glob("tables-*.npz"):  # an earlier version of this code's, for any model
+        if not older.name.startswith(f"tables-{code}-"):
+            older.unlink(missing_ok=True)
     return tables
 
 

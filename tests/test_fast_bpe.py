@@ -156,10 +156,13 @@ def test_without_a_compiler_sentencepiece_encodes(tiny_tokenizer_dir, fresh_buil
 
 @needs_compiler
 def test_a_fresh_clone_builds_the_library_and_tables_once(tiny_tokenizer_dir, fresh_build):
+    (fresh_build / "older").mkdir(parents=True)  # what an earlier version of fast_bpe left, and a file of the user's
+    for name in ("fast_bpe-0123456789abcdef.so", "tables-0123456789ab-0123456789abcdef.npz", "notes.txt"):
+        (fresh_build / name).write_bytes(b"old")
     assert load_encoder(tiny_tokenizer_dir).fast is not None
     built = sorted(path.name for path in fresh_build.iterdir())
-    assert [name.split("-")[0] for name in built] == ["fast_bpe", "tables"]
-    assert not any(name.endswith(".tmp") for name in built)
+    assert [name.split("-")[0] for name in built] == ["fast_bpe", "notes.txt", "older", "tables"]
+    assert "0123456789ab" not in " ".join(built) and not any(name.endswith(".tmp") for name in built)
     assert load_encoder(tiny_tokenizer_dir).fast is not None
     assert sorted(path.name for path in fresh_build.iterdir()) == built
 
