@@ -234,14 +234,17 @@ static int32_t add_char(const Model *m, Work *w, int64_t *len, int32_t count, co
 
 #define MAX_TEXT_BYTES ((INT32_MAX - 3) / 3) /* positions in the normalized text are 32-bit */
 
-/* The ids of one text into out (room for 3 * n + 3); returns their count, or -1 when out of memory or
-   longer than MAX_TEXT_BYTES. */
-static int64_t encode_one(const Model *m, Work *w, const uint8_t *in, int64_t n, int32_t *out) {
+#define NO_MEMORY -1
+#define OUT_FULL -2
+
+/* The ids of one text into out (room for room ids); returns their count, NO_MEMORY (out of memory, or
+   a text longer than MAX_TEXT_BYTES) or OUT_FULL. */
+static int64_t encode_one(const Model *m, Work *w, const uint8_t *in, int64_t n, int32_t *out, int64_t room) {
     if (n == 0) return 0;
-    if (n > MAX_TEXT_BYTES) return -1;
+    if (n > MAX_TEXT_BYTES) return NO_MEMORY;
     if (!reserve((void **)&w->text, &w->text_cap, 3 * n + 3, 1) ||
         !reserve((void **)&w->symbols, &w->symbols_cap, n + 1, sizeof(Symbol)))
-        return -1;
+        return NO_MEMORY;
     int64_t len = 0;
     int32_t count = 0;
     if (m->add_dummy_prefix) count = add_char(m, w, &len, count, "\xe2\x96\x81", 3, 0x2581);
@@ -262,14 +265,16 @@ static int64_t encode_one(const Model *m, Work *w, const uint8_t *in, int64_t n,
         }
         w->symbols[start].prev = -1;
         w->symbols[end - 1].next = -1;
-        if (end - start > 1 && !merge_run(m, w, start, end)) return -1;
+        if (end - start > 1 && !merge_run(m, w, start, end)) return NO_MEMORY;
     }
     int64_t written = 0;
     int previous_unknown = 0;
     for (int32_t i = 0; i < count; i++) {
         const Symbol *s = &w->symbols[i];
         if (s->len == 0) continue; /* merged into the symbol before it */
-        if (s->id >= 0 && s->id < m->pieces) {
+        int piece = s->id >= 0 && s->id < m->pieces;
+        if (written + (piece || !m->byte_fallback ? 1 : s->len) > room) return OUT_FULL;
+        if (piece) {
             out[written++] = s->id;
             previous_unknown = 0;
         } else if (m->byte_fallback) {
@@ -282,18 +287,19 @@ static int64_t encode_one(const Model *m, Work *w, const uint8_t *in, int64_t n,
     return written;
 }
 
-/* Texts data[offsets[i]:offsets[i+1]] for i < count: their ids back to back into out (room for
-   3 * bytes + 3 * count) and each one's id count into lengths. Returns the ids written, or -1 when
-   out of memory or a text is longer than MAX_TEXT_BYTES. */
+/* Texts data[offsets[i]:offsets[i+1]] for i < count: their ids back to back into out (room for room ids;
+   3 * bytes + 3 * count always suffice: a normalized text is at most three times as long, plus the
+   prefix) and each one's id count into lengths. Returns the ids written, NO_MEMORY or OUT_FULL. */
 int64_t fbpe_encode(const void *model, const char *data, const int64_t *offsets, int64_t count, int32_t *out,
-                    int64_t *lengths) {
+                    int64_t room, int64_t *lengths) {
     const Model *m = model;
     Work w = {0};
     int64_t total = 0;
     for (int64_t k = 0; k < count; k++) {
-        int64_t got = encode_one(m, &w, (const uint8_t *)data + offsets[k], offsets[k + 1] - offsets[k], out + total);
+        int64_t got = encode_one(m, &w, (const uint8_t *)data + offsets[k], offsets[k + 1] - offsets[k], out + total,
+                                 room - total);
         if (got < 0) {
-            total = -1;
+            total = got;
             break;
         }
         lengths[k] = got;

@@ -34,6 +34,7 @@ ID_LIMIT = (1 << 21) - 1  # fast_bpe.c packs a merge into 64 bits, 21 per id
 NORMAL, UNKNOWN, USER_DEFINED, UNUSED, BYTE = 1, 2, 4, 5, 6  # SentencePiece's piece types (3: control)
 BPE = 2  # TrainerSpec.model_type
 PARALLEL_BYTES = 1 << 20  # a batch smaller than this is encoded on one thread
+OUT_FULL = -2  # fast_bpe_encode's answer when the ids do not fit the room given
 MAX_TEXT_BYTES = (2**31 - 1 - 3) // 3  # fast_bpe.c's limit (32-bit positions): a longer text goes to SentencePiece
 PROBES = (
     "",
@@ -83,7 +84,7 @@ def load_library() -> ctypes.CDLL:
         lib.fbpe_new.argtypes += [i32, pointer, pointer, i32, pointer, i32]
         lib.fbpe_free.argtypes = [pointer]
         lib.fbpe_encode.restype = i64
-        lib.fbpe_encode.argtypes = [pointer, ctypes.c_char_p, pointer, i64, pointer, pointer]
+        lib.fbpe_encode.argtypes = [pointer, ctypes.c_char_p, pointer, i64, pointer, i64, pointer]
         _library = lib
     return _library
 
@@ -281,10 +282,17 @@ class FastBPE:
             return np.concatenate(ids), np.array([len(text) for text in ids], np.int64)
         offsets = np.zeros(len(data) + 1, np.int64)
         np.cumsum([len(text) for text in data], out=offsets[1:])
-        out = np.empty(3 * int(offsets[-1]) + 3 * len(data), np.int32)  # normalizing at most triples a text
         lengths = np.empty(len(data), np.int64)
         joined = b"".join(data)
-        total = self.lib.fbpe_encode(self.model, joined, _address(offsets), len(data), _address(out), _address(lengths))
+        # Room for an id per input byte: text never gives more ids than that unless its normalized
+        # form grows (spaces and bad bytes become 3-byte characters) and falls back to bytes; then
+        # again with the bound that always holds.
+        for room in (len(joined) + 3 * len(data), 3 * len(joined) + 3 * len(data)):
+            out = np.empty(room, np.int32)
+            args = (_address(offsets), len(data), _address(out), room, _address(lengths))
+            total = self.lib.fbpe_encode(self.model, joined, *args)
+            if total != OUT_FULL:
+                break
         if total < 0:
             raise MemoryError("fast_bpe: no memory to encode a batch")
         return out[:total].copy(), lengths

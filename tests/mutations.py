@@ -1039,6 +1039,13 @@ MUTATIONS = [
         "        if False:",
         ["tests/test_fast_bpe.py", "-k", "too_long"],
     ),
+    Mutation(
+        "fast_bpe_no_second_try_when_the_ids_outgrow_the_bytes",
+        "chatglm_tokenizer/fast_bpe.py",
+        "for room in (len(joined) + 3 * len(data), 3 * len(joined) + 3 * len(data)):",
+        "for room in (len(joined) + 3 * len(data),):",
+        ["tests/test_fast_bpe.py", "-k", "more_ids_than_bytes"],
+    ),
 ]
 
 

@@ -226,3 +226,14 @@ def test_a_pickled_or_copied_tokenizer_keeps_the_fast_encoder(tiny_tokenizer, ti
         for twin in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
             assert twin.fast is not None and twin.fast.model != original.fast.model
             assert twin.encode_batch(SAMPLE_TEXT) == original.sp.encode(SAMPLE_TEXT, out_type=int)
+
+
+@needs_compiler
+def test_texts_with_more_ids_than_bytes(tmp_path):
+    """Bad bytes become U+FFFD, three bytes, and fall back to three byte ids each when U+FFFD is no piece."""
+    encoder = load_encoder(train_model(tmp_path))
+    assert encoder.sp.piece_to_id("\ufffd") == encoder.sp.unk_id()
+    texts = [b"\xff" * 1000, b"\xff\xfe" * 300 + " 高血压 ".encode(), b"ok"]
+    for batch in ([texts[0]], texts):
+        ids, lengths = encoder.fast.encode(batch)
+        assert lengths[0] > 3 * 999 and ids.tolist() == [i for ids in encoder.sp.encode(batch) for i in ids]
