@@ -4,7 +4,7 @@ from chatglm_tokenizer import load_tokenizer
 tok = load_tokenizer()                       # chatglm_tokenizer/tokenizer.model
 tok = load_tokenizer("out/tokenizer")        # a folder (or a .model file) of your own
 ids = load_encoder()                         # the same ids without transformers: encode_batch, eos_id, ...
-ids.fast                                     # fast_bpe.c's encoder (same ids, ~3x faster), or None: see
+ids.fast                                     # fast_bpe.c's encoder (same ids, 2-4x faster), or None: see
                                              # ids.fast_unavailable
 """
 
