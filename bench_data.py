@@ -239,7 +239,7 @@ def stage_seconds(path: Path, layout: str, tokenizer) -> dict:
 
     def parse():
         problems = corpora.Problems()
-        return sum(1 for file in files for _ in corpora.iter_records(file, problems, None, fmt.record_tag, fmt.unread))
+        return sum(1 for file in files for _ in corpora.iter_records(file, problems, None, fmt))
 
     _, seconds_read = cpu_timed(read)
     _, seconds_container = cpu_timed(parse)

@@ -1048,12 +1048,12 @@ def _first_byte(path) -> bytes:
     return prefix[:1]
 
 
-def iter_records(path, problems: Problems, span=None, record_tag=None, unread=None) -> Iterator[tuple[object, object]]:
-    """(location, record) for any container; span only for JSON lines, CSV and plain text, record_tag (the
-    element that is one record) and unread (see iter_xml) only for XML."""
+def iter_records(path, problems: Problems, span=None, fmt=None) -> Iterator[tuple[object, object]]:
+    """(location, record) for any container; span only for JSON lines, CSV and plain text; for XML, fmt
+    (the Format) names the element that is one record and what its reader never looks into."""
     kind = container(path)
     if kind == "xml":
-        yield from iter_xml(path, problems, record_tag, unread)
+        yield from iter_xml(path, problems, fmt.record_tag, fmt.unread)
     elif kind == "pdf":
         yield from iter_pdf(path, problems)
     elif kind == "csv":
@@ -2300,7 +2300,7 @@ def _readable_files(source: Source, fmt: Format, problems: Problems) -> Iterator
 def _outputs(source: Source, fmt: Format, problems: Problems, span) -> Iterator[tuple[Path, object, object]]:
     """(file, location, output) for every output of the source's reader; everything skipped is counted."""
     for path in _readable_files(source, fmt, problems):
-        for where, record in iter_records(path, problems, span, fmt.record_tag, fmt.unread):
+        for where, record in iter_records(path, problems, span, fmt):
             problems.records += 1
             try:
                 for output in fmt.read(record, path) if fmt.kind == "question" else fmt.read(record):

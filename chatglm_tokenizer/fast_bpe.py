@@ -16,6 +16,7 @@ parsed here: the protobuf package is not a dependency).
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -47,21 +48,32 @@ PROBES = (
 )
 
 
+@functools.cache
+def code_version() -> str:
+    """Names what BUILD holds for this code (library and tables), so a change to either file replaces them."""
+    return hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes() + " ".join(COMPILE).encode()).hexdigest()[
+        :12
+    ]
+
+
+def compiler() -> str | None:
+    """The C compiler: $CC, else cc; None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
 def build_library() -> Path:
     """The shared library for this fast_bpe.c (built now unless it already is); OSError says why not."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMPILE).encode()).hexdigest()[:16]
-    library = BUILD / f"fast_bpe-{digest}.so"
+    library = BUILD / f"fast_bpe-{code_version()}.so"
     if library.is_file():
         return library
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise OSError(f"no C compiler ({compiler}) to build {SOURCE.name}")
+    if compiler() is None:
+        raise OSError(f"no C compiler ({os.environ.get('CC', 'cc')}) to build {SOURCE.name}")
     BUILD.mkdir(exist_ok=True)
     tmp = library.with_name(f"{library.name}.{os.getpid()}.tmp")  # processes building at once each rename a whole file
     try:
-        done = subprocess.run([compiler, *COMPILE, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        done = subprocess.run([compiler(), *COMPILE, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
         if done.returncode:
-            raise OSError(f"{compiler} could not build {SOURCE.name}: {' '.join(done.stderr.split())[-300:]}")
+            raise OSError(f"{compiler()} could not build {SOURCE.name}: {' '.join(done.stderr.split())[-300:]}")
         os.replace(tmp, library)
     finally:
         tmp.unlink(missing_ok=True)
@@ -128,11 +140,19 @@ def read_model(serialized: bytes) -> tuple[list[tuple[str, float, int]], dict, d
     for the fields fast_bpe.c depends on."""
     pieces = []
     trainer = {"model_type": 1, "treat_whitespace_as_suffix": 0, "byte_fallback": 0}
-    normalizer = {"precompiled_charsmap": b"", "add_dummy_prefix": 1, "remove_extra_whitespaces": 1}
-    normalizer["escape_whitespaces"] = 1
+    normalizer = {
+        "precompiled_charsmap": b"",
+        "add_dummy_prefix": 1,
+        "remove_extra_whitespaces": 1,
+        "escape_whitespaces": 1,
+    }
     trainer_fields = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback"}
-    normalizer_fields = {2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces"}
-    normalizer_fields[5] = "escape_whitespaces"
+    normalizer_fields = {
+        2: "precompiled_charsmap",
+        3: "add_dummy_prefix",
+        4: "remove_extra_whitespaces",
+        5: "escape_whitespaces",
+    }
     for number, value in proto_fields(serialized):
         if number == 1:
             piece, score, kind = "", 0.0, NORMAL
@@ -178,7 +198,7 @@ def unsupported(pieces, trainer, normalizer) -> str | None:
 def model_tables(serialized: bytes) -> dict:
     """What fast_bpe.c needs of a model, as arrays ("why" instead when it cannot encode it), cached
     in BUILD per model and version of this code: building them takes 0.3 s, loading them 5 ms."""
-    code = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
+    code = code_version()
     cache = BUILD / f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"
     with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):
         with np.load(cache, allow_pickle=False) as saved:
@@ -300,7 +320,7 @@ class FastBPE:
     def encode_parallel(self, texts, num_threads) -> tuple[np.ndarray, np.ndarray]:
         """encode() over num_threads threads (-1: one per core) for a batch worth it."""
         texts = list(texts)
-        threads = os.cpu_count() or 1 if num_threads < 1 else num_threads
+        threads = (os.cpu_count() or 1) if num_threads < 1 else num_threads
         if threads == 1 or len(texts) < 2 or sum(map(len, texts)) < PARALLEL_BYTES:
             return self.encode(texts)
         bounds = np.linspace(0, len(texts), min(threads, len(texts)) + 1).astype(int)

@@ -1,15 +1,13 @@
 """Shared fixtures: the real ChatGLM2 tokenizer (skipped when absent) and a tiny one trained here."""
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from chatglm_tokenizer import load_tokenizer
+from chatglm_tokenizer import fast_bpe, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -29,7 +27,7 @@ EXTRA_TEXT = (
 
 # chatglm_tokenizer/fast_bpe.c is built with the system C compiler; CI installs one (.ci/run).
 needs_compiler = pytest.mark.skipif(
-    shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler (cc) to build chatglm_tokenizer/fast_bpe.c"
+    fast_bpe.compiler() is None, reason="no C compiler (cc) to build chatglm_tokenizer/fast_bpe.c"
 )
 
 

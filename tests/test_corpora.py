@@ -1536,7 +1536,7 @@ def test_pmc_never_builds_what_it_does_not_read(tmp_path, monkeypatch):
     path.write_text(article.format(cells="cell " * 400), encoding="utf-8")
     monkeypatch.setattr(corpora, "MAX_RECORD_CHARS", 1000)  # the table alone is 2,000 characters
     fmt = corpora.FORMATS["pmc"]
-    ((_, record),) = corpora.iter_records(path, Problems(), None, fmt.record_tag, fmt.unread)
+    ((_, record),) = corpora.iter_records(path, Problems(), None, fmt)
     built = {element.tag for element in record.iter()}
     assert built >= {"article", "front", "article-meta", "abstract", "body", "sec", "p", "sup"}
     assert not built & (corpora.JATS_UNREAD | {"table", "td", "caption"})
