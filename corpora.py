@@ -79,10 +79,12 @@ class Source:
 @dataclass
 class Span:
     """A byte range [start, end) of one file that starts at a record start (see split_source); first_line
-    is the number of the line at start. The records that start in the span are its own. A CSV row that
-    starts in it but runs past `end` (the split's quote count was fooled, e.g. by a stray quote in an
-    unquoted field) is read whole, and so is the rest of the file: the reader sets read_to_end, and the
-    file's later spans, which were cut inside that row, must be dropped."""
+    is the number of the line at start (in a JSON array, the index of the item at start: its records are
+    numbered so). The records that start in the span are its own. A CSV row that starts in it but runs
+    past `end` (the split's quote count was fooled, e.g. by a stray quote in an unquoted field) is read
+    whole, and so is the rest of the file; a JSON array malformed in the span is read no further, and the
+    rest of the file is skipped, as reading the whole file does. Either way the reader sets read_to_end,
+    and the file's later spans must be dropped."""
 
     start: int
     end: int | None  # None: the end of the file
@@ -665,16 +667,34 @@ def _array_items(reader, backend) -> Iterator[object]:
             open_containers.append(value)
 
 
-def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
-    """Items of a top-level JSON array, streamed; a file cut mid-way yields what parsed, then counts it.
-    yajl (ijson's C backend) refuses integers past 64 bits, valid JSON that JSON lines read: from such an
-    error on, the file is read again with ijson's Python backend, past the items already handled."""
-    count = 0
+class _SpanAsArray:
+    """The items of one span of a JSON array file (see _array_spans) as an array of their own."""
+
+    def __init__(self, f, span: Span):
+        f.seek(span.start)
+        self.f, self.left, self.head, self.tail = f, span.end - span.start, b"[", b"]"
+
+    def read(self, size: int) -> bytes:
+        data = self.f.read(min(size, self.left)) if self.left else b""
+        self.left = self.left - len(data) if data else 0
+        data, self.head = self.head + data, b""
+        if not self.left:
+            data, self.tail = data + self.tail, b""
+        return data
+
+
+def iter_json_array(path, problems: Problems, span: Span | None = None) -> Iterator[tuple[str, object]]:
+    """Items of a top-level JSON array, streamed, numbered from 0 (span: the items of that span, numbered
+    from its first); a file cut mid-way yields what parsed, then counts it, and a span that stops so
+    reads on to the end of the file (the rest is skipped: see Span). yajl (ijson's C backend) refuses
+    integers past 64 bits, valid JSON that JSON lines read: from such an error on, the file is read again
+    with ijson's Python backend, past the items already handled."""
+    first = count = span.first_line if span else 0
     for backend in (ijson, IJSON_PYTHON):
         try:
             with open_binary(path) as raw:
-                reader = _Utf8Reader(raw, file_encoding(path))
-                for index, item in enumerate(_array_items(reader, backend)):
+                reader = _Utf8Reader(_SpanAsArray(raw, span) if span else raw, file_encoding(path))
+                for index, item in enumerate(_array_items(reader, backend), first):
                     if index < count:  # handled before the C backend's error
                         continue
                     marked = (reader.bad_lines or reader.lone_surrogates) and item is not TOO_DEEP
@@ -697,6 +717,8 @@ def iter_json_array(path, problems: Problems) -> Iterator[tuple[str, object]]:
             if backend is ijson and "integer overflow" in detail:
                 continue
             problems.add("JSON array cut short or malformed, rest of file skipped", path, f"#{count}", detail[:200])
+            if span:
+                span.read_to_end = True
             return
         except (EOFError, zlib.error, gzip.BadGzipFile) as err:
             problems.add("truncated or corrupt gzip file", path, f"#{count}", str(err))
@@ -1049,7 +1071,7 @@ def _first_byte(path) -> bytes:
 
 
 def iter_records(path, problems: Problems, span=None, fmt=None) -> Iterator[tuple[object, object]]:
-    """(location, record) for any container; span only for JSON lines, CSV and plain text; for XML, fmt
+    """(location, record) for any container; span only for JSON lines and arrays, CSV and plain text; for XML, fmt
     (the Format) names the element that is one record and what its reader never looks into."""
     kind = container(path)
     if kind == "xml":
@@ -1061,7 +1083,7 @@ def iter_records(path, problems: Problems, span=None, fmt=None) -> Iterator[tupl
     elif kind == "text":
         yield from iter_text_blocks(path, problems, span)
     elif kind == "json" and _first_byte(path) == b"[":
-        yield from iter_json_array(path, problems)
+        yield from iter_json_array(path, problems, span)
     elif kind == "json":
         yield from iter_jsonl(path, problems, span)
     elif kind == "parquet":
@@ -2410,13 +2432,14 @@ def image_file(root: Path, name: str) -> Path:
 
 def split_source(source: Source, target_bytes: int, sizes: list[int] | None = None) -> list[tuple[Source, Span | None]]:
     """Independently readable pieces of a source, in reading order: (Source, Span or None).
-    Plain JSON-lines, CSV and text files larger than target_bytes are cut into byte ranges that begin at
-    a record start: a line; for text, one after a blank line; for CSV, one where the quotes before it
-    pair up (a newline inside a quoted field is not a row end). Reading the pieces one after another
-    gives exactly what reading the file gives (a CSV cut that the quote count got wrong is caught as
-    it is read: see Span). Every other file is read whole, and consecutive ones are grouped into pieces
-    of up to target_bytes (a folder of 100,000 small articles is not 100,000 pieces: each costs a
-    worker round trip and a part file); formats that join files are one piece. What is counted once per
+    Plain JSON-lines, JSON-array, CSV and text files larger than target_bytes are cut into byte ranges
+    that begin at a record start: a line; for text, one after a blank line; for CSV, one where the quotes
+    before it pair up (a newline inside a quoted field is not a row end); for a JSON array, an item
+    (see _array_spans). Reading the pieces one after another gives exactly what reading the file gives
+    (a CSV cut that the quote count got wrong is caught as it is read: see Span). Every other file is
+    read whole, and consecutive ones are grouped into pieces of up to target_bytes (a folder of 100,000
+    small articles is not 100,000 pieces: each costs a worker round trip and a part file); formats that
+    join files are one piece. What is counted once per
     file stays counted once. sizes: the files' sizes where the caller has them (one stat a file is not
     free on a network file system holding millions)."""
     fmt = FORMATS[source.format]
@@ -2427,7 +2450,7 @@ def split_source(source: Source, target_bytes: int, sizes: list[int] | None = No
     for path, size in zip(source.files, sizes or map(os.path.getsize, source.files)):
         if size > target_bytes and _splittable(path, fmt):
             single = Source(source.name, source.format, [path], source.location)
-            pieces += [(single, span) for span in _spans(path, target_bytes, container(path))]
+            pieces += [(single, span) for span in _spans(path, target_bytes, container(path)) or [None]]
         elif pieces and pieces[-1][1] is None and group_bytes + size <= target_bytes:
             pieces[-1][0].files.append(path)
             group_bytes += size
@@ -2438,12 +2461,17 @@ def split_source(source: Source, target_bytes: int, sizes: list[int] | None = No
 
 
 def _splittable(path, fmt: Format) -> bool:
-    """A plain JSON-lines, CSV or text file the format reads: one that can be cut at record starts."""
+    """A plain JSON-lines, JSON-array, CSV or text file the format reads: one that can be cut at record
+    starts (a JSON array only where _array_spans finds its items)."""
     kind = container(path)
     return (
         kind in fmt.containers
         and not str(path).endswith(".gz")
-        and (kind in ("text", "csv") or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path)))
+        and (
+            kind in ("text", "csv")
+            or (kind == "json" and _first_byte(path) == b"[")
+            or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path))
+        )
     )
 
 
@@ -2456,7 +2484,9 @@ def _one_json_object(path) -> bool:
 COUNT_PIECE = 1 << 20  # bytes read at a time by _count: large enough to amortise a call, small enough for cache
 
 
-def _spans(path, target_bytes: int, kind: str) -> list[Span]:
+def _spans(path, target_bytes: int, kind: str) -> list[Span] | None:
+    if kind == "json" and _first_byte(path) == b"[":
+        return _array_spans(path, target_bytes)
     size = os.path.getsize(path)
     spans, start, first_line = [], 0, 1
     with open(path, "rb") as f:
@@ -2501,3 +2531,96 @@ def _boundary(f, start: int, offset: int, kind: str, size: int) -> int:
         if not line.strip():
             break
     return min(position, size)
+
+
+ARRAY_PIECE = 1 << 22  # a JSON array is scanned for its items this many bytes at a time
+QUOTE, BACKSLASH, OPENING, CLOSING, COMMA = 1, 2, 3, 4, 5
+JSON_SYNTAX = bytes(  # byte -> its part in JSON's structure (0: none): bytes.translate classes a piece at C speed
+    dict(zip(b'"\\[{]},', (QUOTE, BACKSLASH, OPENING, OPENING, CLOSING, CLOSING, COMMA))).get(byte, 0)
+    for byte in range(256)
+)
+
+
+def _array_spans(path, target_bytes: int) -> list[Span] | None:
+    """Spans of a JSON array file, each a run of whole items, cut at the first top-level comma past every
+    target_bytes and numbered by the index of their first item (the array's brackets are in none: the
+    reader reads a span as an array of its own). None, and the file is read whole, unless it is valid
+    UTF-8 (where every line decodes as in the whole file) holding one array whose strings and brackets
+    pair up, with an item on either side of every cut: a file malformed there is read whole, and the
+    reader says where. JSON's structure is ASCII, which no byte of a UTF-8 multi-byte character is, so
+    it is found in the bytes, with numpy over one piece at a time: a quote not escaped (after an even run
+    of backslashes) opens or closes a string; brackets and commas outside strings are the structure."""
+    if not file_encoding(path).startswith("utf-8"):
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    in_string, depth, backslashes, base = 0, 0, 0, 0  # carried from piece to piece; backslashes: a run at the end
+    opening = closing = None  # the array's brackets
+    items, cuts, next_cut = 0, [], target_bytes  # top-level commas so far; (offset, index of the item after)
+    with open(path, "rb") as f:
+        while piece := f.read(ARRAY_PIECE):
+            try:
+                decoder.decode(piece)
+            except UnicodeDecodeError:
+                return None
+            classes = np.frombuffer(piece.translate(JSON_SYNTAX), np.uint8)
+            where = np.flatnonzero(classes != 0)  # a bool array: several times faster than uint8
+            kind = classes[where]
+            index = np.arange(len(where))
+            backslash = kind == BACKSLASH
+            adjacent = np.zeros(len(where), bool)  # right after the previous entry
+            adjacent[1:] = where[1:] - where[:-1] == 1
+            adjacent[:1] = where[:1] == 0  # the first byte: after the last piece's last byte
+            in_run = backslash & adjacent & np.r_[backslashes > 0, backslash[:-1]]
+            run_start = np.where(in_run, 0, index)
+            np.maximum.accumulate(run_start, out=run_start)
+            run = index - run_start + 1 + np.where(in_run[:1].any() & (run_start == 0), backslashes, 0)
+            odd_before = np.r_[backslashes % 2 == 1, backslash[:-1] & (run[:-1] % 2 == 1)] & adjacent
+            toggles = (kind == QUOTE) & ~odd_before
+            inside = (np.cumsum(toggles) - toggles + in_string) % 2 == 1
+            structure = ~inside & (kind >= OPENING)
+            kind, offset = kind[structure], where[structure] + base
+            step = (kind == OPENING).astype(np.int64) - (kind == CLOSING)
+            after = np.cumsum(step) + depth
+            before = after - step
+            if opening is None and len(kind):
+                opening = int(offset[0])  # the file's first byte that is not whitespace (split_source)
+            closed = np.flatnonzero(after == 0)
+            if closing is None and len(closed):
+                closing = int(offset[closed[0]])  # past it, only whitespace is well-formed: checked at the end
+            commas = offset[(kind == COMMA) & (before == 1)]
+            while (found := int(np.searchsorted(commas, next_cut))) < len(commas):
+                cut = int(commas[found])
+                cuts.append((cut, items + found + 1))
+                next_cut = cut + target_bytes
+            items += len(commas)
+            in_string = (in_string + int(toggles.sum())) % 2
+            depth = int(after[-1]) if len(after) else depth
+            backslashes = int(run[-1]) if len(where) and backslash[-1] and where[-1] == len(piece) - 1 else 0
+            base += len(piece)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return None
+        if closing is None or _next_byte(f, closing + 1) or not all(_item_on_both_sides(f, c) for c, _ in cuts):
+            return None
+    starts = [(opening + 1, 0)] + [(cut + 1, item) for cut, item in cuts]
+    ends = [cut for cut, _ in cuts] + [closing]
+    return [Span(start, end, item) for (start, item), end in zip(starts, ends)]
+
+
+def _next_byte(f, position: int, backwards: bool = False) -> bytes:
+    """The first byte that is not whitespace from position on (backwards: before it), b"" for none."""
+    while True:
+        start = max(position - 4096, 0) if backwards else position
+        f.seek(start)
+        data = f.read(position - start if backwards else 4096)
+        stripped = data.rstrip() if backwards else data.lstrip()
+        if stripped or not data:
+            return stripped[-1:] if backwards else stripped[:1]
+        position = start if backwards else position + len(data)
+
+
+def _item_on_both_sides(f, comma: int) -> bool:
+    """Not a comma that follows "[" or "," or comes before "]" or ",": such a span would read as an empty
+    array, with no error where the whole file's reading stops."""
+    return _next_byte(f, comma, backwards=True) not in (b"[", b",") and _next_byte(f, comma + 1) not in (b"]", b",")

@@ -17,7 +17,8 @@ Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py):
 
 How it works:
   1. corpora.split_source cuts every source into work units: byte ranges (at record boundaries) of large
-     JSON-lines / CSV / text files, and runs of whole files, about 16 per worker and at most --unit-mb each.
+     JSON-lines / JSON-array / CSV / text files, and runs of whole files, about 16 per worker and at most
+     --unit-mb each.
   2. Workers, one unit at a time: read records, clean, drop short documents, hash, encode in batches and
      append the tokens to a part file (ids as numpy arrays, no Python object per token, from
      chatglm_tokenizer/fast_bpe.c: SentencePiece's ids at about twice its speed, or from SentencePiece
@@ -69,7 +70,7 @@ from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
 MIN_CHARS = 10  # documents shorter than this after cleaning are dropped
 SHARD_TOKENS = 1 << 28  # a shard is closed after the document that brings it to this many tokens (512 MiB)
-UNIT_MB = 64  # JSON-lines / CSV / text files are split into work units of at most about this size ...
+UNIT_MB = 64  # JSON-lines / JSON-array / CSV / text files are split into work units of at most about this size ...
 MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at UNITS_PER_WORKER units per worker: output is the
 UNITS_PER_WORKER = 16  # same for any size; many units keep the last ones short, so no worker idles long at the end
 BATCH_BYTES = 1 << 21  # UTF-8 bytes of text per encode call inside a worker (its ids take about as much): parsing

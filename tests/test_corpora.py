@@ -913,6 +913,86 @@ def test_split_pieces_read_exactly_like_the_whole_file(tmp_path, fmt, suffix, en
         assert whole_problems.counts == {corpora.UNDECODABLE: 1, "CSV row with the wrong number of fields": 1}
 
 
+def wiki_array(path, items, separator=",\n", encoding="utf-8"):
+    path.write_bytes(("[" + separator.join(items) + "]\n").encode(encoding))
+    return Source("w", "wiki", [path])
+
+
+def wiki_items(n):
+    """Items whose strings hold what a scan for JSON's structure must see past: escaped quotes, runs of
+    backslashes before a closing quote, brackets and commas, escapes; nested arrays and objects after them."""
+    inside = [
+        "",
+        ' 引号\\"内',
+        " 反斜杠\\\\",
+        " 括号[{,}]和逗号,\\n",
+        " 末尾\\\\\\\\",
+        ' 奇数\\\\\\"',
+        "\\u4e2d\\ud83d\\ude00",
+    ]
+    return [
+        '{"completion": "第%d条%s", "source": "wiki", "tags": [%d, {"k": [1, 2]}]}' % (i, inside[i % 7], i)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("piece", [1, 3, 1 << 22])
+@pytest.mark.parametrize("separator", [",\n", ", "])  # ", ": the whole array on one line
+def test_json_array_pieces_read_exactly_like_the_whole_file(tmp_path, monkeypatch, piece, separator):
+    """A JSON array is cut at top-level commas, found by a scan of its bytes in pieces of `piece` bytes (1:
+    every carry from one piece to the next); items are numbered as in the whole file."""
+    monkeypatch.setattr(corpora, "ARRAY_PIECE", piece)
+    items = wiki_items(150)
+    items[40], items[41] = '{"title": "错字段"}', '"一个字符串"'  # bad records, reported by their index
+    items[60], items[61] = '{"completion": "孤立 \\ud83d 代理"}', "[" * 600 + "]" * 600  # lone surrogate; too deep
+    source = wiki_array(tmp_path / "wiki.json", items, separator)
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    assert len(whole) == 146 and whole[1] == '第1条 引号"内' and whole[5] == '第5条 奇数\\"'
+    pieces = corpora.split_source(source, 300)
+    assert len(pieces) > 20 and all(span is not None for _, span in pieces)
+    split, split_problems = read_split(pieces)
+    assert split == whole and split_problems.examples == whole_problems.examples
+    assert split_problems.counts == whole_problems.counts and len(whole_problems.counts) == 4
+    assert f"{tmp_path / 'wiki.json'}:#40: missing field 'completion'" in " ".join(whole_problems.examples)
+    assert not any(span.read_to_end for _, span in pieces)
+
+
+def test_a_json_array_malformed_in_one_piece_skips_the_rest_as_the_whole_file_does(tmp_path):
+    items = wiki_items(150)
+    items[80] = '{"completion": tru}'
+    source = wiki_array(tmp_path / "wiki.json", items)
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    pieces = corpora.split_source(source, 300)
+    split, split_problems = read_split(pieces)
+    assert len(whole) == 80 and split == whole and split_problems.examples == whole_problems.examples
+    assert split_problems.counts == {"JSON array cut short or malformed, rest of file skipped": 1}
+    assert [span.read_to_end for _, span in pieces].count(True) == 1 and not pieces[-1][1].read_to_end
+
+
+def test_json_arrays_are_read_whole_unless_clean_utf8_holding_one_well_formed_array(tmp_path):
+    items = wiki_items(60)
+    cases = {
+        "gb18030.json": ("[" + ",\n".join(items) + "]").encode("gb18030"),
+        "bad_byte.json": ("[" + ",\n".join(items) + "]").encode().replace("第30条".encode(), b"\xff30"),
+        "cut.json": ("[" + ",\n".join(items)).encode(),
+        "after.json": ("[" + ",\n".join(items) + "] 尾巴").encode(),
+        "two.json": ("[" + ",\n".join(items) + "][1]").encode(),
+        "unbalanced.json": ("[" + ",\n".join(items).replace("[1, 2]}", "[1, 2]}}", 1) + "]").encode(),
+        "empty_items.json": ("[" + ",,\n".join(items) + "]").encode(),  # every cut would face an empty item
+        "string_open.json": ("[" + ",\n".join(items) + ']"').encode(),
+        "gzipped.json.gz": gzip.compress(("[" + ",\n".join(items) + "]").encode()),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        source = Source("w", "wiki", [tmp_path / name])
+        assert corpora.split_source(source, 300) == [(source, None)], name
+    assert len(corpora.split_source(wiki_array(tmp_path / "fine.json", items), 300)) > 10
+    docs, problems = texts("wiki", tmp_path / "bad_byte.json")  # read whole: only the item with the bad byte is lost
+    assert len(docs) == 59 and problems.counts == {corpora.UNDECODABLE: 1}
+
+
 def test_a_csv_cut_inside_a_row_reads_that_row_and_the_rest_of_the_file(tmp_path):
     """A quote inside an unquoted field is a plain character to csv, but the split counts it: later cuts
     land inside quoted fields. The piece whose row runs past its end reads on to the end of the file."""
@@ -983,15 +1063,10 @@ def test_listing_and_checking_many_files_shows_progress(tmp_path, monkeypatch, c
     assert f"listing {tmp_path}" in err and "skypile: checking files" in err and "/5 " in err
 
 
-def test_json_arrays_csv_and_gzip_are_not_split(tmp_path):
-    array = tmp_path / "a.json"
-    array.write_text(json.dumps([{"completion": "x" * 100}] * 50), encoding="utf-8")
+def test_gzip_files_are_not_split(tmp_path):
     gz = tmp_path / "b.jsonl.gz"
     gz.write_bytes(gzip.compress(b'{"text": "x"}\n' * 500))
-    assert corpora.split_source(Source("w", "wiki", [array, gz]), 100) == [
-        (Source("w", "wiki", [array]), None),
-        (Source("w", "wiki", [gz]), None),
-    ]
+    assert corpora.split_source(Source("w", "skypile", [gz]), 100) == [(Source("w", "skypile", [gz]), None)]
 
 
 def test_problems_merge_keeps_counts_and_a_few_examples_per_reason():

@@ -186,11 +186,16 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     for i in range(40):
         write_corpus(folder / f"part_{i:02d}.jsonl", small[3 * i : 3 * i + 3])
     write_corpus(folder / "part_20_big.jsonl", random_docs(100, seed=4))
+    items = [json.dumps({"completion": doc, "source": "wiki"}, ensure_ascii=False) for doc in random_docs(200, seed=5)]
+    items[150] = '{"completion": 断}'  # malformed: the whole file's reading stops here, and so do the units'
+    array = tmp_path / "wiki.json"
+    array.write_text("[" + ",\n".join(items) + "]", encoding="utf-8")
     sources = [
         Source("big", "skypile", [path]),
         Source("notes", "text", [text]),
         Source("dialogue", "medical_dialogue", [dialogues]),
         corpora.parse_source(f"skypile_many={folder}"),
+        Source("wiki", "wiki", [array]),
     ]
     units = corpora.split_source(sources[2], 2000)
     for unit, span in units:  # the CSV is cut into pieces, one of which reads on to the end of the file
@@ -214,6 +219,9 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     assert runs["one"][0]["skipped"] == {"exact duplicate of an earlier document": 50, "malformed JSON line": 1}
     assert runs["one"][1]["documents_kept"] == 120
     assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
+    assert len(corpora.split_source(sources[4], 2000)) > 5
+    assert runs["one"][4]["documents_kept"] == 150
+    assert runs["one"][4]["skipped"] == {"JSON array cut short or malformed, rest of file skipped": 1}
     units = corpora.split_source(sources[3], 2000)
     grouped = [piece.files for piece, span in units if span is None]
     assert len(grouped) < 25 and sum(map(len, grouped)) == 40 and len(units) - len(grouped) > 3  # 40 grouped, 1 cut
