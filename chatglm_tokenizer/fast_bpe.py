@@ -7,8 +7,8 @@
 load_encoder and load_tokenizer attach it when the model is one fast_bpe.c handles (ChatGLM2's and
 train_tokenizer.py's: BPE, identity normalization, byte fallback) and it gives SentencePiece's ids on
 probe texts; otherwise SentencePiece encodes. The library is built once per version of fast_bpe.c into
-chatglm_tokenizer/build/ (about a second; an older version's is removed then); without a compiler (`cc`,
-or $CC) SentencePiece encodes.
+chatglm_tokenizer/build/, or the user's cache where the checkout cannot be written (about a second; an
+older version's is removed then); without a compiler (`cc`, or $CC) SentencePiece encodes.
 A model is read from SentencePiece's own serialized proto (a few fields of the protobuf wire format,
 parsed here: the protobuf package is not a dependency).
 """
@@ -61,14 +61,39 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
+def build_folders() -> list[Path]:
+    """Where the library and tables are looked for, and built in the first that can be written: the
+    checkout's build/, else the user's cache ($XDG_CACHE_HOME or ~/.cache), for a checkout that cannot be
+    written (a read-only container image, a shared install)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return [BUILD] + ([] if cache.startswith("~") else [Path(cache) / "mini-chinese-gpt" / "fast_bpe"])
+
+
+def writable_folder() -> Path:
+    """The first of build_folders that can be written (made if need be); OSError says why none can."""
+    failures = []
+    for folder in build_folders():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+            return folder
+        except OSError as err:
+            failures.append(f"{folder}: {err.strerror or err}")
+    raise OSError("no folder to build in (" + "; ".join(failures) + ")")
+
+
 def build_library() -> Path:
     """The shared library for this fast_bpe.c (built now unless it already is); OSError says why not."""
-    library = BUILD / f"fast_bpe-{code_version()}.so"
-    if library.is_file():
-        return library
+    name = f"fast_bpe-{code_version()}.so"
+    for folder in build_folders():
+        if (folder / name).is_file():
+            return folder / name
     if compiler() is None:
         raise OSError(f"no C compiler ({os.environ.get('CC', 'cc')}) to build {SOURCE.name}")
-    BUILD.mkdir(exist_ok=True)
+    folder = writable_folder()
+    library = folder / name
     tmp = library.with_name(f"{library.name}.{os.getpid()}.tmp")  # processes building at once each rename a whole file
     try:
         done = subprocess.run([compiler(), *COMPILE, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
@@ -77,7 +102,7 @@ def build_library() -> Path:
         os.replace(tmp, library)
     finally:
         tmp.unlink(missing_ok=True)
-    for older in BUILD.glob("fast_bpe-*.so"):  # a process that loaded one keeps it while it runs
+    for older in folder.glob("fast_bpe-*.so"):  # a process that loaded one keeps it while it runs
         if older != library:
             older.unlink(missing_ok=True)
     return library
@@ -197,23 +222,27 @@ def unsupported(pieces, trainer, normalizer) -> str | None:
 
 def model_tables(serialized: bytes) -> dict:
     """What fast_bpe.c needs of a model, as arrays ("why" instead when it cannot encode it), cached
-    in BUILD per model and version of this code: building them takes 0.3 s, loading them 5 ms."""
+    in the build folder per model and version of this code: building them takes 0.3 s, loading them 5 ms."""
     code = code_version()
-    cache = BUILD / f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"
-    with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):
-        with np.load(cache, allow_pickle=False) as saved:
-            return dict(saved)
+    name = f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"
+    for folder in build_folders():
+        with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):
+            with np.load(folder / name, allow_pickle=False) as saved:
+                return dict(saved)
     pieces, trainer, normalizer = read_model(serialized)
     why = unsupported(pieces, trainer, normalizer)
     tables = {"why": np.array(why)} if why else build_tables(pieces, trainer, normalizer)
-    BUILD.mkdir(exist_ok=True)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
+    try:
+        folder = writable_folder()
+    except OSError:
+        return tables  # built again next time
+    tmp = folder / f"{name}.{os.getpid()}.tmp.npz"
     try:
         np.savez(tmp, **tables)
-        os.replace(tmp, cache)
+        os.replace(tmp, folder / name)
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only checkout builds them again next time
-    for older in BUILD.glob("tables-*.npz"):  # an earlier version of this code's, for any model
+        tmp.unlink(missing_ok=True)
+    for older in folder.glob("tables-*.npz"):  # an earlier version of this code's, for any model
         if not older.name.startswith(f"tables-{code}-"):
             older.unlink(missing_ok=True)
     return tables

@@ -1063,9 +1063,16 @@ MUTATIONS = [
     Mutation(
         "fast_bpe_table_cache_shared_by_every_model",
         "chatglm_tokenizer/fast_bpe.py",
-        'cache = BUILD / f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"',
-        'cache = BUILD / f"tables-{code}.npz"',
+        'name = f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"',
+        'name = f"tables-{code}.npz"',
         ["tests/test_fast_bpe.py"],
+    ),
+    Mutation(
+        "fast_bpe_builds_only_in_the_checkout",
+        "chatglm_tokenizer/fast_bpe.py",
+        'return [BUILD] + ([] if cache.startswith("~")',
+        'return [BUILD] + ([] if True',
+        ["tests/test_fast_bpe.py", "-k", "cannot_be_written"],
     ),
     Mutation(
         "fast_bpe_threads_return_parts_out_of_order",

@@ -143,6 +143,7 @@ def test_models_it_does_not_handle_are_encoded_by_sentencepiece(tmp_path, option
 def fresh_build(tmp_path, monkeypatch):
     """An empty build folder and no library loaded yet, as on a fresh clone."""
     monkeypatch.setattr(fast_bpe, "BUILD", tmp_path / "build")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there either
     monkeypatch.setattr(fast_bpe, "_library", None)
     return tmp_path / "build"
 
@@ -165,6 +166,25 @@ def test_a_fresh_clone_builds_the_library_and_tables_once(tiny_tokenizer_dir, fr
     assert "0123456789ab" not in " ".join(built) and not any(name.endswith(".tmp") for name in built)
     assert load_encoder(tiny_tokenizer_dir).fast is not None
     assert sorted(path.name for path in fresh_build.iterdir()) == built
+
+
+@needs_compiler
+def test_a_checkout_that_cannot_be_written_builds_in_the_users_cache(tiny_tokenizer_dir, fresh_build, monkeypatch):
+    blocked = fresh_build.parent / "a_file"
+    blocked.write_text("")
+    monkeypatch.setattr(fast_bpe, "BUILD", blocked / "build")  # cannot be made, as in a read-only image
+    encoder = load_encoder(tiny_tokenizer_dir)
+    cache = fresh_build.parent / "cache" / "mini-chinese-gpt" / "fast_bpe"
+    assert encoder.fast is not None and sorted(path.name.split("-")[0] for path in cache.iterdir()) == [
+        "fast_bpe",
+        "tables",
+    ]
+    assert_same_ids(encoder, SAMPLE_TEXT)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked / "cache"))  # neither can be written: SentencePiece, and why
+    monkeypatch.setattr(fast_bpe, "_library", None)
+    encoder = load_encoder(tiny_tokenizer_dir)
+    assert encoder.fast is None and "no folder to build in" in encoder.fast_unavailable
+    assert encoder.encode_batch(SAMPLE_TEXT) == encoder.sp.encode(SAMPLE_TEXT, out_type=int)
 
 
 @needs_compiler
