@@ -2533,7 +2533,7 @@ def _boundary(f, start: int, offset: int, kind: str, size: int) -> int:
     return min(position, size)
 
 
-ARRAY_PIECE = 1 << 22  # a JSON array is scanned for its items this many bytes at a time
+ARRAY_PIECE = 1 << 20  # a JSON array is scanned this many bytes at a time (4 MiB: 18 MiB more RSS, no faster)
 QUOTE, BACKSLASH, OPENING, CLOSING, COMMA = 1, 2, 3, 4, 5
 JSON_SYNTAX = bytes(  # byte -> its part in JSON's structure (0: none): bytes.translate classes a piece at C speed
     dict(zip(b'"\\[{]},', (QUOTE, BACKSLASH, OPENING, OPENING, CLOSING, CLOSING, COMMA))).get(byte, 0)

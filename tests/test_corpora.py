@@ -936,7 +936,7 @@ def wiki_items(n):
     ]
 
 
-@pytest.mark.parametrize("piece", [1, 3, 1 << 22])
+@pytest.mark.parametrize("piece", [1, 3, 1 << 20])
 @pytest.mark.parametrize("separator", [",\n", ", "])  # ", ": the whole array on one line
 def test_json_array_pieces_read_exactly_like_the_whole_file(tmp_path, monkeypatch, piece, separator):
     """A JSON array is cut at top-level commas, found by a scan of its bytes in pieces of `piece` bytes (1:
@@ -956,6 +956,24 @@ def test_json_array_pieces_read_exactly_like_the_whole_file(tmp_path, monkeypatc
     assert split_problems.counts == whole_problems.counts and len(whole_problems.counts) == 4
     assert f"{tmp_path / 'wiki.json'}:#40: missing field 'completion'" in " ".join(whole_problems.examples)
     assert not any(span.read_to_end for _, span in pieces)
+
+
+def test_a_pretty_printed_json_array_is_cut_between_its_items(tmp_path):
+    """pleisto's wikipedia-cn file: one array, each object over several lines (json.dump with indent)."""
+    records = [
+        {
+            "completion": f"第{i}条百科\n历史, [注释] {{模板}}",
+            "source": "wikipedia.zh2307",
+            "meta": {"tags": ["a", "b"]},
+        }
+        for i in range(100)
+    ]
+    path = tmp_path / "wikipedia-cn-20230720-filtered.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=4), encoding="utf-8")
+    pieces = corpora.split_source(Source("w", "wiki", [path]), 400)
+    assert len(pieces) > 10 and all(span for _, span in pieces)
+    split, problems = read_split(pieces)
+    assert split == [record["completion"] for record in records] and not problems.counts
 
 
 def test_a_json_array_malformed_in_one_piece_skips_the_rest_as_the_whole_file_does(tmp_path):
