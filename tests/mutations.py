@@ -1071,7 +1071,7 @@ MUTATIONS = [
         "fast_bpe_builds_only_in_the_checkout",
         "chatglm_tokenizer/fast_bpe.py",
         'return [BUILD] + ([] if cache.startswith("~")',
-        'return [BUILD] + ([] if True',
+        "return [BUILD] + ([] if True",
         ["tests/test_fast_bpe.py", "-k", "cannot_be_written"],
     ),
     Mutation(
