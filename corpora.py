@@ -59,6 +59,7 @@ LINE_BLOCK = 1 << 18  # lines are read and decoded this many bytes at a time (on
 MAX_LINE_BYTES = 64 << 20  # a longer line of a line-based file is skipped unread: decoded and parsed, a line
 # takes about ten times its size in memory, and no JSON-lines record, CSV row or text line is this long
 XML_CHUNK_BYTES = 1 << 16  # XML is parsed in chunks of this many bytes: the records finished in one are held at once
+SKIP_BYTES = 1 << 20  # an XML span's reading passes over the bytes before its start this many at a time
 MAX_EXAMPLES = 3  # examples kept per problem reason
 csv.field_size_limit(1 << 30)  # medical answers can exceed csv's 128 KiB default per field
 
@@ -82,9 +83,11 @@ class Span:
     is the number of the line at start (in a JSON array, the index of the item at start: its records are
     numbered so). The records that start in the span are its own. A CSV row that starts in it but runs
     past `end` (the split's quote count was fooled, e.g. by a stray quote in an unquoted field) is read
-    whole, and so is the rest of the file; a JSON array malformed in the span is read no further, and the
-    rest of the file is skipped, as reading the whole file does. Either way the reader sets read_to_end,
-    and the file's later spans must be dropped."""
+    whole, and so is the rest of the file; a JSON array or XML file malformed in the span is read no
+    further, and the rest of the file is skipped, as reading the whole file does; an XML span whose end
+    the bytes placed wrongly reads on (see iter_xml). Either way the reader sets read_to_end, and the
+    file's later spans must be dropped. An XML file's last span has it set from the start: it reads to
+    the end of the file, whatever its size (a gzipped file's is known modulo 4 GiB)."""
 
     start: int
     end: int | None  # None: the end of the file
@@ -874,7 +877,47 @@ def xml_transcoder(first_chunk: bytes):
     return None if codec in EXPAT_CODECS else codecs.getincrementaldecoder(codec)()
 
 
-def iter_xml(path, problems: Problems, record_tag: str, unread=None) -> Iterator[tuple[int, ET.Element]]:
+class _SpanEnd(Exception):
+    """The next span's first record starts: this span's reading is done."""
+
+
+def record_start(record_tag: str) -> re.Pattern:
+    """The bytes of a start tag of record_tag, as split_source looks for them (no namespace prefix)."""
+    return re.compile(rb"<" + re.escape(record_tag.encode("ascii")) + rb"[\s/>]")
+
+
+def _skip_to_record(f, pattern: re.Pattern, span: Span):
+    """For a span of an XML file that starts past byte 0: (head, position, lines, rest), where head is the
+    file's bytes before its first record (the prolog and the elements that hold the records), position the
+    first match of pattern at or past span.start (None: none), lines the line breaks before it, rest what
+    was read past it; f is read on from there. None when the file has no record in its first
+    MAX_RECORD_CHARS bytes. A plain file is read from span.start (its line there: span.first_line); a
+    gzipped one, which cannot seek, is decompressed from its start, its lines counted on the way."""
+    data, offset, lines, head = b"", 0, 0, None  # data: read and not yet passed, from file offset `offset`
+    start = span.start
+    while True:
+        block = f.read(SKIP_BYTES)
+        data += block
+        if head is None:
+            found = pattern.search(data)
+            if not found:
+                if block and len(data) <= MAX_RECORD_CHARS:
+                    continue
+                return None
+            head = data[: found.start()]
+            if not isinstance(f, gzip.GzipFile) and start > len(data):
+                f.seek(start)
+                data, offset, lines = b"", start, span.first_line - 1
+                continue
+        found = pattern.search(data, max(0, start - offset))
+        if found or not block:
+            at = found.start() if found else len(data)
+            return head, offset + at if found else None, lines + data.count(b"\n", 0, at), data[at:]
+        cut = max(len(data) - len(pattern.pattern), 0)  # the tail might begin a match
+        lines, offset, data = lines + data.count(b"\n", 0, cut), offset + cut, data[cut:]
+
+
+def iter_xml(path, problems: Problems, record_tag: str, unread=None, span=None) -> Iterator[tuple[int, ET.Element]]:
     """(line, element) for every element named record_tag (namespace prefixes dropped from all names),
     streamed: an element is built only between its start and end tag and handed over whole, so memory
     holds one record, never the file; a record of more than MAX_RECORD_CHARS characters is skipped. Inside
@@ -883,20 +926,49 @@ def iter_xml(path, problems: Problems, record_tag: str, unread=None) -> Iterator
     about half of a real article's XML. A file
     that declares entities is refused: no external file, URL or DTD is ever read, and no entity expands
     (an entity left undefined by an unread DTD becomes its HTML character, or a space). A declared encoding
-    that expat lacks is decoded here. A malformed file yields what parsed before the error."""
+    that expat lacks is decoded here. A malformed file yields what parsed before the error.
+    span (see _xml_spans): the records that start in it. Past the file's head, the reading jumps to the
+    first record start at or past span.start, and it stops where the next span's first record starts,
+    unless that is not a record start of the whole file's reading (the start tag's bytes inside a comment,
+    inside another record, or under other elements than the first record): then it reads on to the end
+    of the file and sets span.read_to_end, and the file's later spans must be dropped."""
     done = []  # (line, element) of the records finished since the last chunk
     builder, first_line, depth = None, 0, 0  # the open record (None: being skipped), where it starts, how deep
     passing = 0  # the depth of an unread element being passed over, 0 when none is
     size, found = 0, 0  # characters of the open record; records met in the file
     parser = None
+    outer, record_outer = [], None  # the elements open outside records; those around the first record
+    shift, moved = 0, 0  # file line = expat's line + shift; file offset = expat's byte index + moved
+    pattern = record_start(record_tag)
+    # A boundary the whole file's reading must agree with: where the spans' head ends (the first span
+    # checks that the file's first start-tag match is its first record), then span.end; None: none left.
+    watch = None if span is None or span.read_to_end else 0 if not span.start else span.end
+    tail, tail_from = bytearray(), 0  # the bytes fed from near `watch` on, and the file offset of the first
+
+    def agreed(at: int) -> bool:
+        """Is the record start at `at` (at or past watch) the first start-tag match from watch on, with the
+        same elements around it as around the first record (what the next span's head opens)?"""
+        first = pattern.search(tail, max(0, watch - tail_from))
+        return first is not None and tail_from + first.start() == at and tuple(outer) == record_outer
 
     def start(tag, attributes):
-        nonlocal builder, first_line, depth, size, passing
+        nonlocal builder, first_line, depth, size, passing, record_outer, watch
         tag = tag.rpartition(":")[2]
         if not depth:
             if tag != record_tag:
+                outer.append(tag)
                 return
-            builder, first_line, size = ET.TreeBuilder(), parser.CurrentLineNumber, 0
+            if record_outer is None:
+                record_outer = tuple(outer)
+            at = parser.CurrentByteIndex + moved
+            while watch is not None and at >= watch:  # twice when the first record starts past span.end
+                if not agreed(at):
+                    watch, span.read_to_end = None, True  # read on to the end of the file
+                elif watch:
+                    raise _SpanEnd
+                else:
+                    watch = span.end
+            builder, first_line, size = ET.TreeBuilder(), parser.CurrentLineNumber + shift, 0
         depth += 1
         if builder is not None and not passing:
             if depth > 1 and unread is not None and unread(tag, attributes):
@@ -909,6 +981,8 @@ def iter_xml(path, problems: Problems, record_tag: str, unread=None) -> Iterator
     def end(tag):
         nonlocal builder, depth, found, passing
         if not depth:
+            if outer:
+                outer.pop()
             return
         depth -= 1
         if passing:
@@ -949,7 +1023,11 @@ def iter_xml(path, problems: Problems, record_tag: str, unread=None) -> Iterator
         else:
             builder.data(" ")
             problems.add(
-                "undefined XML entity replaced by a space", path, parser.CurrentLineNumber, f"&{name};", part=True
+                "undefined XML entity replaced by a space",
+                path,
+                parser.CurrentLineNumber + shift,
+                f"&{name};",
+                part=True,
             )
 
     complete = False
@@ -963,35 +1041,60 @@ def iter_xml(path, problems: Problems, record_tag: str, unread=None) -> Iterator
             parser.EntityDeclHandler = parser.UnparsedEntityDeclHandler = refuse
             parser.ExternalEntityRefHandler = refuse
             parser.SkippedEntityHandler = skipped_entity
+            offset = 0  # the file offset of chunk
+            if span is not None and span.start:
+                f.seek(0)
+                jump = _skip_to_record(f, pattern, span)
+                if jump is None or jump[1] is None:
+                    return  # no record starts in the span
+                head, offset, lines, chunk = jump
+                parser.Parse(head, False)
+                shift, moved = lines - head.count(b"\n"), offset - len(head)
             while chunk:
+                if watch is not None and offset + len(chunk) > watch - len(pattern.pattern):
+                    if tail_from + len(tail) != offset:  # the tail holds consecutive chunks only
+                        tail.clear()
+                        tail_from = offset
+                    tail += chunk
+                    if len(tail) > MAX_RECORD_CHARS:  # no record start near the boundary: read on
+                        watch, span.read_to_end = None, True
                 parser.Parse(decoder.decode(chunk).encode("utf-8") if decoder else chunk, False)
+                offset += len(chunk)
                 yield from done
                 done.clear()
                 chunk = f.read(XML_CHUNK_BYTES)
             parser.Parse(decoder.decode(b"", True).encode("utf-8") if decoder else b"", True)
             complete = True
+    except _SpanEnd:
+        pass
     except RefusedXML as err:
         problems.add(
             "XML declares entities (XXE / billion laughs risk), file refused",
             path,
-            parser.CurrentLineNumber,
+            parser.CurrentLineNumber + shift,
             f"entity {err}",
         )
     except expat.ExpatError as err:
-        problems.add("malformed XML, rest of file skipped", path, err.lineno, expat.errors.messages[err.code])
+        problems.add("malformed XML, rest of file skipped", path, err.lineno + shift, expat.errors.messages[err.code])
+        if span is not None:
+            span.read_to_end = True
     except LookupError as err:
         problems.add("XML declares an encoding Python does not know, file skipped", path, 1, str(err))
     except UnicodeDecodeError as err:
         problems.add(
             "undecodable bytes for the XML's declared encoding, rest of file skipped",
             path,
-            parser.CurrentLineNumber,
+            parser.CurrentLineNumber + shift,
             f"{err.encoding}: {err.reason}; convert the file to UTF-8",
         )
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        problems.add("truncated or corrupt gzip file", path, parser.CurrentLineNumber if parser else 1, str(err))
+        problems.add(
+            "truncated or corrupt gzip file", path, parser.CurrentLineNumber + shift if parser else 1, str(err)
+        )
+        if span is not None:
+            span.read_to_end = True
     yield from done  # the records that closed before the end of the file, or before an error
-    if complete and not found:
+    if complete and not found and (span is None or not span.start):
         problems.add(f"no <{record_tag}> element in the file (an error page? another format?), file skipped", path)
 
 
@@ -1075,7 +1178,7 @@ def iter_records(path, problems: Problems, span=None, fmt=None) -> Iterator[tupl
     (the Format) names the element that is one record and what its reader never looks into."""
     kind = container(path)
     if kind == "xml":
-        yield from iter_xml(path, problems, fmt.record_tag, fmt.unread)
+        yield from iter_xml(path, problems, fmt.record_tag, fmt.unread, span)
     elif kind == "pdf":
         yield from iter_pdf(path, problems)
     elif kind == "csv":
@@ -2430,18 +2533,22 @@ def image_file(root: Path, name: str) -> Path:
 # ---------------------------------------------------------------- splitting big files for parallel work
 
 
-def split_source(source: Source, target_bytes: int, sizes: list[int] | None = None) -> list[tuple[Source, Span | None]]:
+def split_source(
+    source: Source, target_bytes: int, sizes: list[int] | None = None, gzip_spans: int = 2
+) -> list[tuple[Source, Span | None]]:
     """Independently readable pieces of a source, in reading order: (Source, Span or None).
     Plain JSON-lines, JSON-array, CSV and text files larger than target_bytes are cut into byte ranges
     that begin at a record start: a line; for text, one after a blank line; for CSV, one where the quotes
     before it pair up (a newline inside a quoted field is not a row end); for a JSON array, an item
-    (see _array_spans). Reading the pieces one after another gives exactly what reading the file gives
-    (a CSV cut that the quote count got wrong is caught as it is read: see Span). Every other file is
-    read whole, and consecutive ones are grouped into pieces of up to target_bytes (a folder of 100,000
-    small articles is not 100,000 pieces: each costs a worker round trip and a part file); formats that
-    join files are one piece. What is counted once per
-    file stays counted once. sizes: the files' sizes where the caller has them (one stat a file is not
-    free on a network file system holding millions)."""
+    (see _array_spans). An XML file of records, plain or gzipped, is cut into equal spans whose readers
+    find their first record (see _xml_spans and iter_xml). Reading the pieces one after another gives
+    exactly what reading the file gives (a cut that the bytes placed wrongly is caught as it is read: see
+    Span). Every other file is read whole, and consecutive ones are grouped into pieces of up to
+    target_bytes (a folder of 100,000 small articles is not 100,000 pieces: each costs a worker round trip
+    and a part file); formats that join files are one piece. What is counted once per file stays counted
+    once. sizes: the files' sizes where the caller has them (one stat a file is not free on a network
+    file system holding millions). gzip_spans: the most spans of a gzipped XML file (the workers: gzip
+    cannot seek, so each span decompresses the file from its start)."""
     fmt = FORMATS[source.format]
     if fmt.whole_source:
         return [(source, None)]
@@ -2450,7 +2557,7 @@ def split_source(source: Source, target_bytes: int, sizes: list[int] | None = No
     for path, size in zip(source.files, sizes or map(os.path.getsize, source.files)):
         if size > target_bytes and _splittable(path, fmt):
             single = Source(source.name, source.format, [path], source.location)
-            pieces += [(single, span) for span in _spans(path, target_bytes, container(path)) or [None]]
+            pieces += [(single, span) for span in _spans(path, target_bytes, container(path), gzip_spans) or [None]]
         elif pieces and pieces[-1][1] is None and group_bytes + size <= target_bytes:
             pieces[-1][0].files.append(path)
             group_bytes += size
@@ -2461,9 +2568,12 @@ def split_source(source: Source, target_bytes: int, sizes: list[int] | None = No
 
 
 def _splittable(path, fmt: Format) -> bool:
-    """A plain JSON-lines, JSON-array, CSV or text file the format reads: one that can be cut at record
-    starts (a JSON array only where _array_spans finds its items)."""
+    """A plain JSON-lines, JSON-array, CSV or text file the format reads, or an XML file (plain or gzipped)
+    of records in an encoding whose bytes show their tags: one that can be cut at record starts (a JSON
+    array only where _array_spans finds its items)."""
     kind = container(path)
+    if kind == "xml":
+        return kind in fmt.containers and fmt.record_tag is not None and _tags_in_bytes(path)
     return (
         kind in fmt.containers
         and not str(path).endswith(".gz")
@@ -2475,6 +2585,49 @@ def _splittable(path, fmt: Format) -> bool:
     )
 
 
+def _tags_in_bytes(path) -> bool:
+    """An XML file in UTF-8 or a single-byte encoding expat reads itself, whose start tags can be found by
+    their bytes (not UTF-16, not a declared encoding decoded before parsing)."""
+    try:
+        with open_binary(path) as f:
+            head = f.read(XML_CHUNK_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return False
+    declared = XML_DECLARED_ENCODING.match(head.removeprefix(codecs.BOM_UTF8))
+    try:
+        codec = codecs.lookup(declared[1].decode("ascii")).name if declared else "utf-8"
+    except LookupError:
+        return False
+    return (
+        codec in ("utf-8", "ascii", "iso8859-1")
+        and b"\x00" not in head[:4]
+        and not head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    )
+
+
+def _xml_spans(path, target_bytes: int, gzip_spans: int) -> list[Span] | None:
+    """Spans of equal size of an XML file of records (offsets into its bytes after gunzip; a gzipped file's
+    size is its trailer's, the last span read to its end), at most gzip_spans of a gzipped file. The
+    reader finds the records that start in each: iter_xml."""
+    size = os.path.getsize(path)
+    if str(path).endswith(".gz"):
+        with open(path, "rb") as f:
+            f.seek(max(size - 4, 0))
+            size = max(int.from_bytes(f.read(4), "little"), size)  # the trailer holds the size modulo 4 GiB
+    count = -(-size // target_bytes)
+    gzipped = str(path).endswith(".gz")
+    count = min(count, gzip_spans) if gzipped else count
+    if count < 2:
+        return None
+    cuts = [0] + [size * k // count for k in range(1, count)] + [size]
+    spans, first_line = [], 1  # a gzipped file's spans count their lines as they decompress from its start
+    with open(path, "rb") as f:
+        for start, end in zip(cuts, cuts[1:]):
+            spans.append(Span(start, end, first_line, read_to_end=end == size))
+            first_line += 0 if gzipped else _count(f, start, end, b"\n")
+    return spans
+
+
 def _one_json_object(path) -> bool:
     """A pretty-printed JSON object: its first line is a lone "{" (iter_jsonl reports such a file once)."""
     with open(path, "rb") as f:
@@ -2484,9 +2637,11 @@ def _one_json_object(path) -> bool:
 COUNT_PIECE = 1 << 20  # bytes read at a time by _count: large enough to amortise a call, small enough for cache
 
 
-def _spans(path, target_bytes: int, kind: str) -> list[Span] | None:
+def _spans(path, target_bytes: int, kind: str, gzip_spans: int) -> list[Span] | None:
     if kind == "json" and _first_byte(path) == b"[":
         return _array_spans(path, target_bytes)
+    if kind == "xml":
+        return _xml_spans(path, target_bytes, gzip_spans)
     size = os.path.getsize(path)
     spans, start, first_line = [], 0, 1
     with open(path, "rb") as f:

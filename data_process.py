@@ -17,8 +17,8 @@ Output for every --source NAME=PATH_OR_GLOB (formats: corpora.py):
 
 How it works:
   1. corpora.split_source cuts every source into work units: byte ranges (at record boundaries) of large
-     JSON-lines / JSON-array / CSV / text files, and runs of whole files, about 16 per worker and at most
-     --unit-mb each.
+     JSON-lines / JSON-array / CSV / text / XML files (a gzipped XML file into as many as there are
+     workers), and runs of whole files, about 16 per worker and at most --unit-mb each.
   2. Workers, one unit at a time: read records, clean, drop short documents, hash, encode in batches and
      append the tokens to a part file (ids as numpy arrays, no Python object per token, from
      chatglm_tokenizer/fast_bpe.c: SentencePiece's ids at about twice its speed, or from SentencePiece
@@ -594,7 +594,7 @@ def process_one(source: corpora.Source, out_dir: Path, run: Run, encode) -> dict
 
     file_bytes = dict(zip(source.files, file_sizes))
     unit_bytes = max(MIN_UNIT_BYTES, inputs["bytes"] // (UNITS_PER_WORKER * run.workers))
-    units = corpora.split_source(source, min(run.unit_bytes, unit_bytes), file_sizes)
+    units = corpora.split_source(source, min(run.unit_bytes, unit_bytes), file_sizes, gzip_spans=run.workers)
     folder.mkdir(parents=True, exist_ok=True)
     clear_leftovers(folder)
     parts = folder / "parts.tmp"

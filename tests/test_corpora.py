@@ -1011,6 +1011,100 @@ def test_json_arrays_are_read_whole_unless_clean_utf8_holding_one_well_formed_ar
     assert len(docs) == 59 and problems.counts == {corpora.UNDECODABLE: 1}
 
 
+MEDLINE_HEAD = (
+    '<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle//EN"'
+    ' "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_240101.dtd">\n<PubmedArticleSet>\n'
+)
+
+
+def medline_record(n, abstract=True, title=None):
+    body = f'<Abstract>\n<AbstractText Label="RESULTS">Finding {n}, 第{n}项.</AbstractText>\n</Abstract>\n'
+    return (
+        f'<PubmedArticle>\n<MedlineCitation>\n<PMID Version="1">{n}</PMID>\n<Article>\n'
+        f"<ArticleTitle>{title or f'Title {n} about blood pressure'}</ArticleTitle>\n{body if abstract else ''}"
+        "</Article>\n</MedlineCitation>\n</PubmedArticle>\n"
+    )
+
+
+def write_xml(path, text):
+    data = text.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return Source("p", "pubmed", [path])
+
+
+def assert_pieces_read_like_the_whole(source, target, gzip_spans=8):
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    pieces = corpora.split_source(source, target, gzip_spans=gzip_spans)
+    split, split_problems = read_split(pieces)
+    assert split == whole and split_problems.examples == whole_problems.examples, target
+    assert (split_problems.counts, split_problems.parts) == (whole_problems.counts, whole_problems.parts), target
+    return pieces, whole, whole_problems
+
+
+@pytest.mark.parametrize("name", ["pubmed24n0001.xml", "pubmed24n0001.xml.gz"])
+def test_xml_pieces_read_exactly_like_the_whole_file(tmp_path, name):
+    """An XML file of records is cut into equal spans (a gzipped one into at most gzip_spans); each span
+    reads the records that start in it, after the file's head, with the whole file's line numbers."""
+    records = [medline_record(n, abstract=n % 37 != 5) for n in range(300)]
+    records[100] = records[100].replace("blood pressure", "blood &undefined; pressure")
+    records[200] = "<DeleteCitation>\n<PMID>1</PMID>\n</DeleteCitation>\n" + records[200]
+    text = MEDLINE_HEAD + "".join(records) + "</PubmedArticleSet>\n"
+    source = write_xml(tmp_path / name, text)
+    pieces, whole, problems = assert_pieces_read_like_the_whole(source, 2000)
+    assert len(pieces) == 8 if name.endswith(".gz") else len(pieces) > 30
+    assert [span.read_to_end for _, span in pieces] == [False] * (len(pieces) - 1) + [True]  # the last reads to EOF
+    assert len(whole) == 292 and problems.counts == {"no abstract (title only)": 8}
+    assert problems.parts == {"undefined XML entity replaced by a space": 1}
+    line = text[: text.index("&undefined;")].count("\n") + 1  # in a span past the first
+    assert f"{source.files[0]}:{line}: undefined XML entity" in " ".join(problems.examples) and line > 1000
+
+
+@pytest.mark.parametrize("name", ["c.xml", "c.xml.gz"])
+def test_xml_pieces_agree_with_the_whole_file_where_start_tags_fool_the_bytes(tmp_path, name):
+    """The record's start tag in a comment, in a CDATA section, before the first record and under other
+    elements than the first record's: a span that meets one where the next span would start reads on to
+    the end of the file (the later spans are dropped), so the records are the whole file's."""
+    records = [medline_record(n) for n in range(120)]
+    for n in range(10, 120, 25):
+        records[n] = "<!-- <PubmedArticle> in a comment -->\n" + records[n]
+    records[40] = medline_record(40, title="<![CDATA[a <PubmedArticle> in a title]]>")
+    records[80] = "<Wrapper>\n" + records[80] + records[81] + "</Wrapper>\n"
+    records[81] = ""
+    source = write_xml(tmp_path / name, MEDLINE_HEAD + "".join(records) + "</PubmedArticleSet>\n")
+    fooled = set()  # the spans that read on to the end, by their index
+    for parts in range(3, 40):  # cuts in many places
+        size = source.files[0].stat().st_size
+        pieces, whole, _ = assert_pieces_read_like_the_whole(source, -(-size // parts), gzip_spans=parts)
+        assert len(whole) == 120 and len(pieces) > 2
+        fooled |= {index for index, (_, span) in enumerate(pieces[:-1]) if span.read_to_end}
+    assert len(fooled) > 3  # spans past the first among them: each read after spans that stopped where they should
+    head_fooled = MEDLINE_HEAD.replace("<PubmedArticleSet>", "<!-- <PubmedArticle> --><PubmedArticleSet>")
+    source = write_xml(
+        tmp_path / f"head_{name}", head_fooled + "".join(map(medline_record, range(120))) + "</PubmedArticleSet>\n"
+    )
+    pieces, whole, _ = assert_pieces_read_like_the_whole(source, source.files[0].stat().st_size // 4, gzip_spans=4)
+    assert len(whole) == 120 and pieces[0][1].read_to_end  # every span's head would end inside the comment
+
+
+def test_xml_malformed_in_one_piece_skips_the_rest_as_the_whole_file_does(tmp_path):
+    records = [medline_record(n) for n in range(120)]
+    records[70] = records[70].replace("</ArticleTitle>", "</Title>")
+    source = write_xml(tmp_path / "m.xml", MEDLINE_HEAD + "".join(records) + "</PubmedArticleSet>\n")
+    pieces, whole, problems = assert_pieces_read_like_the_whole(source, 2000)
+    assert len(whole) == 70 and list(problems.counts) == ["malformed XML, rest of file skipped"]
+
+
+def test_xml_in_utf16_or_a_declared_multibyte_encoding_is_read_whole(tmp_path):
+    text = MEDLINE_HEAD + "".join(map(medline_record, range(60))) + "</PubmedArticleSet>\n"
+    (tmp_path / "utf16.xml").write_bytes(text.replace("utf-8", "utf-16").encode("utf-16"))
+    (tmp_path / "gb.xml").write_bytes(text.replace("utf-8", "GB2312").encode("gb2312"))
+    for name in ("utf16.xml", "gb.xml"):
+        source = Source("p", "pubmed", [tmp_path / name])
+        assert corpora.split_source(source, 2000) == [(source, None)]
+        assert len(list(iter_texts(source, Problems()))) == 60
+
+
 def test_a_csv_cut_inside_a_row_reads_that_row_and_the_rest_of_the_file(tmp_path):
     """A quote inside an unquoted field is a plain character to csv, but the split counts it: later cuts
     land inside quoted fields. The piece whose row runs past its end reads on to the end of the file."""

@@ -2,6 +2,7 @@
 idempotent re-runs, crash safety, and the errors raised before any work."""
 
 import errno
+import gzip
 import hashlib
 import json
 import os
@@ -190,12 +191,20 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     items[150] = '{"completion": 断}'  # malformed: the whole file's reading stops here, and so do the units'
     array = tmp_path / "wiki.json"
     array.write_text("[" + ",\n".join(items) + "]", encoding="utf-8")
+    medline = tmp_path / "pubmed24n0001.xml.gz"  # cut into as many spans as workers, each decompressing from the start
+    articles = "".join(
+        f"<PubmedArticle><MedlineCitation><PMID>{n}</PMID><Article><ArticleTitle>{doc}</ArticleTitle><Abstract>"
+        f"<AbstractText>{doc[::-1]}</AbstractText></Abstract></Article></MedlineCitation></PubmedArticle>\n"
+        for n, doc in enumerate(random_docs(200, seed=6))
+    )
+    medline.write_bytes(gzip.compress(f"<PubmedArticleSet>\n{articles}</PubmedArticleSet>\n".encode()))
     sources = [
         Source("big", "skypile", [path]),
         Source("notes", "text", [text]),
         Source("dialogue", "medical_dialogue", [dialogues]),
         corpora.parse_source(f"skypile_many={folder}"),
         Source("wiki", "wiki", [array]),
+        Source("medline", "pubmed", [medline]),
     ]
     units = corpora.split_source(sources[2], 2000)
     for unit, span in units:  # the CSV is cut into pieces, one of which reads on to the end of the file
@@ -221,6 +230,7 @@ def test_output_is_the_same_bytes_for_any_workers_and_unit_size(tmp_path, tokeni
     assert runs["one"][2]["documents_kept"] == 200 and not runs["one"][2]["skipped"]
     assert len(corpora.split_source(sources[4], 2000)) > 5
     assert runs["one"][4]["documents_kept"] == 150
+    assert len(corpora.split_source(sources[5], 2000, gzip_spans=2)) == 2 and runs["one"][5]["documents_kept"] == 200
     assert runs["one"][4]["skipped"] == {"JSON array cut short or malformed, rest of file skipped": 1}
     units = corpora.split_source(sources[3], 2000)
     grouped = [piece.files for piece, span in units if span is None]
