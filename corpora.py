@@ -2609,13 +2609,12 @@ def _xml_spans(path, target_bytes: int, gzip_spans: int) -> list[Span] | None:
     """Spans of equal size of an XML file of records (offsets into its bytes after gunzip; a gzipped file's
     size is its trailer's, the last span read to its end), at most gzip_spans of a gzipped file. The
     reader finds the records that start in each: iter_xml."""
-    size = os.path.getsize(path)
-    if str(path).endswith(".gz"):
+    size, gzipped = os.path.getsize(path), str(path).endswith(".gz")
+    if gzipped:
         with open(path, "rb") as f:
             f.seek(max(size - 4, 0))
             size = max(int.from_bytes(f.read(4), "little"), size)  # the trailer holds the size modulo 4 GiB
     count = -(-size // target_bytes)
-    gzipped = str(path).endswith(".gz")
     count = min(count, gzip_spans) if gzipped else count
     if count < 2:
         return None
