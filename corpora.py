@@ -2719,17 +2719,7 @@ def _array_spans(path, target_bytes: int) -> list[Span] | None:
             classes = np.frombuffer(piece.translate(JSON_SYNTAX), np.uint8)
             where = np.flatnonzero(classes != 0)  # a bool array: several times faster than uint8
             kind = classes[where]
-            index = np.arange(len(where))
-            backslash = kind == BACKSLASH
-            adjacent = np.zeros(len(where), bool)  # right after the previous entry
-            adjacent[1:] = where[1:] - where[:-1] == 1
-            adjacent[:1] = where[:1] == 0  # the first byte: after the last piece's last byte
-            in_run = backslash & adjacent & np.r_[backslashes > 0, backslash[:-1]]
-            run_start = np.where(in_run, 0, index)
-            np.maximum.accumulate(run_start, out=run_start)
-            run = index - run_start + 1 + np.where(in_run[:1].any() & (run_start == 0), backslashes, 0)
-            odd_before = np.r_[backslashes % 2 == 1, backslash[:-1] & (run[:-1] % 2 == 1)] & adjacent
-            toggles = (kind == QUOTE) & ~odd_before
+            toggles, backslashes = _string_edges(kind, where, len(piece), backslashes)
             inside = (np.cumsum(toggles) - toggles + in_string) % 2 == 1
             structure = ~inside & (kind >= OPENING)
             kind, offset = kind[structure], where[structure] + base
@@ -2749,7 +2739,6 @@ def _array_spans(path, target_bytes: int) -> list[Span] | None:
             items += len(commas)
             in_string = (in_string + int(toggles.sum())) % 2
             depth = int(after[-1]) if len(after) else depth
-            backslashes = int(run[-1]) if len(where) and backslash[-1] and where[-1] == len(piece) - 1 else 0
             base += len(piece)
         try:
             decoder.decode(b"", final=True)
@@ -2760,6 +2749,24 @@ def _array_spans(path, target_bytes: int) -> list[Span] | None:
     starts = [(opening + 1, 0)] + [(cut + 1, item) for cut, item in cuts]
     ends = [cut for cut, _ in cuts] + [closing]
     return [Span(start, end, item) for (start, item), end in zip(starts, ends)]
+
+
+def _string_edges(kind: np.ndarray, where: np.ndarray, length: int, backslashes: int) -> tuple[np.ndarray, int]:
+    """Which of a piece's JSON syntax bytes (kind, at offsets where) are quotes that open or close a string:
+    those after an even run of backslashes (backslashes: the run that ended the piece before). Also the
+    run of backslashes that ends this piece."""
+    index = np.arange(len(where))
+    backslash = kind == BACKSLASH
+    adjacent = np.zeros(len(where), bool)  # right after the previous entry
+    adjacent[1:] = where[1:] - where[:-1] == 1
+    adjacent[:1] = where[:1] == 0  # the piece's first byte: right after the last piece's last
+    in_run = backslash & adjacent & np.r_[backslashes > 0, backslash[:-1]]
+    run_start = np.where(in_run, 0, index)
+    np.maximum.accumulate(run_start, out=run_start)
+    run = index - run_start + 1 + np.where(in_run[:1].any() & (run_start == 0), backslashes, 0)  # run length so far
+    odd_before = np.r_[backslashes % 2 == 1, backslash[:-1] & (run[:-1] % 2 == 1)] & adjacent
+    ends_in_run = len(where) and backslash[-1] and where[-1] == length - 1
+    return (kind == QUOTE) & ~odd_before, int(run[-1]) if ends_in_run else 0
 
 
 def _next_byte(f, position: int, backwards: bool = False) -> bytes:

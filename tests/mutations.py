@@ -593,8 +593,8 @@ MUTATIONS = [
     Mutation(
         "json_array_scan_forgets_backslashes_at_a_piece_end",
         "corpora.py",
-        "            backslashes = int(run[-1]) if len(where)",
-        "            backslashes = 0 and int(run[-1]) if len(where)",
+        "int(run[-1]) if ends_in_run else 0",
+        "0",
         ["tests/test_corpora.py", "-k", "json_array_pieces_read"],
     ),
     Mutation(
