@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 
 
-def atomic_write(path, write):
-    """write(tmp_path) to a temporary name beside `path`, then rename it to `path`."""
+def atomic_write(path, write, concurrent=False):
+    """write(tmp_path) to a temporary name beside `path`, then rename it to `path`. concurrent: other
+    processes may write the same file at the same moment (a shared build cache), so each writes a
+    temporary file of its own (`<name>.<pid>.tmp`) and the last rename wins with a whole file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if concurrent else path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)

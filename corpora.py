@@ -2572,34 +2572,27 @@ def _splittable(path, fmt: Format) -> bool:
     of records in an encoding whose bytes show their tags: one that can be cut at record starts (a JSON
     array only where _array_spans finds its items)."""
     kind = container(path)
+    if kind not in fmt.containers:
+        return False
     if kind == "xml":
-        return kind in fmt.containers and fmt.record_tag is not None and _tags_in_bytes(path)
-    return (
-        kind in fmt.containers
-        and not str(path).endswith(".gz")
-        and (
-            kind in ("text", "csv")
-            or (kind == "json" and _first_byte(path) == b"[")
-            or (kind == "json" and _first_byte(path) == b"{" and not _one_json_object(path))
-        )
-    )
+        return fmt.record_tag is not None and _tags_in_bytes(path)
+    if str(path).endswith(".gz") or kind not in ("json", "text", "csv"):
+        return False
+    first = _first_byte(path) if kind == "json" else None
+    return kind != "json" or first == b"[" or (first == b"{" and not _one_json_object(path))
 
 
 def _tags_in_bytes(path) -> bool:
-    """An XML file in UTF-8 or a single-byte encoding expat reads itself, whose start tags can be found by
-    their bytes (not UTF-16, not a declared encoding decoded before parsing)."""
+    """An XML file whose start tags can be found by their bytes: one expat reads as it is (no declared
+    encoding decoded first, see xml_transcoder) and not in UTF-16."""
     try:
         with open_binary(path) as f:
             head = f.read(XML_CHUNK_BYTES)
-    except (OSError, EOFError, zlib.error):
-        return False
-    declared = XML_DECLARED_ENCODING.match(head.removeprefix(codecs.BOM_UTF8))
-    try:
-        codec = codecs.lookup(declared[1].decode("ascii")).name if declared else "utf-8"
-    except LookupError:
+        decoded_first = xml_transcoder(head) is not None
+    except (OSError, EOFError, zlib.error, LookupError):
         return False
     return (
-        codec in ("utf-8", "ascii", "iso8859-1")
+        not decoded_first
         and b"\x00" not in head[:4]
         and not head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     )
@@ -2619,11 +2612,13 @@ def _xml_spans(path, target_bytes: int, gzip_spans: int) -> list[Span] | None:
     if count < 2:
         return None
     cuts = [0] + [size * k // count for k in range(1, count)] + [size]
-    spans, first_line = [], 1  # a gzipped file's spans count their lines as they decompress from its start
+    if gzipped:  # its spans count their lines as they decompress from its start
+        return [Span(start, end, 1, read_to_end=end == size) for start, end in zip(cuts, cuts[1:])]
+    spans, first_line = [], 1
     with open(path, "rb") as f:
         for start, end in zip(cuts, cuts[1:]):
             spans.append(Span(start, end, first_line, read_to_end=end == size))
-            first_line += 0 if gzipped else _count(f, start, end, b"\n")
+            first_line += _count(f, start, end, b"\n")
     return spans
 
 

@@ -70,7 +70,7 @@ from chatglm_tokenizer import DEFAULT_DIR, load_encoder
 DTYPE = np.uint16  # ChatGLM2's 64794 ids fit; checked against every tokenizer before any work
 MIN_CHARS = 10  # documents shorter than this after cleaning are dropped
 SHARD_TOKENS = 1 << 28  # a shard is closed after the document that brings it to this many tokens (512 MiB)
-UNIT_MB = 64  # JSON-lines / JSON-array / CSV / text files are split into work units of at most about this size ...
+UNIT_MB = 64  # big files are split into work units (corpora.split_source) of at most about this size ...
 MIN_UNIT_BYTES = 1 << 20  # ... and of at least this, aiming at UNITS_PER_WORKER units per worker: output is the
 UNITS_PER_WORKER = 16  # same for any size; many units keep the last ones short, so no worker idles long at the end
 BATCH_BYTES = 1 << 21  # UTF-8 bytes of text per encode call inside a worker (its ids take about as much): parsing

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atomic import atomic_write
+
 SOURCE = Path(__file__).with_name("fast_bpe.c")
 BUILD = Path(__file__).with_name("build")
 # No -march=native: a checkout shared by several machines (NFS on a cluster) runs one build on all of them.
@@ -84,6 +86,18 @@ def writable_folder() -> Path:
     raise OSError("no folder to build in (" + "; ".join(failures) + ")")
 
 
+def install(name: str, write) -> Path:
+    """write(tmp) as `name` in the first build folder that can be written, atomically, then remove what
+    an older version of this code left there (the same kind of file, named by another code_version)."""
+    folder = writable_folder()
+    atomic_write(folder / name, write, concurrent=True)
+    kind, suffix = name.split("-")[0], Path(name).suffix
+    for older in folder.glob(f"{kind}-*{suffix}"):  # a process that loaded an older library keeps it while it runs
+        if not older.name.startswith(f"{kind}-{code_version()}"):
+            older.unlink(missing_ok=True)
+    return folder / name
+
+
 def build_library() -> Path:
     """The shared library for this fast_bpe.c (built now unless it already is); OSError says why not."""
     name = f"fast_bpe-{code_version()}.so"
@@ -92,20 +106,13 @@ def build_library() -> Path:
             return folder / name
     if compiler() is None:
         raise OSError(f"no C compiler ({os.environ.get('CC', 'cc')}) to build {SOURCE.name}")
-    folder = writable_folder()
-    library = folder / name
-    tmp = library.with_name(f"{library.name}.{os.getpid()}.tmp")  # processes building at once each rename a whole file
-    try:
+
+    def compile_into(tmp):
         done = subprocess.run([compiler(), *COMPILE, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
         if done.returncode:
             raise OSError(f"{compiler()} could not build {SOURCE.name}: {' '.join(done.stderr.split())[-300:]}")
-        os.replace(tmp, library)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for older in folder.glob("fast_bpe-*.so"):  # a process that loaded one keeps it while it runs
-        if older != library:
-            older.unlink(missing_ok=True)
-    return library
+
+    return install(name, compile_into)
 
 
 _library = None
@@ -223,8 +230,7 @@ def unsupported(pieces, trainer, normalizer) -> str | None:
 def model_tables(serialized: bytes) -> dict:
     """What fast_bpe.c needs of a model, as arrays ("why" instead when it cannot encode it), cached
     in the build folder per model and version of this code: building them takes 0.3 s, loading them 5 ms."""
-    code = code_version()
-    name = f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"
+    name = f"tables-{code_version()}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"
     for folder in build_folders():
         with contextlib.suppress(OSError, ValueError, EOFError, zipfile.BadZipFile):
             with np.load(folder / name, allow_pickle=False) as saved:
@@ -232,19 +238,13 @@ def model_tables(serialized: bytes) -> dict:
     pieces, trainer, normalizer = read_model(serialized)
     why = unsupported(pieces, trainer, normalizer)
     tables = {"why": np.array(why)} if why else build_tables(pieces, trainer, normalizer)
-    try:
-        folder = writable_folder()
-    except OSError:
-        return tables  # built again next time
-    tmp = folder / f"{name}.{os.getpid()}.tmp.npz"
-    try:
-        np.savez(tmp, **tables)
-        os.replace(tmp, folder / name)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-    for older in folder.glob("tables-*.npz"):  # an earlier version of this code's, for any model
-        if not older.name.startswith(f"tables-{code}-"):
-            older.unlink(missing_ok=True)
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file, not a name: np.savez would add ".npz" to the temporary name
+            np.savez(f, **tables)
+
+    with contextlib.suppress(OSError):  # nowhere to keep them: built again next time
+        install(name, save)
     return tables
 
 

@@ -1105,8 +1105,8 @@ MUTATIONS = [
     Mutation(
         "fast_bpe_table_cache_shared_by_every_model",
         "chatglm_tokenizer/fast_bpe.py",
-        'name = f"tables-{code}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"',
-        'name = f"tables-{code}.npz"',
+        'name = f"tables-{code_version()}-{hashlib.sha256(serialized).hexdigest()[:16]}.npz"',
+        'name = f"tables-{code_version()}.npz"',
         ["tests/test_fast_bpe.py"],
     ),
     Mutation(

@@ -870,6 +870,16 @@ def read_split(pieces):
     return texts_read, problems
 
 
+def assert_pieces_read_like_the_whole(source, target, gzip_spans=8):
+    whole_problems = Problems()
+    whole = list(iter_texts(source, whole_problems))
+    pieces = corpora.split_source(source, target, gzip_spans=gzip_spans)
+    split, split_problems = read_split(pieces)
+    assert split == whole and split_problems.examples == whole_problems.examples, target
+    assert (split_problems.counts, split_problems.parts) == (whole_problems.counts, whole_problems.parts), target
+    return pieces, whole, whole_problems
+
+
 @pytest.mark.parametrize(
     "fmt,suffix,encoding",
     [
@@ -946,14 +956,10 @@ def test_json_array_pieces_read_exactly_like_the_whole_file(tmp_path, monkeypatc
     items[40], items[41] = '{"title": "错字段"}', '"一个字符串"'  # bad records, reported by their index
     items[60], items[61] = '{"completion": "孤立 \\ud83d 代理"}', "[" * 600 + "]" * 600  # lone surrogate; too deep
     source = wiki_array(tmp_path / "wiki.json", items, separator)
-    whole_problems = Problems()
-    whole = list(iter_texts(source, whole_problems))
+    pieces, whole, whole_problems = assert_pieces_read_like_the_whole(source, 300)
     assert len(whole) == 146 and whole[1] == '第1条 引号"内' and whole[5] == '第5条 奇数\\"'
-    pieces = corpora.split_source(source, 300)
     assert len(pieces) > 20 and all(span is not None for _, span in pieces)
-    split, split_problems = read_split(pieces)
-    assert split == whole and split_problems.examples == whole_problems.examples
-    assert split_problems.counts == whole_problems.counts and len(whole_problems.counts) == 4
+    assert len(whole_problems.counts) == 4
     assert f"{tmp_path / 'wiki.json'}:#40: missing field 'completion'" in " ".join(whole_problems.examples)
     assert not any(span.read_to_end for _, span in pieces)
 
@@ -980,12 +986,9 @@ def test_a_json_array_malformed_in_one_piece_skips_the_rest_as_the_whole_file_do
     items = wiki_items(150)
     items[80] = '{"completion": tru}'
     source = wiki_array(tmp_path / "wiki.json", items)
-    whole_problems = Problems()
-    whole = list(iter_texts(source, whole_problems))
-    pieces = corpora.split_source(source, 300)
-    split, split_problems = read_split(pieces)
-    assert len(whole) == 80 and split == whole and split_problems.examples == whole_problems.examples
-    assert split_problems.counts == {"JSON array cut short or malformed, rest of file skipped": 1}
+    pieces, whole, whole_problems = assert_pieces_read_like_the_whole(source, 300)
+    assert len(whole) == 80
+    assert whole_problems.counts == {"JSON array cut short or malformed, rest of file skipped": 1}
     assert [span.read_to_end for _, span in pieces].count(True) == 1 and not pieces[-1][1].read_to_end
 
 
@@ -1030,16 +1033,6 @@ def write_xml(path, text):
     data = text.encode("utf-8")
     path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
     return Source("p", "pubmed", [path])
-
-
-def assert_pieces_read_like_the_whole(source, target, gzip_spans=8):
-    whole_problems = Problems()
-    whole = list(iter_texts(source, whole_problems))
-    pieces = corpora.split_source(source, target, gzip_spans=gzip_spans)
-    split, split_problems = read_split(pieces)
-    assert split == whole and split_problems.examples == whole_problems.examples, target
-    assert (split_problems.counts, split_problems.parts) == (whole_problems.counts, whole_problems.parts), target
-    return pieces, whole, whole_problems
 
 
 @pytest.mark.parametrize("name", ["pubmed24n0001.xml", "pubmed24n0001.xml.gz"])
